@@ -1,0 +1,1 @@
+"""Rasters and labels to chunked Zarr tile stores."""

@@ -1,0 +1,1 @@
+"""semisup: semi-supervised Segment Anything for aerial imagery on Ray."""

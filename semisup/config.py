@@ -1,0 +1,224 @@
+"""Typed experiment configuration: one dataclass per component, composed into ExperimentConfig.
+
+Strict in, plain out: ``to_dict`` gives plain dicts that cross into Ray; ``from_dict`` reads them
+back and rejects unknown keys and wrong types with an error that names the key. YAML files and
+``--set section.key=value`` overrides go through the same path. Defaults are the reference recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+SplitBy = Literal["source", "folder", "block"]
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """How rasters become a tile store (``semisup prep``)."""
+
+    tile_size: int = 256  # pixels; SAM runs at this size through the tile-size adaptation
+    overlap: int = 0  # pixels shared by neighbouring tiles of the grid
+    split_by: SplitBy = "source"  # unit of the split: never neighbouring tiles of one image
+    block_size: int = 1024  # pixels; side of a spatial block when split_by == "block"
+    val_fraction: float = 0.2  # of labelled split units
+    labeled_fraction: float = 0.125  # of the remaining labelled units; 1/8 as in UniMatch
+    val_sources: tuple[str, ...] = ()  # glob patterns on source ids forced into val
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.tile_size >= 16, "prep.tile_size", self.tile_size, "an integer >= 16")
+        _check(
+            0 <= self.overlap < self.tile_size,
+            "prep.overlap",
+            self.overlap,
+            f"an integer in [0, tile_size={self.tile_size})",
+        )
+        _check(self.block_size >= self.tile_size, "prep.block_size", self.block_size, ">= tile_size")
+        _check(0.0 <= self.val_fraction < 1.0, "prep.val_fraction", self.val_fraction, "in [0, 1)")
+        _check(
+            0.0 <= self.labeled_fraction <= 1.0,
+            "prep.labeled_fraction",
+            self.labeled_fraction,
+            "in [0, 1]",
+        )
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How Ray Data streams tiles from a store."""
+
+    halo: int = 0  # pixels of context read around each tile, padded at raster borders
+    skip_nodata: bool = True  # drop tiles with no valid pixel
+    tiles_per_task: int = 64  # tiles per read task; larger tasks amortise Ray's per-task cost
+    read_cpus: float = 0.5  # CPUs per read task: fractional so reads never starve other work
+
+    def __post_init__(self) -> None:
+        _check(self.halo >= 0, "stream.halo", self.halo, "an integer >= 0")
+        _check(self.tiles_per_task >= 1, "stream.tiles_per_task", self.tiles_per_task, ">= 1")
+        _check(self.read_cpus > 0, "stream.read_cpus", self.read_cpus, "> 0")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How a local Ray is started when no cluster address is given."""
+
+    address: str | None = None  # None: start a local Ray in this process
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    object_store_mb: int = 512  # local Ray only
+    dashboard: bool = False  # local Ray only; bound to 127.0.0.1
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: every component's config, composed."""
+
+    name: str = "semisup"
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain dicts in and out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain, YAML- and JSON-safe dicts, lists and scalars."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    result = plain(config)
+    assert isinstance(result, dict)
+    return result
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from plain data, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; known keys"
+            f"{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: got {value!r}, expected a list")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {hint.__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and --set overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"prep.tile_size=512"`` -> (["prep", "tile_size"], 512); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def merge_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to plain config data (a new dict is returned)."""
+    merged = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """The default config, updated by a YAML file and then by ``--set`` overrides."""
+    data = to_dict(ExperimentConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        data = _deep_update(data, loaded)
+    return from_dict(ExperimentConfig, merge_overrides(data, overrides))
+
+
+def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,52 @@
+"""Starting and stopping Ray for a command: a local single-node Ray, or a cluster by address."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from semisup.config import RayConfig
+
+# Settings that keep a local Ray on a small machine from hanging silently or spamming logs.
+_RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Fail fast when Train workers cannot be placed, instead of retrying forever.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+@contextlib.contextmanager
+def ray_runtime(config: RayConfig, quiet: bool = True) -> Iterator[None]:
+    """Connect to ``config.address`` or start a local Ray; shut down only what was started here.
+
+    A Ray that is already initialised in this process (a test session, a notebook) is reused.
+    """
+    import ray
+
+    for key, value in _RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    started = False
+    if not ray.is_initialized():
+        if config.address:
+            # joins an existing cluster (e.g. inside `ray job submit`); its resources are its own
+            ray.init(address=config.address, log_to_driver=not quiet)
+        else:
+            # a local single-node Ray; the dashboard, when on, listens on loopback only
+            ray.init(
+                num_cpus=config.num_cpus,
+                object_store_memory=config.object_store_mb * 1024**2,
+                include_dashboard=config.dashboard,
+                dashboard_host="127.0.0.1",
+                log_to_driver=not quiet,
+            )
+        started = True
+    if quiet:
+        # Ray Data's progress bars would interleave with our own progress lines.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

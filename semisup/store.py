@@ -1,0 +1,305 @@
+"""The Zarr tile store: its layout, and the functions that read and write it.
+
+The layout is a public contract (documented in the README) that every stage reads::
+
+    STORE.zarr/                      Zarr v3 group; attrs["semisup"] holds StoreMeta
+      tiles.parquet                  tile index, one row per tile (see TILE_INDEX_COLUMNS)
+      <source_id>/                   one group per source raster; attrs hold SourceMeta
+        image   H×W×C  source dtype  chunks tile×tile×C
+        label   H×W    uint8         chunks tile×tile (class ids, IGNORE_INDEX = unlabelled)
+        valid   H×W    bool          chunks tile×tile (False = nodata)
+        boxes   N×4    float32       box prompts, pixel x0, y0, x1, y1 (optional)
+        box_label N    int32         index into SourceMeta.box_label_names (optional)
+
+Tiles sit on a grid with stride ``tile_size - overlap`` starting at the raster origin. A tile at
+the right or bottom edge may be smaller than ``tile_size``; readers pad it (``read_window``) with
+``valid`` False and ``label`` IGNORE_INDEX so that every tile read has the same shape.
+
+This module is Ray-free: it is used by data_prep, by the Ray datasource and by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from semisup import columns as C
+
+STORE_FORMAT_VERSION = 1
+META_KEY = "semisup"
+TILE_INDEX_FILE = "tiles.parquet"
+BOXES = "boxes"
+BOX_LABEL = "box_label"
+
+# Columns of tiles.parquet. Geo bounds are in the source's CRS, or in pixels when it has none.
+TILE_INDEX_SCHEMA = pa.schema(
+    [
+        (C.TILE_ID, pa.int64()),
+        (C.SOURCE, pa.string()),
+        (C.ROW, pa.int32()),
+        (C.COL, pa.int32()),
+        (C.Y0, pa.int64()),
+        (C.X0, pa.int64()),
+        (C.HEIGHT, pa.int32()),
+        (C.WIDTH, pa.int32()),
+        ("minx", pa.float64()),
+        ("miny", pa.float64()),
+        ("maxx", pa.float64()),
+        ("maxy", pa.float64()),
+        (C.SPLIT, pa.string()),
+        ("valid_fraction", pa.float32()),
+        ("label_coverage", pa.float32()),
+    ]
+)
+TILE_INDEX_COLUMNS = tuple(TILE_INDEX_SCHEMA.names)
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    """Attributes of one source group.
+
+    ``transform`` is the affine (a, b, c, d, e, f) of rasterio/affine: x = a·col + b·row + c,
+    y = d·col + e·row + f. ``band_low``/``band_high`` give the per-band linear scaling to 8 bit
+    for the SAM teacher (see ``scale_to_uint8``).
+    """
+
+    source_id: str
+    image_path: str
+    height: int
+    width: int
+    bands: int
+    dtype: str
+    band_low: tuple[float, ...]
+    band_high: tuple[float, ...]
+    label_path: str | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    nodata: float | None = None
+    box_label_names: tuple[str, ...] = ()
+
+    def to_attrs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> SourceMeta:
+        raw = dict(attrs[META_KEY]) if META_KEY in attrs else dict(attrs)
+        for key in ("band_low", "band_high", "transform", "box_label_names"):
+            if raw.get(key) is not None:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Attributes of the store's root group."""
+
+    tile_size: int
+    overlap: int
+    sources: tuple[str, ...]
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+    ignore_index: int = C.IGNORE_INDEX
+    fingerprint: str = ""
+    split: dict[str, Any] = field(default_factory=dict)
+    version: int = STORE_FORMAT_VERSION
+
+    def to_attrs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreMeta:
+        if META_KEY not in attrs:
+            raise ValueError(f"not a semisup store: root attribute {META_KEY!r} is missing")
+        raw = dict(attrs[META_KEY])
+        if raw.get("version") != STORE_FORMAT_VERSION:
+            raise ValueError(
+                f"store format version {raw.get('version')!r} is not supported "
+                f"(expected {STORE_FORMAT_VERSION})"
+            )
+        raw["sources"] = tuple(raw["sources"])
+        if raw.get("class_names") is not None:
+            raw["class_names"] = tuple(raw["class_names"])
+        return cls(**raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening stores (local paths or fsspec URLs such as s3://, gs://, memory://)
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def open_store(
+    url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+) -> zarr.Group:
+    """Open the store's root group; ``url`` is a local path or any fsspec URL."""
+    url = str(url)
+    if is_url(url) and not url.startswith("file://"):
+        store = zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(storage_options or {}), read_only=(mode == "r")
+        )
+        return zarr.open_group(store=store, mode=mode)  # type: ignore[arg-type]
+    return zarr.open_group(store=url.removeprefix("file://"), mode=mode)  # type: ignore[arg-type]
+
+
+def read_store_meta(group: zarr.Group) -> StoreMeta:
+    return StoreMeta.from_attrs(group.attrs.asdict())
+
+
+def read_source_meta(group: zarr.Group, source_id: str) -> SourceMeta:
+    return SourceMeta.from_attrs(group[source_id].attrs.asdict())
+
+
+def _index_location(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    return fs, f"{root.rstrip('/')}/{TILE_INDEX_FILE}"
+
+
+def read_tile_index(url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The tile index of the store at ``url`` as a pyarrow Table (TILE_INDEX_SCHEMA)."""
+    fs, path = _index_location(url, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no tile index {TILE_INDEX_FILE!r}; is this a semisup store?")
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh)
+
+
+def write_tile_index(
+    url: str, table: pa.Table, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    fs, path = _index_location(url, storage_options)
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table.cast(TILE_INDEX_SCHEMA), fh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing source groups
+
+
+def create_source_group(
+    root: zarr.Group, meta: SourceMeta, tile_size: int, with_label: bool
+) -> zarr.Group:
+    """Create the group and empty, tile-chunked arrays for one source raster."""
+    group = root.create_group(meta.source_id)
+    group.attrs[META_KEY] = meta.to_attrs()
+    hw = (meta.height, meta.width)
+    chunk = (min(tile_size, meta.height), min(tile_size, meta.width))
+    group.create_array(
+        C.IMAGE, shape=(*hw, meta.bands), chunks=(*chunk, meta.bands), dtype=meta.dtype, fill_value=0
+    )
+    group.create_array(C.VALID, shape=hw, chunks=chunk, dtype="bool", fill_value=False)
+    if with_label:
+        group.create_array(
+            C.LABEL, shape=hw, chunks=chunk, dtype="uint8", fill_value=C.IGNORE_INDEX
+        )
+    return group
+
+
+def write_boxes(group: zarr.Group, boxes_xyxy: np.ndarray, box_label: np.ndarray) -> None:
+    """Store box prompts: ``boxes_xyxy`` N×4 float32 pixels, ``box_label`` N int32."""
+    boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    group.create_array(BOXES, data=boxes_xyxy, chunks=(max(1, len(boxes_xyxy)), 4))
+    group.create_array(
+        BOX_LABEL, data=np.asarray(box_label, dtype=np.int32), chunks=(max(1, len(boxes_xyxy)),)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile geometry (pure functions)
+
+
+def grid_starts(length: int, tile_size: int, overlap: int) -> list[int]:
+    """Start offsets of tiles along one axis of ``length`` pixels (stride tile_size - overlap)."""
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap must be in [0, tile_size={tile_size}), got {overlap}")
+    stride = tile_size - overlap
+    count = 1 if length <= tile_size else math.ceil((length - tile_size) / stride) + 1
+    return [i * stride for i in range(count)]
+
+
+def tile_windows(
+    height: int, width: int, tile_size: int, overlap: int = 0
+) -> list[tuple[int, int, int, int, int, int]]:
+    """(row, col, y0, x0, h, w) of every tile, row-major; h, w are clipped to the raster."""
+    windows = []
+    for row, y0 in enumerate(grid_starts(height, tile_size, overlap)):
+        for col, x0 in enumerate(grid_starts(width, tile_size, overlap)):
+            h, w = min(tile_size, height - y0), min(tile_size, width - x0)
+            windows.append((row, col, y0, x0, h, w))
+    return windows
+
+
+def window_bounds(
+    transform: tuple[float, ...] | None, y0: int, x0: int, h: int, w: int
+) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) of a pixel window; pixel coordinates when ``transform`` is None."""
+    if transform is None:
+        return float(x0), float(y0), float(x0 + w), float(y0 + h)
+    a, b, c, d, e, f = transform[:6]
+    xs, ys = [], []
+    for col, row in ((x0, y0), (x0 + w, y0), (x0, y0 + h), (x0 + w, y0 + h)):
+        xs.append(a * col + b * row + c)
+        ys.append(d * col + e * row + f)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def read_window(
+    array: Any, y0: int, x0: int, h: int, w: int, fill: int | float | bool = 0
+) -> np.ndarray:
+    """Read ``array[y0:y0+h, x0:x0+w]`` (any leading-2-D array-like, e.g. a zarr array).
+
+    The window may reach outside the array (negative offsets, or past the end); those pixels are
+    ``fill``. Returns h×w(×C) in the array's dtype.
+    """
+    H, W = array.shape[0], array.shape[1]
+    out = np.full((h, w, *array.shape[2:]), fill, dtype=array.dtype)
+    ys, ye = max(y0, 0), min(y0 + h, H)
+    xs, xe = max(x0, 0), min(x0 + w, W)
+    if ys < ye and xs < xe:
+        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = array[ys:ye, xs:xe]
+    return out
+
+
+def read_tile(group: zarr.Group, y0: int, x0: int, size: int, halo: int = 0) -> dict[str, np.ndarray]:
+    """One tile with ``halo`` pixels of context on each side, padded at raster borders.
+
+    Returns IMAGE (S×S×C source dtype), VALID (S×S bool) and, when the source is labelled,
+    LABEL (S×S uint8), with S = size + 2·halo. Padding is 0 / False / IGNORE_INDEX.
+    """
+    span = size + 2 * halo
+    ty, tx = y0 - halo, x0 - halo
+    out = {
+        C.IMAGE: read_window(group[C.IMAGE], ty, tx, span, span, 0),
+        C.VALID: read_window(group[C.VALID], ty, tx, span, span, False),
+    }
+    if C.LABEL in group:
+        out[C.LABEL] = read_window(group[C.LABEL], ty, tx, span, span, C.IGNORE_INDEX)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Band scaling for the 3-band, 8-bit SAM teacher
+
+
+def scale_to_uint8(image: np.ndarray, low: tuple[float, ...], high: tuple[float, ...]) -> np.ndarray:
+    """Linearly map each band from [low, high] to [0, 255], clipping outside, rounding to nearest.
+
+    ``image``: H×W×C any numeric dtype. For uint8 sources low = 0, high = 255 and this is the
+    identity. For 16-bit sources data_prep stores the 2nd and 98th percentiles of the valid
+    pixels of each band, the usual contrast stretch for display and for RGB-trained models.
+    """
+    lo = np.asarray(low, dtype=np.float32)
+    hi = np.asarray(high, dtype=np.float32)
+    span = np.maximum(hi - lo, 1e-6)
+    scaled = (image.astype(np.float32) - lo) / span * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

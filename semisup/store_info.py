@@ -1,0 +1,51 @@
+"""A plain-data summary of a tile store, for ``semisup info`` and the demo."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from semisup import columns as C
+from semisup.store import open_store, read_source_meta, read_store_meta, read_tile_index
+
+
+def _crs_name(wkt: str | None) -> str | None:
+    if not wkt:
+        return None
+    try:
+        from rasterio.crs import CRS
+
+        crs = CRS.from_wkt(wkt)
+        return crs.to_string()
+    except Exception:  # an exotic WKT still names itself in its first words
+        return wkt.split(",")[0]
+
+
+def store_summary(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Store attributes, tiles per split and per-source metadata as JSON-safe data."""
+    root = open_store(url, storage_options=storage_options)
+    meta = read_store_meta(root)
+    index = read_tile_index(url, storage_options).to_pandas()
+    sources = []
+    for source_id in meta.sources:
+        source = read_source_meta(root, source_id)
+        sources.append(
+            {
+                "source_id": source_id,
+                "height": source.height,
+                "width": source.width,
+                "bands": source.bands,
+                "dtype": source.dtype,
+                "crs_name": _crs_name(source.crs),
+                "tiles": int((index[C.SOURCE] == source_id).sum()),
+            }
+        )
+    return {
+        "tile_size": meta.tile_size,
+        "overlap": meta.overlap,
+        "num_classes": meta.num_classes,
+        "class_names": meta.class_names,
+        "tiles": len(index),
+        "tiles_per_split": {str(k): int(v) for k, v in index[C.SPLIT].value_counts().items()},
+        "sources": sources,
+    }
