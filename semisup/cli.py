@@ -74,10 +74,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("demo_out"), help="folder for every output (default: demo_out)"
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="folder for every output (default: demo_out)",
     )
-    parser.add_argument("--data", type=Path, default=None, help="real imagery folder (default: ../shared/data)")
-    parser.add_argument("--synthetic", action="store_true", help="use generated scenes even if real data exists")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="real imagery folder (default: ../shared/data)"
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="use generated scenes even if real data exists"
+    )
     parser.set_defaults(handler=_run_demo)
 
 
@@ -88,7 +95,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_prep, _add_info, _add_demo)
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_prep,
+    _add_info,
+    _add_demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,9 @@ class PrepConfig:
             self.overlap,
             f"an integer in [0, tile_size={self.tile_size})",
         )
-        _check(self.block_size >= self.tile_size, "prep.block_size", self.block_size, ">= tile_size")
+        _check(
+            self.block_size >= self.tile_size, "prep.block_size", self.block_size, ">= tile_size"
+        )
         _check(0.0 <= self.val_fraction < 1.0, "prep.val_fraction", self.val_fraction, "in [0, 1)")
         _check(
             0.0 <= self.labeled_fraction <= 1.0,
@@ -163,7 +165,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
     ):
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {hint.__name__}")
+        raise ConfigError(
+            f"{key}: got {value!r} ({type(value).__name__}), expected {hint.__name__}"
+        )
     return value
 
 

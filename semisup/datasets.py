@@ -38,7 +38,9 @@ def shared_data_dir() -> Path | None:
     return next((path for path in candidates if path.is_dir()), None)
 
 
-def dubai_folders(root: Path, tiles: tuple[int, ...] = (1, 2, 3, 4, 5, 6)) -> tuple[list[Path], list[Path]]:
+def dubai_folders(
+    root: Path, tiles: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+) -> tuple[list[Path], list[Path]]:
     """(image folders, mask folders) of the Dubai tiles, in corresponding order."""
     images = [root / f"tile_{t}" / "images" for t in tiles]
     masks = [root / f"tile_{t}" / "masks" for t in tiles]

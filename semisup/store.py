@@ -169,7 +169,9 @@ def read_tile_index(url: str, storage_options: Mapping[str, Any] | None = None) 
     """The tile index of the store at ``url`` as a pyarrow Table (TILE_INDEX_SCHEMA)."""
     fs, path = _index_location(url, storage_options)
     if not fs.exists(path):
-        raise FileNotFoundError(f"{url}: no tile index {TILE_INDEX_FILE!r}; is this a semisup store?")
+        raise FileNotFoundError(
+            f"{url}: no tile index {TILE_INDEX_FILE!r}; is this a semisup store?"
+        )
     with fs.open(path, "rb") as fh:
         return pq.read_table(fh)
 
@@ -195,7 +197,11 @@ def create_source_group(
     hw = (meta.height, meta.width)
     chunk = (min(tile_size, meta.height), min(tile_size, meta.width))
     group.create_array(
-        C.IMAGE, shape=(*hw, meta.bands), chunks=(*chunk, meta.bands), dtype=meta.dtype, fill_value=0
+        C.IMAGE,
+        shape=(*hw, meta.bands),
+        chunks=(*chunk, meta.bands),
+        dtype=meta.dtype,
+        fill_value=0,
     )
     group.create_array(C.VALID, shape=hw, chunks=chunk, dtype="bool", fill_value=False)
     if with_label:
@@ -270,7 +276,9 @@ def read_window(
     return out
 
 
-def read_tile(group: zarr.Group, y0: int, x0: int, size: int, halo: int = 0) -> dict[str, np.ndarray]:
+def read_tile(
+    group: zarr.Group, y0: int, x0: int, size: int, halo: int = 0
+) -> dict[str, np.ndarray]:
     """One tile with ``halo`` pixels of context on each side, padded at raster borders.
 
     Returns IMAGE (S×S×C source dtype), VALID (S×S bool) and, when the source is labelled,
@@ -291,7 +299,9 @@ def read_tile(group: zarr.Group, y0: int, x0: int, size: int, halo: int = 0) -> 
 # Band scaling for the 3-band, 8-bit SAM teacher
 
 
-def scale_to_uint8(image: np.ndarray, low: tuple[float, ...], high: tuple[float, ...]) -> np.ndarray:
+def scale_to_uint8(
+    image: np.ndarray, low: tuple[float, ...], high: tuple[float, ...]
+) -> np.ndarray:
     """Linearly map each band from [low, high] to [0, 255], clipping outside, rounding to nearest.
 
     ``image``: H×W×C any numeric dtype. For uint8 sources low = 0, high = 255 and this is the

@@ -54,7 +54,10 @@ def test_unknown_section_names_the_section() -> None:
         ("prep.tile_size=big", r"prep\.tile_size: got 'big' \(str\), expected int"),
         ("prep.tile_size=true", r"prep\.tile_size: got True"),
         ("prep.split_by=tile", r"prep\.split_by: got 'tile', expected one of"),
-        ("prep.overlap=256", r"prep\.overlap: got 256, expected an integer in \[0, tile_size=256\)"),
+        (
+            "prep.overlap=256",
+            r"prep\.overlap: got 256, expected an integer in \[0, tile_size=256\)",
+        ),
         ("prep.labeled_fraction=1.5", r"prep\.labeled_fraction: got 1\.5"),
         ("stream.halo=-1", r"stream\.halo"),
         ("prep.val_sources=tile_6", r"prep\.val_sources: got 'tile_6', expected a list"),
@@ -67,7 +70,12 @@ def test_wrong_types_and_values_name_the_key(override: str, pattern: str) -> Non
 
 def test_overrides_parse_yaml_values_and_ints_widen_to_float() -> None:
     config = load_config(
-        overrides=["prep.tile_size=512", "prep.val_fraction=0", "prep.val_sources=[a, b]", "ray.address=auto"]
+        overrides=[
+            "prep.tile_size=512",
+            "prep.val_fraction=0",
+            "prep.val_sources=[a, b]",
+            "ray.address=auto",
+        ]
     )
     assert config.prep.tile_size == 512
     assert config.prep.val_fraction == 0.0 and isinstance(config.prep.val_fraction, float)
