@@ -35,7 +35,9 @@ def test_every_flag_has_help() -> None:
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"semisup {name} {action.option_strings[0]} has no help"
-                assert all("_" not in flag for flag in action.option_strings), "flags are kebab-case"
+                assert all("_" not in flag for flag in action.option_strings), (
+                    "flags are kebab-case"
+                )
 
 
 def test_info_on_a_missing_store_is_a_one_line_error(

@@ -16,9 +16,10 @@ from semisup.store import read_tile_index
 def test_demo_on_generated_scenes(tmp_path: Path, ray_session: None) -> None:
     out = tmp_path / "demo"
     summary = run_demo(out, synthetic=True)
-    assert json.loads((out / "demo_summary.json").read_text())["stages"].keys() == summary[
-        "stages"
-    ].keys()
+    assert (
+        json.loads((out / "demo_summary.json").read_text())["stages"].keys()
+        == summary["stages"].keys()
+    )
     index = read_tile_index(str(out / "store.zarr")).to_pandas()
     prep = summary["stages"]["prep"]
     assert prep["sources"] == 4 and prep["tiles"] == len(index) == 4 * 9  # 768 px = 3×3 tiles
