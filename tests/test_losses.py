@@ -1,0 +1,105 @@
+"""Losses and the EMA teacher, on hand-made tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from semisup.columns import IGNORE_INDEX
+from semisup.ema import ema_update, make_ema_teacher
+from semisup.losses import (
+    class_balanced_thresholds,
+    confidence_mask,
+    consistency_loss,
+    dice_loss,
+    ramp_up,
+    supervised_loss,
+)
+
+
+def _logits_for(target: torch.Tensor, num_classes: int, scale: float = 30.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * scale
+
+
+def test_consistency_loss_is_zero_when_student_equals_target() -> None:
+    target = torch.randint(0, 4, (2, 8, 8))
+    out = consistency_loss(_logits_for(target, 4), target, torch.ones(2, 8, 8), 0.95)
+    assert out["loss_cons"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out["mask_ratio"].item() == 1.0
+
+
+def test_fully_unconfident_target_contributes_nothing() -> None:
+    target = torch.randint(0, 4, (2, 8, 8))
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = consistency_loss(logits, target, torch.full((2, 8, 8), 0.5), 0.95)
+    assert out["loss_cons"].item() == 0.0 and out["mask_ratio"].item() == 0.0
+    out["loss_cons"].backward()
+    assert logits.grad is not None and (logits.grad == 0).all()
+
+
+def test_consistency_counts_only_confident_pixels() -> None:
+    target = torch.zeros(1, 1, 2, dtype=torch.int64)
+    logits = torch.zeros(1, 3, 1, 2)  # uniform prediction: CE = ln 3 per pixel
+    out = consistency_loss(logits, target, torch.tensor([[[0.99, 0.1]]]), 0.95)
+    assert out["mask_ratio"].item() == 0.5
+    assert out["loss_cons"].item() == pytest.approx(torch.log(torch.tensor(3.0)).item() / 2)
+
+
+def test_supervised_loss_ignores_unlabelled_pixels() -> None:
+    target = torch.randint(0, 3, (2, 8, 8))
+    perfect = supervised_loss(_logits_for(target, 3), target)
+    assert perfect["loss_ce"].item() == pytest.approx(0.0, abs=1e-6)
+    assert perfect["loss_dice"].item() == pytest.approx(0.0, abs=1e-4)
+    wrong = (target + 1) % 3
+    corrupted = target.clone()
+    corrupted[:, :4] = IGNORE_INDEX  # the ignored half may be predicted anything
+    logits = _logits_for(target, 3)
+    logits[:, :, :4] = _logits_for(wrong, 3)[:, :, :4]
+    assert supervised_loss(logits, corrupted)["loss_sup"].item() == pytest.approx(0.0, abs=1e-4)
+    assert supervised_loss(logits, target)["loss_sup"].item() > 1.0
+    nothing = supervised_loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), IGNORE_INDEX))
+    assert nothing["loss_sup"].item() == 0.0
+
+
+def test_dice_is_between_zero_and_one() -> None:
+    target = torch.randint(0, 3, (2, 8, 8))
+    value = dice_loss(torch.randn(2, 3, 8, 8), target).item()
+    assert 0.0 < value < 1.0
+
+
+def test_per_class_thresholds_lower_for_less_confident_classes() -> None:
+    target = torch.tensor([[0, 0, 1, 1, IGNORE_INDEX]])
+    confidence = torch.tensor([[0.9, 0.9, 0.45, 0.45, 0.1]])
+    thresholds = class_balanced_thresholds(confidence, target, num_classes=3, base_threshold=0.8)
+    assert torch.allclose(thresholds, torch.tensor([0.8, 0.4, 0.8]))
+    mask = confidence_mask(confidence, target, thresholds)
+    assert mask.tolist() == [[True, True, True, True, False]]
+
+
+def test_ramp_up_is_monotone_and_reaches_one() -> None:
+    values = [ramp_up(step, 100) for step in range(0, 151, 10)]
+    assert values == sorted(values) and values[0] < 0.01 and values[-1] == 1.0
+    assert ramp_up(5, 0) == 1.0
+
+
+def test_ema_averages_parameters_and_buffers() -> None:
+    student = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    teacher = make_ema_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(4, 1, 3, 3) + 5)  # moves BatchNorm running stats
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher, student, momentum=0.75)
+    student_state = student.state_dict()
+    for name, value in teacher.state_dict().items():
+        if value.dtype.is_floating_point:
+            expected = 0.75 * before[name] + 0.25 * student_state[name]
+            assert torch.allclose(value, expected), name
+        else:
+            assert torch.equal(value, student_state[name]), name
+    assert not torch.equal(teacher[1].running_mean, before["1.running_mean"])
+    with pytest.raises(ValueError, match="momentum"):
+        ema_update(teacher, student, 1.5)
