@@ -1,0 +1,18 @@
+"""``python -m data_prep``: the prep stage without the main CLI (same flags as ``semisup prep``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.cli import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
