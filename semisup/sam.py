@@ -98,9 +98,8 @@ OFFICIAL_CHECKPOINT_URLS: Final[dict[str, str]] = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
 }
 
-# SAM's own 1024 px setting pads the 64×64 token grid to 70×70 for its 14×14 windows (16% padded
-# tokens).
-# A window choice that pads more than this is replaced by one that fits the grid.
+# SAM's own 1024 px setting pads the 64×64 token grid to 70×70 for its 14×14 windows: 16% of the
+# attended tokens are padding. A default window that pads more than this bound is replaced.
 MAX_WINDOW_PADDING: Final = 0.25  # fraction of padded tokens among all attended tokens
 
 POS_EMBED_KEY: Final = "image_encoder.pos_embed"
@@ -370,14 +369,14 @@ def resolve_checkpoint(path_or_url: str | Path, *, cache_dir: str | Path | None 
     workers never read a partial file.
     """
     text = str(path_or_url)
-    scheme = urllib.parse.urlparse(text).scheme
-    if scheme not in ("http", "https", "file"):
+    url = urllib.parse.urlparse(text)
+    if url.scheme not in ("http", "https", "file"):
         path = Path(path_or_url).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         return path
     folder = checkpoint_cache_dir(cache_dir)
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)).name
+    name = Path(urllib.parse.unquote(url.path)).name
     if not name:
         raise ValueError(f"checkpoint URL {text!r} does not end in a file name")
     path = folder / name
