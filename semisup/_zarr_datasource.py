@@ -1,0 +1,307 @@
+"""Ray Data datasource for the Zarr tile store: the only module that touches Ray's read internals.
+
+``Datasource``, ``ReadTask`` and ``BlockMetadata`` are Ray developer APIs (Ray is pinned for them);
+``semisup.data.read_tiles`` is the public face. A read task reads one ``TileGroup``: up to
+``tiles_per_task`` tiles of one source in row-major order. It covers the group with a few
+rectangles of whole tile runs (one per run of neighbouring tiles, runs of equal extent in
+consecutive grid rows merged), reads each rectangle once per array and cuts the tiles out of it,
+so a task issues a handful of chunk-aligned zarr reads instead of three per tile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data.block import Block, BlockAccessor, BlockMetadata
+from ray.data.context import DataContext
+from ray.data.datasource import Datasource, ReadTask
+
+from semisup import columns as C
+from semisup import store as tile_store
+
+# Per-tile pixel columns and their padding value outside the raster (see store.read_tile).
+PIXEL_FILL: dict[str, int | bool] = {C.IMAGE: 0, C.VALID: False, C.LABEL: C.IGNORE_INDEX}
+# Per-tile position columns, copied from the tile index, with their numpy dtypes.
+INDEX_DTYPES: dict[str, str] = {
+    C.TILE_ID: "int64",
+    C.ROW: "int32",
+    C.COL: "int32",
+    C.Y0: "int64",
+    C.X0: "int64",
+}
+STRING_COLUMNS = (C.SOURCE, C.SPLIT)
+ALL_COLUMNS: tuple[str, ...] = (*PIXEL_FILL, *INDEX_DTYPES, *STRING_COLUMNS)
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """What a reader needs to know about one source: pixel dtype, bands, whether it has labels."""
+
+    bands: int
+    dtype: str
+    labeled: bool
+
+
+@dataclass(frozen=True)
+class TileGroup:
+    """The tiles of one read task: all from ``source_id``, row-major, each column a 1-D array."""
+
+    source_id: str
+    tile_id: np.ndarray  # n int64
+    row: np.ndarray  # n int32, grid row
+    col: np.ndarray  # n int32, grid column
+    y0: np.ndarray  # n int64, pixel offset of the tile (without halo)
+    x0: np.ndarray  # n int64
+    split: np.ndarray  # n object (str)
+
+    def __len__(self) -> int:
+        return len(self.tile_id)
+
+
+def group_tiles(index: pa.Table, tiles_per_task: int) -> list[TileGroup]:
+    """Cut a (filtered) tile index into groups of up to ``tiles_per_task`` tiles of one source.
+
+    Tiles are sorted by source, then grid row, then grid column, so consecutive tiles of a group
+    are neighbours on the grid and their windows share chunk rows.
+    """
+    if index.num_rows == 0:
+        return []
+    order = index.sort_by([(C.SOURCE, "ascending"), (C.ROW, "ascending"), (C.COL, "ascending")])
+    cols = {name: order.column(name).to_numpy() for name in (*INDEX_DTYPES, *STRING_COLUMNS)}
+    sources = cols[C.SOURCE]
+    # start of each source's run of rows in the sorted index
+    starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]])
+    ends = np.r_[starts[1:], len(sources)]
+    groups = []
+    for start, end in zip(starts, ends, strict=True):
+        for lo in range(start, end, tiles_per_task):
+            part = slice(lo, min(lo + tiles_per_task, end))
+            groups.append(
+                TileGroup(
+                    source_id=str(sources[start]),
+                    tile_id=cols[C.TILE_ID][part].astype(np.int64),
+                    row=cols[C.ROW][part].astype(np.int32),
+                    col=cols[C.COL][part].astype(np.int32),
+                    y0=cols[C.Y0][part].astype(np.int64),
+                    x0=cols[C.X0][part].astype(np.int64),
+                    split=cols[C.SPLIT][part].astype(object),
+                )
+            )
+    return groups
+
+
+def covering_windows(group: TileGroup) -> list[np.ndarray]:
+    """Partition a row-major group into rectangles of whole tiles; returns tile indices of each.
+
+    A run is a maximal sequence of tiles in one grid row with consecutive columns. Runs of
+    consecutive grid rows with the same column range merge into one rectangle. The union of
+    the rectangles' tiles is the group, and no rectangle holds a tile outside it.
+    """
+    if len(group) == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(group.row) != 0) | (np.diff(group.col) != 1)) + 1
+    runs = np.split(np.arange(len(group)), breaks)
+    rectangles: list[list[np.ndarray]] = []
+    for run in runs:
+        if rectangles:
+            last = rectangles[-1][-1]
+            same_columns = (
+                group.col[run[0]] == group.col[last[0]]
+                and group.col[run[-1]] == group.col[last[-1]]
+            )
+            if same_columns and group.row[run[0]] == group.row[last[0]] + 1:
+                rectangles[-1].append(run)
+                continue
+        rectangles.append([run])
+    return [np.concatenate(runs_of_rect) for runs_of_rect in rectangles]
+
+
+def read_tile_group(
+    source: Any,
+    group: TileGroup,
+    *,
+    tile_size: int,
+    halo: int,
+    columns: Sequence[str],
+    layout: SourceLayout,
+) -> dict[str, np.ndarray]:
+    """Read every tile of ``group`` from the zarr group ``source``; Ray-free.
+
+    Returns the requested columns, n rows each: IMAGE n×S×S×C source dtype, VALID n×S×S bool,
+    LABEL n×S×S uint8 (all IGNORE_INDEX when the source is unlabelled), S = tile_size + 2·halo,
+    padded outside the raster exactly like ``store.read_tile``; index columns as 1-D arrays.
+    """
+    span = tile_size + 2 * halo
+    n = len(group)
+    batch: dict[str, np.ndarray] = {}
+    pixel_columns = [name for name in PIXEL_FILL if name in columns]
+    for name in pixel_columns:
+        dtype = {C.IMAGE: layout.dtype, C.VALID: "bool", C.LABEL: "uint8"}[name]
+        trailing = (layout.bands,) if name == C.IMAGE else ()
+        batch[name] = np.full((n, span, span, *trailing), PIXEL_FILL[name], dtype=dtype)
+    stored = [name for name in pixel_columns if name != C.LABEL or layout.labeled]
+    for tiles in covering_windows(group) if stored else []:
+        top, left = int(group.y0[tiles].min()) - halo, int(group.x0[tiles].min()) - halo
+        height = int(group.y0[tiles].max()) - halo - top + span
+        width = int(group.x0[tiles].max()) - halo - left + span
+        for name in stored:
+            window = tile_store.read_window(
+                source[name], top, left, height, width, PIXEL_FILL[name]
+            )
+            for i in tiles:
+                dy, dx = int(group.y0[i]) - halo - top, int(group.x0[i]) - halo - left
+                batch[name][i] = window[dy : dy + span, dx : dx + span]
+    index_arrays = {
+        C.TILE_ID: group.tile_id,
+        C.ROW: group.row,
+        C.COL: group.col,
+        C.Y0: group.y0,
+        C.X0: group.x0,
+        C.SOURCE: np.full(n, group.source_id, dtype=object),
+        C.SPLIT: group.split,
+    }
+    batch.update({name: array for name, array in index_arrays.items() if name in columns})
+    return {name: batch[name] for name in columns}
+
+
+def row_nbytes(tile_size: int, halo: int, columns: Sequence[str], layout: SourceLayout) -> int:
+    """Estimated in-memory bytes of one row (pixels exactly, strings approximately)."""
+    pixels = (tile_size + 2 * halo) ** 2
+    sizes = {
+        C.IMAGE: pixels * layout.bands * np.dtype(layout.dtype).itemsize,
+        C.VALID: -(-pixels // 8),  # Arrow packs booleans into bits
+        C.LABEL: pixels,
+        C.SOURCE: 24,  # offset plus a short id
+        C.SPLIT: 16,
+        **{name: np.dtype(dtype).itemsize for name, dtype in INDEX_DTYPES.items()},
+    }
+    return int(sum(sizes[name] for name in columns))
+
+
+class ZarrTileDatasource(Datasource):
+    """Tiles of a semisup store, one read task per ``TileGroup``.
+
+    Planning happens here in the driver; the read tasks carry only the store URL, its storage
+    options and their group's tile positions, and open the store in the worker.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        groups: Sequence[TileGroup],
+        layouts: Mapping[str, SourceLayout],
+        *,
+        tile_size: int,
+        halo: int,
+        columns: Sequence[str],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._url = url
+        self._groups = list(groups)
+        self._layouts = dict(layouts)
+        self._tile_size = tile_size
+        self._halo = halo
+        self._columns = tuple(columns)
+        self._storage_options = dict(storage_options or {})
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._groups)
+
+    def get_name(self) -> str:
+        return "ZarrTiles"
+
+    def _group_nbytes(self, group: TileGroup) -> int:
+        layout = self._layouts[group.source_id]
+        return len(group) * row_nbytes(self._tile_size, self._halo, self._columns, layout)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(self._group_nbytes(group) for group in self._groups)
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: DataContext | None = None,
+    ) -> list[ReadTask]:
+        # The task count is fixed by the tile groups (chunk alignment matters more than the
+        # requested parallelism); read_tiles passes override_num_blocks to match it.
+        tasks = []
+        for group in self._groups:
+            read_fn = functools.partial(
+                _read_block,
+                url=self._url,
+                storage_options=self._storage_options,
+                group=group,
+                tile_size=self._tile_size,
+                halo=self._halo,
+                columns=self._columns,
+                layout=self._layouts[group.source_id],
+            )
+            metadata = BlockMetadata(
+                num_rows=len(group),
+                size_bytes=self._group_nbytes(group),
+                input_files=None,
+                exec_stats=None,
+            )
+            tasks.append(
+                ReadTask(
+                    read_fn,
+                    metadata,
+                    schema=self._schema(group.source_id),
+                    per_task_row_limit=per_task_row_limit,
+                )
+            )
+        return tasks
+
+    def _schema(self, source_id: str) -> pa.Schema:
+        layout = self._layouts[source_id]
+        return block_schema(self._tile_size, self._halo, self._columns, layout)
+
+    def read_in_driver(self) -> list[Block]:
+        """Every block, read in this process (for process-local stores such as memory://)."""
+        return [block for task in self.get_read_tasks(self.num_tasks) for block in task()]
+
+
+def block_schema(
+    tile_size: int, halo: int, columns: Sequence[str], layout: SourceLayout
+) -> pa.Schema:
+    """The Arrow schema of the blocks, taken from a one-row block of zeros."""
+    span = tile_size + 2 * halo
+    zeros = {
+        C.IMAGE: np.zeros((1, span, span, layout.bands), dtype=layout.dtype),
+        C.VALID: np.zeros((1, span, span), dtype=bool),
+        C.LABEL: np.zeros((1, span, span), dtype=np.uint8),
+        **{name: np.zeros(1, dtype=dtype) for name, dtype in INDEX_DTYPES.items()},
+        **{name: np.array([""], dtype=object) for name in STRING_COLUMNS},
+    }
+    return _to_block({name: zeros[name] for name in columns}).schema
+
+
+def _to_block(batch: dict[str, np.ndarray]) -> Block:
+    # converts named numpy columns to an Arrow table (tensor columns for the pixel arrays)
+    return BlockAccessor.batch_to_block(batch)
+
+
+def _read_block(
+    *,
+    url: str,
+    storage_options: Mapping[str, Any],
+    group: TileGroup,
+    tile_size: int,
+    halo: int,
+    columns: Sequence[str],
+    layout: SourceLayout,
+) -> list[Block]:
+    """Body of one read task: open the source group in this worker and read the tile group."""
+    source = tile_store.open_store(url, "r", storage_options)[group.source_id]
+    batch = read_tile_group(
+        source, group, tile_size=tile_size, halo=halo, columns=columns, layout=layout
+    )
+    return [_to_block(batch)]

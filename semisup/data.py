@@ -1,0 +1,197 @@
+"""Streaming tiles from a semisup Zarr store into a Ray Dataset.
+
+``read_tiles`` is the one way the pipeline reads a store: it filters the tile index in the driver
+and hands groups of neighbouring tiles to parallel read tasks, which read whole chunk rows and
+cut the tiles out (see ``semisup._zarr_datasource``). Rows are dicts of ``semisup.columns``:
+
+- ``IMAGE``: S×S×C in the source dtype; ``VALID``: S×S bool; ``LABEL``: S×S uint8, IGNORE_INDEX
+  where unlabelled (every row has one, all IGNORE_INDEX for unlabelled sources);
+- ``TILE_ID``, ``ROW``, ``COL``, ``Y0``, ``X0`` (integers) and ``SOURCE``, ``SPLIT`` (strings);
+
+with S = tile_size + 2·halo. Pixels outside the raster, around the halo or past a short edge tile,
+are padded with image 0, valid False and label IGNORE_INDEX, exactly like ``store.read_tile``.
+
+Where the store may live: a local path (on a multi-node cluster, one every node can read), or any
+fsspec URL that worker processes can reach (s3://, gs://, ...) with ``storage_options`` passed to
+every reader. ``memory://`` stores exist only in the process that wrote them, so they are read
+eagerly in the driver and handed to Ray as materialised blocks: for tests and tiny stores only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from semisup import columns as C
+from semisup import store as tile_store
+from semisup._zarr_datasource import (
+    ALL_COLUMNS,
+    SourceLayout,
+    ZarrTileDatasource,
+    group_tiles,
+)
+from semisup.config import StreamConfig
+
+__all__ = ["read_tiles", "read_tiles_from_config"]
+
+
+def read_tiles(
+    store: str,
+    *,
+    split: str | Sequence[str] | None = None,
+    halo: int = 0,
+    skip_nodata: bool = True,
+    columns: Sequence[str] | None = None,
+    tiles_per_task: int = 64,
+    read_cpus: float = 0.5,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ray.data.Dataset:
+    """A lazily read, streaming Dataset with one row per tile of the store at ``store``.
+
+    Args:
+        store: local path or fsspec URL of a semisup tile store.
+        split: keep only tiles of this split (or of these splits); None keeps every tile.
+        halo: pixels of context read on each side of a tile; rows are S×S with
+            S = tile_size + 2·halo.
+        skip_nodata: drop tiles whose ``valid_fraction`` in the index is 0.
+        columns: the columns to produce (default: all of ``ALL_COLUMNS``); pixel arrays not
+            asked for are not read.
+        tiles_per_task: tiles per read task, taken from one source in row-major order. Larger
+            tasks amortise Ray's per-task cost; each task's block holds this many rows.
+        read_cpus: CPUs reserved by each read task. Fractional (default 0.5) so that reads
+            never take every CPU away from Train workers and actors.
+        storage_options: fsspec options for ``store`` (endpoint, credentials, ...); they travel
+            with every read task.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``store``.
+        ValueError: ``store`` is not a semisup store, or a split name, column name or numeric
+            argument is not one that is expected.
+    """
+    selected = _check_columns(store, columns)
+    if halo < 0:
+        raise ValueError(f"read_tiles({store!r}): halo must be >= 0, got {halo!r}")
+    if tiles_per_task < 1:
+        raise ValueError(
+            f"read_tiles({store!r}): tiles_per_task must be >= 1, got {tiles_per_task!r}"
+        )
+    if read_cpus <= 0:
+        raise ValueError(f"read_tiles({store!r}): read_cpus must be > 0, got {read_cpus!r}")
+    root, meta, index = _open(store, storage_options)
+    index = _filter_index(store, index, split, skip_nodata)
+    layouts = _source_layouts(store, root, index, selected)
+    datasource = ZarrTileDatasource(
+        store,
+        group_tiles(index, tiles_per_task),
+        layouts,
+        tile_size=meta.tile_size,
+        halo=halo,
+        columns=selected,
+        storage_options=storage_options,
+    )
+    if _is_process_local(store):
+        # wraps blocks read here in the driver as a Dataset (workers cannot see this store)
+        return ray.data.from_arrow(datasource.read_in_driver() or _empty_table(selected))
+    # runs one read task per tile group, each reserving read_cpus CPUs; one block per task
+    return ray.data.read_datasource(
+        datasource, num_cpus=read_cpus, override_num_blocks=max(1, datasource.num_tasks)
+    )
+
+
+def read_tiles_from_config(store: str, config: StreamConfig, **kwargs: Any) -> ray.data.Dataset:
+    """``read_tiles`` with halo, skip_nodata, tiles_per_task and read_cpus taken from ``config``."""
+    return read_tiles(
+        store,
+        halo=config.halo,
+        skip_nodata=config.skip_nodata,
+        tiles_per_task=config.tiles_per_task,
+        read_cpus=config.read_cpus,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments and planning the read (driver side)
+
+
+def _check_columns(store: str, columns: Sequence[str] | None) -> tuple[str, ...]:
+    if columns is None:
+        return ALL_COLUMNS
+    if isinstance(columns, str):
+        columns = [columns]
+    unknown = [name for name in columns if name not in ALL_COLUMNS]
+    if unknown or not columns:
+        raise ValueError(
+            f"read_tiles({store!r}): unknown column {unknown[0] if unknown else '(none given)'!r};"
+            f" expected a non-empty subset of {', '.join(ALL_COLUMNS)}"
+        )
+    return tuple(dict.fromkeys(columns))  # drop repeats, keep order
+
+
+def _open(
+    store: str, storage_options: Mapping[str, Any] | None
+) -> tuple[Any, tile_store.StoreMeta, pa.Table]:
+    """Open the store's root group, its metadata and its tile index, with errors that name it."""
+    fs, path = fsspec.core.url_to_fs(str(store), **dict(storage_options or {}))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"tile store {store!r} not found (expected a semisup Zarr store)")
+    try:
+        root = tile_store.open_store(store, "r", storage_options)
+        meta = tile_store.read_store_meta(root)
+        index = tile_store.read_tile_index(store, storage_options)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise ValueError(
+            f"{store!r} is not a semisup tile store (expected a Zarr group with "
+            f"attrs[{tile_store.META_KEY!r}] and {tile_store.TILE_INDEX_FILE}): {err}"
+        ) from err
+    return root, meta, index
+
+
+def _filter_index(
+    store: str, index: pa.Table, split: str | Sequence[str] | None, skip_nodata: bool
+) -> pa.Table:
+    if split is not None:
+        wanted = [split] if isinstance(split, str) else list(split)
+        known = sorted(set(C.SPLITS) | set(index.column(C.SPLIT).unique().to_pylist()))
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise ValueError(
+                f"read_tiles({store!r}): unknown split {unknown[0]!r}; expected one of "
+                f"{', '.join(known)}"
+            )
+        index = index.filter(pc.is_in(index.column(C.SPLIT), pa.array(wanted, pa.string())))
+    if skip_nodata:
+        index = index.filter(pc.greater(index.column("valid_fraction"), 0))
+    return index
+
+
+def _source_layouts(
+    store: str, root: Any, index: pa.Table, columns: Sequence[str]
+) -> dict[str, SourceLayout]:
+    """Layout of every source in ``index``; image bands and dtype must agree for uniform rows."""
+    layouts = {}
+    for source_id in index.column(C.SOURCE).unique().to_pylist():
+        meta = tile_store.read_source_meta(root, source_id)
+        layouts[source_id] = SourceLayout(
+            bands=meta.bands, dtype=meta.dtype, labeled=C.LABEL in root[source_id]
+        )
+    kinds = {(layout.bands, layout.dtype) for layout in layouts.values()}
+    if C.IMAGE in columns and len(kinds) > 1:
+        raise ValueError(
+            f"read_tiles({store!r}): the selected sources mix image layouts (bands, dtype) "
+            f"{sorted(kinds)}; a Dataset needs one. Select a split with a single layout."
+        )
+    return layouts
+
+
+def _is_process_local(store: str) -> bool:
+    return fsspec.utils.get_protocol(str(store)) == "memory"
+
+
+def _empty_table(columns: Sequence[str]) -> pa.Table:
+    return pa.table({name: pa.array([], pa.null()) for name in columns})
