@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from semisup import columns as C
-from semisup.config import ExperimentConfig, PrepConfig, RayConfig, StreamConfig
-from semisup.datasets import dubai_folders, shared_data_dir, write_colour_map
+from semisup.config import ExperimentConfig, PrepConfig, RayConfig, SplitBy, StreamConfig
+from semisup.datasets import CLASS_NAMES, dubai_folders, shared_data_dir, write_colour_map
 from semisup.synthetic import write_scenes
 
 
@@ -26,7 +26,7 @@ def demo_config() -> ExperimentConfig:
     """The built-in demo recipe: 256 px tiles, 1/8 labelled, a local 2-CPU Ray."""
     return ExperimentConfig(
         name="demo",
-        prep=PrepConfig(tile_size=256, split_by="folder", labeled_fraction=0.125, seed=0),
+        prep=PrepConfig(tile_size=256, labeled_fraction=0.125, seed=0),
         stream=StreamConfig(halo=0, tiles_per_task=32),
         ray=RayConfig(num_cpus=2, object_store_mb=512),
     )
@@ -41,6 +41,7 @@ class DemoInputs:
     labels: tuple[Path, ...]
     colour_map: Path | None
     val_sources: tuple[str, ...]
+    split_by: SplitBy  # Dubai: by tile folder, so neighbouring images never straddle splits
 
 
 def demo_inputs(out: Path, data_dir: Path | None, synthetic: bool = False) -> DemoInputs:
@@ -54,6 +55,7 @@ def demo_inputs(out: Path, data_dir: Path | None, synthetic: bool = False) -> De
             labels=tuple(masks),
             colour_map=write_colour_map(out / "dubai_colours.json"),
             val_sources=("tile_6*",),
+            split_by="folder",
         )
     images_dir, masks_dir = write_scenes(out / "generated", count=4, size=768)
     return DemoInputs(
@@ -62,6 +64,7 @@ def demo_inputs(out: Path, data_dir: Path | None, synthetic: bool = False) -> De
         labels=(masks_dir,),
         colour_map=None,
         val_sources=("*scene_3",),
+        split_by="source",
     )
 
 
@@ -72,7 +75,7 @@ def _prep_argv(inputs: DemoInputs, store: Path, prep: PrepConfig) -> list[str]:
     argv += [
         "--tile-size", str(prep.tile_size), "--overlap", str(prep.overlap),
         "--split-by", prep.split_by, "--labeled-fraction", str(prep.labeled_fraction),
-        "--seed", str(prep.seed), "--num-classes", "5",
+        "--seed", str(prep.seed), "--class-names", ",".join(CLASS_NAMES),
         "--val-sources", *inputs.val_sources,
     ]  # fmt: skip
     return argv
@@ -130,7 +133,11 @@ def run_demo(out: Path, data_dir: Path | None = None, synthetic: bool = False) -
     from semisup.runtime import ray_runtime
 
     out.mkdir(parents=True, exist_ok=True)
+    inputs = demo_inputs(out, data_dir, synthetic)
     config = demo_config()
+    config = dataclasses.replace(
+        config, prep=dataclasses.replace(config.prep, split_by=inputs.split_by)
+    )
     summary: dict[str, Any] = {"out": str(out), "config": dataclasses.asdict(config), "stages": {}}
 
     def run_stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -142,7 +149,6 @@ def run_demo(out: Path, data_dir: Path | None = None, synthetic: bool = False) -
         print(f"[demo] {name} done in {result['seconds']} s", file=sys.stderr, flush=True)
         return result
 
-    inputs = demo_inputs(out, data_dir, synthetic)
     summary["inputs"] = inputs.description
     print(f"[demo] inputs: {inputs.description}", file=sys.stderr)
     store = out / "store.zarr"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -40,11 +41,13 @@ def ray_runtime(config: RayConfig, quiet: bool = True) -> Iterator[None]:
                 include_dashboard=config.dashboard,
                 dashboard_host="127.0.0.1",
                 log_to_driver=not quiet,
+                logging_level=logging.WARNING if quiet else logging.INFO,
             )
         started = True
     if quiet:
         # Ray Data's progress bars would interleave with our own progress lines.
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield
     finally:
