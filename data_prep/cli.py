@@ -41,8 +41,8 @@ labels pair with inputs either one entry per input (a folder searched by file na
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the prep flags to ``parser`` (and its description and example epilog)."""
     defaults = PrepConfig()
-    parser.description = DESCRIPTION
-    parser.epilog = EPILOG
+    parser.description = parser.description or DESCRIPTION
+    parser.epilog = EPILOG  # the self-contained example, colour map included
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "inputs",

@@ -99,7 +99,8 @@ def build_store(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
-    log: TextIO | None = sys.stderr,
+    quiet: bool = False,
+    log: TextIO | None = None,
 ) -> PrepResult:
     """Build the tile store ``out`` from rasters, labels and boxes.
 
@@ -118,12 +119,12 @@ def build_store(
     decimated read of at most 2048×2048 pixels, which is every pixel for rasters up to 2048 on a
     side. Labels are H×W uint8 class ids, 255 where unlabelled or where the label file has nodata.
 
-    Progress goes to ``log`` (None: silent). Raises PrepError (bad inputs) or ConfigError (bad
+    Progress goes to ``log`` (default sys.stderr) unless ``quiet``. Raises PrepError (bad inputs) or ConfigError (bad
     options); either way nothing is left at ``out``.
     """
     prep = _as_config(config)
     out = _local_path(out)
-    progress = _Progress(log)
+    progress = _Progress(None if quiet else log or sys.stderr)
     specs = discover_sources(inputs, labels)
     color_map = _load_color_map(label_colors)
     names = tuple(class_names) if class_names is not None else None
