@@ -4,20 +4,21 @@ CSV columns are found by header name, in any order: ``image_path, xmin, ymin, xm
 an optional ``label`` (NEON's truth CSVs order them ``xmin, xmax, ymin, ymax``). One CSV may hold
 boxes of several images. VOC XML holds one image: ``<filename>`` and one ``<object>`` per box with
 ``<name>`` and ``<bndbox>``. Boxes are pixel x0, y0, x1, y1 of the image they annotate, which is
-found later by file stem.
+found by file stem (``match_boxes``).
 """
 
 from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from data_prep.errors import PrepError
+from data_prep.sources import SourceSpec
 
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax")
 DEFAULT_BOX_LABEL = "object"  # the label of a box whose file has no label column
@@ -127,6 +128,48 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int, source: str) -> np.nd
             f"e.g. box {first + 1}: {boxes[first].tolist()}"
         )
     return clipped
+
+
+def match_boxes(
+    box_sets: Sequence[BoxSet], specs: Sequence[SourceSpec], note: Callable[[str], None]
+) -> dict[str, list[BoxSet]]:
+    """Source id -> its box sets, matching each set's image by file stem (then by path).
+
+    Boxes of images that are not among the sources are skipped with a ``note`` (one CSV may
+    cover many images), but a box file none of whose images is a source is an error.
+    """
+    by_stem: dict[str, list[SourceSpec]] = {}
+    for spec in specs:
+        by_stem.setdefault(spec.image_path.stem, []).append(spec)
+    matched: dict[str, list[BoxSet]] = {}
+    used_files: set[Path] = set()
+    for box_set in box_sets:
+        candidates = by_stem.get(box_set.image_stem, [])
+        if len(candidates) > 1:
+            # Same file name in several folders: keep the sources whose path ends like the ref.
+            ref_parts = PurePath(box_set.image_ref.replace("\\", "/")).parts
+            candidates = [
+                c for c in candidates if c.image_path.parts[-len(ref_parts) :] == ref_parts
+            ]
+            if len(candidates) != 1:
+                raise PrepError(
+                    f"box file {box_set.path}: image {box_set.image_ref!r} matches "
+                    f"{len(by_stem[box_set.image_stem])} sources; name it by a longer path"
+                )
+        if not candidates:
+            note(
+                f"box file {box_set.path}: skipping {len(box_set.boxes)} boxes of "
+                f"{box_set.image_ref!r}, which is not among the inputs"
+            )
+            continue
+        matched.setdefault(candidates[0].source_id, []).append(box_set)
+        used_files.add(box_set.path)
+    for path in sorted({b.path for b in box_sets} - used_files):
+        refs = sorted({b.image_ref for b in box_sets if b.path == path})
+        raise PrepError(
+            f"box file {path}: none of its images ({', '.join(refs[:3])}) is among the inputs"
+        )
+    return matched
 
 
 def _number(text: str, path: Path, where: int | str, column: str) -> float:

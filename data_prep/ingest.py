@@ -12,15 +12,11 @@ larger than memory works; PNG and JPEG are the exception (see ``rasters``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from data_prep.boxes import BoxSet, clip_boxes, encode_labels, read_box_file
+from data_prep.boxes import BoxSet, clip_boxes, encode_labels, match_boxes, read_box_file
 from data_prep.errors import PrepError
 from data_prep.labels import (
     ColorMap,
@@ -38,7 +34,8 @@ from data_prep.labels import (
     load_color_map,
     parse_color_map,
 )
-from data_prep.rasters import Raster, check_image_dtype, open_raster
+from data_prep.publish import Existing, check_existing, fingerprint, staged
+from data_prep.rasters import Raster, band_range, check_image_dtype, open_raster
 from data_prep.sources import SourceSpec, discover_sources
 from data_prep.splits import split_tiles
 from data_prep.tiling import TileCounter, block_windows
@@ -47,7 +44,6 @@ from semisup.config import PrepConfig, from_dict, to_dict
 from semisup.store import (
     META_KEY,
     STORE_FORMAT_VERSION,
-    TILE_INDEX_FILE,
     TILE_INDEX_SCHEMA,
     SourceMeta,
     StoreMeta,
@@ -61,10 +57,6 @@ from semisup.store import (
     write_tile_index,
 )
 
-# Side of the decimated read for 16-bit percentiles: 2048² = 4 Mpx per band is plenty for a
-# 2nd/98th percentile and bounds the memory and time spent on a huge raster.
-STATS_MAX_SIDE = 2048
-PERCENTILES = (2.0, 98.0)  # the usual contrast stretch of 16-bit imagery to 8 bit
 PROGRESS_EVERY_S = 1.0
 
 
@@ -119,8 +111,8 @@ def build_store(
     decimated read of at most 2048×2048 pixels, which is every pixel for rasters up to 2048 on a
     side. Labels are H×W uint8 class ids, 255 where unlabelled or where the label file has nodata.
 
-    Progress goes to ``log`` (default sys.stderr) unless ``quiet``. Raises PrepError (bad inputs) or ConfigError (bad
-    options); either way nothing is left at ``out``.
+    Progress goes to ``log`` (default: sys.stderr) unless ``quiet``. Raises PrepError for bad
+    inputs and ConfigError for bad options; either way nothing is left at ``out``.
     """
     prep = _as_config(config)
     out = _local_path(out)
@@ -132,32 +124,36 @@ def build_store(
     if color_map is not None and classes is not None:
         check_color_map_ids(color_map, classes, source=f"colour map {label_colors}")
     box_files = [Path(p) for p in boxes]
-    box_sets = _match_boxes([s for f in box_files for s in read_box_file(f)], specs, progress)
-    fingerprint = _fingerprint(specs, box_files, label_colors, color_map, prep, num_classes, names)
+    box_sets = match_boxes([s for f in box_files for s in read_box_file(f)], specs, progress.say)
 
-    replace = _check_existing(out, fingerprint, overwrite)
-    if replace is None:
-        meta = read_store_meta(open_store(str(out)))
-        progress.say(f"{out} is up to date (fingerprint {fingerprint[:12]}); nothing to do")
-        return PrepResult(out, meta, up_to_date=True)
+    colors_file = None if isinstance(label_colors, Mapping | None) else Path(label_colors)
+    files = [f for spec in specs for f in (spec.image_path, spec.label_path)]
+    options = {
+        "format": STORE_FORMAT_VERSION,
+        "prep": to_dict(prep),
+        "num_classes": num_classes,
+        "class_names": names,
+        "color_map": sorted(color_map.items()) if color_map is not None else None,
+        "source_ids": [spec.source_id for spec in specs],
+    }
+    store_fingerprint = fingerprint([*files, colors_file, *box_files], options)
+
+    existing = check_existing(out, store_fingerprint, overwrite)
+    if existing is Existing.UP_TO_DATE:
+        progress.say(f"{out} is up to date (fingerprint {store_fingerprint[:12]}); nothing to do")
+        return PrepResult(out, read_store_meta(open_store(str(out))), up_to_date=True)
 
     sources = [
         _validate(spec, box_sets.get(spec.source_id, []), color_map, classes) for spec in specs
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        meta = _write_store(tmp, sources, prep, color_map, classes, names, fingerprint, progress)
-        _move_into_place(tmp, out, replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    counts = meta.split.get("tiles", {})
-    progress.say(
-        f"wrote {out}: {len(sources)} sources, {sum(counts.values())} tiles ("
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + ")"
-    )
+    with staged(out, replace=existing is Existing.REPLACE) as tmp:
+        meta = _write_store(tmp, sources, prep, color_map, classes, names, progress)
+        meta = replace(meta, fingerprint=store_fingerprint)
+        # Root metadata goes last: a store that has it is complete.
+        open_store(str(tmp), mode="r+").attrs[META_KEY] = meta.to_attrs()
+    counts = ", ".join(f"{k} {v}" for k, v in meta.split["tiles"].items())
+    tiles = sum(meta.split["tiles"].values())
+    progress.say(f"wrote {out}: {len(sources)} sources, {tiles} tiles ({counts})")
     return PrepResult(out, meta, up_to_date=False)
 
 
@@ -203,44 +199,6 @@ def _resolve_num_classes(
     return num_classes
 
 
-def _match_boxes(
-    box_sets: list[BoxSet], specs: list[SourceSpec], progress: _Progress
-) -> dict[str, list[BoxSet]]:
-    """Source id -> its box sets, matching each set's image by file stem (then by path)."""
-    by_stem: dict[str, list[SourceSpec]] = {}
-    for spec in specs:
-        by_stem.setdefault(spec.image_path.stem, []).append(spec)
-    matched: dict[str, list[BoxSet]] = {}
-    used_files: set[Path] = set()
-    for box_set in box_sets:
-        candidates = by_stem.get(box_set.image_stem, [])
-        if len(candidates) > 1:
-            # Same file name in several folders: keep the sources whose path ends like the ref.
-            ref_parts = Path(box_set.image_ref.replace("\\", "/")).parts
-            candidates = [
-                c for c in candidates if c.image_path.parts[-len(ref_parts) :] == ref_parts
-            ]
-            if len(candidates) != 1:
-                raise PrepError(
-                    f"box file {box_set.path}: image {box_set.image_ref!r} matches "
-                    f"{len(by_stem[box_set.image_stem])} sources; name it by a longer path"
-                )
-        if not candidates:
-            progress.say(
-                f"box file {box_set.path}: skipping {len(box_set.boxes)} boxes of "
-                f"{box_set.image_ref!r}, which is not among the inputs"
-            )
-            continue
-        matched.setdefault(candidates[0].source_id, []).append(box_set)
-        used_files.add(box_set.path)
-    for path in {b.path for b in box_sets} - used_files:
-        refs = sorted({b.image_ref for b in box_sets if b.path == path})
-        raise PrepError(
-            f"box file {path}: none of its images ({', '.join(refs[:3])}) is among the inputs"
-        )
-    return matched
-
-
 def _validate(
     spec: SourceSpec, box_sets: list[BoxSet], color_map: ColorMap | None, num_classes: int | None
 ) -> _Source:
@@ -266,75 +224,6 @@ def _validate(
     return _Source(spec, height, width, boxes, box_labels)
 
 
-def _fingerprint(
-    specs: list[SourceSpec],
-    box_files: list[Path],
-    label_colors: str | Path | Mapping[str, int] | None,
-    color_map: ColorMap | None,
-    prep: PrepConfig,
-    num_classes: int | None,
-    class_names: tuple[str, ...] | None,
-) -> str:
-    """sha256 over every input file's path, size and mtime, and every option."""
-
-    def stat(path: Path | None) -> list[Any] | None:
-        if path is None:
-            return None
-        info = path.stat()
-        return [str(path), info.st_size, info.st_mtime_ns]
-
-    colors_file = None
-    if label_colors is not None and not isinstance(label_colors, Mapping):
-        colors_file = stat(Path(os.path.abspath(label_colors)))
-    payload = {
-        "format": STORE_FORMAT_VERSION,
-        "config": to_dict(prep),
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "color_map": sorted(color_map.items()) if color_map is not None else None,
-        "label_colors": colors_file,
-        "sources": [[s.source_id, stat(s.image_path), stat(s.label_path), s.folder] for s in specs],
-        "boxes": [stat(Path(os.path.abspath(p))) for p in box_files],
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _check_existing(out: Path, fingerprint: str, overwrite: bool) -> bool | None:
-    """Whether an existing store gets replaced; None when it is already up to date."""
-    if not out.exists() and not out.is_symlink():
-        return False
-    if out.is_dir() and not any(out.iterdir()):
-        return False  # an empty folder is taken over, as if absent
-    if not (out.is_dir() and (out / "zarr.json").is_file() and (out / TILE_INDEX_FILE).is_file()):
-        raise PrepError(
-            f"{out} exists and is not a semisup store; choose another --out or remove it"
-        )
-    try:
-        stored = read_store_meta(open_store(str(out))).fingerprint
-    except (ValueError, KeyError, OSError):
-        stored = None  # another format version, or damaged: never "up to date"
-    if stored == fingerprint:
-        return None
-    if not overwrite:
-        raise PrepError(f"{out} exists (built from other inputs/options); pass --overwrite")
-    return True
-
-
-def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
-    """Rename the finished store to ``out``; the old store goes only once the new one is there."""
-    if not replace:
-        os.replace(tmp, out)  # also takes over an empty folder
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -346,15 +235,16 @@ def _write_store(
     color_map: ColorMap | None,
     num_classes: int | None,
     class_names: tuple[str, ...] | None,
-    fingerprint: str,
     progress: _Progress,
 ) -> StoreMeta:
+    """Write every source group and the tile index; returns the root metadata (no fingerprint)."""
     root = open_store(str(root_path), mode="w-")
     tables, max_label_id = [], -1
     for number, source in enumerate(sources, start=1):
+        tiles = len(tile_windows(source.height, source.width, prep.tile_size, prep.overlap))
         progress.say(
             f"[{number}/{len(sources)}] {source.spec.source_id}: {source.width}x{source.height} px, "
-            f"{len(tile_windows(source.height, source.width, prep.tile_size, prep.overlap))} tiles"
+            f"{tiles} tiles"
             + (", labelled" if source.spec.label_path else "")
             + (f", {len(source.boxes)} boxes" if len(source.boxes) else "")
         )
@@ -363,18 +253,27 @@ def _write_store(
         max_label_id = max(max_label_id, max_id)
     if num_classes is None and max_label_id >= 0:
         num_classes = max_label_id + 1  # inferred from the labels themselves
+    index, split = _index_with_splits(pa.concat_tables(tables), sources, prep)
+    write_tile_index(str(root_path), index)
+    return StoreMeta(
+        tile_size=prep.tile_size,
+        overlap=prep.overlap,
+        sources=tuple(s.spec.source_id for s in sources),
+        num_classes=num_classes,
+        class_names=class_names,
+        split=split,
+    )
 
-    index = pa.concat_tables(tables)
-    tile_ids = pa.array(np.arange(index.num_rows, dtype=np.int64))
-    index = index.set_column(0, C.TILE_ID, tile_ids)
-    split_params: dict[str, Any] = {
-        "split_by": prep.split_by,
-        "block_size": prep.block_size,
-        "val_fraction": prep.val_fraction,
-        "labeled_fraction": prep.labeled_fraction,
-        "val_sources": list(prep.val_sources),
-        "seed": prep.seed,
-    }
+
+def _index_with_splits(
+    index: pa.Table, sources: list[_Source], prep: PrepConfig
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Number the tiles row-major over the sorted sources and assign their splits.
+
+    Returns the finished tile index and the split parameters (plus tiles per split) that go
+    into the root metadata.
+    """
+    index = index.set_column(0, C.TILE_ID, pa.array(np.arange(index.num_rows, dtype=np.int64)))
     splits = split_tiles(
         index.column(C.SOURCE).to_pylist(),
         index.column(C.Y0).to_pylist(),
@@ -388,22 +287,18 @@ def _write_store(
         val_sources=prep.val_sources,
         seed=prep.seed,
     )
-    index = index.set_column(
-        index.schema.get_field_index(C.SPLIT), C.SPLIT, pa.array(splits, pa.string())
-    )
-    write_tile_index(str(root_path), index)
-    split_params["tiles"] = {name: splits.count(name) for name in C.SPLITS}
-    meta = StoreMeta(
-        tile_size=prep.tile_size,
-        overlap=prep.overlap,
-        sources=tuple(s.spec.source_id for s in sources),
-        num_classes=num_classes,
-        class_names=class_names,
-        fingerprint=fingerprint,
-        split=split_params,
-    )
-    root.attrs[META_KEY] = meta.to_attrs()  # written last: a store with root meta is complete
-    return meta
+    column = index.schema.get_field_index(C.SPLIT)
+    index = index.set_column(column, C.SPLIT, pa.array(splits, pa.string()))
+    params = {
+        "split_by": prep.split_by,
+        "block_size": prep.block_size,
+        "val_fraction": prep.val_fraction,
+        "labeled_fraction": prep.labeled_fraction,
+        "val_sources": list(prep.val_sources),
+        "seed": prep.seed,
+        "tiles": {name: splits.count(name) for name in C.SPLITS},
+    }
+    return index, params
 
 
 def _write_source(
@@ -415,61 +310,70 @@ def _write_source(
     progress: _Progress,
 ) -> tuple[pa.Table, int]:
     """Stream one source into its group; returns its tile-index rows and its largest label id."""
-    spec, height, width = source.spec, source.height, source.width
-    label = (
-        LabelRaster(spec.label_path, color_map, num_classes)
-        if spec.label_path is not None
-        else None
-    )
+    spec = source.spec
+    label_path = spec.label_path
+    label = LabelRaster(label_path, color_map, num_classes) if label_path is not None else None
     try:
         with open_raster(spec.image_path) as image:
-            low, high = band_range(image)
             box_names, box_index = encode_labels(source.box_labels)
-            meta = SourceMeta(
-                source_id=spec.source_id,
-                image_path=str(spec.image_path),
-                height=height,
-                width=width,
-                bands=image.bands,
-                dtype=image.dtype.name,
-                band_low=low,
-                band_high=high,
-                label_path=str(spec.label_path) if spec.label_path is not None else None,
-                crs=image.crs,
-                transform=image.transform,
-                nodata=image.nodata,
-                box_label_names=box_names,
-            )
+            meta = _source_meta(spec, image, box_names)
             group = create_source_group(root, meta, prep.tile_size, with_label=label is not None)
-            valid_counts = TileCounter(height, width, prep.tile_size, prep.overlap)
-            label_counts = TileCounter(height, width, prep.tile_size, prep.overlap)
-            image_array, valid_array = _array(group, C.IMAGE), _array(group, C.VALID)
-            label_array = _array(group, C.LABEL) if label is not None else None
-            for y0, x0, h, w in block_windows(height, width, prep.tile_size):
-                valid = image.read_valid(y0, x0, h, w)
-                image_array[y0 : y0 + h, x0 : x0 + w] = image.read(y0, x0, h, w)
-                valid_array[y0 : y0 + h, x0 : x0 + w] = valid
-                valid_counts.add(valid, y0, x0)
-                if label is not None and label_array is not None:
-                    ids = label.read_ids(y0, x0, h, w)
-                    label_array[y0 : y0 + h, x0 : x0 + w] = ids
-                    label_counts.add(ids != C.IGNORE_INDEX, y0, x0)
-                progress.block(spec.source_id, y0 + h, height)
+            valid_counts, label_counts = _stream_blocks(group, image, label, prep, progress)
             if len(source.boxes):
                 write_boxes(group, source.boxes, box_index)
     finally:
         if label is not None:
             label.close()
-    table = _tile_rows(
-        spec.source_id,
-        meta.transform,
-        height,
-        width,
-        prep,
-        valid_counts.counts,
-        label_counts.counts if label is not None else None,
-    )
+    table = _tile_rows(spec.source_id, meta, prep, valid_counts, label_counts)
     return table, label.max_id if label is not None else -1
+
+
+def _source_meta(spec: SourceSpec, image: Raster, box_names: tuple[str, ...]) -> SourceMeta:
+    low, high = band_range(image)
+    return SourceMeta(
+        source_id=spec.source_id,
+        image_path=str(spec.image_path),
+        height=image.height,
+        width=image.width,
+        bands=image.bands,
+        dtype=image.dtype.name,
+        band_low=low,
+        band_high=high,
+        label_path=str(spec.label_path) if spec.label_path is not None else None,
+        crs=image.crs,
+        transform=image.transform,
+        nodata=image.nodata,
+        box_label_names=box_names,
+    )
+
+
+def _stream_blocks(
+    group: zarr.Group,
+    image: Raster,
+    label: LabelRaster | None,
+    prep: PrepConfig,
+    progress: _Progress,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Copy the raster block by block; returns per-tile valid and labelled pixel counts.
+
+    Counts are n_rows×n_cols int64 over the tile grid; the label counts are None without labels.
+    """
+    height, width = image.height, image.width
+    valid_counts = TileCounter(height, width, prep.tile_size, prep.overlap)
+    label_counts = TileCounter(height, width, prep.tile_size, prep.overlap)
+    image_array, valid_array = _array(group, C.IMAGE), _array(group, C.VALID)
+    label_array = _array(group, C.LABEL) if label is not None else None
+    for y0, x0, h, w in block_windows(height, width, prep.tile_size):
+        valid = image.read_valid(y0, x0, h, w)  # h×w bool
+        image_array[y0 : y0 + h, x0 : x0 + w] = image.read(y0, x0, h, w)  # h×w×C
+        valid_array[y0 : y0 + h, x0 : x0 + w] = valid
+        valid_counts.add(valid, y0, x0)
+        if label is not None and label_array is not None:
+            ids = label.read_ids(y0, x0, h, w)  # h×w uint8
+            label_array[y0 : y0 + h, x0 : x0 + w] = ids
+            label_counts.add(ids != C.IGNORE_INDEX, y0, x0)
+        progress.block(group.basename, y0 + h, height)
+    return valid_counts.counts, label_counts.counts if label is not None else None
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
@@ -480,21 +384,19 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
 
 def _tile_rows(
     source_id: str,
-    transform: tuple[float, ...] | None,
-    height: int,
-    width: int,
+    meta: SourceMeta,
     prep: PrepConfig,
     valid_counts: np.ndarray,
     label_counts: np.ndarray | None,
 ) -> pa.Table:
     """Tile-index rows of one source (tile_id and split are filled in for the whole store)."""
-    windows = tile_windows(height, width, prep.tile_size, prep.overlap)
+    windows = tile_windows(meta.height, meta.width, prep.tile_size, prep.overlap)
     rows, cols, y0s, x0s, hs, ws = (np.array(v, dtype=np.int64) for v in zip(*windows, strict=True))
     area = (hs * ws).astype(np.float64)
     valid_fraction = valid_counts[rows, cols] / area
     # Unlabelled sources: coverage 0, so "has labels" filters need no NaN handling.
     coverage = label_counts[rows, cols] / area if label_counts is not None else np.zeros(len(rows))
-    bounds = np.array([window_bounds(transform, *w[2:]) for w in windows], dtype=np.float64)
+    bounds = np.array([window_bounds(meta.transform, *w[2:]) for w in windows], dtype=np.float64)
     columns = {
         C.TILE_ID: np.zeros(len(rows), dtype=np.int64),
         C.SOURCE: [source_id] * len(rows),
@@ -514,24 +416,6 @@ def _tile_rows(
     }
     arrays = [pa.array(columns[f.name]).cast(f.type) for f in TILE_INDEX_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=TILE_INDEX_SCHEMA)
-
-
-def band_range(image: Raster) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band (low, high) for scaling to 8 bit (``semisup.store.scale_to_uint8``).
-
-    uint8: 0 and 255, the identity. uint16: the 2nd and 98th percentile (``np.percentile``,
-    linear interpolation) of the band's valid pixels on ``image.read_decimated(2048)``, i.e. every
-    pixel when the raster is at most 2048 px on a side. A band with no valid pixel gets 0..65535.
-    """
-    if image.dtype == np.uint8:
-        return (0.0,) * image.bands, (255.0,) * image.bands
-    pixels, valid = image.read_decimated(STATS_MAX_SIDE)  # h'×w'×C, h'×w'
-    values = pixels[valid]  # n×C
-    if not len(values):
-        full = float(np.iinfo(image.dtype).max)
-        return (0.0,) * image.bands, (full,) * image.bands
-    low, high = np.percentile(values, PERCENTILES, axis=0)  # each C
-    return tuple(float(v) for v in low), tuple(float(v) for v in high)
 
 
 # ---------------------------------------------------------------------------------------------

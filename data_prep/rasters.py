@@ -30,6 +30,10 @@ from data_prep.errors import PrepError
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_DTYPES = ("uint8", "uint16")
+# Side of the decimated read for 16-bit percentiles: 2048² = 4 Mpx per band is plenty for a
+# 2nd/98th percentile and bounds the time spent on a huge raster.
+STATS_MAX_SIDE = 2048
+PERCENTILES = (2.0, 98.0)  # the usual contrast stretch of 16-bit imagery to 8 bit
 
 
 class Raster(ABC):
@@ -97,19 +101,23 @@ class GeoTiffRaster(Raster):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self._ds = rasterio.open(path)
         ds = self._ds
-        self.height, self.width, self.bands = ds.height, ds.width, ds.count
-        dtypes = set(ds.dtypes)
+        # An alpha band is a validity mask (it feeds dataset_mask), not image content.
+        self._indexes = [
+            i + 1 for i, ci in enumerate(ds.colorinterp) if ci != rasterio.enums.ColorInterp.alpha
+        ] or list(range(1, ds.count + 1))
+        self.height, self.width, self.bands = ds.height, ds.width, len(self._indexes)
+        dtypes = {ds.dtypes[i - 1] for i in self._indexes}
         if len(dtypes) != 1:
             ds.close()
             raise PrepError(f"{path}: bands have different dtypes {sorted(dtypes)}")
-        self.dtype = np.dtype(ds.dtypes[0])
+        self.dtype = np.dtype(ds.dtypes[self._indexes[0] - 1])
         self.crs = ds.crs.to_wkt() if ds.crs is not None else None
         georeferenced = ds.crs is not None or not ds.transform.is_identity
         self.transform = tuple(float(v) for v in ds.transform[:6]) if georeferenced else None
         self.nodata = float(ds.nodata) if ds.nodata is not None else None
-        if keep_palette and ds.count == 1:
+        if keep_palette and self.bands == 1:
             try:
-                colormap = ds.colormap(1)
+                colormap = ds.colormap(self._indexes[0])
             except ValueError:  # rasterio raises when the band has no colour table
                 colormap = None
             if colormap:
@@ -123,7 +131,7 @@ class GeoTiffRaster(Raster):
         return rasterio.windows.Window(x0, y0, w, h)  # rasterio orders windows col, row, w, h
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        data = self._ds.read(window=self._window(y0, x0, h, w))  # C×h×w
+        data = self._ds.read(self._indexes, window=self._window(y0, x0, h, w))  # C×h×w
         return np.ascontiguousarray(np.moveaxis(data, 0, -1))  # h×w×C
 
     def read_valid(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
@@ -137,7 +145,9 @@ class GeoTiffRaster(Raster):
         # GDAL decimates while reading (nearest), using overviews when the file has them.
         shape = (math.ceil(self.height / step_y), math.ceil(self.width / step_x))
         data = self._ds.read(
-            out_shape=(self.bands, *shape), resampling=rasterio.enums.Resampling.nearest
+            self._indexes,
+            out_shape=(self.bands, *shape),
+            resampling=rasterio.enums.Resampling.nearest,
         )
         valid = self._ds.dataset_mask(out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
         return np.moveaxis(data, 0, -1), np.asarray(valid > 0)
@@ -180,7 +190,7 @@ class PillowRaster(Raster):
             with Image.open(self.path) as img:
                 img.load()
                 pixels, alpha = self._to_array(img)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise PrepError(f"{self.path}: cannot decode image ({err})") from err
         self._pixels, self._alpha = pixels, alpha
         return pixels, alpha
@@ -267,6 +277,8 @@ def open_raster(path: str | Path, keep_palette: bool = False) -> Raster:
         return GeoTiffRaster(path, keep_palette=keep_palette)
     except PrepError:
         raise
+    except Image.DecompressionBombError as err:
+        raise PrepError(f"{path}: too large to decode as PNG/JPEG; convert it to GeoTIFF") from err
     except (OSError, ValueError, rasterio.errors.RasterioError) as err:
         raise PrepError(f"{path}: cannot read raster ({err})") from err
 
@@ -278,6 +290,27 @@ def check_image_dtype(raster: Raster) -> None:
             f"{raster.path}: unsupported image dtype {raster.dtype.name}; "
             f"supported: {', '.join(IMAGE_DTYPES)}"
         )
+
+
+def band_range(
+    raster: Raster, max_side: int = STATS_MAX_SIDE
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band (low, high) for scaling to 8 bit (``semisup.store.scale_to_uint8``).
+
+    uint8: 0 and 255, the identity. uint16: the 2nd and 98th percentile (``np.percentile``,
+    linear interpolation) of each band's valid pixels in ``raster.read_decimated(max_side)``,
+    which is every pixel when the raster is at most ``max_side`` (2048) px on a side, else a
+    nearest-neighbour subsample. A band with no valid pixel gets 0 and 65535.
+    """
+    if raster.dtype == np.uint8:
+        return (0.0,) * raster.bands, (255.0,) * raster.bands
+    pixels, valid = raster.read_decimated(max_side)  # h'×w'×C, h'×w'
+    values = pixels[valid]  # n×C
+    if not len(values):
+        full = float(np.iinfo(raster.dtype).max)
+        return (0.0,) * raster.bands, (full,) * raster.bands
+    low, high = np.percentile(values, PERCENTILES, axis=0)  # C each
+    return tuple(float(v) for v in low), tuple(float(v) for v in high)
 
 
 def list_rasters(folder: Path) -> list[Path]:

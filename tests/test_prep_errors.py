@@ -200,3 +200,32 @@ def test_out_that_is_not_a_store_is_never_replaced(scene: Path) -> None:
     with pytest.raises(PrepError, match="is not a semisup store"):
         _build(scene, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupt_while_writing_leaves_nothing(
+    scene: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from data_prep import labels
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels.LabelRaster, "read_ids", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _build(scene)
+    _assert_nothing_left(scene / "out.zarr")
+
+
+def test_boxes_naming_an_ambiguous_image(scene: Path) -> None:
+    for folder in ("one", "two"):
+        _png(scene / folder / "a.png", np.zeros((20, 30, 3), np.uint8))
+    (scene / "boxes.csv").write_text("image_path,xmin,ymin,xmax,ymax\na.png,1,1,2,2\n")
+    _expect(
+        scene,
+        PrepError,
+        "boxes.csv",
+        "'a.png' matches 2 sources",
+        inputs=[scene / "one", scene / "two"],
+        labels=[],
+        boxes=[scene / "boxes.csv"],
+    )

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from affine import Affine
 from PIL import Image
+from rasterio.transform import Affine
 
 from data_prep import rasters
 from data_prep.errors import PrepError
@@ -205,3 +205,40 @@ def test_npy_uint16_png_and_alpha_inputs(tmp_path: Path) -> None:
     index = read_tile_index(str(out)).to_pandas()
     assert (index[C.SPLIT] == C.UNLABELED).all() and (index.label_coverage == 0).all()
     assert open_store(str(out)).attrs["semisup"]["num_classes"] is None
+
+
+def test_boxes_find_their_image_by_a_longer_path_when_names_repeat(tmp_path: Path) -> None:
+    for folder in ("one", "two"):
+        _png(tmp_path / folder / "a.png", np.zeros((20, 30, 3), np.uint8))
+    (tmp_path / "boxes.csv").write_text(
+        "label,image_path,xmin,ymin,xmax,ymax\n"
+        "tree,two/a.png,1,2,3,4\n"
+        "tree,two/a.png,5,6,40,8\n"  # reaches past the 30 px width: clipped
+        "bush,elsewhere.png,1,1,2,2\n"  # not an input: skipped
+    )
+    out = tmp_path / "b.zarr"
+    build_store(
+        [tmp_path / "one", tmp_path / "two"], out, boxes=[tmp_path / "boxes.csv"], quiet=True
+    )
+    root = open_store(str(out))
+    assert "boxes" not in root["one__a"]
+    assert root["two__a"]["boxes"][:].tolist() == [[1, 2, 3, 4], [5, 6, 30, 8]]
+    assert read_source_meta(root, "two__a").box_label_names == ("tree",)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_geotiff_alpha_band_is_the_valid_mask_not_an_image_band(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (4, 30, 40), np.uint8)  # C×H×W, as rasterio writes
+    rgba[3] = 255
+    rgba[3, :, :7] = 0
+    path = tmp_path / "rgba.tif"
+    profile = {"driver": "GTiff", "width": 40, "height": 30, "count": 4, "dtype": "uint8"}
+    with rasterio.open(path, "w", **profile, photometric="RGB", alpha="YES") as ds:
+        ds.write(rgba)
+    out = tmp_path / "a.zarr"
+    build_store([path], out, config=PrepConfig(tile_size=16), quiet=True)
+    group = open_store(str(out))["rgba"]
+    np.testing.assert_array_equal(group[C.IMAGE][:], np.moveaxis(rgba[:3], 0, -1))
+    np.testing.assert_array_equal(group[C.VALID][:], rgba[3] > 0)
+    assert read_source_meta(open_store(str(out)), "rgba").transform is None
