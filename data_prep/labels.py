@@ -173,22 +173,25 @@ class LabelRaster:
     def read_ids(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Class ids of the window: h×w uint8, IGNORE_INDEX where unlabelled."""
         raw = self.raster.read(y0, x0, h, w)  # h×w×C
+        # Nodata / transparent label pixels carry no supervision, whatever value they hold, so
+        # they are neither colour-mapped nor range-checked.
+        valid = self.raster.read_valid(y0, x0, h, w)  # h×w bool
+        ids = np.full((h, w), C.IGNORE_INDEX, dtype=np.uint8)
         if self.color_map is not None:
             # Colour-map ids were range-checked once when the map was read (check_color_map_ids).
+            rgb = self._as_rgb(raw)[valid][None]  # 1×n×3, the valid pixels
             try:
-                ids = colors_to_ids(self._as_rgb(raw), self.color_map)
+                ids[valid] = colors_to_ids(rgb, self.color_map)[0]
             except UnknownColorsError as err:
                 raise UnknownColorsError(
                     err.counts, where=f"{self.path} (rows {y0}-{y0 + h - 1})"
                 ) from None
         else:
-            values = raw[..., 0]
+            values = raw[..., 0][valid]  # n
             bad = out_of_range_ids(values, self.num_classes)
             if bad.size:
                 raise PrepError(self._range_message(bad))
-            ids = values.astype(np.uint8)
-        valid = self.raster.read_valid(y0, x0, h, w)
-        ids[~valid] = C.IGNORE_INDEX  # nodata in a label raster: no supervision there
+            ids[valid] = values
         labelled = ids[ids != C.IGNORE_INDEX]
         if labelled.size:
             self.max_id = max(self.max_id, int(labelled.max()))

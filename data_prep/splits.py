@@ -3,6 +3,8 @@
 A unit is a source image, a folder of sources, or a square spatial block of one source; all
 tiles of a unit land in the same split, so neighbouring tiles of one image (which share content,
 and pixels when tiles overlap) never leak between training and validation beyond the chosen unit.
+A tile belongs to the block holding its top-left pixel, so with overlapping tiles the tiles on
+either side of a block border share ``overlap`` pixels; source and folder units share none.
 
 Only labelled units are split: ``val_sources`` globs force units into ``val`` (and then no other
 unit is drawn for val), otherwise ``val_fraction`` of the labelled units are drawn for val; of the

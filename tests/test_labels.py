@@ -225,3 +225,16 @@ def test_clip_boxes_clips_and_rejects_boxes_outside() -> None:
     assert clip_boxes(boxes, height=10, width=10, source="s").tolist() == [[0, 2, 10, 8]]
     with pytest.raises(PrepError, match="outside the 10x10 image"):
         clip_boxes(np.array([[11, 0, 15, 5]], dtype=np.float32), 10, 10, "s")
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_nodata_label_pixels_are_ignored_not_range_checked(tmp_path: Path) -> None:
+    import rasterio
+
+    ids = np.array([[0, 1, -9999], [2, -9999, 1]], dtype=np.int16)
+    path = tmp_path / "ids.tif"
+    profile = {"driver": "GTiff", "width": 3, "height": 2, "count": 1, "dtype": "int16"}
+    with rasterio.open(path, "w", **profile, nodata=-9999) as ds:
+        ds.write(ids, 1)
+    label = LabelRaster(path, None, num_classes=3)
+    assert label.read_ids(0, 0, 2, 3).tolist() == [[0, 1, 255], [2, 255, 1]]
