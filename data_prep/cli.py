@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import get_args
 
 from data_prep.errors import PrepError
 from data_prep.ingest import build_store
-from semisup.config import ConfigError, PrepConfig, SplitBy
+from semisup.config import (
+    ConfigError,
+    PrepConfig,
+    SplitBy,
+    add_config_arguments,
+    config_from_arguments,
+)
 
 DESCRIPTION = (
     "Turn rasters (GeoTIFF/COG, PNG, JPEG, .npy; uint8 or uint16) and their labels (class-id "
@@ -128,10 +135,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing store built from other inputs/options (once the new one is complete)",
     )
+    add_config_arguments(parser)  # flags given explicitly take precedence over --config/--set
 
 
 def config_from_args(args: argparse.Namespace) -> PrepConfig:
-    """PrepConfig from the flags given; flags left out keep PrepConfig's defaults."""
+    """PrepConfig from --config/--set, then the explicit flags (flags win)."""
     keys = (
         "tile_size",
         "overlap",
@@ -144,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> PrepConfig:
     values = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
     if getattr(args, "val_sources", None):
         values["val_sources"] = tuple(args.val_sources)
-    return PrepConfig(**values)
+    return dataclasses.replace(config_from_arguments(args).prep, **values)
 
 
 def run(args: argparse.Namespace) -> int:

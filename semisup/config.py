@@ -7,6 +7,7 @@ back and rejects unknown keys and wrong types with an error that names the key. 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -226,3 +227,23 @@ def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--config FILE`` and repeatable ``--set section.key=value`` flags of every stage."""
+    parser.add_argument(
+        "--config", type=Path, default=None, help="experiment YAML (defaults: the reference recipe)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set prep.tile_size=512 (repeatable)",
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment config named by ``--config`` and ``--set`` (see ``add_config_arguments``)."""
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", None) or ())

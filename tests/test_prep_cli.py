@@ -115,3 +115,19 @@ def test_python_m_data_prep_builds_then_is_up_to_date(scene: Path) -> None:
     assert "[1/4] tile_1__images__p1" in first.stderr and "wrote" in first.stderr
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0 and "up to date" in second.stderr
+
+
+def test_config_file_and_set_overrides_give_defaults_that_flags_override(
+    scene: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (scene / "exp.yaml").write_text("prep:\n  tile_size: 32\n  seed: 5\n")
+    args = _parser().parse_args(
+        _argv(scene, "--config", str(scene / "exp.yaml"), "--set", "prep.seed=6", "--overlap", "8")
+    )
+    config = config_from_args(args)
+    assert (config.tile_size, config.seed, config.overlap) == (32, 6, 8)
+    assert run(args) == 0
+    assert read_store_meta(open_store(str(scene / "s.zarr"))).tile_size == 32
+    bad = _parser().parse_args(_argv(scene, "--set", "prep.tile_sise=64"))
+    assert run(bad) == 2
+    assert "prep.tile_sise" in capsys.readouterr().err
