@@ -11,7 +11,7 @@ so a task issues a handful of chunk-aligned zarr reads instead of three per tile
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,11 @@ INDEX_DTYPES: dict[str, str] = {
     C.X0: "int64",
 }
 STRING_COLUMNS = (C.SOURCE, C.SPLIT)
+# Bytes per output block. A task reads its whole group chunk-aligned but yields it in blocks of
+# about this size: Ray Data budgets each running task two pending output blocks of object store
+# memory, so smaller blocks let more tasks run at once in a small object store, while large
+# tasks keep Ray's per-task cost low (see bench/RESULTS.md).
+TARGET_BLOCK_BYTES = 8 * 1024**2
 ALL_COLUMNS: tuple[str, ...] = (*PIXEL_FILL, *INDEX_DTYPES, *STRING_COLUMNS)
 
 
@@ -61,6 +66,17 @@ class TileGroup:
 
     def __len__(self) -> int:
         return len(self.tile_id)
+
+    def parts(self, size: int) -> list[TileGroup]:
+        """Consecutive sub-groups of up to ``size`` tiles, in order."""
+        return [
+            TileGroup(
+                self.source_id,
+                *(column[lo : lo + size] for column in (self.tile_id, self.row, self.col)),
+                *(column[lo : lo + size] for column in (self.y0, self.x0, self.split)),
+            )
+            for lo in range(0, len(self), size)
+        ]
 
 
 def group_tiles(index: pa.Table, tiles_per_task: int) -> list[TileGroup]:
@@ -186,8 +202,9 @@ def row_nbytes(tile_size: int, halo: int, columns: Sequence[str], layout: Source
 class ZarrTileDatasource(Datasource):
     """Tiles of a semisup store, one read task per ``TileGroup``.
 
-    Planning happens here in the driver; the read tasks carry only the store URL, its storage
-    options and their group's tile positions, and open the store in the worker.
+    Planning happens here in the driver; a read task carries only the store URL, its storage
+    options and its group's tile positions, opens the store in the worker and yields its group
+    in blocks of about ``target_block_bytes`` (default ``TARGET_BLOCK_BYTES``).
     """
 
     def __init__(
@@ -200,6 +217,7 @@ class ZarrTileDatasource(Datasource):
         halo: int,
         columns: Sequence[str],
         storage_options: Mapping[str, Any] | None = None,
+        target_block_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self._url = url
@@ -209,6 +227,11 @@ class ZarrTileDatasource(Datasource):
         self._halo = halo
         self._columns = tuple(columns)
         self._storage_options = dict(storage_options or {})
+        self._target_block_bytes = target_block_bytes or TARGET_BLOCK_BYTES
+        self._schemas = {
+            layout: block_schema(tile_size, halo, self._columns, layout)
+            for layout in set(self._layouts.values())
+        }
 
     @property
     def num_tasks(self) -> int:
@@ -217,12 +240,12 @@ class ZarrTileDatasource(Datasource):
     def get_name(self) -> str:
         return "ZarrTiles"
 
-    def _group_nbytes(self, group: TileGroup) -> int:
+    def _row_nbytes(self, group: TileGroup) -> int:
         layout = self._layouts[group.source_id]
-        return len(group) * row_nbytes(self._tile_size, self._halo, self._columns, layout)
+        return row_nbytes(self._tile_size, self._halo, self._columns, layout)
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(self._group_nbytes(group) for group in self._groups)
+        return sum(len(group) * self._row_nbytes(group) for group in self._groups)
 
     def get_read_tasks(
         self,
@@ -234,35 +257,27 @@ class ZarrTileDatasource(Datasource):
         # requested parallelism); read_tiles passes override_num_blocks to match it.
         tasks = []
         for group in self._groups:
+            layout = self._layouts[group.source_id]
             read_fn = functools.partial(
-                _read_block,
+                _read_blocks,
                 url=self._url,
                 storage_options=self._storage_options,
                 group=group,
+                tiles_per_block=max(1, self._target_block_bytes // self._row_nbytes(group)),
                 tile_size=self._tile_size,
                 halo=self._halo,
                 columns=self._columns,
-                layout=self._layouts[group.source_id],
+                layout=layout,
             )
-            metadata = BlockMetadata(
+            metadata = BlockMetadata(  # covers every block the task yields
                 num_rows=len(group),
-                size_bytes=self._group_nbytes(group),
+                size_bytes=len(group) * self._row_nbytes(group),
                 input_files=None,
                 exec_stats=None,
             )
-            tasks.append(
-                ReadTask(
-                    read_fn,
-                    metadata,
-                    schema=self._schema(group.source_id),
-                    per_task_row_limit=per_task_row_limit,
-                )
-            )
+            schema = self._schemas[layout]
+            tasks.append(ReadTask(read_fn, metadata, schema, per_task_row_limit))
         return tasks
-
-    def _schema(self, source_id: str) -> pa.Schema:
-        layout = self._layouts[source_id]
-        return block_schema(self._tile_size, self._halo, self._columns, layout)
 
     def read_in_driver(self) -> list[Block]:
         """Every block, read in this process (for process-local stores such as memory://)."""
@@ -289,19 +304,21 @@ def _to_block(batch: dict[str, np.ndarray]) -> Block:
     return BlockAccessor.batch_to_block(batch)
 
 
-def _read_block(
+def _read_blocks(
     *,
     url: str,
     storage_options: Mapping[str, Any],
     group: TileGroup,
+    tiles_per_block: int,
     tile_size: int,
     halo: int,
     columns: Sequence[str],
     layout: SourceLayout,
-) -> list[Block]:
-    """Body of one read task: open the source group in this worker and read the tile group."""
+) -> Iterator[Block]:
+    """Body of one read task: open the source group in this worker, yield the group in blocks."""
     source = tile_store.open_store(url, "r", storage_options)[group.source_id]
-    batch = read_tile_group(
-        source, group, tile_size=tile_size, halo=halo, columns=columns, layout=layout
-    )
-    return [_to_block(batch)]
+    for part in group.parts(tiles_per_block):
+        batch = read_tile_group(
+            source, part, tile_size=tile_size, halo=halo, columns=columns, layout=layout
+        )
+        yield _to_block(batch)

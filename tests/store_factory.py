@@ -89,8 +89,8 @@ def build_store(
 ) -> SyntheticStore:
     """Write a semisup store at ``url`` (a local path) holding ``sources``.
 
-    Labels are uniform in [0, num_classes) with a sprinkle of IGNORE_INDEX; labelled pixels
-    inside a nodata box are IGNORE_INDEX. With ``keep_arrays=False`` only the index is kept,
+    Labels are uniform in [0, num_classes) with a sprinkle of IGNORE_INDEX ("random" texture)
+    or segments of the first band ("smooth"); pixels inside a nodata box are IGNORE_INDEX. With ``keep_arrays=False`` only the index is kept,
     so large benchmark stores are written one source at a time without holding them in memory.
     """
     rng = np.random.default_rng(seed)
@@ -144,8 +144,12 @@ def _source_arrays(
         image[~valid] = 0
     if not spec.labeled:
         return image, valid, None
-    label = rng.integers(0, num_classes, size=valid.shape, dtype=np.uint8)
-    label[rng.random(valid.shape) < 0.05] = C.IGNORE_INDEX
+    if spec.texture == "smooth":  # segments following the image, as real label maps do
+        band = image[..., 0].astype(np.float32) / float(np.iinfo(spec.dtype).max)
+        label = np.minimum(band * num_classes, num_classes - 1).astype(np.uint8)
+    else:
+        label = rng.integers(0, num_classes, size=valid.shape, dtype=np.uint8)
+        label[rng.random(valid.shape) < 0.05] = C.IGNORE_INDEX
     label[~valid] = C.IGNORE_INDEX
     return image, valid, label
 

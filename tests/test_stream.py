@@ -13,6 +13,7 @@ import pytest
 import zarr
 from store_factory import SourceSpec, SyntheticStore, build_store
 
+from semisup import _zarr_datasource as zarr_datasource
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup._zarr_datasource import (
@@ -123,23 +124,34 @@ def synthetic_array(synthetic: SyntheticStore, source_id: str, name: str) -> np.
     return array
 
 
-def test_block_metadata_matches_the_blocks(synthetic: SyntheticStore) -> None:
+@pytest.mark.parametrize("target_block_bytes", [None, 3 * 38 * 38 * 5])  # None: one block
+def test_block_metadata_matches_the_blocks(
+    synthetic: SyntheticStore, target_block_bytes: int | None
+) -> None:
     layouts = {s.source_id: SourceLayout(s.bands, s.dtype, s.labeled) for s in SOURCES}
     datasource = ZarrTileDatasource(
         synthetic.url,
-        group_tiles(synthetic.index, tiles_per_task=4),
+        group_tiles(synthetic.index, tiles_per_task=7),
         layouts,
         tile_size=TILE,
         halo=3,
         columns=ALL_COLUMNS,
+        target_block_bytes=target_block_bytes,
     )
     tasks = datasource.get_read_tasks(parallelism=1)
     assert len(tasks) == datasource.num_tasks
+    root = tile_store.open_store(synthetic.url)
     for task in tasks:
-        (block,) = list(task())
-        assert block.num_rows == task.metadata.num_rows
-        assert block.schema == task.schema
-        assert task.metadata.size_bytes == pytest.approx(block.nbytes, rel=0.05)
+        blocks = list(task())
+        assert len(blocks) == (1 if target_block_bytes is None else -(-task.metadata.num_rows // 3))
+        assert sum(block.num_rows for block in blocks) == task.metadata.num_rows
+        assert all(block.schema == task.schema for block in blocks)
+        size = sum(block.nbytes for block in blocks)
+        assert task.metadata.size_bytes == pytest.approx(size, rel=0.05)
+        for block in blocks:
+            for row in block.to_pylist():
+                row.update({name: np.asarray(row[name]) for name in PIXEL_COLUMNS})
+                assert_equals_read_tile(row, root, halo=3)
     total = sum(task.metadata.size_bytes for task in tasks)
     assert datasource.estimate_inmemory_data_size() == total
 
@@ -148,12 +160,22 @@ def test_block_metadata_matches_the_blocks(synthetic: SyntheticStore) -> None:
 # Streaming with Ray
 
 
-@pytest.mark.parametrize(("halo", "tiles_per_task"), [(0, 64), (5, 1), (9, 4)])
+@pytest.mark.parametrize(
+    ("halo", "tiles_per_task", "block_rows"), [(0, 64, None), (5, 1, None), (9, 4, None), (2, 9, 2)]
+)
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_every_tile_once_and_equal_to_read_tile(
-    synthetic: SyntheticStore, halo: int, tiles_per_task: int, ray_session: None
+    synthetic: SyntheticStore,
+    halo: int,
+    tiles_per_task: int,
+    block_rows: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+    ray_session: None,
 ) -> None:
+    if block_rows is not None:  # several blocks per read task
+        span = TILE + 2 * halo
+        monkeypatch.setattr(zarr_datasource, "TARGET_BLOCK_BYTES", block_rows * span * span * 5)
     ds = read_tiles(synthetic.url, halo=halo, tiles_per_task=tiles_per_task)
     rows = rows_by_id(ds.take_all())
     assert set(rows) == synthetic.tile_ids() - nodata_ids(synthetic)
