@@ -13,46 +13,19 @@ float in [0, 1]; VALID B×H×W bool. Any of the non-image columns may be absent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import kornia.augmentation as KA
 import torch
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 
 from semisup import columns as C
+from semisup.config import AugmentConfig
+
+__all__ = ["AugmentConfig", "apply_affine", "cutmix", "photometric", "strong_view", "weak_view"]
 
 Batch = dict[str, torch.Tensor]
 _CLASS_COLUMNS = (C.LABEL, C.PSEUDO_LABEL)
 _SPATIAL_COLUMNS = (C.IMAGE, C.LABEL, C.PSEUDO_LABEL, C.CONFIDENCE, C.VALID)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Every augmentation parameter. Defaults favour geometry over colour (aerial imagery)."""
-
-    weak_flip: bool = True
-    weak_rot90: bool = True
-    rotation_deg: float = 180.0  # strong view: uniform in ±rotation_deg
-    scale_min: float = 0.75  # strong view: log-uniform scale range
-    scale_max: float = 1.33
-    colour_strength: float = 0.2  # brightness/contrast/saturation jitter amplitude; 0 = off
-    hue: float = 0.02
-    blur_prob: float = 0.2
-    cutmix_prob: float = 0.5  # UniMatch applies CutMix to the strong view with p = 0.5
-
-    def __post_init__(self) -> None:
-        checks = {
-            "augment.rotation_deg": 0 <= self.rotation_deg <= 180,
-            "augment.scale_min": 0 < self.scale_min <= self.scale_max,
-            "augment.colour_strength": 0 <= self.colour_strength <= 1,
-            "augment.hue": 0 <= self.hue <= 0.5,
-            "augment.blur_prob": 0 <= self.blur_prob <= 1,
-            "augment.cutmix_prob": 0 <= self.cutmix_prob <= 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                value = getattr(self, key.split(".")[1])
-                raise ValueError(f"{key}: got {value!r}, outside its valid range")
 
 
 def weak_view(

@@ -87,12 +87,130 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Every augmentation parameter. Defaults favour geometry over colour (aerial imagery)."""
+
+    weak_flip: bool = True
+    weak_rot90: bool = True
+    rotation_deg: float = 180.0  # strong view: uniform in ±rotation_deg
+    scale_min: float = 0.75  # strong view: log-uniform scale range
+    scale_max: float = 1.33
+    colour_strength: float = 0.2  # brightness/contrast/saturation jitter amplitude; 0 = off
+    hue: float = 0.02
+    blur_prob: float = 0.2
+    cutmix_prob: float = 0.5  # UniMatch applies CutMix to the strong view with p = 0.5
+
+    def __post_init__(self) -> None:
+        checks = {
+            "augment.rotation_deg": 0 <= self.rotation_deg <= 180,
+            "augment.scale_min": 0 < self.scale_min <= self.scale_max,
+            "augment.colour_strength": 0 <= self.colour_strength <= 1,
+            "augment.hue": 0 <= self.hue <= 0.5,
+            "augment.blur_prob": 0 <= self.blur_prob <= 1,
+            "augment.cutmix_prob": 0 <= self.cutmix_prob <= 1,
+        }
+        for key, ok in checks.items():
+            _check(ok, key, getattr(self, key.split(".")[1]), "a value in its valid range")
+
+
+FinetuneMode = Literal["full", "decoder", "lora"]
+TargetSource = Literal["pseudo", "ema", "both"]
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student model and its fine-tuning mode."""
+
+    model_type: str = "tiny"  # tiny | vit_b | vit_l | vit_h
+    checkpoint: str | None = None  # official SAM checkpoint (path or URL); None = random init
+    mode: FinetuneMode = "decoder"  # decoder-only first: the cheapest mode that often suffices
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # peft's usual pair with rank 8 (scale alpha / rank = 2)
+    lora_dropout: float = 0.0
+    lora_targets: str = "qv"  # "qv" (as SAMed) or "qkv"
+    hires_path: bool = True  # stride-4 conv path: a patch-16 ViT alone misses roads at 256 px
+
+    def __post_init__(self) -> None:
+        _check(self.model_type in ("tiny", "vit_b", "vit_l", "vit_h"), "student.model_type",
+               self.model_type, "one of tiny, vit_b, vit_l, vit_h")  # fmt: skip
+        _check(self.lora_rank >= 1, "student.lora_rank", self.lora_rank, "an integer >= 1")
+        _check(self.lora_alpha > 0, "student.lora_alpha", self.lora_alpha, "> 0")
+        _check(0 <= self.lora_dropout < 1, "student.lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(self.lora_targets in ("qv", "qkv"), "student.lora_targets", self.lora_targets,
+               "'qv' or 'qkv'")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SslConfig:
+    """Consistency regularisation on unlabeled tiles."""
+
+    enabled: bool = True
+    target: TargetSource = "both"  # offline SAM pseudo-labels, online EMA teacher, or both
+    confidence_threshold: float = 0.95  # FixMatch/UniMatch threshold
+    class_balanced: bool = False  # per-class thresholds scaled by mean confidence
+    unlabeled_weight: float = 1.0
+    ramp_up_steps: int = 200  # steps until the unlabeled weight is reached
+    ema_momentum: float = 0.999  # Mean Teacher / UniMatch default
+    unlabeled_batch_ratio: int = 1  # unlabeled tiles per labeled tile in a step (FixMatch's mu)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.confidence_threshold <= 1, "ssl.confidence_threshold",
+               self.confidence_threshold, "in [0, 1]")  # fmt: skip
+        _check(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", self.unlabeled_weight, ">= 0")
+        _check(self.ramp_up_steps >= 0, "ssl.ramp_up_steps", self.ramp_up_steps, ">= 0")
+        _check(0 <= self.ema_momentum <= 1, "ssl.ema_momentum", self.ema_momentum, "in [0, 1]")
+        _check(self.unlabeled_batch_ratio >= 1, "ssl.unlabeled_batch_ratio",
+               self.unlabeled_batch_ratio, ">= 1")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop and its Ray Train scaling."""
+
+    num_workers: int = 1  # Ray Train workers; 0 runs the loop in this process (debugging)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 8  # global labeled tiles per step, split evenly across workers
+    lr: float = 3e-4  # at the reference batch of 8; scaled linearly with batch_size
+    weight_decay: float = 0.01
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    warmup_steps: int = 20
+    dice_weight: float = 1.0
+    early_stop_patience: int = 4  # epochs without a better validation mIoU before stopping
+    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    bf16: bool = True  # autocast on GPU only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(
+            self.num_workers == 0 or self.batch_size % self.num_workers == 0,
+            "train.batch_size",
+            self.batch_size,
+            f"a multiple of train.num_workers={self.num_workers}",
+        )
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        _check(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
+        _check(self.early_stop_patience >= 1, "train.early_stop_patience",
+               self.early_stop_patience, ">= 1")  # fmt: skip
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every component's config, composed."""
 
     name: str = "semisup"
     prep: PrepConfig = field(default_factory=PrepConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ssl: SslConfig = field(default_factory=SslConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
