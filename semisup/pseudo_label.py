@@ -1,0 +1,788 @@
+"""Pseudo-labelling a tile store with the SAM teacher on Ray: read -> actor pool -> write back.
+
+``run_pseudo_label`` streams tiles with ``semisup.data.read_tiles``, labels them in a pool of
+``SamTeacher`` actors and writes the results into the store, beside ``image`` in each source::
+
+    STORE.zarr/
+      attrs["semisup_pseudo_label"]   the teacher run that wrote them (mode, model, checkpoint...)
+      pseudo_labels.parquet           one row per labelled tile (MANIFEST_SCHEMA)
+      pseudo_labels.parts/            per-batch manifest parts of a run in progress
+      <source_id>/
+        pseudo_label  H×W  uint16 instance ids (automatic, prompted; 0 background, 65535 not
+                           valid) or uint8 (semantic class ids, foreground 0/1; 255 not valid)
+        confidence    H×W  float32 in [0, 1], 0 where not valid
+
+Both arrays are chunked like ``image`` (tile×tile) when tiles do not overlap. With an overlap,
+each tile *owns* the pixels from its origin up to the next tile's origin (stride×stride, the
+last tile of a row or column up to the raster's edge) and writes only those; the arrays are then
+chunked stride×stride, so every chunk is written by exactly one tile and concurrent writers never
+share a chunk. Pixels of tiles not labelled (not in the split, or all nodata) keep the fill value
+(not valid / 0).
+
+Resumable and exactly once: a batch's arrays are written first, then its manifest part (an
+atomic file named after its tile ids). A rerun reads the manifest and the parts and labels only
+the tiles not in them; a retried writer finds its part and skips. An interrupted tile is written
+again with the same content, since the teacher is deterministic (fixed weights, no sampling).
+Actors that die are restarted by Ray Data and their batches retried. At the end the parts are
+compacted into ``pseudo_labels.parquet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final, TextIO, get_args
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from fsspec.implementations.local import LocalFileSystem
+
+from semisup import columns as C
+from semisup import store as tile_store
+from semisup.data import read_tiles
+from semisup.masks import MaskFilter
+from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
+from semisup.teacher import (
+    MODES,
+    NUM_MASKS,
+    OutputKind,
+    PromptKind,
+    SamTeacher,
+    adapter_file,
+    check_settings,
+    label_encoding,
+)
+
+MANIFEST_FILE: Final = "pseudo_labels.parquet"
+PARTS_DIR: Final = "pseudo_labels.parts"
+RUN_ATTR: Final = "semisup_pseudo_label"
+RUN_FORMAT_VERSION: Final = 1
+MEAN_CONFIDENCE: Final = "mean_confidence"
+COVERAGE: Final = "coverage"
+
+MANIFEST_SCHEMA: Final = pa.schema(
+    [
+        (C.TILE_ID, pa.int64()),
+        (C.SOURCE, pa.string()),
+        (C.ROW, pa.int32()),
+        (C.COL, pa.int32()),
+        (MEAN_CONFIDENCE, pa.float32()),  # mean over the tile's valid owned pixels
+        (COVERAGE, pa.float32()),  # fraction of owned pixels neither background nor not valid
+        (NUM_MASKS, pa.int32()),
+        ("mode", pa.string()),
+        ("model_type", pa.string()),
+        ("checkpoint_hash", pa.string()),
+    ]
+)
+_TEACHER_INPUT = (C.IMAGE, C.VALID, C.TILE_ID, C.SOURCE, C.ROW, C.COL, C.Y0, C.X0)
+WRITE_CPUS: Final = 0.25  # per writer task: zarr writes are light and must never wait for a core
+PROGRESS_EVERY_S: Final = 2.0
+
+
+class PseudoLabelMismatch(ValueError):
+    """The store holds pseudo-labels from a different teacher run; the message says what differs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and statistics (pure)
+
+
+def owned_span(start: int, length: int, tile_size: int, overlap: int) -> tuple[int, int]:
+    """[begin, end) raster pixels owned along one axis by the tile starting at ``start``.
+
+    A tile owns from its start to the next tile's start (``tile_size - overlap`` pixels); the
+    last tile of the axis (``start + tile_size >= length``) owns up to ``length``.
+    """
+    stride = tile_size - overlap
+    last = start + tile_size >= length
+    return start, (length if last else min(start + stride, length))
+
+
+def owned_window(
+    y0: int, x0: int, height: int, width: int, tile_size: int, overlap: int
+) -> tuple[int, int, int, int]:
+    """(y_begin, y_end, x_begin, x_end) raster pixels owned by the tile at (``y0``, ``x0``)."""
+    ys, ye = owned_span(y0, height, tile_size, overlap)
+    xs, xe = owned_span(x0, width, tile_size, overlap)
+    return ys, ye, xs, xe
+
+
+def pseudo_label_chunks(height: int, width: int, tile_size: int, overlap: int) -> tuple[int, int]:
+    """Chunk shape of the pseudo-label arrays: the tile (no overlap) or the stride (overlap)."""
+    side = tile_size - overlap
+    return min(side, height), min(side, width)
+
+
+def tile_stats(
+    label: np.ndarray, confidence: np.ndarray, ignore: int, background: int | None
+) -> tuple[float, float]:
+    """(mean confidence, coverage) of one tile's owned pixels.
+
+    ``label``: h×w pseudo-labels; ``confidence``: h×w float in [0, 1]. The mean confidence is
+    over pixels whose label is not ``ignore`` (0 when there are none); coverage is the fraction
+    of all h×w pixels whose label is neither ``ignore`` nor ``background``.
+    """
+    valid = label != ignore
+    covered = valid if background is None else valid & (label != background)
+    mean_confidence = float(confidence[valid].mean()) if valid.any() else 0.0
+    return mean_confidence, float(covered.mean()) if label.size else 0.0
+
+
+def part_name(tile_ids: np.ndarray) -> str:
+    """Manifest part file name of a batch: the same tiles always give the same name."""
+    ids = np.sort(np.asarray(tile_ids, dtype=np.int64))
+    return f"part-{int(ids[0]):09d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:16]}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files beside the store (local paths or fsspec URLs)
+
+
+def _fs(store: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    fs, root = fsspec.core.url_to_fs(str(store), **dict(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def _write_table_atomic(fs: Any, path: str, table: pa.Table) -> None:
+    """Write a parquet file so that readers see all of it or nothing."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    else:
+        fs.pipe_file(path, buffer.getvalue())  # one object PUT: atomic on object stores
+
+
+def read_manifest(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Every tile recorded so far: ``pseudo_labels.parquet`` plus the parts of unfinished runs,
+    one row per tile id (MANIFEST_SCHEMA)."""
+    fs, root = _fs(store, storage_options)
+    tables = []
+    manifest = f"{root}/{MANIFEST_FILE}"
+    if fs.exists(manifest):
+        tables.append(_read_table(fs, manifest))
+    parts = f"{root}/{PARTS_DIR}"
+    if fs.exists(parts):
+        tables += [_read_table(fs, p) for p in sorted(fs.ls(parts, detail=False)) if _is_part(p)]
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table()
+    frame = pa.concat_tables(tables).to_pandas()
+    frame = frame.drop_duplicates(subset=C.TILE_ID, keep="first").sort_values(C.TILE_ID)
+    return pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
+
+
+def _read_table(fs: Any, path: str) -> pa.Table:
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh).cast(MANIFEST_SCHEMA)
+
+
+def _is_part(path: str) -> bool:
+    name = Path(path).name
+    return name.startswith("part-") and name.endswith(".parquet")
+
+
+def compact_manifest(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Fold the parts into ``pseudo_labels.parquet`` (written first), then delete the parts."""
+    table = read_manifest(store, storage_options)
+    fs, root = _fs(store, storage_options)
+    _write_table_atomic(fs, f"{root}/{MANIFEST_FILE}", table)
+    parts = f"{root}/{PARTS_DIR}"
+    if fs.exists(parts):
+        fs.rm(parts, recursive=True)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer: runs in Ray tasks after the teacher
+
+
+def write_tiles(
+    batch: dict[str, np.ndarray],
+    *,
+    store: str,
+    storage_options: Mapping[str, Any] | None,
+    tile_size: int,
+    overlap: int,
+    halo: int,
+    ignore: int,
+    background: int | None,
+    run: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """Write a batch of teacher outputs into the store, then record it; returns its manifest rows.
+
+    Each tile writes only the pixels it owns (``owned_window``) into its source's
+    ``pseudo_label`` and ``confidence`` arrays; then the batch's manifest part is written
+    atomically. A batch whose part already exists (a retried task) is not written again.
+    """
+    fs, root_path = _fs(store, storage_options)
+    part = f"{root_path}/{PARTS_DIR}/{part_name(batch[C.TILE_ID])}"
+    if fs.exists(part):
+        return _numpy_columns(_read_table(fs, part))
+    root = tile_store.open_store(store, "r+", storage_options)
+    sizes: dict[str, tuple[int, int]] = {}
+    stats = []
+    for i, source_id in enumerate(str(s) for s in batch[C.SOURCE]):
+        if source_id not in sizes:
+            meta = tile_store.read_source_meta(root, source_id)
+            sizes[source_id] = (meta.height, meta.width)
+        y0, x0 = int(batch[C.Y0][i]), int(batch[C.X0][i])
+        ys, ye, xs, xe = owned_window(y0, x0, *sizes[source_id], tile_size, overlap)
+        rows = slice(ys - y0 + halo, ye - y0 + halo)  # the owned window in the tile's frame
+        cols = slice(xs - x0 + halo, xe - x0 + halo)
+        label = batch[C.PSEUDO_LABEL][i][rows, cols]
+        confidence = batch[C.CONFIDENCE][i][rows, cols]
+        group: Any = root[source_id]
+        group[C.PSEUDO_LABEL][ys:ye, xs:xe] = label
+        group[C.CONFIDENCE][ys:ye, xs:xe] = confidence
+        stats.append(tile_stats(label, confidence, ignore, background))
+    n = len(stats)
+    table = pa.table(
+        {
+            C.TILE_ID: batch[C.TILE_ID].astype(np.int64),
+            C.SOURCE: [str(s) for s in batch[C.SOURCE]],
+            C.ROW: batch[C.ROW].astype(np.int32),
+            C.COL: batch[C.COL].astype(np.int32),
+            MEAN_CONFIDENCE: np.array([s[0] for s in stats], dtype=np.float32),
+            COVERAGE: np.array([s[1] for s in stats], dtype=np.float32),
+            NUM_MASKS: batch[NUM_MASKS].astype(np.int32),
+            **{key: [run[key]] * n for key in ("mode", "model_type", "checkpoint_hash")},
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    fs.makedirs(f"{root_path}/{PARTS_DIR}", exist_ok=True)
+    _write_table_atomic(fs, part, table)
+    return _numpy_columns(table)
+
+
+def _numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def keep_tiles(batch: dict[str, np.ndarray], *, tile_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of ``batch`` whose tile id is in ``tile_ids`` (the tiles this run labels)."""
+    keep = np.isin(batch[C.TILE_ID], tile_ids)
+    return {name: column[keep] for name, column in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def teacher_identity(
+    *,
+    mode: str,
+    model_type: str,
+    checkpoint: str | None,
+    base_checkpoint: str | None,
+    halo: int,
+    bf16_on_gpu: bool,
+    teacher_options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What decides the pseudo-labels' content: compared with the store's before a run."""
+    relevant = {
+        "automatic": ("points_per_side", "mask_filter", "output"),
+        "prompted": ("prompt", "multimask", "box_margin", "output"),
+        "semantic": ("refine",),
+    }[mode]
+    if mode == "semantic" and teacher_options.get("refine"):
+        relevant += ("points_per_side", "mask_filter")
+    options = {key: teacher_options[key] for key in (*relevant, "bands") if key in teacher_options}
+    if isinstance(options.get("mask_filter"), MaskFilter):
+        options["mask_filter"] = asdict(options["mask_filter"])
+    seed = int(teacher_options.get("seed", 0))
+    identity = {
+        "version": RUN_FORMAT_VERSION,
+        "mode": mode,
+        "model_type": model_type,
+        "checkpoint_hash": _hash_of(mode, checkpoint, seed),
+        "base_checkpoint_hash": _hash_of("", base_checkpoint, seed) if mode == "semantic" else "",
+        "halo": halo,
+        "precision": "bf16" if bf16_on_gpu else "fp32",
+        "teacher": options,
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from the store's attributes
+
+
+def _hash_of(mode: str, checkpoint: str | None, seed: int) -> str:
+    if checkpoint is None:
+        return f"random-init-seed{seed}"
+    path = adapter_file(checkpoint) if mode == "semantic" else resolve_checkpoint(checkpoint)
+    return checkpoint_sha256(path)
+
+
+def run_pseudo_label(
+    store: str,
+    *,
+    mode: str = "automatic",
+    model_type: str = "vit_b",
+    checkpoint: str | None = None,
+    base_checkpoint: str | None = None,
+    actors: int = 2,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float | None = None,
+    torch_threads: int | None = None,
+    batch_size: int = 8,
+    split: str | Sequence[str] | None = C.UNLABELED,
+    halo: int = 0,
+    bf16: bool = True,
+    overwrite: bool = False,
+    max_tiles: int | None = None,
+    points_per_side: int = 16,
+    mask_filter: MaskFilter | None = None,
+    prompt: str = "box",
+    multimask: bool = False,
+    box_margin: float = 0.1,
+    output: str = "instances",
+    refine: bool = False,
+    bands: Sequence[int] | str = "rgb",
+    seed: int = 0,
+    teacher_cls: type[SamTeacher] = SamTeacher,
+    storage_options: Mapping[str, Any] | None = None,
+    log: TextIO | None = sys.stderr,
+) -> dict[str, Any]:
+    """Label the tiles of ``split`` with the SAM teacher and write the results into ``store``.
+
+    Args:
+        store: local path or fsspec URL of a semisup tile store (written in place).
+        mode, model_type, checkpoint, base_checkpoint: the teacher (see ``SamTeacher``);
+            semantic mode takes the student adapter as ``checkpoint``.
+        actors: size of the teacher actor pool.
+        gpus_per_actor: GPUs per actor, fractional to share one (0: run on CPU).
+        cpus_per_actor: CPUs reserved per actor; default leaves one CPU of the cluster to the
+            read and write tasks: ``clamp((cluster CPUs - 1) / actors, 0.1, 1)``.
+        torch_threads: torch threads per actor; default on CPU: cluster CPUs // actors.
+        batch_size: tiles per teacher call (the image encoder runs on the whole batch).
+        split: split(s) to label; None labels every tile.
+        halo: context pixels read around each tile; tile_size + 2·halo must divide by 16.
+        bf16: bfloat16 autocast on GPU actors.
+        overwrite: discard the store's pseudo-labels first. Without it, a store labelled by a
+            different teacher (mode, model, checkpoint or options) is a PseudoLabelMismatch.
+        max_tiles: label at most this many of the remaining tiles (lowest tile ids first).
+        points_per_side, mask_filter, prompt, multimask, box_margin, output, refine, bands,
+            seed: teacher options (see ``SamTeacher``); recorded with the run.
+        teacher_cls: ``SamTeacher`` or a subclass with the same constructor.
+        storage_options: fsspec options for ``store``.
+        log: progress lines (tiles done / total, tiles/s); None for silence.
+
+    Returns a summary: tiles total/already done/processed, seconds, tiles/s, mean confidence and
+    coverage over all labelled tiles, the run identity and the manifest path.
+    """
+    check_settings(mode, prompt, output)
+    if actors < 1 or batch_size < 1 or gpus_per_actor < 0:
+        raise ValueError(
+            f"actors and batch_size must be >= 1 and gpus_per_actor >= 0, got {actors}, "
+            f"{batch_size}, {gpus_per_actor}"
+        )
+    root = tile_store.open_store(store, "r+", storage_options)
+    meta = tile_store.read_store_meta(root)
+    if (meta.tile_size + 2 * halo) % 16:
+        raise ValueError(f"tile_size + 2·halo = {meta.tile_size + 2 * halo} px must divide by 16")
+    teacher_options: dict[str, Any] = {
+        "points_per_side": points_per_side,
+        "mask_filter": mask_filter or MaskFilter(),
+        "prompt": prompt,
+        "multimask": multimask,
+        "box_margin": box_margin,
+        "output": output,
+        "refine": refine,
+        "bands": bands,
+        "seed": seed,
+    }
+    identity = teacher_identity(
+        mode=mode,
+        model_type=model_type,
+        checkpoint=checkpoint,
+        base_checkpoint=base_checkpoint,
+        halo=halo,
+        bf16_on_gpu=bf16 and gpus_per_actor > 0,
+        teacher_options=teacher_options,
+    )
+    selected = _selected_tiles(store, split, storage_options)
+    _prepare_store(store, root, meta, selected, identity, mode, output, overwrite, storage_options)
+    done = set(read_manifest(store, storage_options).column(C.TILE_ID).to_pylist())
+    todo = np.array(sorted(set(selected.column(C.TILE_ID).to_pylist()) - done), dtype=np.int64)
+    total, already = selected.num_rows, selected.num_rows - len(todo)
+    if max_tiles is not None:
+        todo = todo[:max_tiles]
+    progress = _Progress(log, total, already)
+    if len(todo):
+        stream = _pipeline(
+            store,
+            todo,
+            split=split,
+            halo=halo,
+            meta=meta,
+            identity=identity,
+            encoding=label_encoding(mode, output),
+            teacher_cls=teacher_cls,
+            teacher_kwargs={
+                "store": store,
+                "mode": mode,
+                "model_type": model_type,
+                "checkpoint": checkpoint,
+                "base_checkpoint": base_checkpoint,
+                "halo": halo,
+                "device": "auto" if gpus_per_actor > 0 else "cpu",
+                "bf16": bf16,
+                "torch_threads": torch_threads or _default_threads(actors, gpus_per_actor),
+                "storage_options": storage_options,
+                **teacher_options,
+            },
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=cpus_per_actor or _default_actor_cpus(actors),
+            batch_size=batch_size,
+            storage_options=storage_options,
+        )
+        for rows in stream:
+            progress.advance(len(rows[C.TILE_ID]))
+    progress.finish()
+    manifest = compact_manifest(store, storage_options)
+    return _summary(store, manifest, selected, identity, progress, already)
+
+
+def _selected_tiles(
+    store: str, split: str | Sequence[str] | None, storage_options: Mapping[str, Any] | None
+) -> pa.Table:
+    """The tile index rows this run labels: the split's tiles with at least one valid pixel,
+    as ``read_tiles`` streams them."""
+    index = tile_store.read_tile_index(store, storage_options)
+    if split is not None:
+        wanted = [split] if isinstance(split, str) else list(split)
+        index = index.filter(pc.is_in(index.column(C.SPLIT), pa.array(wanted, pa.string())))
+    return index.filter(pc.greater(index.column("valid_fraction"), 0))
+
+
+def _prepare_store(
+    store: str,
+    root: Any,
+    meta: tile_store.StoreMeta,
+    selected: pa.Table,
+    identity: dict[str, Any],
+    mode: str,
+    output: str,
+    overwrite: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> None:
+    """Check the store's teacher run against ``identity`` (or clear it), then create arrays."""
+    recorded = root.attrs.get(RUN_ATTR)
+    has_labels = recorded is not None or read_manifest(store, storage_options).num_rows > 0
+    if has_labels and overwrite:
+        _clear(store, root, storage_options)
+    elif has_labels and recorded != identity:
+        differing = sorted(
+            key
+            for key in set(identity) | set(recorded or {})
+            if (recorded or {}).get(key) != identity.get(key)
+        )
+        described = ", ".join(
+            f"{key}: store {(recorded or {}).get(key)!r} vs {identity.get(key)!r}"
+            for key in differing
+        )
+        raise PseudoLabelMismatch(
+            f"{store} already holds pseudo-labels from another teacher ({described}); "
+            "pass overwrite=True (--overwrite) to replace them"
+        )
+    dtype, ignore, background = label_encoding(mode, output)
+    for source_id in sorted(set(selected.column(C.SOURCE).to_pylist())):
+        group = root[source_id]
+        if C.PSEUDO_LABEL in group:
+            continue
+        source = tile_store.read_source_meta(root, source_id)
+        shape = (source.height, source.width)
+        chunks = pseudo_label_chunks(*shape, meta.tile_size, meta.overlap)
+        label = group.create_array(
+            C.PSEUDO_LABEL, shape=shape, chunks=chunks, dtype=dtype, fill_value=ignore
+        )
+        label.attrs[RUN_ATTR] = {"ignore": ignore, "background": background, "mode": mode}
+        group.create_array(C.CONFIDENCE, shape=shape, chunks=chunks, dtype="float32", fill_value=0)
+    root.attrs[RUN_ATTR] = identity
+
+
+def _clear(store: str, root: Any, storage_options: Mapping[str, Any] | None) -> None:
+    """Delete every pseudo-label array, the manifest and its parts, and the run record."""
+    for source_id in tile_store.read_store_meta(root).sources:
+        group = root[source_id]
+        for name in (C.PSEUDO_LABEL, C.CONFIDENCE):
+            if name in group:
+                del group[name]
+    fs, path = _fs(store, storage_options)
+    for name in (MANIFEST_FILE, PARTS_DIR):
+        if fs.exists(f"{path}/{name}"):
+            fs.rm(f"{path}/{name}", recursive=True)
+    if RUN_ATTR in root.attrs:
+        del root.attrs[RUN_ATTR]
+
+
+def _default_actor_cpus(actors: int) -> float:
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return min(1.0, max(0.1, (cpus - 1.0) / actors))
+
+
+def _default_threads(actors: int, gpus_per_actor: float) -> int | None:
+    if gpus_per_actor > 0:
+        return None
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0)) // actors)
+
+
+def _pipeline(
+    store: str,
+    todo: np.ndarray,
+    *,
+    split: str | Sequence[str] | None,
+    halo: int,
+    meta: tile_store.StoreMeta,
+    identity: dict[str, Any],
+    encoding: tuple[np.dtype, int, int | None],
+    teacher_cls: type[SamTeacher],
+    teacher_kwargs: dict[str, Any],
+    actors: int,
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    batch_size: int,
+    storage_options: Mapping[str, Any] | None,
+) -> Any:
+    """An iterator over the manifest rows of each written batch, as the pipeline runs."""
+    _, ignore, background = encoding
+    tiles = read_tiles(
+        store, split=split, halo=halo, columns=_TEACHER_INPUT, storage_options=storage_options
+    )
+    # drops tiles labelled by an earlier run; a light task, fused into the read tasks
+    tiles = tiles.map_batches(
+        functools.partial(keep_tiles, tile_ids=todo), batch_size=None, num_cpus=0.5
+    )
+    # a fixed pool of teacher actors, each loading SAM once; Ray Data restarts actors that die
+    # and retries their batches (max_restarts=-1, max_task_retries=-1 by default for pools)
+    labelled = tiles.map_batches(
+        teacher_cls,
+        fn_constructor_kwargs=teacher_kwargs,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
+    )
+    # writes each batch into the store and records it, in light tasks beside the actors
+    writer = functools.partial(
+        write_tiles,
+        store=store,
+        storage_options=storage_options,
+        tile_size=meta.tile_size,
+        overlap=meta.overlap,
+        halo=halo,
+        ignore=ignore,
+        background=background,
+        run={key: str(identity[key]) for key in ("mode", "model_type", "checkpoint_hash")},
+    )
+    written = labelled.map_batches(writer, batch_size=None, num_cpus=WRITE_CPUS)
+    # streams the small manifest rows back to the driver as batches finish
+    return written.iter_batches(batch_size=None, batch_format="numpy")
+
+
+class _Progress:
+    """Progress lines on ``log``: tiles done / total and this run's tiles per second."""
+
+    def __init__(self, log: TextIO | None, total: int, already: int) -> None:
+        self.log, self.total, self.done, self.processed = log, total, already, 0
+        self.start = self.last = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def advance(self, tiles: int) -> None:
+        self.done += tiles
+        self.processed += tiles
+        if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
+            self.say()
+
+    def say(self) -> None:
+        self.last = time.perf_counter()
+        if self.log is not None:
+            rate = self.processed / max(self.seconds, 1e-9)
+            percent = 100.0 * self.done / max(self.total, 1)
+            print(
+                f"pseudo-label: {self.done}/{self.total} tiles ({percent:.0f}%), {rate:.2f} tiles/s",
+                file=self.log,
+                flush=True,
+            )
+
+    def finish(self) -> None:
+        self.say()
+
+
+def _summary(
+    store: str,
+    manifest: pa.Table,
+    selected: pa.Table,
+    identity: dict[str, Any],
+    progress: _Progress,
+    already: int,
+) -> dict[str, Any]:
+    frame: pd.DataFrame = manifest.to_pandas()
+    ids = set(selected.column(C.TILE_ID).to_pylist())
+    labelled = frame[frame[C.TILE_ID].isin(ids)]
+    return {
+        "store": str(store),
+        "manifest": f"{str(store).rstrip('/')}/{MANIFEST_FILE}",
+        "tiles_total": selected.num_rows,
+        "tiles_already_done": already,
+        "tiles_processed": progress.processed,
+        "tiles_remaining": selected.num_rows - len(labelled),
+        "seconds": round(progress.seconds, 3),
+        "tiles_per_s": round(progress.processed / max(progress.seconds, 1e-9), 3),
+        "mean_confidence": float(labelled[MEAN_CONFIDENCE].mean()) if len(labelled) else 0.0,
+        "coverage": float(labelled[COVERAGE].mean()) if len(labelled) else 0.0,
+        **{key: identity[key] for key in ("mode", "model_type", "checkpoint_hash")},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `semisup pseudo-label`
+
+CLI_DESCRIPTION = (
+    "Label the tiles of a store with a SAM teacher in a Ray actor pool and write pseudo_label "
+    "and confidence arrays plus pseudo_labels.parquet into the store. Reruns resume: tiles "
+    "already written are skipped."
+)
+CLI_EPILOG = """\
+examples:
+  semisup pseudo-label --store dubai.zarr --mode automatic --model vit_b \\
+      --checkpoint https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth \\
+      --actors 2 --batch-size 8
+  semisup pseudo-label --store neon.zarr --mode prompted --model tiny --split all --actors 1
+  semisup pseudo-label --store dubai.zarr --mode semantic --model vit_b \\
+      --checkpoint runs/student/adapter.safetensors --base-checkpoint sam_vit_b_01ec64.pth \\
+      --actors 1 --gpus-per-actor 0.5 --overwrite
+"""
+
+
+def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``semisup pseudo-label`` flags (and its description and examples) to ``parser``."""
+    parser.description = parser.description or CLI_DESCRIPTION
+    parser.epilog = CLI_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--store", required=True, help="tile store path or fsspec URL")
+    parser.add_argument(
+        "--mode", choices=MODES, default="automatic", help="teacher mode (default automatic)"
+    )
+    parser.add_argument(
+        "--model", choices=tuple(SAM_SPECS), default="vit_b", help="SAM model type (default vit_b)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        help="SAM checkpoint (automatic, prompted) or student adapter (semantic); "
+        "without one SAM gets seeded random weights (for smoke tests only)",
+    )
+    parser.add_argument(
+        "--base-checkpoint",
+        metavar="PATH_OR_URL",
+        help="semantic mode: the SAM checkpoint the student was fine-tuned from",
+    )
+    parser.add_argument(
+        "--actors", type=int, default=2, metavar="N", help="teacher actors (default 2)"
+    )
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per actor, fractions share a GPU (default 0: CPU)",
+    )
+    parser.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        metavar="C",
+        help="CPUs reserved per actor (default: leave one CPU to reads and writes)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="tiles per teacher call (default 8)"
+    )
+    parser.add_argument(
+        "--split",
+        default=C.UNLABELED,
+        help=f"split to label, or 'all' (default {C.UNLABELED})",
+    )
+    parser.add_argument(
+        "--points-per-side",
+        type=int,
+        default=16,
+        metavar="N",
+        help="automatic mode: point grid per tile side (default 16)",
+    )
+    parser.add_argument(
+        "--prompt",
+        choices=get_args(PromptKind),
+        default="box",
+        help="prompted mode: prompt kind (default box)",
+    )
+    parser.add_argument(
+        "--output",
+        choices=get_args(OutputKind),
+        default="instances",
+        help="automatic/prompted: uint16 instance ids or uint8 foreground (default instances)",
+    )
+    parser.add_argument(
+        "--refine", action="store_true", help="semantic mode: refine with SAM automatic segments"
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, metavar="N", help="label at most N of the remaining tiles"
+    )
+    parser.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on GPU")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the store's pseudo-labels first (needed to change mode, model or checkpoint)",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: start a local Ray on this machine)"
+    )
+
+
+def run_pseudo_label_cli(args: argparse.Namespace) -> int:
+    """Run ``semisup pseudo-label``; prints the summary as JSON; returns the exit status."""
+    from semisup.config import RayConfig
+    from semisup.runtime import ray_runtime
+
+    with ray_runtime(RayConfig(address=args.address)):
+        summary = run_pseudo_label(
+            args.store,
+            mode=args.mode,
+            model_type=args.model,
+            checkpoint=args.checkpoint,
+            base_checkpoint=args.base_checkpoint,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            batch_size=args.batch_size,
+            split=None if args.split == "all" else args.split,
+            bf16=not args.no_bf16,
+            overwrite=args.overwrite,
+            max_tiles=args.max_tiles,
+            points_per_side=args.points_per_side,
+            prompt=args.prompt,
+            output=args.output,
+            refine=args.refine,
+        )
+    print(json.dumps(summary, indent=2))
+    return 0
