@@ -1,0 +1,154 @@
+"""Zero-shot SAM measurement: prompts from ground-truth components (pure), and the report files
+on a real Dubai store with tiny SAM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semisup.cli import main as semisup_main
+from semisup.zero_shot import (
+    EXAMPLES_FILE,
+    JSON_FILE,
+    MARKDOWN_FILE,
+    _bfs_components,
+    component_point,
+    component_prompts,
+    connected_components,
+    interior_point,
+    mask_iou,
+    run_zero_shot,
+)
+
+DUBAI_COLOURS = {
+    "#3C1098": 0,
+    "#8429F6": 1,
+    "#6EC1E4": 2,
+    "#FEDD3A": 3,
+    "#E2A929": 4,
+    "#9B9B9B": 255,
+    "#000000": 255,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts from ground-truth components
+
+
+def _label_map() -> np.ndarray:
+    """12×12: class 1 in two separate squares, class 2 as a U shape, a corner of ignore."""
+    label = np.zeros((12, 12), np.uint8)
+    label[1:4, 1:4] = 1
+    label[6:11, 7:10] = 1
+    label[5:11, 1:6] = 2
+    label[5:9, 2:5] = 0  # hollow the U: its centroid falls outside it
+    label[0, 10:] = 255
+    return label
+
+
+def test_components_match_between_bfs_and_the_default() -> None:
+    mask = _label_map() == 1
+    labels, count = _bfs_components(mask)
+    assert count == 2 and set(np.unique(labels)) == {0, 1, 2}
+    assert np.array_equal(labels > 0, mask)
+    default, default_count = connected_components(mask)
+    assert default_count == 2 and np.array_equal(default > 0, mask)
+    diagonal = np.eye(3, dtype=bool)  # 4-connectivity: diagonal pixels are separate
+    assert connected_components(diagonal)[1] == 3
+
+
+def test_component_prompts_boxes_and_points_lie_on_their_component() -> None:
+    prompts = component_prompts(_label_map(), min_area_px=4)
+    by_class = {}
+    for prompt in prompts:
+        by_class.setdefault(prompt.class_id, []).append(prompt)
+        x, y = prompt.point_xy
+        assert prompt.mask[y, x], "the point prompt must be inside its component"
+        ys, xs = np.nonzero(prompt.mask)
+        assert prompt.box_xyxy == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert prompt.area_px == prompt.mask.sum()
+    assert sorted(by_class) == [0, 1, 2]  # ignore (255) is no class
+    assert [p.box_xyxy for p in by_class[1]] == [(1, 1, 4, 4), (7, 6, 10, 11)]
+    assert by_class[1][0].point_xy == (2, 2)  # the centre of a 3×3 square
+    assert len(component_prompts(_label_map(), min_area_px=10)) < len(prompts)
+
+
+def test_points_fall_back_to_the_interior_when_the_centroid_is_outside() -> None:
+    u_shape = _label_map() == 2
+    ys, xs = np.nonzero(u_shape)
+    cy, cx = round(ys.mean()), round(xs.mean())
+    assert not u_shape[cy, cx]  # the centroid is in the hollow
+    x, y = component_point(u_shape, "centroid")
+    assert u_shape[y, x] and (x, y) == interior_point(u_shape)
+    square = np.zeros((9, 9), bool)
+    square[2:7, 2:7] = True
+    assert component_point(square, "centroid") == (4, 4) == interior_point(square)
+    with pytest.raises(ValueError, match="point mode"):
+        component_point(square, "random")
+
+
+def test_mask_iou() -> None:
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2], b[1:3] = True, True
+    assert mask_iou(a, b) == pytest.approx(4 / 12)
+    assert mask_iou(a, a) == 1.0 and np.isnan(mask_iou(b & False, a & False))
+    valid = np.zeros((4, 4), bool)
+    valid[:2] = True
+    assert mask_iou(a, b, valid) == pytest.approx(4 / 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report on real tiles
+
+
+@pytest.fixture(scope="module")
+def dubai_store(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("zero_shot")
+    colours = tmp / "colours.json"
+    colours.write_text(json.dumps(DUBAI_COLOURS))
+    out = tmp / "dubai.zarr"
+    image = dubai_dir / "tile_2" / "images" / "image_part_003.jpg"
+    mask = dubai_dir / "tile_2" / "masks" / "image_part_003.png"
+    args = ["prep", str(image), "--labels", str(mask), "--label-colors", str(colours)]
+    args += ["--class-names", "building,land,road,vegetation,water", "--tile-size", "128"]
+    assert semisup_main([*args, "--out", str(out)]) == 0
+    return out
+
+
+def test_zero_shot_writes_json_markdown_and_examples(dubai_store: Path, tmp_path: Path) -> None:
+    summary = run_zero_shot(
+        str(dubai_store), model_type="tiny", out_dir=tmp_path, max_tiles=3, points_per_side=4
+    )
+    written = json.loads((tmp_path / JSON_FILE).read_text())
+    assert written == json.loads(json.dumps(summary))
+    expected_keys = {"tiles", "components", "box_iou", "point_iou", "automatic_coverage"}
+    assert expected_keys | {"per_class", "model_type", "checkpoint_hash"} <= set(written)
+    assert written["tiles"] == 3 and written["components"] > 0
+    for metric in ("box_iou", "point_iou"):
+        assert 0 <= written[metric]["mean"] <= 1 and 0 <= written[metric]["median"] <= 1
+    assert 0 <= written["automatic_coverage"] <= 1
+    names = {"building", "land", "road", "vegetation", "water"}
+    assert written["per_class"] and {row["name"] for row in written["per_class"]} <= names
+    for row in written["per_class"]:
+        assert row["components"] > 0 and 0 <= row["box_iou"] <= 1 and 0 <= row["point_iou"] <= 1
+    markdown = (tmp_path / MARKDOWN_FILE).read_text()
+    assert "| box-prompt IoU |" in markdown and "| class | components |" in markdown
+    with Image.open(tmp_path / EXAMPLES_FILE) as png:
+        assert png.format == "PNG" and png.width > 100
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_zero_shot_over_ray_data_matches_the_local_read(
+    ray_session: None, dubai_store: Path, tmp_path: Path
+) -> None:
+    options = {"model_type": "tiny", "max_tiles": 2, "points_per_side": 4, "examples": 0}
+    local = run_zero_shot(str(dubai_store), out_dir=tmp_path / "local", **options)
+    streamed = run_zero_shot(str(dubai_store), out_dir=tmp_path / "ray", use_ray=True, **options)
+    for key in ("tiles", "components", "box_iou", "point_iou", "automatic_coverage"):
+        assert streamed[key] == pytest.approx(local[key]), key
