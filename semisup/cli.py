@@ -16,6 +16,7 @@ _EXAMPLES = {
     "prep": "semisup prep ../shared/data/dubai/tile_1/images --labels ../shared/data/dubai/tile_1/masks "
     "--label-colors dubai_colours.json --out dubai.zarr",
     "info": "semisup info dubai.zarr",
+    "train": "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder",
     "demo": "semisup demo --out demo_out",
 }
 
@@ -64,6 +65,21 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from semisup import train
+
+    parser = sub.add_parser(
+        "train",
+        help="train the student on Ray Train (consistency regularisation, full/decoder/LoRA)",
+        description="Trains the student on the store's labeled (and unlabeled) tiles, validates "
+        "every epoch on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
+        epilog=f"example:\n  {_EXAMPLES['train']}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_arguments(parser)
+    parser.set_defaults(handler=train.run_cli)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
@@ -98,6 +114,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_prep,
     _add_info,
+    _add_train,
     _add_demo,
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -281,6 +283,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     if hint in (int, float, str, bool) and (
         not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))
     ):

@@ -75,8 +75,10 @@ def test_overrides_parse_yaml_values_and_ints_widen_to_float() -> None:
             "prep.val_fraction=0",
             "prep.val_sources=[a, b]",
             "ray.address=auto",
+            "train.lr=2e-3",
         ]
     )
+    assert config.train.lr == 0.002
     assert config.prep.tile_size == 512
     assert config.prep.val_fraction == 0.0 and isinstance(config.prep.val_fraction, float)
     assert config.prep.val_sources == ("a", "b")

@@ -1,0 +1,206 @@
+"""One training step and one validation step of the student (Ray-free).
+
+The per-worker loop in ``semisup.train`` only wires things together; everything that decides what
+the model learns is here, as functions of tensors:
+
+- ``prepare_batch``: numpy tile columns -> tensors on the device, image scaled to [0, 1];
+- ``unlabeled_targets``: the consistency target (offline pseudo-label, EMA teacher, or both);
+- ``compute_losses``: supervised + confidence-masked consistency on the strong view;
+- ``train_step``: one optimiser step, then the EMA update; returns floats for logging;
+- ``validation_confusion``: a confusion matrix over valid, labelled validation pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from semisup import columns as C
+from semisup.augment import strong_view, weak_view
+from semisup.bands import to_three_bands
+from semisup.config import AugmentConfig, SslConfig
+from semisup.ema import ema_update
+from semisup.losses import (
+    class_balanced_thresholds,
+    consistency_loss,
+    ramp_up,
+    supervised_loss,
+)
+from semisup.metrics import confusion_matrix
+
+Batch = dict[str, Tensor]
+
+
+def prepare_batch(
+    batch: Mapping[str, Any],
+    band_scale: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]],
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """Tile columns (numpy, as streamed) -> model-ready tensors on ``device``.
+
+    IMAGE B×S×S×C (uint8/uint16) becomes B×3×S×S float32 in [0, 1]: the first three bands (a
+    single band is replicated), each mapped by its source's ``band_low``/``band_high`` as the
+    teacher sees it (``band_scale[source] = (low, high)``). LABEL and PSEUDO_LABEL become int64
+    with IGNORE_INDEX wherever VALID is False; CONFIDENCE float32 (0 where invalid).
+    """
+    image = np.asarray(batch[C.IMAGE])
+    sources = [str(s) for s in batch[C.SOURCE]]
+    low = np.stack([np.asarray(band_scale[s][0], np.float32) for s in sources])  # B×C
+    high = np.stack([np.asarray(band_scale[s][1], np.float32) for s in sources])
+    scaled = (image.astype(np.float32) - low[:, None, None]) / np.maximum(high - low, 1e-6)[
+        :, None, None
+    ]
+    scaled = to_three_bands(np.clip(scaled, 0.0, 1.0), "rgb")  # B×S×S×3
+    out: Batch = {C.IMAGE: torch.from_numpy(scaled).permute(0, 3, 1, 2).contiguous().to(device)}
+    valid = torch.from_numpy(np.asarray(batch[C.VALID], bool)).to(device)
+    out[C.VALID] = valid
+    for name in (C.LABEL, C.PSEUDO_LABEL):
+        if name in batch:
+            ids = torch.from_numpy(np.asarray(batch[name]).astype(np.int64)).to(device)
+            out[name] = torch.where(valid, ids, torch.full_like(ids, C.IGNORE_INDEX))
+    if C.CONFIDENCE in batch:
+        confidence = torch.from_numpy(np.asarray(batch[C.CONFIDENCE], np.float32)).to(device)
+        out[C.CONFIDENCE] = confidence * valid
+    return out
+
+
+def combine_targets(
+    pseudo: Tensor, pseudo_conf: Tensor, ema: Tensor, ema_conf: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Merge the offline SAM pseudo-label with the EMA teacher's prediction (B×H×W each).
+
+    Where they agree, the class is kept with the higher confidence. Where they disagree, the more
+    confident one wins but its confidence is scaled by (1 − the other's confidence), so a
+    confident disagreement falls below the threshold. Where the offline label is IGNORE_INDEX the
+    EMA prediction is used as it is.
+    """
+    agree = pseudo == ema
+    pseudo_wins = pseudo_conf >= ema_conf
+    label = torch.where(agree | pseudo_wins, pseudo, ema)
+    confidence = torch.where(
+        agree,
+        torch.maximum(pseudo_conf, ema_conf),
+        torch.where(pseudo_wins, pseudo_conf * (1 - ema_conf), ema_conf * (1 - pseudo_conf)),
+    )
+    missing = pseudo == C.IGNORE_INDEX
+    return torch.where(missing, ema, label), torch.where(missing, ema_conf, confidence)
+
+
+@torch.no_grad()
+def teacher_prediction(teacher: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
+    """(label B×H×W int64, confidence B×H×W float) = argmax and max of the teacher's softmax."""
+    confidence, label = teacher(image).float().softmax(1).max(1)
+    return label, confidence
+
+
+def unlabeled_targets(weak: Batch, teacher: nn.Module | None, ssl: SslConfig) -> Batch:
+    """Put the consistency target of ``ssl.target`` into PSEUDO_LABEL/CONFIDENCE of ``weak``."""
+    out = dict(weak)
+    if ssl.target in ("ema", "both"):
+        if teacher is None:
+            raise ValueError(f"ssl.target={ssl.target!r} needs an EMA teacher")
+        ema_label, ema_conf = teacher_prediction(teacher, weak[C.IMAGE])
+        invalid = ~weak[C.VALID]
+        ema_label = ema_label.masked_fill(invalid, C.IGNORE_INDEX)
+        ema_conf = ema_conf.masked_fill(invalid, 0.0)
+    if ssl.target == "ema":
+        out[C.PSEUDO_LABEL], out[C.CONFIDENCE] = ema_label, ema_conf
+    elif ssl.target == "both":
+        if C.PSEUDO_LABEL not in weak:
+            raise ValueError("ssl.target='both' needs pseudo-labels in the store")
+        out[C.PSEUDO_LABEL], out[C.CONFIDENCE] = combine_targets(
+            weak[C.PSEUDO_LABEL], weak[C.CONFIDENCE], ema_label, ema_conf
+        )
+    elif C.PSEUDO_LABEL not in weak:
+        raise ValueError("ssl.target='pseudo' needs pseudo-labels in the store")
+    return out
+
+
+def compute_losses(
+    model: nn.Module,
+    labeled: Batch,
+    unlabeled: Batch | None,
+    *,
+    teacher: nn.Module | None,
+    ssl: SslConfig,
+    augment: AugmentConfig,
+    step: int,
+    num_classes: int,
+    dice_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """``loss`` (with graph) and its parts for one step.
+
+    Labeled tiles train through a weak view; unlabeled tiles get their target on the weak view
+    and the student predicts the strong view of the same tiles (geometry moves the target too).
+    """
+    weak_labeled = weak_view(labeled, augment, generator)
+    logits = model(weak_labeled[C.IMAGE])
+    parts = supervised_loss(logits, weak_labeled[C.LABEL], dice_weight)
+    loss = parts["loss_sup"]
+    if unlabeled is not None and ssl.enabled:
+        weak = unlabeled_targets(weak_view(unlabeled, augment, generator), teacher, ssl)
+        strong = strong_view(weak, augment, generator)
+        threshold: float | Tensor = ssl.confidence_threshold
+        if ssl.class_balanced:
+            threshold = class_balanced_thresholds(
+                strong[C.CONFIDENCE], strong[C.PSEUDO_LABEL], num_classes, ssl.confidence_threshold
+            )
+        cons = consistency_loss(
+            model(strong[C.IMAGE]), strong[C.PSEUDO_LABEL], strong[C.CONFIDENCE], threshold
+        )
+        weight = ssl.unlabeled_weight * ramp_up(step, ssl.ramp_up_steps)
+        loss = loss + weight * cons["loss_cons"]
+        parts = {**parts, **cons, "unlabeled_weight": torch.tensor(weight)}
+    return {"loss": loss, **parts}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    labeled: Batch,
+    unlabeled: Batch | None,
+    *,
+    teacher: nn.Module | None,
+    ssl: SslConfig,
+    augment: AugmentConfig,
+    step: int,
+    num_classes: int,
+    dice_weight: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimiser step (and EMA update); returns ``loss`` and its parts as floats."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = labeled[C.IMAGE].device.type
+    with torch.autocast(
+        device_type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
+    ):
+        parts = compute_losses(
+            model, labeled, unlabeled, teacher=teacher, ssl=ssl, augment=augment, step=step,
+            num_classes=num_classes, dice_weight=dice_weight, generator=generator,
+        )  # fmt: skip
+    parts["loss"].backward()
+    optimizer.step()
+    if teacher is not None:
+        ema_update(teacher, unwrap(model), ssl.ema_momentum)
+    return {name: float(value.detach()) for name, value in parts.items()}
+
+
+@torch.no_grad()
+def validation_confusion(model: nn.Module, batch: Batch, num_classes: int) -> Tensor:
+    """K×K confusion matrix of the model's argmax on valid, labelled pixels of ``batch``."""
+    model.eval()
+    prediction = model(batch[C.IMAGE]).argmax(1)
+    return confusion_matrix(prediction, batch[C.LABEL], num_classes)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model

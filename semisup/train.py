@@ -1,0 +1,509 @@
+"""``semisup train``: the student on Ray Train (TorchTrainer, DDP), with reports and resumption.
+
+The per-worker function only wires things together: it takes its dataset shards, builds the
+student and optimiser, restores the latest checkpoint, loops over ``steps.train_step``, validates
+every epoch, stops early, checkpoints, and (rank 0) writes the run's reports. Everything the
+model learns from is decided in ``semisup.steps``.
+
+Run folder layout (``--out RUN_DIR``)::
+
+    RUN_DIR/config.yaml          the experiment config of the run
+    RUN_DIR/report.json          validation metrics per epoch, best epoch, best checkpoint path
+    RUN_DIR/report.md            the same as a table
+    RUN_DIR/tensorboard/         TensorBoard event files (loss parts, mIoU, per-class IoU)
+    RUN_DIR/best/                adapter.safetensors + metrics.json of the best validation epoch
+    RUN_DIR/ray/train/           Ray Train checkpoints (latest two), used to resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semisup import columns as C
+from semisup.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_config_arguments,
+    config_from_arguments,
+    from_dict,
+    save_config,
+    to_dict,
+)
+from semisup.metrics import scores
+from semisup.steps import prepare_batch, train_step, unwrap, validation_confusion
+from semisup.store import open_store, read_source_meta, read_store_meta, read_tile_index
+
+RAY_RUN_NAME = "train"  # fixed: Ray resumes a run by its name and storage path
+LR_REFERENCE_BATCH = 8  # lr is given for this global batch; scaled linearly (Goyal et al. 2017)
+STATE_FILE = "state.pt"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def store_facts(store: str) -> dict[str, Any]:
+    """What workers need to know about the store: classes, tile size, per-source band scaling."""
+    root = open_store(store)
+    meta = read_store_meta(root)
+    if not meta.num_classes:
+        raise ValueError(f"store {store}: no num_classes; a labelled store is needed to train")
+    index = read_tile_index(store).to_pandas()
+    band_scale = {}
+    for source_id in meta.sources:
+        source = read_source_meta(root, source_id)
+        band_scale[source_id] = (list(source.band_low), list(source.band_high))
+    counts = index[C.SPLIT].value_counts().to_dict()
+    has_pseudo = any(C.PSEUDO_LABEL in root[s] for s in meta.sources)  # type: ignore[operator]
+    return {
+        "num_classes": meta.num_classes,
+        "class_names": list(meta.class_names or [f"class_{k}" for k in range(meta.num_classes)]),
+        "tile_size": meta.tile_size,
+        "band_scale": band_scale,
+        "tiles_per_split": {k: int(v) for k, v in counts.items()},
+        "has_pseudo_labels": has_pseudo,
+    }
+
+
+def scaled_lr(config: ExperimentConfig) -> float:
+    """The learning rate for the global batch: lr × batch_size / LR_REFERENCE_BATCH."""
+    return config.train.lr * config.train.batch_size / LR_REFERENCE_BATCH
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A run folder is reused only with ``resume``; a resume needs an earlier run there."""
+    started = (run_dir / "config.yaml").exists()
+    if started and not resume:
+        raise FileExistsError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it or choose "
+            "another --out"
+        )
+    if resume and not started:
+        raise FileNotFoundError(f"--resume: no run to continue in {run_dir} (no config.yaml)")
+
+
+def run_training(
+    store: str,
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    debug: bool = False,
+) -> dict[str, Any]:
+    """Train the student on the store's splits; returns the final report (also in run_dir)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from semisup.data import read_tiles_from_config
+
+    run_dir = run_dir.resolve()
+    check_run_dir(run_dir, resume)
+    facts = store_facts(store)
+    if (
+        config.ssl.enabled
+        and config.ssl.target in ("pseudo", "both")
+        and not facts["has_pseudo_labels"]
+    ):
+        raise ConfigError(
+            f"ssl.target={config.ssl.target!r} needs pseudo-labels in {store}; run "
+            "`semisup pseudo-label` first or set ssl.target=ema"
+        )
+    for split in (C.LABELED, C.VAL):
+        if facts["tiles_per_split"].get(split, 0) == 0:
+            raise ValueError(f"store {store}: the {split!r} split has no tiles")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+
+    labeled_columns = [C.IMAGE, C.LABEL, C.VALID, C.SOURCE]
+    datasets = {
+        C.LABELED: read_tiles_from_config(
+            store, config.stream, split=C.LABELED, columns=labeled_columns
+        ),
+        C.VAL: read_tiles_from_config(store, config.stream, split=C.VAL, columns=labeled_columns),
+    }
+    use_unlabeled = config.ssl.enabled and facts["tiles_per_split"].get(C.UNLABELED, 0) > 0
+    if use_unlabeled:
+        columns = [C.IMAGE, C.VALID, C.SOURCE]
+        if config.ssl.target in ("pseudo", "both"):
+            columns += [C.PSEUDO_LABEL, C.CONFIDENCE]
+        datasets[C.UNLABELED] = read_tiles_from_config(
+            store, config.stream, split=C.UNLABELED, columns=columns
+        )
+    num_workers = 0 if debug else config.train.num_workers
+    trainer = TorchTrainer(
+        train_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config={
+            "experiment": to_dict(config),
+            "facts": facts,
+            "run_dir": str(run_dir),
+            "use_unlabeled": use_unlabeled,
+        },
+        # one worker process per model replica; fractional CPUs leave room for the reads
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker=None
+            if config.train.use_gpu
+            else {"CPU": config.train.cpus_per_worker},
+        ),
+        # a fixed name under the run folder: rerunning with it resumes from the latest checkpoint
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(run_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,  # type: ignore[arg-type]
+    )
+    print(f"[train] {num_workers or 'in-process'} worker(s), lr {scaled_lr(config):.2e}, "
+          f"run folder {run_dir}", file=sys.stderr)  # fmt: skip
+    trainer.fit()
+    return json.loads((run_dir / "report.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _batches(shard: Any, batch_size: int, name: str) -> Iterator[dict[str, Any]]:
+    """Endless numpy batches of a dataset shard; each pass re-reads the shard (an epoch of data)."""
+    while True:
+        count = 0
+        for batch in shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=True
+        ):
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(
+                f"the {name!r} split gives this worker no full batch of {batch_size} tiles; "
+                "lower train.batch_size or use fewer workers"
+            )
+
+
+def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over workers when DDP is initialised; the tensor itself otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function: shard, build, restore, loop, validate, report."""
+    import ray.train
+    import ray.train.torch
+
+    from semisup.ema import make_ema_teacher
+    from semisup.student import adapter_state_dict, build_student
+
+    config = from_dict(ExperimentConfig, loop_config["experiment"])
+    facts, run_dir = loop_config["facts"], Path(loop_config["run_dir"])
+    train, ssl = config.train, config.ssl
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(train.seed)  # identical initialisation on every worker
+    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    num_classes = int(facts["num_classes"])
+    model: torch.nn.Module = build_student(
+        config.student.model_type, num_classes, int(facts["tile_size"]),
+        checkpoint=config.student.checkpoint, mode=config.student.mode,
+        lora_rank=config.student.lora_rank, lora_alpha=config.student.lora_alpha,
+        lora_dropout=config.student.lora_dropout, lora_targets=config.student.lora_targets,
+        hires_path=config.student.hires_path,
+    ).to(device)  # fmt: skip
+    use_ema = ssl.enabled and ssl.target in ("ema", "both") and loop_config["use_unlabeled"]
+    teacher = make_ema_teacher(model) if use_ema else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = scaled_lr(config)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    total_steps = train.epochs * train.steps_per_epoch
+    state = _restore(ray.train.get_checkpoint(), model, teacher, optimizer)
+    if world > 1:
+        # wraps the model in DistributedDataParallel and moves it to this worker's device
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    per_worker = train.batch_size // max(world, 1)
+    # each worker reads its own shard of every split
+    labeled = _batches(ray.train.get_dataset_shard(C.LABELED), per_worker, C.LABELED)
+    unlabeled = (
+        _batches(ray.train.get_dataset_shard(C.UNLABELED), per_worker * ssl.unlabeled_batch_ratio, C.UNLABELED)
+        if loop_config["use_unlabeled"] else None
+    )  # fmt: skip
+    writer = _tensorboard(run_dir) if rank == 0 else None
+    generator = torch.Generator().manual_seed(train.seed * 1000 + rank + state["step"])
+    autocast = torch.bfloat16 if (train.bf16 and device.type == "cuda") else None
+    band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+    start = time.perf_counter()
+    for epoch in range(state["epoch"], train.epochs):
+        sums: dict[str, float] = {}
+        while state["step"] < (epoch + 1) * train.steps_per_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * _lr_factor(state["step"], train.warmup_steps, total_steps)
+            labeled_batch = prepare_batch(next(labeled), band_scale, device)
+            unlabeled_batch = (
+                prepare_batch(next(unlabeled), band_scale, device) if unlabeled else None
+            )
+            parts = train_step(
+                model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, ssl=ssl,
+                augment=config.augment, step=state["step"], num_classes=num_classes,
+                dice_weight=train.dice_weight, autocast_dtype=autocast, generator=generator,
+            )  # fmt: skip
+            state["step"] += 1
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value
+            if writer is not None:
+                for name, value in parts.items():
+                    writer.add_scalar(f"train/{name}", value, state["step"])
+            if train.checkpoint_every_steps and state["step"] % train.checkpoint_every_steps == 0:
+                _report(state, model, teacher, optimizer, rank, {"step": state["step"]})
+        metrics = _validate(
+            model, ray.train.get_dataset_shard(C.VAL), band_scale, device, num_classes
+        )
+        metrics.update(
+            epoch=epoch, step=state["step"], seconds=round(time.perf_counter() - start, 1)
+        )
+        metrics["train"] = {k: v / train.steps_per_epoch for k, v in sums.items()}
+        state["history"].append(metrics)
+        improved = metrics["miou"] > state["best_miou"]
+        if improved:
+            state["best_miou"], state["best_epoch"], state["stale_epochs"] = (
+                metrics["miou"],
+                epoch,
+                0,
+            )
+        else:
+            state["stale_epochs"] += 1
+        state["epoch"] = epoch + 1
+        stop = state["stale_epochs"] >= train.early_stop_patience
+        if rank == 0:
+            if improved:
+                _save_best(run_dir, unwrap(model), metrics, adapter_state_dict)
+            _write_reports(run_dir, state, facts, config, stopped_early=stop)
+            if writer is not None:
+                _log_validation(writer, metrics, facts["class_names"], state["step"])
+        _report(state, model, teacher, optimizer, rank, {"miou": metrics["miou"], "epoch": epoch})
+        if stop:
+            break
+    if writer is not None:
+        writer.close()
+    return (
+        {"best_miou": state["best_miou"], "best_epoch": state["best_epoch"]} if rank == 0 else None
+    )
+
+
+def _validate(
+    model: torch.nn.Module,
+    shard: Any,
+    band_scale: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]],
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, Any]:
+    """mIoU, Dice and per-class IoU over this worker's val shard, summed across workers."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for batch in shard.iter_batches(batch_size=16, batch_format="numpy"):
+        confusion += validation_confusion(
+            model, prepare_batch(batch, band_scale, device), num_classes
+        )
+    confusion = _all_reduce(confusion)
+    result: dict[str, Any] = dict(scores(confusion.cpu()))
+    for key in ("iou_per_class", "dice_per_class"):  # JSON has no NaN: absent classes are None
+        result[key] = [None if math.isnan(v) else v for v in result[key]]
+    return result
+
+
+def _restore(
+    checkpoint: Any,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Training state from the latest Ray checkpoint, or a fresh one."""
+    state: dict[str, Any] = {
+        "step": 0, "epoch": 0, "best_miou": -1.0, "best_epoch": -1, "stale_epochs": 0, "history": [],
+    }  # fmt: skip
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"], strict=False)
+    if teacher is not None and "teacher" in saved:
+        teacher.load_state_dict(saved["teacher"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    state.update(json.loads(saved["progress"]))
+    print(f"[train] resumed at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
+    return state
+
+
+def _report(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    metrics: dict[str, Any],
+) -> None:
+    """Report metrics from every worker; rank 0 attaches a checkpoint of the trainable state."""
+    import ray.train
+
+    from semisup.student import adapter_state_dict
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            saved = {
+                "model": adapter_state_dict(unwrap(model)),  # type: ignore[arg-type]
+                "optimizer": optimizer.state_dict(),
+                "progress": json.dumps({k: state[k] for k in state}),
+            }
+            if teacher is not None:
+                saved["teacher"] = {
+                    k: v for k, v in teacher.state_dict().items() if k in saved["model"]
+                }
+            torch.save(saved, Path(folder) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        # hands the metrics (and rank 0's checkpoint) to Ray Train, which persists the checkpoint
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _save_best(
+    run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any], state_dict_fn: Any
+) -> None:
+    from semisup.student import save_adapter
+
+    best = run_dir / "best"
+    staging = run_dir / "best.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_adapter(model, staging / ADAPTER_FILE)  # type: ignore[arg-type]
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    shutil.rmtree(best, ignore_errors=True)
+    staging.rename(best)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log_validation(
+    writer: Any, metrics: dict[str, Any], class_names: list[str], step: int
+) -> None:
+    writer.add_scalar("val/miou", metrics["miou"], step)
+    writer.add_scalar("val/dice", metrics["dice"], step)
+    for name, iou in zip(class_names, metrics["iou_per_class"], strict=False):
+        if iou is not None:
+            writer.add_scalar(f"val/iou_{name}", iou, step)
+    writer.flush()
+
+
+def _write_reports(
+    run_dir: Path,
+    state: dict[str, Any],
+    facts: dict[str, Any],
+    config: ExperimentConfig,
+    stopped_early: bool,
+) -> None:
+    """report.json and report.md: metrics per epoch, the best epoch and its checkpoint."""
+    best = (
+        state["history"][state["best_epoch"] - state["history"][0]["epoch"]]
+        if state["best_epoch"] >= 0
+        else None
+    )
+    report = {
+        "class_names": facts["class_names"],
+        "epochs": [
+            {
+                k: h[k]
+                for k in (
+                    "epoch",
+                    "step",
+                    "miou",
+                    "dice",
+                    "pixel_accuracy",
+                    "iou_per_class",
+                    "train",
+                    "seconds",
+                )
+            }
+            for h in state["history"]
+        ],
+        "best_epoch": state["best_epoch"],
+        "best_miou": state["best_miou"],
+        "best_checkpoint": str(run_dir / "best" / ADAPTER_FILE) if best else None,
+        "stopped_early": stopped_early,
+        "steps": state["step"],
+        "mode": config.student.mode,
+        "model_type": config.student.model_type,
+    }
+    tmp = run_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run_dir / "report.json")
+    names = facts["class_names"]
+    lines = [
+        f"# Training report ({config.student.model_type}, {config.student.mode})",
+        "",
+        f"Best validation mIoU {state['best_miou']:.4f} at epoch {state['best_epoch']}"
+        f"{' (stopped early)' if stopped_early else ''}; checkpoint `{report['best_checkpoint']}`.",
+        "",
+        "| epoch | step | mIoU | Dice | " + " | ".join(names) + " |",
+        "|" + "---|" * (4 + len(names)),
+    ]
+    for h in state["history"]:
+        per_class = " | ".join("–" if v is None else f"{v:.3f}" for v in h["iou_per_class"])
+        lines.append(
+            f"| {h['epoch']} | {h['step']} | {h['miou']:.4f} | {h['dice']:.4f} | {per_class} |"
+        )
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+EXAMPLE = "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder --set train.epochs=5"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="tile store (path or fsspec URL)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run folder for reports and checkpoints"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    parser.add_argument(
+        "--debug", action="store_true",
+        help="run the per-worker loop in this process (no worker processes): breakpoints and pdb work",
+    )  # fmt: skip
+    add_config_arguments(parser)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from semisup.runtime import ray_runtime
+
+    config = config_from_arguments(args)
+    with ray_runtime(config.ray):
+        report = run_training(args.store, config, args.out, resume=args.resume, debug=args.debug)
+    print(f"best validation mIoU {report['best_miou']:.4f} at epoch {report['best_epoch']}; "
+          f"report in {args.out / 'report.md'}")  # fmt: skip
+    return 0

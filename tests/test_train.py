@@ -1,0 +1,158 @@
+"""Student training on Ray Train: learning, reports, DDP equivalence, resumption, bad config."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from data_prep.ingest import build_store
+from semisup.cli import main
+from semisup.config import ExperimentConfig, load_config
+from semisup.synthetic import generate_scene
+from semisup.train import run_training
+
+FAST = [
+    "student.model_type=tiny",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.lr=2e-3",
+    "stream.tiles_per_task=16",
+]
+
+
+def _config(*overrides: str) -> ExperimentConfig:
+    return load_config(overrides=[*FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def scene_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Four generated 256 px scenes as 64 px tiles: 1 labeled, 2 unlabeled, 1 val source."""
+    root = tmp_path_factory.mktemp("scenes")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    for i in range(4):
+        image, label = generate_scene(256, seed=10 + i)
+        Image.fromarray(image).save(root / "images" / f"scene_{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"scene_{i}.png")
+    result = build_store(
+        [root / "images"], root / "store.zarr", labels=[root / "labels"], num_classes=5,
+        config={"tile_size": 64, "val_sources": ["scene_3"], "labeled_fraction": 0.34, "seed": 1},
+        quiet=True,
+    )  # fmt: skip
+    return str(result.path)
+
+
+@pytest.fixture(scope="module")
+def repeated_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every labeled tile is the same 64 px crop, so any split of the data gives the same batch."""
+    root = tmp_path_factory.mktemp("repeated")
+    image, label = generate_scene(64, seed=3)
+    np.save(root / "a.npy", np.tile(image, (1, 8, 1)))
+    np.save(root / "b.npy", np.tile(image, (1, 2, 1)))
+    np.save(root / "a_label.npy", np.tile(label, (1, 8)))
+    np.save(root / "b_label.npy", np.tile(label, (1, 2)))
+    result = build_store(
+        [root / "a.npy", root / "b.npy"], root / "store.zarr",
+        labels=[root / "a_label.npy", root / "b_label.npy"], num_classes=5,
+        config={"tile_size": 64, "val_sources": ["b"], "labeled_fraction": 1.0}, quiet=True,
+    )  # fmt: skip
+    return str(result.path)
+
+
+@pytest.mark.timeout(300)
+def test_debug_run_learns_and_writes_its_reports(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    config = _config("ssl.target=ema", "train.epochs=3", "train.steps_per_epoch=12")
+    report = run_training(scene_store, config, tmp_path / "run", debug=True)
+    epochs = report["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2] and report["steps"] == 36
+    assert epochs[-1]["train"]["loss_sup"] < epochs[0]["train"]["loss_sup"]
+    assert 0 <= report["best_miou"] <= 1 and report["best_epoch"] in (0, 1, 2)
+    assert {"loss_cons", "mask_ratio"} <= set(epochs[0]["train"])
+    assert Path(report["best_checkpoint"]).is_file()
+    assert len(epochs[0]["iou_per_class"]) == 5
+    assert (tmp_path / "run" / "report.md").read_text().count("\n| ") == 4  # header + 3 epochs
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(scene_store, config, tmp_path / "run", debug=True)
+
+
+def test_bad_config_values_fail_before_any_worker_starts(
+    scene_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for override, key in [
+        ("student.lora_rank=-1", "student.lora_rank"),
+        ("ssl.confidence_threshold=1.5", "ssl.confidence_threshold"),
+        ("student.mode=partial", "student.mode"),
+        ("train.batch_sise=4", "train.batch_sise"),
+    ]:
+        status = main(
+            ["train", "--store", scene_store, "--out", str(tmp_path / "r"), "--set", override]
+        )
+        assert status == 2
+        assert key in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.timeout(300)
+def test_one_and_two_workers_take_the_same_steps(
+    repeated_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    common = ["ssl.enabled=false", "augment.weak_flip=false", "augment.weak_rot90=false",
+              "train.epochs=1", "train.steps_per_epoch=2", "train.cpus_per_worker=0.5"]  # fmt: skip
+    losses = []
+    for workers in (1, 2):
+        config = _config(*common, f"train.num_workers={workers}")
+        report = run_training(repeated_store, config, tmp_path / f"w{workers}")
+        losses.append(report["epochs"][0]["train"]["loss"])  # mean of steps 1 and 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.timeout(420)
+def test_killed_worker_resumes_from_its_checkpoint(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    config = _config("ssl.target=ema", "train.epochs=4", "train.steps_per_epoch=6",
+                     "train.checkpoint_every_steps=3", "train.early_stop_patience=10")  # fmt: skip
+    run_dir = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list((run_dir / "ray").glob("**/checkpoint_*")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.append(proc.pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    report = run_training(scene_store, config, run_dir)
+    killer.join(timeout=1)
+    assert killed, "no Train worker was killed"
+    assert report["steps"] == 24
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(300)
+def test_resume_continues_a_stopped_run(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    run_dir = tmp_path / "run"
+    first = run_training(scene_store, _config("ssl.enabled=false", "train.epochs=1",
+                                              "train.steps_per_epoch=4"), run_dir)  # fmt: skip
+    assert first["steps"] == 4
+    longer = _config("ssl.enabled=false", "train.epochs=2", "train.steps_per_epoch=4")
+    second = run_training(scene_store, longer, run_dir, resume=True)
+    assert second["steps"] == 8
+    assert [e["epoch"] for e in second["epochs"]] == [0, 1]
+    assert second["epochs"][0] == first["epochs"][0]
