@@ -25,7 +25,13 @@ from semisup import columns as C
 from semisup import store as tile_store
 
 # Per-tile pixel columns and their padding value outside the raster (see store.read_tile).
-PIXEL_FILL: dict[str, int | bool] = {C.IMAGE: 0, C.VALID: False, C.LABEL: C.IGNORE_INDEX}
+PIXEL_FILL: dict[str, int | float | bool] = {
+    C.IMAGE: 0,
+    C.VALID: False,
+    C.LABEL: C.IGNORE_INDEX,
+    C.PSEUDO_LABEL: C.IGNORE_INDEX,  # for uint16 instance ids: 65535, see pixel_fill
+    C.CONFIDENCE: 0.0,
+}
 # Per-tile position columns, copied from the tile index, with their numpy dtypes.
 INDEX_DTYPES: dict[str, str] = {
     C.TILE_ID: "int64",
@@ -41,6 +47,10 @@ STRING_COLUMNS = (C.SOURCE, C.SPLIT)
 # tasks keep Ray's per-task cost low (see bench/RESULTS.md).
 TARGET_BLOCK_BYTES = 8 * 1024**2
 ALL_COLUMNS: tuple[str, ...] = (*PIXEL_FILL, *INDEX_DTYPES, *STRING_COLUMNS)
+# The teacher's columns are read only when asked for by name: most readers do not need them.
+DEFAULT_COLUMNS: tuple[str, ...] = tuple(
+    name for name in ALL_COLUMNS if name not in (C.PSEUDO_LABEL, C.CONFIDENCE)
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,28 @@ class SourceLayout:
     bands: int
     dtype: str
     labeled: bool
+    pseudo_dtype: str | None = None  # dtype of the teacher's pseudo_label array, None if absent
+
+    def pixel_dtype(self, name: str) -> str:
+        """The dtype of pixel column ``name`` in this source's rows."""
+        dtypes = {C.IMAGE: self.dtype, C.VALID: "bool", C.LABEL: "uint8", C.CONFIDENCE: "float32"}
+        return dtypes.get(name, self.pseudo_dtype or "uint8")
+
+    def stores(self, name: str) -> bool:
+        """Whether the source holds an array for pixel column ``name`` (else rows are fill)."""
+        if name == C.LABEL:
+            return self.labeled
+        if name in (C.PSEUDO_LABEL, C.CONFIDENCE):
+            return self.pseudo_dtype is not None
+        return True
+
+
+def pixel_fill(name: str, dtype: str) -> int | float | bool:
+    """Padding of pixel column ``name``: PIXEL_FILL, or the dtype's maximum for pseudo-labels
+    (255 = IGNORE_INDEX for uint8 class ids, 65535 = not valid for uint16 instance ids)."""
+    if name == C.PSEUDO_LABEL:
+        return int(np.iinfo(dtype).max)
+    return PIXEL_FILL[name]
 
 
 @dataclass(frozen=True)
@@ -157,18 +189,17 @@ def read_tile_group(
     batch: dict[str, np.ndarray] = {}
     pixel_columns = [name for name in PIXEL_FILL if name in columns]
     for name in pixel_columns:
-        dtype = {C.IMAGE: layout.dtype, C.VALID: "bool", C.LABEL: "uint8"}[name]
+        dtype = layout.pixel_dtype(name)
         trailing = (layout.bands,) if name == C.IMAGE else ()
-        batch[name] = np.full((n, span, span, *trailing), PIXEL_FILL[name], dtype=dtype)
-    stored = [name for name in pixel_columns if name != C.LABEL or layout.labeled]
+        batch[name] = np.full((n, span, span, *trailing), pixel_fill(name, dtype), dtype=dtype)
+    stored = [name for name in pixel_columns if layout.stores(name)]
     for tiles in covering_windows(group) if stored else []:
         top, left = int(group.y0[tiles].min()) - halo, int(group.x0[tiles].min()) - halo
         height = int(group.y0[tiles].max()) - halo - top + span
         width = int(group.x0[tiles].max()) - halo - left + span
         for name in stored:
-            window = tile_store.read_window(
-                source[name], top, left, height, width, PIXEL_FILL[name]
-            )
+            fill = pixel_fill(name, layout.pixel_dtype(name))
+            window = tile_store.read_window(source[name], top, left, height, width, fill)
             for i in tiles:
                 dy, dx = int(group.y0[i]) - halo - top, int(group.x0[i]) - halo - left
                 batch[name][i] = window[dy : dy + span, dx : dx + span]
@@ -192,6 +223,8 @@ def row_nbytes(tile_size: int, halo: int, columns: Sequence[str], layout: Source
         C.IMAGE: pixels * layout.bands * np.dtype(layout.dtype).itemsize,
         C.VALID: -(-pixels // 8),  # Arrow packs booleans into bits
         C.LABEL: pixels,
+        C.PSEUDO_LABEL: pixels * np.dtype(layout.pixel_dtype(C.PSEUDO_LABEL)).itemsize,
+        C.CONFIDENCE: pixels * 4,
         C.SOURCE: 24,  # offset plus a short id
         C.SPLIT: 16,
         **{name: np.dtype(dtype).itemsize for name, dtype in INDEX_DTYPES.items()},
@@ -293,6 +326,8 @@ def block_schema(
         C.IMAGE: np.zeros((1, span, span, layout.bands), dtype=layout.dtype),
         C.VALID: np.zeros((1, span, span), dtype=bool),
         C.LABEL: np.zeros((1, span, span), dtype=np.uint8),
+        C.PSEUDO_LABEL: np.zeros((1, span, span), dtype=layout.pixel_dtype(C.PSEUDO_LABEL)),
+        C.CONFIDENCE: np.zeros((1, span, span), dtype=np.float32),
         **{name: np.zeros(1, dtype=dtype) for name, dtype in INDEX_DTYPES.items()},
         **{name: np.array([""], dtype=object) for name in STRING_COLUMNS},
     }

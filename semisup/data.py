@@ -6,6 +6,9 @@ cut the tiles out (see ``semisup._zarr_datasource``). Rows are dicts of ``semisu
 
 - ``IMAGE``: S×S×C in the source dtype; ``VALID``: S×S bool; ``LABEL``: S×S uint8, IGNORE_INDEX
   where unlabelled (every row has one, all IGNORE_INDEX for unlabelled sources);
+- ``PSEUDO_LABEL`` (S×S, the teacher's dtype: uint8 class ids, or uint16 instance ids) and
+  ``CONFIDENCE`` (S×S float32) once ``semisup pseudo-label`` has written them; sources without
+  them give IGNORE_INDEX (65535 for uint16) and confidence 0. Asked for only by name;
 - ``TILE_ID``, ``ROW``, ``COL``, ``Y0``, ``X0`` (integers) and ``SOURCE``, ``SPLIT`` (strings);
 
 with S = tile_size + 2·halo. Pixels outside the raster, around the halo or past a short edge tile,
@@ -31,6 +34,7 @@ from semisup import columns as C
 from semisup import store as tile_store
 from semisup._zarr_datasource import (
     ALL_COLUMNS,
+    DEFAULT_COLUMNS,
     SourceLayout,
     ZarrTileDatasource,
     group_tiles,
@@ -59,8 +63,8 @@ def read_tiles(
         halo: pixels of context read on each side of a tile; rows are S×S with
             S = tile_size + 2·halo.
         skip_nodata: drop tiles whose ``valid_fraction`` in the index is 0.
-        columns: the columns to produce (default: all of ``ALL_COLUMNS``); pixel arrays not
-            asked for are not read.
+        columns: the columns to produce (default: ``DEFAULT_COLUMNS``, every column but the
+            teacher's PSEUDO_LABEL and CONFIDENCE); pixel arrays not asked for are not read.
         tiles_per_task: tiles per read task, taken from one source in row-major order. Larger
             tasks amortise Ray's per-task cost; each task's block holds this many rows.
         read_cpus: CPUs reserved by each read task. Fractional (default 0.5) so that reads
@@ -121,7 +125,7 @@ def read_tiles_from_config(store: str, config: StreamConfig, **kwargs: Any) -> r
 
 def _check_columns(store: str, columns: Sequence[str] | None) -> tuple[str, ...]:
     if columns is None:
-        return ALL_COLUMNS
+        return DEFAULT_COLUMNS
     if isinstance(columns, str):
         columns = [columns]
     unknown = [name for name in columns if name not in ALL_COLUMNS]
@@ -177,8 +181,13 @@ def _source_layouts(
     layouts = {}
     for source_id in index.column(C.SOURCE).unique().to_pylist():
         meta = tile_store.read_source_meta(root, source_id)
+        group = root[source_id]
+        pseudo = group.get(C.PSEUDO_LABEL)
         layouts[source_id] = SourceLayout(
-            bands=meta.bands, dtype=meta.dtype, labeled=C.LABEL in root[source_id]
+            bands=meta.bands,
+            dtype=meta.dtype,
+            labeled=C.LABEL in group,
+            pseudo_dtype=None if pseudo is None else str(pseudo.dtype),
         )
     kinds = {(layout.bands, layout.dtype) for layout in layouts.values()}
     if C.IMAGE in columns and len(kinds) > 1:

@@ -17,7 +17,7 @@ from semisup import _zarr_datasource as zarr_datasource
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup._zarr_datasource import (
-    ALL_COLUMNS,
+    DEFAULT_COLUMNS,
     SourceLayout,
     ZarrTileDatasource,
     covering_windows,
@@ -29,6 +29,8 @@ from semisup.data import read_tiles, read_tiles_from_config
 
 TILE = 32
 PIXEL_COLUMNS = (C.IMAGE, C.VALID, C.LABEL)
+# Every column but the teacher's (tested on their own below): 5 bytes per pixel with 3 bands.
+STORE_COLUMNS = DEFAULT_COLUMNS
 
 # Sizes are not multiples of TILE, so right and bottom edge tiles are short. Source "a" has a
 # nodata box covering tile (0, 0) entirely and tile (0, 1) partly.
@@ -111,7 +113,7 @@ def test_a_group_reads_whole_rectangles_not_tiles(synthetic: SyntheticStore) -> 
     (group,) = group_tiles(index, tiles_per_task=64)  # 4 rows × 5 columns: one rectangle
     layout = SourceLayout(bands=3, dtype="uint8", labeled=True)
     batch = read_tile_group(
-        source, group, tile_size=TILE, halo=4, columns=ALL_COLUMNS, layout=layout
+        source, group, tile_size=TILE, halo=4, columns=STORE_COLUMNS, layout=layout
     )
     assert len(group) == 20 and batch[C.IMAGE].shape == (20, TILE + 8, TILE + 8, 3)
     assert [source[name].reads for name in PIXEL_COLUMNS] == [1, 1, 1]
@@ -135,7 +137,7 @@ def test_block_metadata_matches_the_blocks(
         layouts,
         tile_size=TILE,
         halo=3,
-        columns=ALL_COLUMNS,
+        columns=STORE_COLUMNS,
         target_block_bytes=target_block_bytes,
     )
     tasks = datasource.get_read_tasks(parallelism=1)
@@ -326,7 +328,7 @@ def test_s3_store_streams_like_the_local_one(
     streamed = rows_by_id(remote.take_all())
     assert set(streamed) == set(local)
     for tile_id, row in streamed.items():
-        for name in ALL_COLUMNS:
+        for name in DEFAULT_COLUMNS:
             np.testing.assert_array_equal(row[name], local[tile_id][name], err_msg=name)
     with pytest.raises(FileNotFoundError, match="s3://tiles-bucket/missing.zarr"):
         read_tiles("s3://tiles-bucket/missing.zarr", storage_options=s3_options)
@@ -367,3 +369,34 @@ def test_bad_arguments(synthetic: SyntheticStore, kwargs: dict[str, Any], messag
     with pytest.raises(ValueError, match=message) as raised:
         read_tiles(synthetic.url, **kwargs)
     assert synthetic.url in str(raised.value)
+
+
+@pytest.mark.timeout(120)
+def test_pseudo_label_columns_stream_where_written_and_fill_elsewhere(
+    tmp_path: Path, ray_session: None
+) -> None:
+    sources = (
+        SourceSpec("p", 70, 50, split=C.UNLABELED),
+        SourceSpec("q", 40, 40, split=C.UNLABELED),
+    )
+    synthetic = build_store(str(tmp_path / "s.zarr"), sources, tile_size=TILE)
+    root = zarr.open_group(synthetic.url, mode="r+")
+    rng = np.random.default_rng(0)
+    pseudo = rng.integers(0, 5, (70, 50)).astype(np.uint8)
+    confidence = rng.random((70, 50)).astype(np.float32)
+    root["p"].create_array(C.PSEUDO_LABEL, data=pseudo, chunks=(TILE, TILE))
+    root["p"].create_array(C.CONFIDENCE, data=confidence, chunks=(TILE, TILE))
+    columns = [C.SOURCE, C.Y0, C.X0, C.PSEUDO_LABEL, C.CONFIDENCE]
+    rows = read_tiles(synthetic.url, columns=columns, skip_nodata=False).take_all()
+    assert len(rows) == len(synthetic.tile_ids())
+    for row in rows:
+        y0, x0 = int(row[C.Y0]), int(row[C.X0])
+        assert row[C.PSEUDO_LABEL].dtype == np.uint8 and row[C.CONFIDENCE].dtype == np.float32
+        if row[C.SOURCE] == "p":
+            expected_label = tile_store.read_window(pseudo, y0, x0, TILE, TILE, C.IGNORE_INDEX)
+            expected_conf = tile_store.read_window(confidence, y0, x0, TILE, TILE, 0.0)
+        else:  # no teacher output in this source: ignore everywhere, confidence 0
+            expected_label = np.full((TILE, TILE), C.IGNORE_INDEX, np.uint8)
+            expected_conf = np.zeros((TILE, TILE), np.float32)
+        np.testing.assert_array_equal(row[C.PSEUDO_LABEL], expected_label)
+        np.testing.assert_array_equal(row[C.CONFIDENCE], expected_conf)
