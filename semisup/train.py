@@ -67,6 +67,7 @@ def store_facts(store: str) -> dict[str, Any]:
         band_scale[source_id] = (list(source.band_low), list(source.band_high))
     counts = index[C.SPLIT].value_counts().to_dict()
     has_pseudo = any(C.PSEUDO_LABEL in root[s] for s in meta.sources)  # type: ignore[operator]
+    teacher_run = root.attrs.get("semisup_pseudo_label") or {}  # see semisup.pseudo_label
     return {
         "num_classes": meta.num_classes,
         "class_names": list(meta.class_names or [f"class_{k}" for k in range(meta.num_classes)]),
@@ -74,6 +75,7 @@ def store_facts(store: str) -> dict[str, Any]:
         "band_scale": band_scale,
         "tiles_per_split": {k: int(v) for k, v in counts.items()},
         "has_pseudo_labels": has_pseudo,
+        "pseudo_label_mode": teacher_run.get("mode") if isinstance(teacher_run, dict) else None,
     }
 
 
@@ -119,6 +121,16 @@ def run_training(
         raise ConfigError(
             f"ssl.target={config.ssl.target!r} needs pseudo-labels in {store}; run "
             "`semisup pseudo-label` first or set ssl.target=ema"
+        )
+    if (
+        config.ssl.enabled
+        and config.ssl.target in ("pseudo", "both")
+        and facts["pseudo_label_mode"] != "semantic"
+    ):
+        raise ConfigError(
+            f"ssl.target={config.ssl.target!r} needs class pseudo-labels, but the store's were "
+            f"made in {facts['pseudo_label_mode']!r} mode; run `semisup pseudo-label --mode "
+            "semantic` with a fine-tuned teacher, or set ssl.target=ema"
         )
     for split in (C.LABELED, C.VAL):
         if facts["tiles_per_split"].get(split, 0) == 0:
