@@ -1,94 +1,106 @@
-"""The ``semisup`` console script: one subcommand per pipeline stage."""
+"""The ``semisup`` console script: one subcommand per pipeline stage.
+
+Each stage's flags and handler live in the module that owns the stage; this table names them.
+Only the chosen stage's module is imported, so ``semisup --help`` and each stage start quickly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from semisup.config import ConfigError
 
-_EXAMPLES = {
-    "prep": "semisup prep ../shared/data/dubai/tile_1/images --labels ../shared/data/dubai/tile_1/masks "
-    "--label-colors dubai_colours.json --out dubai.zarr",
-    "info": "semisup info dubai.zarr",
-    "train": "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder",
-    "demo": "semisup demo --out demo_out",
-}
+
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: its one-line help, a working example, and where its flags and handler are."""
+
+    help: str
+    example: str
+    module: str
+    add_arguments: str
+    handler: str
+    description: str = ""
 
 
-def _add_prep(sub: argparse._SubParsersAction) -> None:
-    from data_prep import cli as prep_cli
+STAGES: dict[str, Stage] = {
+    "prep": Stage(
+        "rasters and labels -> a chunked Zarr tile store",
+        "semisup prep ../shared/data/dubai/tile_1/images --labels ../shared/data/dubai/tile_1/masks "
+        "--label-colors dubai_colours.json --out dubai.zarr",
+        "data_prep.cli", "add_arguments", "run",
+        "Build a Zarr v3 tile store from GeoTIFF/COG, PNG/JPEG or NumPy rasters.",
+    ),
+    "info": Stage(
+        "summarise a tile store: sources, tiles per split, geo metadata",
+        "semisup info dubai.zarr",
+        "semisup.cli", "add_info_arguments", "run_info",
+    ),
+    "zero-shot": Stage(
+        "measure SAM on the labelled tiles before any training (box/point IoU, coverage)",
+        "semisup zero-shot --store dubai.zarr --model vit_b --checkpoint sam_vit_b_01ec64.pth "
+        "--out runs/zero_shot",
+        "semisup.zero_shot", "add_zero_shot_arguments", "run_zero_shot_cli",
+        "Box- and point-prompted mask IoU against ground-truth instances, automatic-mode "
+        "coverage and a per-class table: zero_shot.json, zero_shot.md and example overlays.",
+    ),
+    "pseudo-label": Stage(
+        "label tiles with the SAM teacher in a pool of Ray actors, resumably",
+        "semisup pseudo-label --store dubai.zarr --mode semantic --model tiny "
+        "--checkpoint runs/teacher/best",
+        "semisup.pseudo_label", "add_pseudo_label_arguments", "run_pseudo_label_cli",
+        "Writes pseudo_label and confidence arrays beside each source's image and "
+        "pseudo_labels.parquet at the store root; a rerun skips tiles already written.",
+    ),
+    "train": Stage(
+        "train the student on Ray Train (consistency regularisation, full/decoder/LoRA)",
+        "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder",
+        "semisup.train", "add_arguments", "run_cli",
+        "Trains the student on the store's labeled (and unlabeled) tiles, validates every epoch "
+        "on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
+    ),
+    "demo": Stage(
+        "run the whole pipeline on built-in settings and small real or generated data",
+        "semisup demo --out demo_out",
+        "semisup.cli", "add_demo_arguments", "run_demo",
+        "Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs. Uses the "
+        "Dubai imagery in ../shared/data when present, generated scenes otherwise.",
+    ),
+}  # fmt: skip
 
-    parser = sub.add_parser(
-        "prep",
-        help="rasters and labels -> a chunked Zarr tile store",
-        description="Build a Zarr v3 tile store from GeoTIFF/COG, PNG/JPEG or NumPy rasters.",
-        epilog=f"example:\n  {_EXAMPLES['prep']}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    prep_cli.add_arguments(parser)
-    parser.set_defaults(handler=prep_cli.run)
 
-
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "info",
-        help="summarise a tile store: sources, tiles per split, geo metadata",
-        epilog=f"example:\n  {_EXAMPLES['info']}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="store path or fsspec URL (s3://, gs://, ...)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(handler=_run_info)
 
 
-def _run_info(args: argparse.Namespace) -> int:
+def run_info(args: argparse.Namespace) -> int:
     from semisup.store_info import store_summary
 
     summary = store_summary(args.store)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-    else:
-        print(f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
-              f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
-              f"{summary['num_classes']} classes")  # fmt: skip
-        for split, count in sorted(summary["tiles_per_split"].items()):
-            print(f"  {split:<10} {count} tiles")
-        for source in summary["sources"]:
-            print(f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
-                  f"{source['dtype']}, crs={source['crs_name'] or 'none'}")  # fmt: skip
+        return 0
+    print(f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
+          f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
+          f"{summary['num_classes']} classes")  # fmt: skip
+    for split, count in sorted(summary["tiles_per_split"].items()):
+        print(f"  {split:<10} {count} tiles")
+    for source in summary["sources"]:
+        print(f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
+              f"{source['dtype']}, crs={source['crs_name'] or 'none'}")  # fmt: skip
     return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from semisup import train
-
-    parser = sub.add_parser(
-        "train",
-        help="train the student on Ray Train (consistency regularisation, full/decoder/LoRA)",
-        description="Trains the student on the store's labeled (and unlabeled) tiles, validates "
-        "every epoch on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
-        epilog=f"example:\n  {_EXAMPLES['train']}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_arguments(parser)
-    parser.set_defaults(handler=train.run_cli)
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "demo",
-        help="run the whole pipeline on built-in settings and small real or generated data",
-        description="Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs. "
-        "Uses the Dubai imagery in ../shared/data when present, generated scenes otherwise.",
-        epilog=f"example:\n  {_EXAMPLES['demo']}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
@@ -101,40 +113,53 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--synthetic", action="store_true", help="use generated scenes even if real data exists"
     )
-    parser.set_defaults(handler=_run_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from semisup.demo import run_demo
+def run_demo(args: argparse.Namespace) -> int:
+    from semisup.demo import run_demo as demo
 
-    run_demo(args.out, data_dir=args.data, synthetic=args.synthetic)
+    demo(args.out, data_dir=args.data, synthetic=args.synthetic)
     return 0
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_prep,
-    _add_info,
-    _add_train,
-    _add_demo,
-)
+def _stage_function(stage: Stage, name: str) -> Callable[..., object]:
+    return getattr(importlib.import_module(stage.module), name)  # type: ignore[no-any-return]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only stages in ``full_stages`` (default: all) get their flags."""
+    full = set(STAGES if full_stages is None else full_stages)
     parser = argparse.ArgumentParser(
         prog="semisup",
         description="Semi-supervised Segment Anything for aerial imagery, on Ray.",
-        epilog="examples:\n  " + "\n  ".join(_EXAMPLES.values()),
+        epilog="examples:\n  " + "\n  ".join(stage.example for stage in STAGES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(title="stages", dest="command", metavar="COMMAND")
     sub.required = True
-    for add in _SUBCOMMANDS:
-        add(sub)
+    for name, stage in STAGES.items():
+        stage_parser = sub.add_parser(
+            name,
+            help=stage.help,
+            description=stage.description or stage.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name not in full:
+            continue
+        _stage_function(stage, stage.add_arguments)(stage_parser)
+        if f"semisup {name}" not in (stage_parser.epilog or ""):  # always end with an example
+            stage_parser.epilog = (
+                f"{stage_parser.epilog or ''}\nexample:\n  {stage.example}".strip()
+            )
+        stage_parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        stage_parser.set_defaults(handler=_stage_function(stage, stage.handler))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser([chosen] if chosen in STAGES else []).parse_args(argv)
     try:
         return int(args.handler(args))
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
