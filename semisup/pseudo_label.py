@@ -38,7 +38,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final, TextIO, get_args
@@ -359,6 +359,7 @@ def run_pseudo_label(
     teacher_cls: type[SamTeacher] = SamTeacher,
     storage_options: Mapping[str, Any] | None = None,
     log: TextIO | None = sys.stderr,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Label the tiles of ``split`` with the SAM teacher and write the results into ``store``.
 
@@ -383,6 +384,7 @@ def run_pseudo_label(
         teacher_cls: ``SamTeacher`` or a subclass with the same constructor.
         storage_options: fsspec options for ``store``.
         log: progress lines (tiles done / total, tiles/s); None for silence.
+        on_progress: called with (tiles done, tiles total) after each batch is written.
 
     Returns a summary: tiles total/already done/processed, seconds, tiles/s, mean confidence and
     coverage over all labelled tiles, the run identity and the manifest path.
@@ -456,6 +458,8 @@ def run_pseudo_label(
         )
         for rows in stream:
             progress.advance(len(rows[C.TILE_ID]))
+            if on_progress is not None:
+                on_progress(progress.done, total)
     progress.finish()
     manifest = compact_manifest(store, storage_options)
     return _summary(store, manifest, selected, identity, progress, already)

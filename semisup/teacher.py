@@ -40,8 +40,14 @@ from torchvision.ops import batched_nms
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup.bands import to_three_bands
-from semisup.masks import MaskFilter, foreground, keep_masks, paint_instances, refine_with_segments
-from semisup.masks import probabilities_to_label as _probabilities_to_label
+from semisup.masks import (
+    MaskFilter,
+    foreground,
+    keep_masks,
+    paint_instances,
+    probabilities_to_label,
+    refine_with_segments,
+)
 from semisup.sam import build_sam
 
 TeacherMode = Literal["automatic", "prompted", "semantic"]
@@ -143,7 +149,10 @@ def read_source_boxes(root: Any, source_id: str) -> np.ndarray:
     group = root[source_id]
     if tile_store.BOXES not in group:
         return np.zeros((0, 4), dtype=np.float32)
-    return np.asarray(group[tile_store.BOXES][...], dtype=np.float32).reshape(-1, 4)
+    boxes = np.asarray(group[tile_store.BOXES][...], dtype=np.float32).reshape(-1, 4)
+    if len(boxes) >= INSTANCE_IGNORE:  # ids are box index + 1 in a uint16 map
+        raise ValueError(f"source {source_id} has {len(boxes)} boxes; at most 65534 fit")
+    return boxes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +300,7 @@ def load_student_teacher(
     so such a student is only reproducible as a ``full`` adapter. The returned function takes
     the teacher's B×3×S×S [0, 255] images (the student takes [0, 1]).
     """
-    from semisup import student
+    from semisup import student  # here, not at the top: only semantic mode needs peft
 
     path = adapter_file(checkpoint)
     spec = student.read_adapter_spec(path)
@@ -332,9 +341,9 @@ class _ScaledInput(torch.nn.Module):
         return self.model(images / 255.0)
 
 
-def probabilities_to_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_to_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K×H×W class logits -> (H×W int64 class ids, H×W float32 softmax confidence in [0, 1])."""
-    return _probabilities_to_label(torch.softmax(logits.float(), dim=0))
+    return probabilities_to_label(torch.softmax(logits.float(), dim=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +418,8 @@ class SamTeacher:
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_settings(mode, prompt, output)
+        if mode == "semantic" and checkpoint is None:
+            raise ValueError("semantic mode needs the student's adapter as its checkpoint")
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.mode, self.prompt, self.output = mode, prompt, output
@@ -433,9 +444,7 @@ class SamTeacher:
             self.sam = sam.to(self.device).eval()
         self.semantic: SemanticModel | None = None
         self.num_classes = 0
-        if mode == "semantic":
-            if checkpoint is None:
-                raise ValueError("semantic mode needs the student's adapter as its checkpoint")
+        if mode == "semantic" and checkpoint is not None:
             semantic, self.num_classes = load_student_teacher(
                 checkpoint,
                 model_type=model_type,
@@ -566,7 +575,7 @@ class SamTeacher:
         logits = self.semantic(images)  # B×K×S×S
         embeddings = encode_images(self.sam, images) if self.refine and self.sam else None
         for i in range(len(images)):
-            label, confidence = probabilities_to_label(logits[i])
+            label, confidence = logits_to_label(logits[i])
             count = 0
             if embeddings is not None:
                 segments, _ = self._automatic(embeddings[i : i + 1])

@@ -3,6 +3,7 @@ Ray actor pool: every tile exactly once, resume, a killed actor, prompted boxes,
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from semisup.pseudo_label import (
     MANIFEST_FILE,
     PARTS_DIR,
     PseudoLabelMismatch,
+    add_pseudo_label_arguments,
     owned_window,
     part_name,
     pseudo_label_chunks,
@@ -148,7 +150,9 @@ def clean_run(
 ) -> tuple[str, dict]:
     """Automatic mode on every tile in one uninterrupted run of a pool of two actors."""
     url = _copy(real_store, tmp_path_factory.mktemp("clean"))
-    return url, run_pseudo_label(url, actors=2, **RUN)
+    calls: list[tuple[int, int]] = []
+    summary = run_pseudo_label(url, actors=2, on_progress=lambda *call: calls.append(call), **RUN)
+    return url, {**summary, "progress_calls": calls}
 
 
 def _tile_count(url: str) -> int:
@@ -187,6 +191,8 @@ def test_actor_pool_labels_every_tile_exactly_once(clean_run: tuple[str, dict]) 
     url, summary = clean_run
     index = tile_store.read_tile_index(url).to_pandas()
     assert summary["tiles_processed"] == summary["tiles_total"] == len(index) == 36
+    done = [done for done, _ in summary["progress_calls"]]
+    assert done == sorted(done) and done[-1] == 36 and len(done) > 1  # one call per batch
     manifest = pd.read_parquet(Path(url) / MANIFEST_FILE)
     assert not (Path(url) / PARTS_DIR).exists()  # compacted
     assert len(manifest) == len(index) and manifest[C.TILE_ID].is_unique
@@ -285,3 +291,27 @@ def test_prompted_mode_keeps_each_crown_inside_its_box(
     assert total_boxes == 61 + 7 + 37 and painted_boxes >= total_boxes // 2
     manifest = read_manifest(url).to_pandas()
     assert set(manifest["mode"]) == {"prompted"} and len(manifest) == 36
+
+
+def test_cli_flags_are_kebab_case_with_help() -> None:
+    parser = argparse.ArgumentParser(prog="semisup pseudo-label")
+    add_pseudo_label_arguments(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, action.option_strings
+        assert all(flag.startswith("--") and "_" not in flag for flag in action.option_strings)
+    args = parser.parse_args(
+        ["--store", "s.zarr", "--mode", "prompted", "--model", "tiny", "--checkpoint", "x.pth"]
+        + ["--actors", "3", "--gpus-per-actor", "0.5", "--batch-size", "4", "--overwrite"]
+    )
+    assert (args.store, args.mode, args.model, args.checkpoint) == (
+        "s.zarr",
+        "prompted",
+        "tiny",
+        "x.pth",
+    )
+    assert (args.actors, args.gpus_per_actor, args.batch_size, args.overwrite) == (3, 0.5, 4, True)
+    assert "semisup pseudo-label --store" in parser.format_help()  # the example
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--store", "s.zarr", "--mode", "panoptic"])

@@ -3,6 +3,7 @@ on a real Dubai store with tiny SAM."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from semisup.zero_shot import (
     JSON_FILE,
     MARKDOWN_FILE,
     _bfs_components,
+    add_zero_shot_arguments,
     component_point,
     component_prompts,
     connected_components,
     interior_point,
     mask_iou,
     run_zero_shot,
+    run_zero_shot_cli,
 )
 
 DUBAI_COLOURS = {
@@ -152,3 +155,20 @@ def test_zero_shot_over_ray_data_matches_the_local_read(
     streamed = run_zero_shot(str(dubai_store), out_dir=tmp_path / "ray", use_ray=True, **options)
     for key in ("tiles", "components", "box_iou", "point_iou", "automatic_coverage"):
         assert streamed[key] == pytest.approx(local[key]), key
+
+
+def test_cli_runs_and_reports(
+    dubai_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser(prog="semisup zero-shot")
+    add_zero_shot_arguments(parser)
+    for action in parser._actions:
+        if not isinstance(action, argparse._HelpAction):
+            assert action.help and all("_" not in flag for flag in action.option_strings)
+    args = parser.parse_args(
+        ["--store", str(dubai_store), "--model", "tiny", "--out", str(tmp_path), "--max-tiles", "1"]
+        + ["--points-per-side", "2"]
+    )
+    assert run_zero_shot_cli(args) == 0
+    assert "box IoU" in capsys.readouterr().out
+    assert json.loads((tmp_path / JSON_FILE).read_text())["tiles"] == 1
