@@ -315,3 +315,41 @@ def test_cli_flags_are_kebab_case_with_help() -> None:
     assert "semisup pseudo-label --store" in parser.format_help()  # the example
     with pytest.raises(SystemExit):
         parser.parse_args(["--store", "s.zarr", "--mode", "panoptic"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_overlapping_tiles_with_halo_write_only_their_own_pixels(
+    ray_session: None, tmp_path: Path
+) -> None:
+    from store_factory import SourceSpec, build_store
+
+    url = str(tmp_path / "overlap.zarr")
+    build_store(url, [SourceSpec("a", 150, 170, texture="smooth")], tile_size=64, overlap=16)
+    summary = run_pseudo_label(url, actors=1, halo=8, **RUN)
+    assert summary["tiles_processed"] == _tile_count(url) == 12
+    group = zarr.open_group(url, mode="r")["a"]
+    assert group[C.PSEUDO_LABEL].chunks == (48, 48)  # the stride: one owner per chunk
+    label = group[C.PSEUDO_LABEL][...]
+    assert np.all(label != INSTANCE_IGNORE)  # every pixel owned by exactly one written tile
+    # the owned window of a tile holds what the teacher gives that tile (with its halo)
+    options = {k: v for k, v in RUN.items() if k not in ("split", "batch_size", "log")}
+    teacher = SamTeacher(url, halo=8, device="cpu", **options)
+    row = tile_store.read_tile_index(url).to_pandas().iloc[5]
+    tile = tile_store.read_tile(group, row.y0, row.x0, 64, halo=8)
+    out = teacher(
+        {
+            C.IMAGE: tile[C.IMAGE][None],
+            C.VALID: tile[C.VALID][None],
+            C.SOURCE: np.array(["a"], dtype=object),
+            C.Y0: np.array([row.y0]),
+            C.X0: np.array([row.x0]),
+        }
+    )
+    ys, ye, xs, xe = owned_window(row.y0, row.x0, 150, 170, 64, 16)
+    window = (slice(ys - row.y0 + 8, ye - row.y0 + 8), slice(xs - row.x0 + 8, xe - row.x0 + 8))
+    assert np.mean(label[ys:ye, xs:xe] != out[C.PSEUDO_LABEL][0][window]) < 1e-3
+    np.testing.assert_allclose(
+        group[C.CONFIDENCE][ys:ye, xs:xe], out[C.CONFIDENCE][0][window], atol=1e-5
+    )
