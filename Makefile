@@ -19,6 +19,7 @@ $(BIN)/semisup: pyproject.toml
 	touch $@
 
 demo: $(BIN)/semisup
+	@if [ -e $(DEMO_OUT) ]; then echo "replacing the previous demo outputs in $(DEMO_OUT)"; rm -rf $(DEMO_OUT); fi
 	$(BIN)/semisup demo --out $(DEMO_OUT)
 
 lint: $(BIN)/semisup

@@ -12,20 +12,26 @@ from semisup.demo import run_demo
 from semisup.store import read_tile_index
 
 
-@pytest.mark.timeout(300)
-def test_demo_on_generated_scenes(tmp_path: Path, ray_session: None) -> None:
+@pytest.mark.timeout(900)
+def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_session: None) -> None:
     out = tmp_path / "demo"
     summary = run_demo(out, synthetic=True)
-    assert (
-        json.loads((out / "demo_summary.json").read_text())["stages"].keys()
-        == summary["stages"].keys()
-    )
+    stages = summary["stages"]
+    assert list(stages) == ["prep", "stream", "zero-shot", "teacher", "pseudo-label", "student"]
+    assert json.loads((out / "demo_summary.json").read_text())["stages"].keys() == stages.keys()
     index = read_tile_index(str(out / "store.zarr")).to_pandas()
-    prep = summary["stages"]["prep"]
-    assert prep["sources"] == 4 and prep["tiles"] == len(index) == 4 * 9  # 768 px = 3×3 tiles
-    assert set(index[C.SPLIT]) == {C.LABELED, C.UNLABELED, C.VAL}
+    assert stages["prep"]["sources"] == 4 and stages["prep"]["tiles"] == len(index) == 4 * 9
     assert set(index.loc[index[C.SPLIT] == C.VAL, C.SOURCE]) == {"scene_3"}
     for split in C.SPLITS:
-        streamed = summary["stages"]["stream"][split]["tiles"]
         expected = int(((index[C.SPLIT] == split) & (index["valid_fraction"] > 0)).sum())
-        assert streamed == expected > 0
+        assert stages["stream"][split]["tiles"] == expected > 0
+    assert (out / "zero_shot" / "zero_shot.json").is_file()
+    unlabeled = int(((index[C.SPLIT] == C.UNLABELED) & (index["valid_fraction"] > 0)).sum())
+    assert stages["pseudo-label"]["tiles_processed"] == unlabeled
+    for run in ("teacher", "student"):
+        report = json.loads((out / run / "report.json").read_text())
+        assert 0 < report["best_miou"] <= 1 and Path(report["best_checkpoint"]).is_file()
+    assert stages["teacher"]["mode"] == "decoder" and not stages["teacher"]["consistency"]
+    assert stages["student"]["mode"] == "lora" and stages["student"]["consistency"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_demo(out, synthetic=True)
