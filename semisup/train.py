@@ -267,7 +267,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     start = time.perf_counter()
     for epoch in range(state["epoch"], train.epochs):
         sums: dict[str, float] = {}
+        steps_done = 0
         while state["step"] < (epoch + 1) * train.steps_per_epoch:
+            step_start = time.perf_counter()  # data wait included: the cost a user sees
             for group in optimizer.param_groups:
                 group["lr"] = lr * _lr_factor(state["step"], train.warmup_steps, total_steps)
             labeled_batch = prepare_batch(next(labeled), band_scale, device)
@@ -280,6 +282,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 dice_weight=train.dice_weight, autocast_dtype=autocast, generator=generator,
             )  # fmt: skip
             state["step"] += 1
+            steps_done += 1
+            parts["step_seconds"] = time.perf_counter() - step_start
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
             if writer is not None:
@@ -293,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         metrics.update(
             epoch=epoch, step=state["step"], seconds=round(time.perf_counter() - start, 1)
         )
-        metrics["train"] = {k: v / train.steps_per_epoch for k, v in sums.items()}
+        metrics["train"] = {k: v / max(steps_done, 1) for k, v in sums.items()}
         state["history"].append(metrics)
         improved = metrics["miou"] > state["best_miou"]
         if improved:
