@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from semisup.sam import SAM_SPECS, CheckpointError, build_sam, resize_state_dict
 from semisup.student import (
+    ADAPTER_METADATA_KEY,
     PARAMETER_GROUPS,
     REINITIALISED_DECODER_KEYS,
     AdapterError,
@@ -94,11 +98,11 @@ def _predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 # ---- shapes and modes ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [256, 512])
-def test_logits_are_batch_by_class_by_tile(size: int) -> None:
+@pytest.mark.parametrize(("size", "batch"), [(256, 2), (512, 2), (1024, 1)])
+def test_logits_are_batch_by_class_by_tile(size: int, batch: int) -> None:
     model = _student(mode="decoder", image_size=size)
-    logits = _predict(model, _images(2, size))
-    assert logits.shape == (2, NUM_CLASSES, size, size)
+    logits = _predict(model, _images(batch, size))
+    assert logits.shape == (batch, NUM_CLASSES, size, size)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
 
@@ -279,6 +283,21 @@ def test_mismatched_adapter_is_refused(other: dict, message: str, tmp_path: Path
         load_adapter(model, path)
 
 
+def test_adapter_for_another_model_type_is_refused(tmp_path: Path) -> None:
+    path = save_adapter(_student(), tmp_path / "adapter.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+        metadata = file.metadata()
+    fields = json.loads(metadata[ADAPTER_METADATA_KEY]) | {"model_type": "vit_b"}
+    metadata[ADAPTER_METADATA_KEY] = json.dumps(fields)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter for vit_b/5 classes/256 px .* given to a tiny/5 classes/256 px",
+    ):
+        load_adapter(_student(), path)
+
+
 def test_adapter_from_another_base_checkpoint_is_refused(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -353,7 +372,7 @@ def _synthetic_crops(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]
 
 @pytest.mark.parametrize("mode", ["decoder", "lora"])
 def test_a_few_dozen_steps_lower_the_loss(mode: str) -> None:
-    size, steps, batch = 128, 40, 8
+    size, steps, batch = 128, 25, 8
     images, labels = _synthetic_crops(16, size)
     model = _student(mode=mode, image_size=size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
