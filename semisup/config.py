@@ -172,6 +172,8 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers; 0 runs the loop in this process (debugging)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # 0: Ray's default (one per whole CPU reserved); reads are light, so
+    # on a small machine a worker may compute with more threads than the CPUs it reserves
     batch_size: int = 8  # global labeled tiles per step, split evenly across workers
     lr: float = 3e-4  # at the reference batch of 8; scaled linearly with batch_size
     weight_decay: float = 0.01
@@ -200,6 +202,7 @@ class TrainConfig:
         _check(self.early_stop_patience >= 1, "train.early_stop_patience",
                self.early_stop_patience, ">= 1")  # fmt: skip
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
+        _check(self.torch_threads >= 0, "train.torch_threads", self.torch_threads, ">= 0")
 
 
 @dataclass(frozen=True)

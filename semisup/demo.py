@@ -46,6 +46,7 @@ def demo_config() -> ExperimentConfig:
         ssl=SslConfig(target="both", confidence_threshold=0.9, ramp_up_steps=20),
         train=TrainConfig(
             num_workers=1,
+            torch_threads=2,  # the worker reserves 1 CPU for scheduling but may compute on 2
             batch_size=8,
             lr=1e-3,
             epochs=4,

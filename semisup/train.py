@@ -233,6 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     train, ssl = config.train, config.ssl
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
     torch.manual_seed(train.seed)  # identical initialisation on every worker
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
     num_classes = int(facts["num_classes"])

@@ -1,0 +1,147 @@
+"""Step time of the Ray Train student loop against a bare PyTorch loop, in one run.
+
+Both loops run the same ``semisup.steps.train_step`` on the same model, batch size, seed and
+number of torch threads. The bare loop takes its batches from tiles already in memory; the Ray
+loop reads them through Ray Data shards inside a TorchTrainer worker. The per-step time of the Ray
+loop is measured inside the worker (data wait included) and excludes start-up and validation.
+
+    python bench/bench_train.py [--steps 30] [--threads 2] [--tile-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def build_scene_store(folder: Path, tile_size: int) -> str:
+    """Six generated 768 px scenes: 2 labeled, 3 unlabeled, 1 val source."""
+    from data_prep.ingest import build_store
+    from semisup.synthetic import generate_scene
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    for i in range(6):
+        image, label = generate_scene(768, seed=100 + i)
+        Image.fromarray(image).save(folder / "images" / f"scene_{i}.png")
+        Image.fromarray(label).save(folder / "labels" / f"scene_{i}.png")
+    result = build_store(
+        [folder / "images"], folder / "store.zarr", labels=[folder / "labels"], num_classes=5,
+        config={"tile_size": tile_size, "val_sources": ["scene_5"], "labeled_fraction": 0.4},
+        quiet=True,
+    )  # fmt: skip
+    return str(result.path)
+
+
+def in_memory_batches(store: str, split: str, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Every tile of ``split`` read with zarr directly, grouped into numpy batches."""
+    from semisup import columns as C
+    from semisup.store import open_store, read_store_meta, read_tile, read_tile_index
+
+    root = open_store(store)
+    size = read_store_meta(root).tile_size
+    index = read_tile_index(store).to_pandas()
+    rows = []
+    for row in index[index[C.SPLIT] == split].itertuples():
+        tile = read_tile(root[row.source], row.y0, row.x0, size)
+        tile.setdefault(C.LABEL, np.full((size, size), 255, np.uint8))
+        tile[C.SOURCE] = row.source
+        rows.append(tile)
+    batches = []
+    for lo in range(0, len(rows) - batch_size + 1, batch_size):
+        group = rows[lo : lo + batch_size]
+        batches.append({key: np.stack([r[key] for r in group]) for key in group[0]})
+    return batches
+
+
+def bare_loop(store: str, config, steps: int) -> float:  # type: ignore[no-untyped-def]
+    """Mean seconds per step of train_step over in-memory batches (no Ray)."""
+    from semisup import columns as C
+    from semisup.ema import make_ema_teacher
+    from semisup.steps import prepare_batch, train_step
+    from semisup.student import build_student
+    from semisup.train import scaled_lr, store_facts
+
+    facts = store_facts(store)
+    band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+    labeled = in_memory_batches(store, C.LABELED, config.train.batch_size)
+    unlabeled = in_memory_batches(store, C.UNLABELED, config.train.batch_size)
+    torch.manual_seed(config.train.seed)
+    model = build_student(
+        config.student.model_type, facts["num_classes"], facts["tile_size"],
+        mode=config.student.mode, lora_rank=config.student.lora_rank,
+        lora_targets=config.student.lora_targets,
+    )  # fmt: skip
+    teacher = make_ema_teacher(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=scaled_lr(config))
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        labeled_batch = prepare_batch(labeled[step % len(labeled)], band_scale)
+        unlabeled_batch = prepare_batch(unlabeled[step % len(unlabeled)], band_scale)
+        train_step(
+            model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, ssl=config.ssl,
+            augment=config.augment, step=step, num_classes=facts["num_classes"],
+            generator=generator,
+        )  # fmt: skip
+        times.append(time.perf_counter() - start)
+    return float(np.mean(times))
+
+
+def ray_loop(store: str, config, steps: int, run_dir: Path) -> float:  # type: ignore[no-untyped-def]
+    """Mean seconds per step measured inside a 1-worker TorchTrainer."""
+    from semisup.runtime import ray_runtime
+    from semisup.train import run_training
+
+    with ray_runtime(config.ray):
+        report = run_training(store, config, run_dir)
+    return float(report["epochs"][0]["train"]["step_seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps per loop")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in both loops")
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels")
+    args = parser.parse_args()
+
+    from semisup.config import load_config
+
+    config = load_config(
+        overrides=[
+            "student.model_type=tiny", "student.mode=lora", "ssl.target=ema",
+            "train.num_workers=1", f"train.torch_threads={args.threads}", "train.batch_size=8",
+            "train.epochs=1", f"train.steps_per_epoch={args.steps}", "ray.num_cpus=2",
+        ]
+    )  # fmt: skip
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = build_scene_store(Path(tmp) / "scenes", args.tile_size)
+        bare = bare_loop(store, config, args.steps)
+        ray_step = ray_loop(store, dataclasses.replace(config), args.steps, Path(tmp) / "run")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} torch threads")  # fmt: skip
+    print(f"model tiny SAM student (LoRA + decoder + head), {args.tile_size} px, batch 8 labeled "
+          f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps")  # fmt: skip
+    print(f"bare PyTorch loop : {bare * 1000:8.1f} ms/step")
+    print(f"Ray Train loop    : {ray_step * 1000:8.1f} ms/step")
+    print(
+        f"ratio bare/ray    : {bare / ray_step:8.3f}  (overhead {100 * (ray_step / bare - 1):+.1f} %)"
+    )
+
+
+if __name__ == "__main__":
+    main()
