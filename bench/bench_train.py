@@ -69,7 +69,7 @@ def bare_loop(store: str, config, steps: int) -> float:  # type: ignore[no-untyp
     """Mean seconds per step of train_step over in-memory batches (no Ray)."""
     from semisup import columns as C
     from semisup.ema import make_ema_teacher
-    from semisup.steps import prepare_batch, train_step
+    from semisup.steps import StepRecipe, prepare_batch, train_step
     from semisup.student import build_student
     from semisup.train import scaled_lr, store_facts
 
@@ -87,15 +87,15 @@ def bare_loop(store: str, config, steps: int) -> float:  # type: ignore[no-untyp
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=scaled_lr(config))
     generator = torch.Generator().manual_seed(0)
+    recipe = StepRecipe(config.ssl, config.augment, facts["num_classes"], config.train.dice_weight)
     times = []
     for step in range(steps):
         start = time.perf_counter()
         labeled_batch = prepare_batch(labeled[step % len(labeled)], band_scale)
         unlabeled_batch = prepare_batch(unlabeled[step % len(unlabeled)], band_scale)
         train_step(
-            model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, ssl=config.ssl,
-            augment=config.augment, step=step, num_classes=facts["num_classes"],
-            generator=generator,
+            model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, recipe=recipe,
+            step=step, generator=generator,
         )  # fmt: skip
         times.append(time.perf_counter() - start)
     return float(np.mean(times))

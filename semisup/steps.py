@@ -13,6 +13,7 @@ the model learns is here, as functions of tensors:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,16 @@ from semisup.losses import (
 from semisup.metrics import confusion_matrix
 
 Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StepRecipe:
+    """What a training step optimises: the consistency and augmentation settings and the classes."""
+
+    ssl: SslConfig
+    augment: AugmentConfig
+    num_classes: int
+    dice_weight: float = 1.0
 
 
 def prepare_batch(
@@ -126,11 +137,8 @@ def compute_losses(
     unlabeled: Batch | None,
     *,
     teacher: nn.Module | None,
-    ssl: SslConfig,
-    augment: AugmentConfig,
+    recipe: StepRecipe,
     step: int,
-    num_classes: int,
-    dice_weight: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """``loss`` (with graph) and its parts for one step.
@@ -138,9 +146,10 @@ def compute_losses(
     Labeled tiles train through a weak view; unlabeled tiles get their target on the weak view
     and the student predicts the strong view of the same tiles (geometry moves the target too).
     """
+    ssl, augment = recipe.ssl, recipe.augment
     weak_labeled = weak_view(labeled, augment, generator)
     logits = model(weak_labeled[C.IMAGE])
-    parts = supervised_loss(logits, weak_labeled[C.LABEL], dice_weight)
+    parts = supervised_loss(logits, weak_labeled[C.LABEL], recipe.dice_weight)
     loss = parts["loss_sup"]
     if unlabeled is not None and ssl.enabled:
         weak = unlabeled_targets(weak_view(unlabeled, augment, generator), teacher, ssl)
@@ -148,7 +157,10 @@ def compute_losses(
         threshold: float | Tensor = ssl.confidence_threshold
         if ssl.class_balanced:
             threshold = class_balanced_thresholds(
-                strong[C.CONFIDENCE], strong[C.PSEUDO_LABEL], num_classes, ssl.confidence_threshold
+                strong[C.CONFIDENCE],
+                strong[C.PSEUDO_LABEL],
+                recipe.num_classes,
+                ssl.confidence_threshold,
             )
         cons = consistency_loss(
             model(strong[C.IMAGE]), strong[C.PSEUDO_LABEL], strong[C.CONFIDENCE], threshold
@@ -166,11 +178,8 @@ def train_step(
     unlabeled: Batch | None,
     *,
     teacher: nn.Module | None,
-    ssl: SslConfig,
-    augment: AugmentConfig,
+    recipe: StepRecipe,
     step: int,
-    num_classes: int,
-    dice_weight: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
@@ -182,13 +191,18 @@ def train_step(
         device_type, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
     ):
         parts = compute_losses(
-            model, labeled, unlabeled, teacher=teacher, ssl=ssl, augment=augment, step=step,
-            num_classes=num_classes, dice_weight=dice_weight, generator=generator,
-        )  # fmt: skip
+            model,
+            labeled,
+            unlabeled,
+            teacher=teacher,
+            recipe=recipe,
+            step=step,
+            generator=generator,
+        )
     parts["loss"].backward()
     optimizer.step()
     if teacher is not None:
-        ema_update(teacher, unwrap(model), ssl.ema_momentum)
+        ema_update(teacher, unwrap(model), recipe.ssl.ema_momentum)
     return {name: float(value.detach()) for name, value in parts.items()}
 
 

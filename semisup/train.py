@@ -41,7 +41,7 @@ from semisup.config import (
     to_dict,
 )
 from semisup.metrics import scores
-from semisup.steps import prepare_batch, train_step, unwrap, validation_confusion
+from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_confusion
 from semisup.store import open_store, read_source_meta, read_store_meta, read_tile_index
 
 RAY_RUN_NAME = "train"  # fixed: Ray resumes a run by its name and storage path
@@ -266,6 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + state["step"])
     autocast = torch.bfloat16 if (train.bf16 and device.type == "cuda") else None
     band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+    recipe = StepRecipe(ssl, config.augment, num_classes, train.dice_weight)
     start = time.perf_counter()
     for epoch in range(state["epoch"], train.epochs):
         sums: dict[str, float] = {}
@@ -279,9 +280,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 prepare_batch(next(unlabeled), band_scale, device) if unlabeled else None
             )
             parts = train_step(
-                model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, ssl=ssl,
-                augment=config.augment, step=state["step"], num_classes=num_classes,
-                dice_weight=train.dice_weight, autocast_dtype=autocast, generator=generator,
+                model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, recipe=recipe,
+                step=state["step"], autocast_dtype=autocast, generator=generator,
             )  # fmt: skip
             state["step"] += 1
             steps_done += 1

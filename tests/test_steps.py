@@ -1,0 +1,98 @@
+"""The training step's pieces: batch preparation, consistency targets, one optimiser step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from semisup import columns as C
+from semisup.config import AugmentConfig, SslConfig
+from semisup.ema import make_ema_teacher
+from semisup.steps import (
+    StepRecipe,
+    combine_targets,
+    compute_losses,
+    prepare_batch,
+    train_step,
+    unlabeled_targets,
+    validation_confusion,
+)
+from semisup.student import build_student
+from semisup.synthetic import generate_scene
+
+
+def test_prepare_batch_scales_bands_and_ignores_invalid_pixels() -> None:
+    image = np.full((1, 4, 4, 1), 1000, np.uint16)
+    image[0, 0, 0, 0] = 3000
+    valid = np.ones((1, 4, 4), bool)
+    valid[0, 3, 3] = False
+    batch = {
+        C.IMAGE: image, C.VALID: valid, C.SOURCE: np.array(["s"], object),
+        C.LABEL: np.ones((1, 4, 4), np.uint8), C.CONFIDENCE: np.ones((1, 4, 4), np.float32),
+    }  # fmt: skip
+    out = prepare_batch(batch, {"s": ((0.0,), (2000.0,))})
+    assert out[C.IMAGE].shape == (1, 3, 4, 4) and out[C.IMAGE].dtype == torch.float32
+    assert out[C.IMAGE][0, :, 1, 1].tolist() == [0.5, 0.5, 0.5]  # one band replicated
+    assert out[C.IMAGE][0, 0, 0, 0] == 1.0  # clipped above band_high
+    assert out[C.LABEL][0, 3, 3] == C.IGNORE_INDEX and out[C.LABEL][0, 0, 0] == 1
+    assert out[C.LABEL].dtype == torch.int64 and out[C.CONFIDENCE][0, 3, 3] == 0
+
+
+def test_combined_targets_keep_agreement_and_penalise_confident_disagreement() -> None:
+    pseudo = torch.tensor([1, 1, 2, C.IGNORE_INDEX])
+    pseudo_conf = torch.tensor([0.9, 0.9, 0.6, 0.0])
+    ema = torch.tensor([1, 3, 4, 0])
+    ema_conf = torch.tensor([0.97, 0.8, 0.99, 0.7])
+    label, confidence = combine_targets(pseudo, pseudo_conf, ema, ema_conf)
+    assert label.tolist() == [1, 1, 4, 0]
+    assert confidence.tolist() == pytest.approx([0.97, 0.9 * 0.2, 0.99 * 0.4, 0.7])
+
+
+def test_targets_need_what_they_name() -> None:
+    weak = {C.IMAGE: torch.rand(1, 3, 8, 8), C.VALID: torch.ones(1, 8, 8, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="needs an EMA teacher"):
+        unlabeled_targets(weak, None, SslConfig(target="ema"))
+    with pytest.raises(ValueError, match="needs pseudo-labels"):
+        unlabeled_targets(weak, None, SslConfig(target="pseudo"))
+
+
+def _scene_batch(size: int = 64) -> dict[str, torch.Tensor]:
+    images, labels = zip(*(generate_scene(size, seed=s) for s in range(4)), strict=True)
+    return {
+        C.IMAGE: torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255,
+        C.LABEL: torch.from_numpy(np.stack(labels)).long(),
+        C.VALID: torch.ones(4, size, size, dtype=torch.bool),
+    }
+
+
+def test_steps_lower_the_loss_and_move_the_ema_teacher() -> None:
+    torch.manual_seed(0)
+    model = build_student("tiny", 5, 64, mode="decoder")
+    teacher = make_ema_teacher(model)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    recipe = StepRecipe(SslConfig(target="ema", ema_momentum=0.9), AugmentConfig(), 5)
+    labeled, unlabeled = _scene_batch(), _scene_batch()
+    unlabeled.pop(C.LABEL)
+    generator = torch.Generator().manual_seed(0)
+    losses = [
+        train_step(model, optimizer, labeled, unlabeled, teacher=teacher, recipe=recipe,
+                   step=step, generator=generator)["loss_sup"]
+        for step in range(25)
+    ]  # fmt: skip
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    moved = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and all("image_encoder" not in k for k in moved)  # frozen encoder stays put
+    confusion = validation_confusion(model, labeled, 5)
+    assert confusion.sum() == labeled[C.LABEL].numel()
+
+
+def test_without_unlabeled_tiles_there_is_no_consistency_term() -> None:
+    torch.manual_seed(0)
+    model = build_student("tiny", 5, 64, mode="decoder")
+    recipe = StepRecipe(SslConfig(enabled=False), AugmentConfig(), 5)
+    parts = compute_losses(
+        model, _scene_batch(), _scene_batch(), teacher=None, recipe=recipe, step=0
+    )
+    assert "loss_cons" not in parts and torch.equal(parts["loss"], parts["loss_sup"])
