@@ -158,6 +158,25 @@ def test_block_metadata_matches_the_blocks(
     assert datasource.estimate_inmemory_data_size() == total
 
 
+def test_overlapping_grid_reads_like_read_tile(tmp_path: Path) -> None:
+    spec = SourceSpec("o", 90, 75)
+    synthetic = build_store(str(tmp_path / "o.zarr"), [spec], tile_size=TILE, overlap=10)
+    datasource = ZarrTileDatasource(
+        synthetic.url,
+        group_tiles(synthetic.index, tiles_per_task=5),
+        {"o": SourceLayout(3, "uint8", True)},
+        tile_size=TILE,
+        halo=4,
+        columns=STORE_COLUMNS,
+    )
+    root = tile_store.open_store(synthetic.url)
+    rows = [row for task in datasource.get_read_tasks(1) for b in task() for row in b.to_pylist()]
+    assert sorted(row[C.TILE_ID] for row in rows) == sorted(synthetic.tile_ids())
+    for row in rows:
+        row.update({name: np.asarray(row[name]) for name in PIXEL_COLUMNS})
+        assert_equals_read_tile(row, root, halo=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming with Ray
 
