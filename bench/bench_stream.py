@@ -148,6 +148,8 @@ def timed(fn: Callable[[], int], with_children: bool = True) -> Pass:
 class Peaks:
     rss_bytes: int = 0  # driver + Ray worker processes, summed at each sample
     pss_bytes: int = 0  # the same as proportional set size: shared pages counted once
+    driver_rss_bytes: int = 0
+    processes: int = 0  # driver + workers alive at the largest RSS sample
     object_store_bytes: int = 0
     spilled_bytes: int = 0
 
@@ -185,7 +187,11 @@ def sample_peaks(interval_s: float = 0.1) -> Iterator[Peaks]:
                     memory = process.memory_full_info()
                     rss, pss = rss + memory.rss, pss + memory.pss
             used, spilled = object_store_stats()
-            peaks.rss_bytes = max(peaks.rss_bytes, rss)
+            if rss > peaks.rss_bytes:
+                peaks.rss_bytes, peaks.processes = rss, len(processes)
+            with suppress(psutil.Error):
+                driver_rss = processes[0].memory_info().rss
+                peaks.driver_rss_bytes = max(peaks.driver_rss_bytes, driver_rss)
             peaks.pss_bytes = max(peaks.pss_bytes, pss)
             peaks.object_store_bytes = max(peaks.object_store_bytes, used)
             peaks.spilled_bytes = max(peaks.spilled_bytes, spilled)
@@ -291,8 +297,9 @@ def measure_memory(args: argparse.Namespace, stores: list[tuple[int, str]]) -> N
             f"memory, {num_tiles} tiles ({decoded_mib:.0f} MiB decoded, "
             f"{decoded_mib / args.memory_object_store_mib:.1f}x the "
             f"{args.memory_object_store_mib} MiB object store): {run.rate:.0f} tiles/s, "
-            f"peak driver+workers RSS {peaks.rss_bytes / MiB:.0f} MiB "
-            f"(PSS {peaks.pss_bytes / MiB:.0f} MiB), peak object store "
+            f"peak RSS of driver + {peaks.processes - 1} workers {peaks.rss_bytes / MiB:.0f} MiB "
+            f"(PSS {peaks.pss_bytes / MiB:.0f} MiB; driver alone {peaks.driver_rss_bytes / MiB:.0f}"
+            f" MiB), peak object store "
             f"{peaks.object_store_bytes / MiB:.0f} MiB, spilled {peaks.spilled_bytes / MiB:.0f} MiB"
         )
     ray.shutdown()
