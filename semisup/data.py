@@ -69,7 +69,9 @@ def read_tiles(
             tasks amortise Ray's per-task cost; a task yields its tiles in blocks of at most
             32 MiB.
         read_cpus: CPUs reserved by each read task. Fractional (default 0.5) so that reads
-            never take every CPU away from Train workers and actors.
+            never take every CPU away from Train workers and actors. Whatever it reserves,
+            at most one read task per cluster CPU runs at a time (see
+            ``_max_concurrent_reads``).
         storage_options: fsspec options for ``store`` (endpoint, credentials, ...); they travel
             with every read task.
 
@@ -79,14 +81,7 @@ def read_tiles(
             argument is not one that is expected.
     """
     selected = _check_columns(store, columns)
-    if halo < 0:
-        raise ValueError(f"read_tiles({store!r}): halo must be >= 0, got {halo!r}")
-    if tiles_per_task < 1:
-        raise ValueError(
-            f"read_tiles({store!r}): tiles_per_task must be >= 1, got {tiles_per_task!r}"
-        )
-    if read_cpus <= 0:
-        raise ValueError(f"read_tiles({store!r}): read_cpus must be > 0, got {read_cpus!r}")
+    _check_numbers(store, halo=halo, tiles_per_task=tiles_per_task, read_cpus=read_cpus)
     root, meta, index = _open(store, storage_options)
     index = _filter_index(store, index, split, skip_nodata)
     layouts = _source_layouts(store, root, index, selected)
@@ -139,6 +134,17 @@ def _check_columns(store: str, columns: Sequence[str] | None) -> tuple[str, ...]
             f" expected a non-empty subset of {', '.join(ALL_COLUMNS)}"
         )
     return tuple(dict.fromkeys(columns))  # drop repeats, keep order
+
+
+def _check_numbers(store: str, *, halo: int, tiles_per_task: int, read_cpus: float) -> None:
+    if halo < 0:
+        raise ValueError(f"read_tiles({store!r}): halo must be >= 0, got {halo!r}")
+    if tiles_per_task < 1:
+        raise ValueError(
+            f"read_tiles({store!r}): tiles_per_task must be >= 1, got {tiles_per_task!r}"
+        )
+    if read_cpus <= 0:
+        raise ValueError(f"read_tiles({store!r}): read_cpus must be > 0, got {read_cpus!r}")
 
 
 def _open(
