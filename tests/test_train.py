@@ -156,3 +156,51 @@ def test_resume_continues_a_stopped_run(
     assert second["steps"] == 8
     assert [e["epoch"] for e in second["epochs"]] == [0, 1]
     assert second["epochs"][0] == first["epochs"][0]
+
+
+@pytest.fixture(scope="module")
+def dubai_store(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Dubai tile 1 for training (every image labelled) and tile 3 for validation."""
+    from semisup.datasets import CLASS_NAMES, DUBAI_COLOURS
+
+    result = build_store(
+        [dubai_dir / "tile_1" / "images", dubai_dir / "tile_3" / "images"],
+        tmp_path_factory.mktemp("dubai") / "store.zarr",
+        labels=[dubai_dir / "tile_1" / "masks", dubai_dir / "tile_3" / "masks"],
+        label_colors=DUBAI_COLOURS, class_names=list(CLASS_NAMES),
+        config={"tile_size": 256, "split_by": "folder", "val_sources": ["tile_3*"],
+                "labeled_fraction": 1.0},
+        quiet=True,
+    )  # fmt: skip
+    return str(result.path)
+
+
+def _majority_class_miou(store: str) -> float:
+    """Validation mIoU of always predicting the most frequent class of the val tiles."""
+    import torch
+
+    from semisup import columns as C
+    from semisup.metrics import confusion_matrix, majority_class_miou
+    from semisup.store import open_store, read_tile_index
+
+    root, index = open_store(store), read_tile_index(store).to_pandas()
+    confusion = torch.zeros(5, 5, dtype=torch.int64)
+    for source in index.loc[index[C.SPLIT] == C.VAL, C.SOURCE].unique():
+        label = torch.from_numpy(root[source][C.LABEL][:].astype(np.int64))
+        confusion += confusion_matrix(torch.zeros_like(label), label, 5)
+    return majority_class_miou(confusion)
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_on_real_dubai_tiles_learn_past_the_majority_class(
+    dubai_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    config = _config("ssl.enabled=false", "train.num_workers=2", "train.cpus_per_worker=0.5",
+                     "train.batch_size=8", "train.epochs=3", "train.steps_per_epoch=10",
+                     "train.lr=3e-3")  # fmt: skip
+    report = run_training(dubai_store, config, tmp_path / "run")
+    epochs = report["epochs"]
+    assert epochs[-1]["train"]["loss"] < epochs[0]["train"]["loss"]
+    floor = _majority_class_miou(dubai_store)
+    assert 0.05 < floor < 0.2
+    assert report["best_miou"] > floor + 0.02
