@@ -174,6 +174,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0: Ray's default (one per whole CPU reserved); reads are light, so
     # on a small machine a worker may compute with more threads than the CPUs it reserves
+    cache_mb: int = 1024  # a worker keeps a split shard this small in memory after one pass
     batch_size: int = 8  # global labeled tiles per step, split evenly across workers
     lr: float = 3e-4  # at the reference batch of 8; scaled linearly with batch_size
     weight_decay: float = 0.01
@@ -203,6 +204,7 @@ class TrainConfig:
                self.early_stop_patience, ">= 1")  # fmt: skip
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.torch_threads >= 0, "train.torch_threads", self.torch_threads, ">= 0")
+        _check(self.cache_mb >= 0, "train.cache_mb", self.cache_mb, ">= 0")
 
 
 @dataclass(frozen=True)

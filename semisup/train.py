@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from semisup import columns as C
@@ -189,13 +190,68 @@ def run_training(
 # Worker side
 
 
-def _batches(shard: Any, batch_size: int, name: str) -> Iterator[dict[str, Any]]:
-    """Endless numpy batches of a dataset shard; each pass re-reads the shard (an epoch of data)."""
+class ShardCache:
+    """A dataset shard read once and then replayed from memory, when it fits ``budget_bytes``.
+
+    Each pass over a Ray Data shard re-executes its read pipeline. The labeled and validation
+    splits of a semi-supervised run are small, so after the first pass they are served from
+    memory (training passes reshuffled tile by tile); a shard larger than the budget streams
+    on every pass. ``shard``: anything with Ray's ``iter_batches``.
+    """
+
+    def __init__(self, shard: Any, budget_bytes: int) -> None:
+        self.shard = shard
+        self.budget_bytes = budget_bytes
+        self.columns: dict[str, np.ndarray] | None = None  # the cached split, once complete
+
+    def stream(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+        """One pass read from the shard, cached on the way if it fits."""
+        cached: list[dict[str, np.ndarray]] | None = [] if self.budget_bytes > 0 else None
+        size = 0
+        for batch in self.shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", drop_last=drop_last
+        ):
+            if cached is not None:
+                size += sum(v.nbytes for v in batch.values())
+                cached = cached + [batch] if size <= self.budget_bytes else None
+            yield batch
+        # Every worker must make the same choice: one that streams again while another replays
+        # would leave Ray's streaming split waiting for it forever.
+        if _all_workers_agree(bool(cached)) and cached:
+            self.columns = {k: np.concatenate([b[k] for b in cached]) for k in cached[0]}
+
+    def replay(
+        self, batch_size: int, drop_last: bool, order: np.ndarray | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass from memory (``order``: a permutation of the cached rows)."""
+        assert self.columns is not None
+        rows = len(next(iter(self.columns.values())))
+        order = np.arange(rows) if order is None else order
+        stop = rows - batch_size + 1 if drop_last else rows
+        for lo in range(0, max(stop, 0), batch_size):
+            pick = order[lo : lo + batch_size]
+            yield {name: column[pick] for name, column in self.columns.items()}
+
+    def passes(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """One pass: from memory once cached, else from the shard."""
+        if self.columns is not None:
+            return self.replay(batch_size, drop_last)
+        return self.stream(batch_size, drop_last)
+
+
+def cycle_batches(
+    cache: ShardCache, batch_size: int, name: str, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches of a shard; cached passes are reshuffled with ``seed``."""
+    rng = np.random.default_rng(seed)
     while True:
         count = 0
-        for batch in shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=True
-        ):
+        if cache.columns is not None:
+            rows = len(next(iter(cache.columns.values())))
+            batches = cache.replay(batch_size, True, rng.permutation(rows))
+        else:
+            batches = cache.stream(batch_size, drop_last=True)
+        for batch in batches:
             count += 1
             yield batch
         if count == 0:
@@ -211,6 +267,15 @@ def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _all_workers_agree(flag: bool) -> bool:
+    """True only if ``flag`` is True on every worker (the flag itself without DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
+    return flag
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -257,9 +322,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     per_worker = train.batch_size // max(world, 1)
     # each worker reads its own shard of every split
-    labeled = _batches(ray.train.get_dataset_shard(C.LABELED), per_worker, C.LABELED)
+    budget = train.cache_mb * 1024**2
+    labeled = cycle_batches(
+        ShardCache(ray.train.get_dataset_shard(C.LABELED), budget),
+        per_worker,
+        C.LABELED,
+        train.seed,
+    )
     unlabeled = (
-        _batches(ray.train.get_dataset_shard(C.UNLABELED), per_worker * ssl.unlabeled_batch_ratio, C.UNLABELED)
+        cycle_batches(ShardCache(ray.train.get_dataset_shard(C.UNLABELED), budget),
+                      per_worker * ssl.unlabeled_batch_ratio, C.UNLABELED, train.seed + 1)
         if loop_config["use_unlabeled"] else None
     )  # fmt: skip
     writer = _tensorboard(run_dir) if rank == 0 else None
@@ -267,6 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     autocast = torch.bfloat16 if (train.bf16 and device.type == "cuda") else None
     band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
     recipe = StepRecipe(ssl, config.augment, num_classes, train.dice_weight)
+    val_cache = ShardCache(ray.train.get_dataset_shard(C.VAL), budget)
     start = time.perf_counter()
     for epoch in range(state["epoch"], train.epochs):
         sums: dict[str, float] = {}
@@ -293,9 +366,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                     writer.add_scalar(f"train/{name}", value, state["step"])
             if train.checkpoint_every_steps and state["step"] % train.checkpoint_every_steps == 0:
                 _report(state, model, teacher, optimizer, rank, {"step": state["step"]})
-        metrics = _validate(
-            model, ray.train.get_dataset_shard(C.VAL), band_scale, device, num_classes
-        )
+        metrics = _validate(model, val_cache, band_scale, device, num_classes)
         metrics.update(
             epoch=epoch, step=state["step"], seconds=round(time.perf_counter() - start, 1)
         )
@@ -330,14 +401,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 def _validate(
     model: torch.nn.Module,
-    shard: Any,
+    shard: ShardCache,
     band_scale: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]],
     device: torch.device,
     num_classes: int,
 ) -> dict[str, Any]:
     """mIoU, Dice and per-class IoU over this worker's val shard, summed across workers."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for batch in shard.iter_batches(batch_size=16, batch_format="numpy"):
+    for batch in shard.passes(batch_size=16):
         confusion += validation_confusion(
             model, prepare_batch(batch, band_scale, device), num_classes
         )

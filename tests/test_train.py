@@ -204,3 +204,45 @@ def test_two_workers_on_real_dubai_tiles_learn_past_the_majority_class(
     floor = _majority_class_miou(dubai_store)
     assert 0.05 < floor < 0.2
     assert report["best_miou"] > floor + 0.02
+
+
+class _FakeShard:
+    """A shard of ``rows`` numbered tiles that counts how often it is read."""
+
+    def __init__(self, rows: int) -> None:
+        self.ids = np.arange(rows)
+        self.reads = 0
+
+    def iter_batches(self, batch_size: int, batch_format: str, drop_last: bool):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        stop = len(self.ids) - batch_size + 1 if drop_last else len(self.ids)
+        for lo in range(0, stop, batch_size):
+            yield {"tile_id": self.ids[lo : lo + batch_size], "image": np.zeros((batch_size, 4))}
+
+
+def test_small_shards_are_read_once_then_replayed_reshuffled() -> None:
+    from semisup.train import ShardCache, cycle_batches
+
+    shard = _FakeShard(10)
+    batches = cycle_batches(ShardCache(shard, budget_bytes=10_000), 4, "labeled", seed=0)
+    passes = [np.concatenate([next(batches)["tile_id"] for _ in range(2)]) for _ in range(4)]
+    assert shard.reads == 1  # 2 full batches of 4 per pass; later passes come from memory
+    assert passes[0].tolist() == list(range(8))
+    assert all(len(set(p)) == 8 and set(p) <= set(range(10)) for p in passes)
+    assert any(p.tolist() != passes[1].tolist() for p in passes[2:])  # reshuffled each pass
+    validation = ShardCache(_FakeShard(10), budget_bytes=10_000)
+    first = [b["tile_id"].tolist() for b in validation.passes(4)]
+    assert first == [list(range(4)), list(range(4, 8)), [8, 9]]
+    assert [b["tile_id"].tolist() for b in validation.passes(4)] == first
+
+
+def test_shards_over_the_budget_stream_every_pass() -> None:
+    from semisup.train import ShardCache, cycle_batches
+
+    shard = _FakeShard(8)
+    batches = cycle_batches(ShardCache(shard, budget_bytes=100), 4, "unlabeled", seed=0)
+    for _ in range(6):
+        next(batches)
+    assert shard.reads == 3
+    with pytest.raises(ValueError, match="no full batch of 16"):
+        next(cycle_batches(ShardCache(_FakeShard(8), 0), 16, "labeled", seed=0))
