@@ -182,8 +182,12 @@ def run_training(
     )
     print(f"[train] {num_workers or 'in-process'} worker(s), lr {scaled_lr(config):.2e}, "
           f"run folder {run_dir}", file=sys.stderr)  # fmt: skip
-    trainer.fit()
-    return json.loads((run_dir / "report.json").read_text())
+    result = trainer.fit()
+    report = getattr(result, "return_value", None)  # rank 0's value (Ray Train V2)
+    if not isinstance(report, dict):  # resumed after the last epoch: nothing new was trained
+        return json.loads((run_dir / "report.json").read_text())
+    write_report_files(run_dir, report)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +345,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     recipe = StepRecipe(ssl, config.augment, num_classes, train.dice_weight)
     val_cache = ShardCache(ray.train.get_dataset_shard(C.VAL), budget)
     start = time.perf_counter()
+    stop = False
     for epoch in range(state["epoch"], train.epochs):
         sums: dict[str, float] = {}
         steps_done = 0
@@ -386,7 +391,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             if improved:
                 _save_best(run_dir, unwrap(model), metrics, adapter_state_dict)
-            _write_reports(run_dir, state, facts, config, stopped_early=stop)
+            report = build_report(run_dir, state, facts, config, stopped_early=stop)
+            write_report_files(run_dir, report)
             if writer is not None:
                 _log_validation(writer, metrics, facts["class_names"], state["step"])
         _report(state, model, teacher, optimizer, rank, {"miou": metrics["miou"], "epoch": epoch})
@@ -394,9 +400,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             break
     if writer is not None:
         writer.close()
-    return (
-        {"best_miou": state["best_miou"], "best_epoch": state["best_epoch"]} if rank == 0 else None
-    )
+    if rank != 0:
+        return None
+    # rank 0's report reaches the driver too, which may be on another node than rank 0
+    return build_report(run_dir, state, facts, config, stopped_early=stop)
 
 
 def _validate(
@@ -505,59 +512,47 @@ def _log_validation(
     writer.flush()
 
 
-def _write_reports(
+def build_report(
     run_dir: Path,
     state: dict[str, Any],
     facts: dict[str, Any],
     config: ExperimentConfig,
     stopped_early: bool,
-) -> None:
-    """report.json and report.md: metrics per epoch, the best epoch and its checkpoint."""
-    best = (
-        state["history"][state["best_epoch"] - state["history"][0]["epoch"]]
-        if state["best_epoch"] >= 0
-        else None
-    )
-    report = {
+) -> dict[str, Any]:
+    """The run's report: metrics per epoch, the best epoch and its checkpoint (JSON-safe)."""
+    keys = ("epoch", "step", "miou", "dice", "pixel_accuracy", "iou_per_class", "train", "seconds")
+    return {
         "class_names": facts["class_names"],
-        "epochs": [
-            {
-                k: h[k]
-                for k in (
-                    "epoch",
-                    "step",
-                    "miou",
-                    "dice",
-                    "pixel_accuracy",
-                    "iou_per_class",
-                    "train",
-                    "seconds",
-                )
-            }
-            for h in state["history"]
-        ],
+        "epochs": [{k: h[k] for k in keys} for h in state["history"]],
         "best_epoch": state["best_epoch"],
         "best_miou": state["best_miou"],
-        "best_checkpoint": str(run_dir / "best" / ADAPTER_FILE) if best else None,
+        "best_checkpoint": (
+            str(run_dir / "best" / ADAPTER_FILE) if state["best_epoch"] >= 0 else None
+        ),
         "stopped_early": stopped_early,
         "steps": state["step"],
         "mode": config.student.mode,
         "model_type": config.student.model_type,
     }
+
+
+def write_report_files(run_dir: Path, report: dict[str, Any]) -> None:
+    """RUN_DIR/report.json (replaced atomically) and RUN_DIR/report.md."""
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(run_dir / "report.json")
-    names = facts["class_names"]
+    names = report["class_names"]
     lines = [
-        f"# Training report ({config.student.model_type}, {config.student.mode})",
+        f"# Training report ({report['model_type']}, {report['mode']})",
         "",
-        f"Best validation mIoU {state['best_miou']:.4f} at epoch {state['best_epoch']}"
-        f"{' (stopped early)' if stopped_early else ''}; checkpoint `{report['best_checkpoint']}`.",
+        f"Best validation mIoU {report['best_miou']:.4f} at epoch {report['best_epoch']}"
+        f"{' (stopped early)' if report['stopped_early'] else ''}; "
+        f"checkpoint `{report['best_checkpoint']}`.",
         "",
         "| epoch | step | mIoU | Dice | " + " | ".join(names) + " |",
         "|" + "---|" * (4 + len(names)),
     ]
-    for h in state["history"]:
+    for h in report["epochs"]:
         per_class = " | ".join("–" if v is None else f"{v:.3f}" for v in h["iou_per_class"])
         lines.append(
             f"| {h['epoch']} | {h['step']} | {h['miou']:.4f} | {h['dice']:.4f} | {per_class} |"
