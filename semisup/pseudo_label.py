@@ -428,6 +428,8 @@ def run_pseudo_label(
         todo = todo[:max_tiles]
     progress = _Progress(log, total, already)
     if len(todo):
+        if not ray.is_initialized():
+            ray.init()  # a local Ray, as Ray Data itself would start; callers may start their own
         stream = _pipeline(
             store,
             todo,

@@ -317,7 +317,6 @@ def test_cli_flags_are_kebab_case_with_help() -> None:
         parser.parse_args(["--store", "s.zarr", "--mode", "panoptic"])
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_overlapping_tiles_with_halo_write_only_their_own_pixels(
