@@ -65,8 +65,8 @@ def in_memory_batches(store: str, split: str, batch_size: int) -> list[dict[str,
     return batches
 
 
-def bare_loop(store: str, config, steps: int) -> float:  # type: ignore[no-untyped-def]
-    """Mean seconds per step of train_step over in-memory batches (no Ray)."""
+def bare_loop(store: str, config, steps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(mean, median) seconds per step of train_step over in-memory batches (no Ray)."""
     from semisup import columns as C
     from semisup.ema import make_ema_teacher
     from semisup.steps import StepRecipe, prepare_batch, train_step
@@ -98,17 +98,18 @@ def bare_loop(store: str, config, steps: int) -> float:  # type: ignore[no-untyp
             step=step, generator=generator,
         )  # fmt: skip
         times.append(time.perf_counter() - start)
-    return float(np.mean(times))
+    return float(np.mean(times)), float(np.median(times))
 
 
-def ray_loop(store: str, config, steps: int, run_dir: Path) -> float:  # type: ignore[no-untyped-def]
-    """Mean seconds per step measured inside a 1-worker TorchTrainer."""
+def ray_loop(store: str, config, steps: int, run_dir: Path) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(mean, median) seconds per step measured inside a 1-worker TorchTrainer."""
     from semisup.runtime import ray_runtime
     from semisup.train import run_training
 
     with ray_runtime(config.ray):
         report = run_training(store, config, run_dir)
-    return float(report["epochs"][0]["train"]["step_seconds"])
+    train = report["epochs"][0]["train"]
+    return float(train["step_seconds"]), float(train["step_seconds_median"])
 
 
 def main() -> None:

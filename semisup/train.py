@@ -348,7 +348,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     stop = False
     for epoch in range(state["epoch"], train.epochs):
         sums: dict[str, float] = {}
-        steps_done = 0
+        steps_done, step_times = 0, []
         while state["step"] < (epoch + 1) * train.steps_per_epoch:
             step_start = time.perf_counter()  # data wait included: the cost a user sees
             for group in optimizer.param_groups:
@@ -364,6 +364,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             state["step"] += 1
             steps_done += 1
             parts["step_seconds"] = time.perf_counter() - step_start
+            step_times.append(parts["step_seconds"])
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value
             if writer is not None:
@@ -376,6 +377,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             epoch=epoch, step=state["step"], seconds=round(time.perf_counter() - start, 1)
         )
         metrics["train"] = {k: v / max(steps_done, 1) for k, v in sums.items()}
+        # the median leaves out the first pass's pipeline start-up and any stragglers
+        metrics["train"]["step_seconds_median"] = (
+            float(np.median(step_times)) if step_times else 0.0
+        )
         state["history"].append(metrics)
         improved = metrics["miou"] > state["best_miou"]
         if improved:
