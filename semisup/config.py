@@ -185,6 +185,8 @@ class TrainConfig:
     early_stop_patience: int = 4  # epochs without a better validation mIoU before stopping
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    storage: str | None = None  # where Ray Train keeps checkpoints: a path or a URL Ray accepts
+    # (s3://, gs://, ...); None = RUN_DIR/ray
     bf16: bool = True  # autocast on GPU only
     seed: int = 0
 

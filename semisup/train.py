@@ -12,7 +12,8 @@ Run folder layout (``--out RUN_DIR``)::
     RUN_DIR/report.md            the same as a table
     RUN_DIR/tensorboard/         TensorBoard event files (loss parts, mIoU, per-class IoU)
     RUN_DIR/best/                adapter.safetensors + metrics.json of the best validation epoch
-    RUN_DIR/ray/train/           Ray Train checkpoints (latest two), used to resume
+    RUN_DIR/ray/train/           Ray Train checkpoints (latest two), used to resume; elsewhere
+                                 with train.storage (a path or a storage URL Ray accepts)
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def run_training(
         # a fixed name under the run folder: rerunning with it resumes from the latest checkpoint
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
-            storage_path=str(run_dir / "ray"),
+            storage_path=config.train.storage or str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -147,11 +147,14 @@ def test_killed_worker_resumes_from_its_checkpoint(
 def test_resume_continues_a_stopped_run(
     scene_store: str, tmp_path: Path, ray_session: None
 ) -> None:
-    run_dir = tmp_path / "run"
+    run_dir, storage = tmp_path / "run", tmp_path / "checkpoints"
     first = run_training(scene_store, _config("ssl.enabled=false", "train.epochs=1",
-                                              "train.steps_per_epoch=4"), run_dir)  # fmt: skip
+                                              "train.steps_per_epoch=4",
+                                              f"train.storage={storage}"), run_dir)  # fmt: skip
     assert first["steps"] == 4
-    longer = _config("ssl.enabled=false", "train.epochs=2", "train.steps_per_epoch=4")
+    assert list(storage.glob("train/checkpoint_*")) and not (run_dir / "ray").exists()
+    longer = _config("ssl.enabled=false", "train.epochs=2", "train.steps_per_epoch=4",
+                     f"train.storage={storage}")  # fmt: skip
     second = run_training(scene_store, longer, run_dir, resume=True)
     assert second["steps"] == 8
     assert [e["epoch"] for e in second["epochs"]] == [0, 1]
