@@ -137,11 +137,12 @@ def main() -> None:
           f"torch {torch.__version__}, {args.threads} torch threads")  # fmt: skip
     print(f"model tiny SAM student (LoRA + decoder + head), {args.tile_size} px, batch 8 labeled "
           f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps")  # fmt: skip
-    print(f"bare PyTorch loop : {bare * 1000:8.1f} ms/step")
-    print(f"Ray Train loop    : {ray_step * 1000:8.1f} ms/step")
-    print(
-        f"ratio bare/ray    : {bare / ray_step:8.3f}  (overhead {100 * (ray_step / bare - 1):+.1f} %)"
-    )
+    print("                    mean ms/step   median ms/step")
+    print(f"bare PyTorch loop : {bare[0] * 1000:12.1f} {bare[1] * 1000:16.1f}")
+    print(f"Ray Train loop    : {ray_step[0] * 1000:12.1f} {ray_step[1] * 1000:16.1f}")
+    for name, i in (("mean", 0), ("median", 1)):
+        ratio = bare[i] / ray_step[i]
+        print(f"ratio bare/ray ({name}): {ratio:.3f}  (overhead {100 * (1 / ratio - 1):+.1f} %)")
 
 
 if __name__ == "__main__":
