@@ -17,6 +17,7 @@ import zarr
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup.cli import main as semisup_main
+from semisup.datasets import DUBAI_COLOURS
 from semisup.masks import MaskFilter
 from semisup.pseudo_label import (
     MANIFEST_FILE,
@@ -33,15 +34,6 @@ from semisup.pseudo_label import (
 )
 from semisup.teacher import INSTANCE_IGNORE, SamTeacher
 
-DUBAI_COLOURS = {
-    "#3C1098": 0,
-    "#8429F6": 1,
-    "#6EC1E4": 2,
-    "#FEDD3A": 3,
-    "#E2A929": 4,
-    "#9B9B9B": 255,
-    "#000000": 255,
-}
 NEON = ("OSBS_029", "2018_SJER_3_252000_4107000_image_477", "SOAP_061")
 # Random tiny SAM weights predict low IoU and unstable masks: keep them all so there is content.
 LENIENT = MaskFilter(min_predicted_iou=-1e9, min_stability=0.0)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from semisup.cli import main as semisup_main
+from semisup.datasets import DUBAI_COLOURS
 from semisup.zero_shot import (
     EXAMPLES_FILE,
     JSON_FILE,
@@ -26,17 +27,6 @@ from semisup.zero_shot import (
     run_zero_shot,
     run_zero_shot_cli,
 )
-
-DUBAI_COLOURS = {
-    "#3C1098": 0,
-    "#8429F6": 1,
-    "#6EC1E4": 2,
-    "#FEDD3A": 3,
-    "#E2A929": 4,
-    "#9B9B9B": 255,
-    "#000000": 255,
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Prompts from ground-truth components
