@@ -296,7 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
 
     from semisup.ema import make_ema_teacher
-    from semisup.student import adapter_state_dict, build_student
+    from semisup.student import build_student
 
     config = from_dict(ExperimentConfig, loop_config["experiment"])
     facts, run_dir = loop_config["facts"], Path(loop_config["run_dir"])
@@ -396,7 +396,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         stop = state["stale_epochs"] >= train.early_stop_patience
         if rank == 0:
             if improved:
-                _save_best(run_dir, unwrap(model), metrics, adapter_state_dict)
+                _save_best(run_dir, unwrap(model), metrics)
             report = build_report(run_dir, state, facts, config, stopped_early=stop)
             write_report_files(run_dir, report)
             if writer is not None:
@@ -486,9 +486,8 @@ def _report(
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _save_best(
-    run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any], state_dict_fn: Any
-) -> None:
+def _save_best(run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+    """RUN_DIR/best: the adapter and metrics of the best epoch, replaced only once complete."""
     from semisup.student import save_adapter
 
     best = run_dir / "best"
