@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -28,16 +27,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def build_scene_store(folder: Path, tile_size: int) -> str:
     """Six generated 768 px scenes: 2 labeled, 3 unlabeled, 1 val source."""
     from data_prep.ingest import build_store
-    from semisup.synthetic import generate_scene
+    from semisup.synthetic import write_scenes
 
-    (folder / "images").mkdir(parents=True)
-    (folder / "labels").mkdir()
-    for i in range(6):
-        image, label = generate_scene(768, seed=100 + i)
-        Image.fromarray(image).save(folder / "images" / f"scene_{i}.png")
-        Image.fromarray(label).save(folder / "labels" / f"scene_{i}.png")
+    images, masks = write_scenes(folder, count=6, size=768, seed=100)
     result = build_store(
-        [folder / "images"], folder / "store.zarr", labels=[folder / "labels"], num_classes=5,
+        [images], folder / "store.zarr", labels=[masks], num_classes=5,
         config={"tile_size": tile_size, "val_sources": ["scene_5"], "labeled_fraction": 0.4},
         quiet=True,
     )  # fmt: skip

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from data_prep.ingest import build_store
 from semisup.cli import main
 from semisup.config import ExperimentConfig, load_config
-from semisup.synthetic import generate_scene
+from semisup.synthetic import generate_scene, write_scenes
 from semisup.train import run_training
 
 FAST = [
@@ -34,14 +33,9 @@ def _config(*overrides: str) -> ExperimentConfig:
 def scene_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Four generated 256 px scenes as 64 px tiles: 1 labeled, 2 unlabeled, 1 val source."""
     root = tmp_path_factory.mktemp("scenes")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    for i in range(4):
-        image, label = generate_scene(256, seed=10 + i)
-        Image.fromarray(image).save(root / "images" / f"scene_{i}.png")
-        Image.fromarray(label).save(root / "labels" / f"scene_{i}.png")
+    images, masks = write_scenes(root, count=4, size=256, seed=10)
     result = build_store(
-        [root / "images"], root / "store.zarr", labels=[root / "labels"], num_classes=5,
+        [images], root / "store.zarr", labels=[masks], num_classes=5,
         config={"tile_size": 64, "val_sources": ["scene_3"], "labeled_fraction": 0.34, "seed": 1},
         quiet=True,
     )  # fmt: skip
