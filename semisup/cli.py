@@ -67,6 +67,15 @@ STAGES: dict[str, Stage] = {
         "Trains the student on the store's labeled (and unlabeled) tiles, validates every epoch "
         "on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
     ),
+    "select": Stage(
+        "propose the unlabeled tiles to label next, by the student's uncertainty (active learning)",
+        "semisup select --run demo_out/student --store demo_out/store.zarr --budget 16 "
+        "--out demo_out/select",
+        "semisup.selection", "add_arguments", "run_cli",
+        "Scores every unlabeled tile with a trained run's student (entropy, margin, teacher "
+        "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
+        "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",
