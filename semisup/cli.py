@@ -76,6 +76,14 @@ STAGES: dict[str, Stage] = {
         "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
         "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png.",
     ),
+    "experiment": Stage(
+        "measure label efficiency: learning curves and active vs random selection, over seeds",
+        "semisup experiment label-efficiency --store dubai.zarr --out runs/label_efficiency",
+        "semisup.experiment", "add_arguments", "run_cli",
+        "Labels-only, semi-supervised and full-label students at several label fractions, and "
+        "rounds of active against random selection, on held-out test tiles over several seeds: "
+        "OUT/report.json, report.md and PNG plots. Reruns reuse finished runs.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",

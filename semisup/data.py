@@ -54,6 +54,7 @@ def read_tiles(
     tiles_per_task: int = 64,
     read_cpus: float = 0.5,
     storage_options: Mapping[str, Any] | None = None,
+    tile_ids: Sequence[int] | None = None,
 ) -> ray.data.Dataset:
     """A lazily read, streaming Dataset with one row per tile of the store at ``store``.
 
@@ -74,6 +75,8 @@ def read_tiles(
             ``_max_concurrent_reads``).
         storage_options: fsspec options for ``store`` (endpoint, credentials, ...); they travel
             with every read task.
+        tile_ids: keep only these tiles (after the split filter), e.g. an experiment's own
+            labelled subset of the training pool.
 
     Raises:
         FileNotFoundError: nothing exists at ``store``.
@@ -84,6 +87,8 @@ def read_tiles(
     _check_numbers(store, halo=halo, tiles_per_task=tiles_per_task, read_cpus=read_cpus)
     root, meta, index = _open(store, storage_options)
     index = _filter_index(store, index, split, skip_nodata)
+    if tile_ids is not None:
+        index = index.filter(pc.is_in(index.column(C.TILE_ID), pa.array(tile_ids, pa.int64())))
     layouts = _source_layouts(store, root, index, selected)
     datasource = ZarrTileDatasource(
         store,

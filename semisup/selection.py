@@ -35,23 +35,9 @@ from semisup.active import (
     footprint_feature,
 )
 from semisup.config import ConfigError, load_config
+from semisup.evaluate import band_scales, run_predictor
 
 SCORE_PREFIX = "score_"
-
-
-def _student_predictor(run: Path, store_tile_size: int) -> Any:
-    """The run's best student as a function of B×3×S×S [0, 1] images -> B×K×S×S logits."""
-    from semisup.teacher import load_student_teacher
-
-    config = load_config(run / "config.yaml")
-    semantic, _ = load_student_teacher(
-        run / "best",
-        model_type=config.student.model_type,
-        image_size=store_tile_size,
-        base_checkpoint=config.student.checkpoint,
-        seed=config.train.seed,  # the random-init base the run was trained on, as train does
-    )
-    return lambda images: semantic(images * 255.0)  # the loaded teacher takes [0, 255]
 
 
 class TileScorer:
@@ -71,7 +57,7 @@ class TileScorer:
         torch_threads: int,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.predict = _student_predictor(Path(run), tile_size)
+        self.predict = run_predictor(Path(run), tile_size)
         self.band_scale, self.measures, self.top_fraction = band_scale, measures, top_fraction
 
     @torch.inference_mode()
@@ -128,19 +114,24 @@ def score_tiles(
     top_fraction: float = 1.0,
     actors: int = 1,
     batch_size: int = 8,
+    tile_ids: list[int] | None = None,
 ) -> pd.DataFrame:
-    """One row per unlabeled tile of ``store``: TILE_ID and ``score_<measure>`` columns."""
+    """One row per candidate tile: TILE_ID and ``score_<measure>`` columns.
+
+    Candidates are the store's unlabeled tiles, or exactly ``tile_ids`` when given.
+    """
     import ray
 
     from semisup.data import read_tiles
     from semisup.train import store_facts
 
     facts = store_facts(store)
-    band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+    band_scale = band_scales(store)
     columns = [C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID]
     if "disagreement" in measures:
         columns += [C.PSEUDO_LABEL]
-    tiles = read_tiles(store, split=C.UNLABELED, columns=columns)
+    split = C.UNLABELED if tile_ids is None else None
+    tiles = read_tiles(store, split=split, columns=columns, tile_ids=tile_ids)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     # a fixed pool of scoring actors, each loading the student once; fractional CPUs leave
     # room for the read tasks
@@ -160,7 +151,7 @@ def score_tiles(
     )
     parts = [pd.DataFrame(b) for b in scored.iter_batches(batch_size=None, batch_format="numpy")]
     if not parts:
-        raise ValueError(f"store {store}: the 'unlabeled' split has no tiles to select from")
+        raise ValueError(f"store {store}: no candidate tiles to select from")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -180,10 +171,13 @@ def proposals(
     diversity: float,
     radius_px: float,
 ) -> pd.DataFrame:
-    """The chosen rows of the tile index, joined with their scores, with a 1-based ``rank``."""
+    """The chosen rows of the tile index, joined with their scores, with a 1-based ``rank``.
+
+    The candidates are the tiles of ``scores``.
+    """
     if SCORE_PREFIX + measure not in scores:
         raise ValueError(f"measure {measure!r} was not scored; scored: {list(scores)}")
-    candidates = index[index[C.SPLIT] == C.UNLABELED].merge(scores, on=C.TILE_ID)
+    candidates = index.merge(scores, on=C.TILE_ID)
     centres = np.stack(
         [
             candidates[C.Y0] + candidates[C.HEIGHT] / 2,
@@ -246,13 +240,11 @@ def contact_sheet(
         read_window,
         scale_to_uint8,
     )
-    from semisup.train import store_facts
 
     root = open_store(store)
     size = read_store_meta(root).tile_size
-    facts = store_facts(store)
-    band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
-    predict = _student_predictor(run, size)
+    band_scale = band_scales(store)
+    predict = run_predictor(run, size)
     rows = max(1, -(-len(chosen) // columns))
     figure, axes = plt.subplots(rows, 2 * columns, figsize=(4 * columns, 2.1 * rows), squeeze=False)
     for ax in axes.flat:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +105,14 @@ def run_training(
     *,
     resume: bool = False,
     debug: bool = False,
+    splits: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Train the student on the store's splits; returns the final report (also in run_dir)."""
+    """Train the student on the store's splits; returns the final report (also in run_dir).
+
+    ``splits`` replaces the store's split of the tiles with explicit tile ids per split name
+    (``labeled``, ``unlabeled``, ``val``), as an experiment over label fractions needs; a split
+    it leaves out has no tiles.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -115,6 +121,8 @@ def run_training(
     run_dir = run_dir.resolve()
     check_run_dir(run_dir, resume)
     facts = store_facts(store)
+    if splits is not None:
+        facts["tiles_per_split"] = {name: len(splits.get(name, ())) for name in C.SPLITS}
     if (
         config.ssl.enabled
         and config.ssl.target in ("pseudo", "both")
@@ -140,21 +148,24 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
 
+    def split_tiles(name: str, columns: list[str]) -> Any:
+        if splits is None:
+            return read_tiles_from_config(store, config.stream, split=name, columns=columns)
+        return read_tiles_from_config(
+            store, config.stream, columns=columns, tile_ids=list(splits.get(name, ()))
+        )
+
     labeled_columns = [C.IMAGE, C.LABEL, C.VALID, C.SOURCE]
     datasets = {
-        C.LABELED: read_tiles_from_config(
-            store, config.stream, split=C.LABELED, columns=labeled_columns
-        ),
-        C.VAL: read_tiles_from_config(store, config.stream, split=C.VAL, columns=labeled_columns),
+        C.LABELED: split_tiles(C.LABELED, labeled_columns),
+        C.VAL: split_tiles(C.VAL, labeled_columns),
     }
     use_unlabeled = config.ssl.enabled and facts["tiles_per_split"].get(C.UNLABELED, 0) > 0
     if use_unlabeled:
         columns = [C.IMAGE, C.VALID, C.SOURCE]
         if config.ssl.target in ("pseudo", "both"):
             columns += [C.PSEUDO_LABEL, C.CONFIDENCE]
-        datasets[C.UNLABELED] = read_tiles_from_config(
-            store, config.stream, split=C.UNLABELED, columns=columns
-        )
+        datasets[C.UNLABELED] = split_tiles(C.UNLABELED, columns)
     num_workers = 0 if debug else config.train.num_workers
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]

@@ -1,0 +1,80 @@
+"""A trained run's student, loaded for prediction, and its scores on chosen tiles of a store.
+
+``run_predictor`` rebuilds the best student of a ``semisup train`` run folder (its adapter on the
+base the run was trained from); ``evaluate_run`` scores it on any tiles of a store, so a report
+or an experiment can measure on tiles that neither training nor early stopping looked at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semisup import columns as C
+from semisup.config import load_config
+from semisup.metrics import confusion_matrix, scores
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run_predictor(run: Path, image_size: int) -> Predictor:
+    """The run's best student: B×3×S×S float images in [0, 1] -> B×K×S×S logits (CPU, eval)."""
+    from semisup.teacher import load_student_teacher
+
+    if not (run / "best").is_dir() or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"run {run}: expected a `semisup train` run folder with config.yaml and best/"
+        )
+    config = load_config(run / "config.yaml")
+    semantic, _ = load_student_teacher(
+        run / "best",
+        model_type=config.student.model_type,
+        image_size=image_size,
+        base_checkpoint=config.student.checkpoint,
+        seed=config.train.seed,  # the random-init base the run was trained on, as train does
+    )
+    return lambda images: semantic(images * 255.0)  # the loaded teacher takes [0, 255]
+
+
+def band_scales(store: str) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-source (band_low, band_high) of a store, as ``steps.prepare_batch`` takes them."""
+    from semisup.train import store_facts
+
+    facts = store_facts(store)
+    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+
+
+@torch.inference_mode()
+def evaluate_run(
+    store: str, run: Path, tile_ids: Sequence[int], *, batch_size: int = 16
+) -> dict[str, Any]:
+    """mIoU, Dice, pixel accuracy and per-class IoU of the run's best student on ``tile_ids``.
+
+    Pixels count where they are valid and labelled. NaN per-class scores (a class absent from
+    both truth and prediction) become None so the result is JSON-safe.
+    """
+    from semisup.data import read_tiles
+    from semisup.steps import prepare_batch
+    from semisup.train import store_facts
+
+    facts = store_facts(store)
+    predict = run_predictor(run, int(facts["tile_size"]))
+    scale = band_scales(store)
+    num_classes = int(facts["num_classes"])
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    tiles = read_tiles(
+        store, columns=[C.IMAGE, C.LABEL, C.VALID, C.SOURCE], tile_ids=list(tile_ids)
+    )
+    for batch in tiles.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        tensors = prepare_batch(batch, scale)
+        prediction = predict(tensors[C.IMAGE]).argmax(1)
+        confusion += confusion_matrix(prediction, tensors[C.LABEL], num_classes)
+    result: dict[str, Any] = dict(scores(confusion))
+    for key in ("iou_per_class", "dice_per_class"):
+        result[key] = [None if math.isnan(v) else v for v in result[key]]
+    result["pixels"] = int(confusion.sum())
+    return result

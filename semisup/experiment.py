@@ -1,0 +1,475 @@
+"""``semisup experiment label-efficiency``: what labels and unlabeled tiles buy, measured.
+
+Two questions, on one store, over several seeds:
+
+1. Learning curve. At each label fraction of the training pool (the store's labeled and
+   unlabeled tiles), three students: *labels-only* on the labelled subset, *semi-supervised*
+   (that labels-only run as the teacher writes semantic pseudo-labels for the rest of the pool,
+   then a student trains with consistency on labelled + pseudo-labelled tiles), and *full-label*
+   on the whole pool.
+2. Active learning against random selection. From the same seed set, rounds add tiles picked by
+   the student's uncertainty (``semisup.selection``) or at random; each round retrains.
+
+The store's validation tiles are divided by source into a *monitor* half, which training uses
+for early stopping and the best checkpoint, and a *test* half, on which every number of the
+report is measured: nothing is tuned on the tiles that are reported. Each run lives in
+``OUT/runs/NAME`` and is reused when the experiment is run again (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from semisup import columns as C
+from semisup.config import (
+    ConfigError,
+    ExperimentConfig,
+    add_config_arguments,
+    config_from_arguments,
+)
+
+LABELS_ONLY, SEMI, FULL = "labels_only", "semi_supervised", "full_label"
+RANDOM, ACTIVE = "random", "active"
+
+
+@dataclass(frozen=True)
+class LabelEfficiencySettings:
+    """What the experiment measures; the training recipe itself is the ExperimentConfig."""
+
+    fractions: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4)  # of the training pool
+    seeds: tuple[int, ...] = (0, 1, 2)  # >= 3 seeds: one run's checkpoints move by 0.03-0.08
+    al_start_fraction: float = 1 / 16  # the shared seed set of both selection strategies
+    al_rounds: int = 3  # rounds after the seed set
+    al_round_fraction: float = 1 / 32  # of the pool, added per round
+    al_measure: str = "entropy"
+    al_diversity: float = 0.5
+    pseudo_label_actors: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"fractions: got {self.fractions}, expected values in (0, 1]")
+        if not self.seeds:
+            raise ConfigError("seeds: expected at least one seed")
+        if not 0 < self.al_start_fraction < 1 or not 0 < self.al_round_fraction < 1:
+            raise ConfigError("al_start_fraction and al_round_fraction: expected values in (0, 1)")
+        if self.al_rounds < 0:
+            raise ConfigError(f"al_rounds: got {self.al_rounds}, expected >= 0")
+
+
+@dataclass(frozen=True)
+class ExperimentTiles:
+    """Tile ids of the experiment's fixed partition of the store."""
+
+    pool: np.ndarray  # training pool: the store's labeled + unlabeled tiles with labels
+    monitor: np.ndarray  # validation tiles used for early stopping
+    test: np.ndarray  # validation tiles every reported number is measured on
+
+
+def partition(index: pd.DataFrame) -> ExperimentTiles:
+    """Pool, monitor and test tiles of a store's tile index (monitor/test split by source)."""
+    usable = index[(index["valid_fraction"] > 0) & (index["label_coverage"] > 0)]
+    pool = usable[usable[C.SPLIT].isin([C.LABELED, C.UNLABELED])]
+    val = usable[usable[C.SPLIT] == C.VAL]
+    sources = sorted(val[C.SOURCE].unique())
+    if len(sources) < 2:
+        raise ValueError(
+            f"the store's val split has {len(sources)} source(s); the experiment needs at least 2 "
+            "to keep a monitor half for early stopping apart from the test half it reports on"
+        )
+    monitor_sources = set(sources[::2])  # alternate sources: both halves span the val area
+    return ExperimentTiles(
+        pool=np.sort(pool[C.TILE_ID].to_numpy()),
+        monitor=np.sort(val.loc[val[C.SOURCE].isin(monitor_sources), C.TILE_ID].to_numpy()),
+        test=np.sort(val.loc[~val[C.SOURCE].isin(monitor_sources), C.TILE_ID].to_numpy()),
+    )
+
+
+def subset_size(fraction: float, pool: int) -> int:
+    return max(1, round(fraction * pool))
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "n": len(array),
+    }
+
+
+def tiles_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    """The fewest labelled tiles at which ``curve`` [(tiles, mIoU), ...] reaches ``target``."""
+    reached = [tiles for tiles, miou in sorted(curve) if miou >= target - 1e-12]
+    return reached[0] if reached else None
+
+
+def gap_closed(labels_only: float, semi: float, full: float) -> float | None:
+    """(semi − labels-only) / (full − labels-only): the share of the label gap SSL recovers."""
+    gap = full - labels_only
+    return (semi - labels_only) / gap if abs(gap) > 1e-9 else None
+
+
+class Runner:
+    """Runs (or reuses) the experiment's training runs under ``out/runs``."""
+
+    def __init__(
+        self,
+        store: str,
+        out: Path,
+        config: ExperimentConfig,
+        tiles: ExperimentTiles,
+        settings: LabelEfficiencySettings,
+        log: Callable[[str], None],
+    ) -> None:
+        self.store, self.out, self.config, self.tiles = store, out, config, tiles
+        self.settings, self.log = settings, log
+
+    def train(self, name: str, labeled: np.ndarray, seed: int, semi: bool) -> dict[str, Any]:
+        """One student on ``labeled`` (+ the rest of the pool when ``semi``), scored on test."""
+        from semisup.evaluate import evaluate_run
+        from semisup.train import run_training
+
+        run_dir = self.out / "runs" / name
+        result_file = run_dir / "test.json"
+        if result_file.is_file():
+            self.log(f"{name}: done earlier, reused")
+            return dict(json.loads(result_file.read_text()))
+        if run_dir.exists():  # an interrupted run: start it again from scratch
+            import shutil
+
+            shutil.rmtree(run_dir)
+        config = self.config
+        config = dataclasses.replace(
+            config,
+            train=dataclasses.replace(config.train, seed=seed),
+            ssl=dataclasses.replace(config.ssl, enabled=semi),
+        )
+        unlabeled = np.setdiff1d(self.tiles.pool, labeled) if semi else np.array([], np.int64)
+        splits = {
+            C.LABELED: labeled.tolist(),
+            C.UNLABELED: unlabeled.tolist(),
+            C.VAL: self.tiles.monitor.tolist(),
+        }
+        start = time.perf_counter()
+        report = run_training(self.store, config, run_dir, splits=splits)
+        test = evaluate_run(self.store, run_dir, self.tiles.test.tolist())
+        result = {
+            "name": name,
+            "seed": seed,
+            "labeled_tiles": len(labeled),
+            "unlabeled_tiles": len(unlabeled),
+            "monitor_miou": report["best_miou"],
+            "best_epoch": report["best_epoch"],
+            "test_miou": test["miou"],
+            "test_iou_per_class": test["iou_per_class"],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        result_file.write_text(json.dumps(result, indent=2) + "\n")
+        self.log(f"{name}: test mIoU {test['miou']:.4f} ({result['seconds']} s)")
+        return result
+
+    def pseudo_label(self, teacher_run: Path, seed: int) -> None:
+        """Semantic pseudo-labels of the whole pool from ``teacher_run`` (replacing earlier ones)."""
+        from semisup.pseudo_label import run_pseudo_label
+
+        run_pseudo_label(
+            self.store, mode="semantic", model_type=self.config.student.model_type,
+            checkpoint=str(teacher_run / "best"), base_checkpoint=self.config.student.checkpoint,
+            actors=self.settings.pseudo_label_actors, split=[C.LABELED, C.UNLABELED],
+            overwrite=True, seed=seed, log=None,
+        )  # fmt: skip
+
+    def select(self, run_dir: Path, labeled: np.ndarray, count: int, seed: int) -> np.ndarray:
+        """``count`` more tiles of the pool, by uncertainty of ``run_dir``'s student."""
+        from semisup.selection import SCORE_PREFIX, proposals, score_tiles
+        from semisup.store import read_tile_index
+
+        candidates = np.setdiff1d(self.tiles.pool, labeled)
+        measure = self.settings.al_measure
+        scores = score_tiles(
+            self.store, run_dir, tuple(dict.fromkeys(("entropy", measure))),
+            tile_ids=candidates.tolist(),
+        )  # fmt: skip
+        index = read_tile_index(self.store).to_pandas()
+        size = int(index[C.HEIGHT].max())
+        chosen = proposals(
+            index, scores, measure, count, diversity=self.settings.al_diversity,
+            radius_px=2.0 * size,
+        )  # fmt: skip
+        assert SCORE_PREFIX + measure in chosen
+        return np.sort(np.concatenate([labeled, chosen[C.TILE_ID].to_numpy()]))
+
+
+def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
+    """Labels-only, semi-supervised and full-label results of one seed at every fraction."""
+    pool, settings = runner.tiles.pool, runner.settings
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(pool)  # nested subsets: 1/16 ⊂ 1/8 ⊂ 1/4 for one seed
+    rows = []
+    for fraction in settings.fractions:
+        labeled = np.sort(order[: subset_size(fraction, len(pool))])
+        tag = f"f{fraction:.4f}_s{seed}"
+        only = runner.train(f"labels_only_{tag}", labeled, seed, semi=False)
+        rows.append({"method": LABELS_ONLY, "fraction": fraction, **only})
+        semi_name = f"semi_{tag}"
+        if not (runner.out / "runs" / semi_name / "test.json").is_file():
+            runner.pseudo_label(runner.out / "runs" / f"labels_only_{tag}", seed)
+        semi = runner.train(semi_name, labeled, seed, semi=True)
+        rows.append({"method": SEMI, "fraction": fraction, **semi})
+    full = runner.train(f"full_s{seed}", pool, seed, semi=False)
+    rows.append({"method": FULL, "fraction": 1.0, **full})
+    return rows
+
+
+def active_learning(runner: Runner, seed: int) -> list[dict[str, Any]]:
+    """Rounds of random and uncertainty selection from one shared seed set."""
+    pool, settings = runner.tiles.pool, runner.settings
+    rng = np.random.default_rng(10_000 + seed)
+    start = np.sort(rng.permutation(pool)[: subset_size(settings.al_start_fraction, len(pool))])
+    step = subset_size(settings.al_round_fraction, len(pool))
+    rows = []
+    for strategy in (RANDOM, ACTIVE):
+        labeled = start
+        picker = np.random.default_rng(20_000 + seed)
+        for round_ in range(settings.al_rounds + 1):
+            name = f"al_{strategy}_r{round_}_s{seed}" if round_ else f"al_start_s{seed}"
+            result = runner.train(name, labeled, seed, semi=False)
+            rows.append({"strategy": strategy, "round": round_, **result})
+            if round_ == settings.al_rounds:
+                break
+            if strategy == RANDOM:
+                rest = np.setdiff1d(pool, labeled)
+                more = picker.choice(rest, size=min(step, len(rest)), replace=False)
+                labeled = np.sort(np.concatenate([labeled, more]))
+            else:
+                labeled = runner.select(runner.out / "runs" / name, labeled, step, seed)
+    return rows
+
+
+def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
+    """Means and spreads over seeds, the gap closed, and the tiles each strategy needs."""
+    result: dict[str, Any] = {"learning_curve": {}, "active_learning": {}}
+    for (method, fraction), group in curve.groupby(["method", "fraction"]):
+        result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = {
+            "test_miou": summarise(group["test_miou"].tolist()),
+            "labeled_tiles": int(group["labeled_tiles"].iloc[0]),
+        }
+    full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
+    gaps = {}
+    for fraction in sorted(curve.loc[curve["method"] == SEMI, "fraction"].unique()):
+        at = curve[curve["fraction"] == fraction]
+        only = at.loc[at["method"] == LABELS_ONLY, "test_miou"].mean()
+        semi = at.loc[at["method"] == SEMI, "test_miou"].mean()
+        gaps[f"{fraction:.4f}"] = {
+            "semi_minus_labels_only": semi - only,
+            "semi_over_full": semi / full if full > 0 else None,
+            "gap_closed": gap_closed(only, semi, full),
+        }
+    result["ssl_gain"] = gaps
+    needed: dict[str, list[int | None]] = {RANDOM: [], ACTIVE: []}
+    for _seed, group in rounds.groupby("seed"):
+        random_curve = group[group["strategy"] == RANDOM]
+        target = float(random_curve.sort_values("round")["test_miou"].iloc[-1])
+        for strategy in (RANDOM, ACTIVE):
+            points = group[group["strategy"] == strategy]
+            curve_points = list(zip(points["labeled_tiles"], points["test_miou"], strict=True))
+            needed[strategy].append(tiles_to_reach(curve_points, target))
+    for (strategy, round_), group in rounds.groupby(["strategy", "round"]):
+        result["active_learning"].setdefault(strategy, {})[str(round_)] = {
+            "labeled_tiles": int(group["labeled_tiles"].iloc[0]),
+            "test_miou": summarise(group["test_miou"].tolist()),
+        }
+    reached = [
+        (r, a) for r, a in zip(needed[RANDOM], needed[ACTIVE], strict=True) if r and a is not None
+    ]
+    result["tiles_to_reach_random_final"] = {
+        "per_seed": needed,
+        "label_saving": summarise([1 - a / r for r, a in reached]) if reached else None,
+        "active_reached_in_seeds": f"{len(reached)}/{len(needed[RANDOM])}",
+    }
+    return result
+
+
+def run_label_efficiency(
+    store: str,
+    out: Path,
+    config: ExperimentConfig,
+    settings: LabelEfficiencySettings | None = None,
+    log: Any = sys.stderr,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment; writes OUT/report.json, report.md and the plots."""
+    from semisup.runtime import ray_runtime
+    from semisup.store import read_tile_index
+
+    settings = settings or LabelEfficiencySettings()
+    out.mkdir(parents=True, exist_ok=True)
+    tiles = partition(read_tile_index(store).to_pandas())
+
+    def say(text: str) -> None:
+        if log:
+            print(f"[experiment] {text}", file=log, flush=True)
+
+    say(f"pool {len(tiles.pool)} tiles, monitor {len(tiles.monitor)}, test {len(tiles.test)}")
+    runner = Runner(store, out, config, tiles, settings, say)
+    curve_rows: list[dict[str, Any]] = []
+    round_rows: list[dict[str, Any]] = []
+    with ray_runtime(config.ray):
+        for seed in settings.seeds:
+            curve_rows += learning_curve(runner, seed)
+            round_rows += active_learning(runner, seed)
+    curve, rounds = pd.DataFrame(curve_rows), pd.DataFrame(round_rows)
+    curve.to_csv(out / "learning_curve.csv", index=False)
+    rounds.to_csv(out / "active_learning.csv", index=False)
+    report = {
+        "store": store,
+        "settings": dataclasses.asdict(settings),
+        "tiles": {"pool": len(tiles.pool), "monitor": len(tiles.monitor), "test": len(tiles.test)},
+        **analyse(curve, rounds),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot_results(curve, rounds, out)
+    (out / "report.md").write_text(format_report(report))
+    say(f"report in {out / 'report.md'}")
+    return report
+
+
+def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
+    """learning_curve.png and active_learning.png: test mIoU, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(5, 3.5))
+    for method in (LABELS_ONLY, SEMI):
+        stats = curve[curve["method"] == method].groupby("labeled_tiles")["test_miou"]
+        mean, std = stats.mean(), stats.std().fillna(0)
+        ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=method)
+    full = curve.loc[curve["method"] == FULL, "test_miou"]
+    ax.axhline(full.mean(), color="grey", linestyle="--", label="full_label")
+    ax.set(xlabel="labelled tiles", ylabel="test mIoU", xscale="log")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "learning_curve.png", dpi=100)
+    plt.close(figure)
+    figure, ax = plt.subplots(figsize=(5, 3.5))
+    for strategy in (RANDOM, ACTIVE):
+        stats = rounds[rounds["strategy"] == strategy].groupby("labeled_tiles")["test_miou"]
+        mean, std = stats.mean(), stats.std().fillna(0)
+        ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=strategy)
+    ax.set(xlabel="labelled tiles", ylabel="test mIoU")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(out / "active_learning.png", dpi=100)
+    plt.close(figure)
+
+
+def _stat(stat: dict[str, float] | None) -> str:
+    return "–" if not stat else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The Markdown report: tables of test mIoU (mean ± std over seeds) and the plots."""
+    curve, gains = report["learning_curve"], report["ssl_gain"]
+    seeds = report["settings"]["seeds"]
+    lines = [
+        "# Label efficiency",
+        "",
+        f"Store `{report['store']}`: pool {report['tiles']['pool']} tiles, early stopping on "
+        f"{report['tiles']['monitor']} monitor tiles, every figure measured on "
+        f"{report['tiles']['test']} test tiles never used for training or model selection. "
+        f"Mean ± sample std over {len(seeds)} seed(s) {seeds}.",
+        "",
+        "## Learning curve (test mIoU)",
+        "",
+        "| label fraction | labelled tiles | labels-only | semi-supervised | gain | gap closed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, only in curve.get(LABELS_ONLY, {}).items():
+        semi = curve.get(SEMI, {}).get(key)
+        gain = gains.get(key, {})
+        closed = gain.get("gap_closed")
+        lines.append(
+            f"| {float(key):.4f} | {only['labeled_tiles']} | {_stat(only['test_miou'])} | "
+            f"{_stat(semi['test_miou'] if semi else None)} | "
+            f"{gain.get('semi_minus_labels_only', float('nan')):+.3f} | "
+            f"{'–' if closed is None else f'{closed:.2f}'} |"
+        )
+    for key, full in curve.get(FULL, {}).items():
+        lines.append(
+            f"| full ({float(key):.0%}) | {full['labeled_tiles']} | {_stat(full['test_miou'])} "
+            "| | | |"
+        )
+    lines += ["", "![learning curve](learning_curve.png)", "", "## Active learning (test mIoU)", ""]
+    lines += ["| round | strategy | labelled tiles | test mIoU |", "|---|---|---|---|"]
+    for strategy, by_round in report["active_learning"].items():
+        for round_, row in sorted(by_round.items(), key=lambda kv: int(kv[0])):
+            lines.append(
+                f"| {round_} | {strategy} | {row['labeled_tiles']} | {_stat(row['test_miou'])} |"
+            )
+    reach = report["tiles_to_reach_random_final"]
+    lines += [
+        "",
+        f"Labelled tiles needed to reach random selection's final mIoU, per seed: random "
+        f"{reach['per_seed'][RANDOM]}, active {reach['per_seed'][ACTIVE]} (active reached it in "
+        f"{reach['active_reached_in_seeds']} seeds); label saving {_stat(reach['label_saving'])}.",
+        "",
+        "![active learning](active_learning.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+EXAMPLE = (
+    "semisup experiment label-efficiency --store dubai.zarr --out runs/label_efficiency --seed 0"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=["label-efficiency"], help="the experiment to run")
+    parser.add_argument("--store", required=True, help="a labelled tile store (split by source)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for runs and the report")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument(
+        "--fractions", default="0.0625,0.125,0.25", help="label fractions of the training pool"
+    )
+    parser.add_argument("--al-rounds", type=int, default=3, help="active-learning rounds")
+    parser.add_argument(
+        "--al-measure", default="entropy", choices=["entropy", "margin", "tta"],
+        help="uncertainty that active learning ranks tiles by",
+    )  # fmt: skip
+    add_config_arguments(parser)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError as err:
+        raise ConfigError(f"--fractions {args.fractions!r}: expected numbers like 0.125") from err
+    settings = LabelEfficiencySettings(
+        fractions=fractions,
+        seeds=tuple(range(args.seed, args.seed + args.seeds)),
+        al_rounds=args.al_rounds,
+        al_measure=args.al_measure,
+    )
+    run_label_efficiency(args.store, args.out, config_from_arguments(args), settings)
+    print(f"report: {args.out / 'report.md'}")
+    return 0

@@ -1,0 +1,128 @@
+"""The label-efficiency experiment: pure analysis, and the whole experiment on a reduced setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_prep.ingest import build_store
+from semisup import columns as C
+from semisup.config import ConfigError, load_config
+from semisup.experiment import (
+    LabelEfficiencySettings,
+    analyse,
+    gap_closed,
+    partition,
+    run_label_efficiency,
+    summarise,
+    tiles_to_reach,
+)
+from semisup.store import read_tile_index
+from semisup.synthetic import write_scenes
+
+
+def test_summary_statistics_and_targets() -> None:
+    stats = summarise([0.2, 0.4, 0.6])
+    assert stats["mean"] == pytest.approx(0.4) and stats["std"] == pytest.approx(0.2)
+    assert summarise([0.3])["std"] == 0.0
+    assert tiles_to_reach([(40, 0.30), (10, 0.2), (20, 0.31)], 0.3) == 20
+    assert tiles_to_reach([(10, 0.2)], 0.3) is None
+    assert gap_closed(0.2, 0.25, 0.3) == pytest.approx(0.5)
+    assert gap_closed(0.2, 0.25, 0.2) is None
+    with pytest.raises(ConfigError, match="fractions"):
+        LabelEfficiencySettings(fractions=(0.0,))
+
+
+def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
+    curve = pd.DataFrame(
+        [
+            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20},
+            {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.26},
+            {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30},
+        ]
+    )
+    rounds = pd.DataFrame(
+        [
+            {"strategy": s, "round": r, "seed": 0, "labeled_tiles": n, "test_miou": m}
+            for s, r, n, m in [
+                ("random", 0, 4, 0.10), ("random", 1, 8, 0.15), ("random", 2, 12, 0.20),
+                ("active", 0, 4, 0.10), ("active", 1, 8, 0.21), ("active", 2, 12, 0.25),
+            ]
+        ]
+    )  # fmt: skip
+    result = analyse(curve, rounds)
+    gain = result["ssl_gain"]["0.1250"]
+    assert gain["semi_minus_labels_only"] == pytest.approx(0.06)
+    assert gain["gap_closed"] == pytest.approx(0.6)
+    reach = result["tiles_to_reach_random_final"]
+    assert reach["per_seed"] == {"random": [12], "active": [8]}
+    assert reach["label_saving"]["mean"] == pytest.approx(1 - 8 / 12)
+
+
+@pytest.fixture(scope="module")
+def experiment_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("experiment")
+    images, masks = write_scenes(root, count=6, size=192, seed=31)
+    return str(
+        build_store(
+            [images], root / "store.zarr", labels=[masks], num_classes=5,
+            config={"tile_size": 64, "val_sources": ["scene_4", "scene_5"],
+                    "labeled_fraction": 0.5, "seed": 3},
+            quiet=True,
+        ).path
+    )  # fmt: skip
+
+
+def test_partition_keeps_test_tiles_apart(experiment_store: str) -> None:
+    index = read_tile_index(experiment_store).to_pandas()
+    tiles = partition(index)
+    assert len(tiles.pool) == 4 * 9 and len(tiles.monitor) == len(tiles.test) == 9
+    assert not set(tiles.pool) & (set(tiles.monitor) | set(tiles.test))
+    by_id = index.set_index(C.TILE_ID)[C.SOURCE]
+    assert not set(by_id[tiles.monitor]) & set(by_id[tiles.test])  # split by source
+
+
+@pytest.mark.timeout(900)
+def test_experiment_runs_end_to_end_and_resumes(
+    experiment_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    config = load_config(
+        overrides=["student.model_type=tiny", "train.num_workers=0", "train.batch_size=4",
+                   "train.epochs=2", "train.steps_per_epoch=4", "train.warmup_steps=1",
+                   "ssl.confidence_threshold=0.5", "stream.tiles_per_task=16"]
+    )  # fmt: skip
+    settings = LabelEfficiencySettings(
+        fractions=(0.125, 0.25), seeds=(0,), al_start_fraction=0.125, al_rounds=1,
+        al_round_fraction=0.125,
+    )  # fmt: skip
+    out = tmp_path / "le"
+    report = run_label_efficiency(experiment_store, out, config, settings, log=None)
+    assert set(report["learning_curve"]) == {"labels_only", "semi_supervised", "full_label"}
+    assert set(report["learning_curve"]["labels_only"]) == {"0.1250", "0.2500"}
+    curve = pd.read_csv(out / "learning_curve.csv")
+    assert curve.groupby("method")["labeled_tiles"].apply(list).to_dict() == {
+        "full_label": [36], "labels_only": [4, 9], "semi_supervised": [4, 9],
+    }  # fmt: skip
+    semi = curve[curve["method"] == "semi_supervised"]
+    assert (semi["unlabeled_tiles"] == 36 - semi["labeled_tiles"]).all()
+    assert curve["test_miou"].between(0, 1).all()
+    rounds = pd.read_csv(out / "active_learning.csv")
+    assert rounds.groupby("strategy")["labeled_tiles"].apply(list).to_dict() == {
+        "active": [4, 8], "random": [4, 8],
+    }  # fmt: skip
+    # both strategies start from the same seed set: the same run
+    assert rounds.loc[rounds["round"] == 0, "test_miou"].nunique() == 1
+    for name in ("learning_curve.png", "active_learning.png", "report.md"):
+        assert (out / name).stat().st_size > 500
+    assert "Learning curve" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["tiles"]["test"] == 9
+    # a rerun reuses every finished run and gives the same report
+    mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/test.json")}
+    again = run_label_efficiency(experiment_store, out, config, settings, log=None)
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/test.json")} == mtimes
+    assert again["learning_curve"] == report["learning_curve"]
+    assert np.isfinite(again["ssl_gain"]["0.1250"]["semi_minus_labels_only"])
