@@ -84,6 +84,14 @@ STAGES: dict[str, Stage] = {
         "rounds of active against random selection, on held-out test tiles over several seeds: "
         "OUT/report.json, report.md and PNG plots. Reruns reuse finished runs.",
     ),
+    "report": Stage(
+        "gather a run's evaluation: zero-shot vs labels-only vs semi-supervised, pseudo-label quality",
+        "semisup report --run demo_out",
+        "semisup.report", "add_arguments", "run_cli",
+        "Per-class comparison of zero-shot SAM, the labels-only teacher and the semi-supervised "
+        "student, pseudo-label accuracy per confidence bin (a calibrated threshold) and "
+        "prediction overlays: RUN/report/report.md, report.json and PNGs.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",
