@@ -5,7 +5,7 @@ number of torch threads. The bare loop takes its batches from tiles already in m
 loop reads them through Ray Data shards inside a TorchTrainer worker. The per-step time of the Ray
 loop is measured inside the worker (data wait included) and excludes start-up and validation.
 
-    python bench/bench_train.py [--steps 30] [--threads 2] [--tile-size 256]
+    python bench/bench_train.py [--steps 30] [--threads 1,2] [--rounds 3] [--tile-size 256]
 """
 
 from __future__ import annotations
@@ -109,34 +109,52 @@ def ray_loop(store: str, config, steps: int, run_dir: Path) -> tuple[float, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps per loop")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in both loops")
+    parser.add_argument(
+        "--threads", default="2", help="torch threads in both loops; a list (1,2) runs each"
+    )
     parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternating bare/Ray rounds per thread count"
+    )
     args = parser.parse_args()
 
     from semisup.config import load_config
 
-    config = load_config(
-        overrides=[
-            "student.model_type=tiny", "student.mode=lora", "ssl.target=ema",
-            "train.num_workers=1", f"train.torch_threads={args.threads}", "train.batch_size=8",
-            "train.epochs=1", f"train.steps_per_epoch={args.steps}", "ray.num_cpus=2",
-        ]
-    )  # fmt: skip
-    torch.set_num_threads(args.threads)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = build_scene_store(Path(tmp) / "scenes", args.tile_size)
-        bare = bare_loop(store, config, args.steps)
-        ray_step = ray_loop(store, dataclasses.replace(config), args.steps, Path(tmp) / "run")
+        for threads in (int(t) for t in args.threads.split(",")):
+            config = load_config(
+                overrides=[
+                    "student.model_type=tiny", "student.mode=lora", "ssl.target=ema",
+                    "train.num_workers=1", f"train.torch_threads={threads}",
+                    "train.batch_size=8", "train.epochs=1",
+                    f"train.steps_per_epoch={args.steps}", "ray.num_cpus=2",
+                ]
+            )  # fmt: skip
+            torch.set_num_threads(threads)
+            for round_ in range(args.rounds):
+                bare = bare_loop(store, config, args.steps)
+                run_dir = Path(tmp) / f"run_{threads}_{round_}"
+                ray_step = ray_loop(store, dataclasses.replace(config), args.steps, run_dir)
+                rows.append((threads, round_, bare, ray_step, os.getloadavg()[0]))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.threads} torch threads")  # fmt: skip
+          f"torch {torch.__version__}")  # fmt: skip
     print(f"model tiny SAM student (LoRA + decoder + head), {args.tile_size} px, batch 8 labeled "
-          f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps")  # fmt: skip
-    print("                    mean ms/step   median ms/step")
-    print(f"bare PyTorch loop : {bare[0] * 1000:12.1f} {bare[1] * 1000:16.1f}")
-    print(f"Ray Train loop    : {ray_step[0] * 1000:12.1f} {ray_step[1] * 1000:16.1f}")
-    for name, i in (("mean", 0), ("median", 1)):
-        ratio = bare[i] / ray_step[i]
-        print(f"ratio bare/ray ({name}): {ratio:.3f}  (overhead {100 * (1 / ratio - 1):+.1f} %)")
+          f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps per loop")  # fmt: skip
+    print("threads round  bare mean/median ms   ray mean/median ms   overhead (median)  load")
+    for threads, round_, bare, ray_step, load in rows:
+        overhead = 100 * (ray_step[1] / bare[1] - 1)
+        print(f"{threads:7d} {round_:5d}  {bare[0] * 1000:7.1f} {bare[1] * 1000:7.1f}     "
+              f"{ray_step[0] * 1000:7.1f} {ray_step[1] * 1000:7.1f}     {overhead:+7.1f} %"
+              f"         {load:.1f}")  # fmt: skip
+    for threads in sorted({r[0] for r in rows}):
+        picked = [r for r in rows if r[0] == threads]
+        bare_median = float(np.median([r[2][1] for r in picked]))
+        ray_median = float(np.median([r[3][1] for r in picked]))
+        ratio = bare_median / ray_median
+        print(f"{threads} thread(s): ratio bare/ray (median over rounds) {ratio:.3f} "
+              f"(overhead {100 * (1 / ratio - 1):+.1f} %)")  # fmt: skip
 
 
 if __name__ == "__main__":
