@@ -159,9 +159,7 @@ class BandAccumulator:
         h×(x1 - x0) uint8 (see ``class_map``); h = 0 when ``y_end <= top``."""
         y_end = min(y_end, self.height)
         count = max(0, y_end - self.top)
-        label, confidence = class_map(
-            self.sums[:, :count], self.weight[:count], self.valid[:count]
-        )
+        label, confidence = class_map(self.sums[:, :count], self.weight[:count], self.valid[:count])
         first = self.top
         if count:
             for array in (self.sums, self.weight, self.valid):  # move the rest up

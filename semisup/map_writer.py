@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 from rasterio.windows import Window
 
@@ -153,7 +155,10 @@ class MapWriter:
             profile["crs"] = rasterio.crs.CRS.from_wkt(self.crs)
         if self.transform is not None:
             profile["transform"] = rasterio.Affine(*self.transform[:6])
-        with rasterio.open(self.partial, "w", **profile) as ds:
+        with warnings.catch_warnings():  # an input without georeferencing gives an output without
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(self.partial, "w", **profile)
+        with ds:
             for index, name in enumerate(BAND_NAMES, start=1):
                 ds.set_band_description(index, name)
             ds.update_tags(**{TAG: json.dumps(self.identity, sort_keys=True)})
@@ -186,7 +191,10 @@ class MapWriter:
         x0, x1 = self.stripes[stripe]
         window = Window(x0, y0, x1 - x0, len(label))  # rasterio windows are col, row, w, h
         # closing the dataset flushes the blocks to disk before the record says they are there
-        with rasterio.open(self.partial, "r+") as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(self.partial, "r+")
+        with ds:
             ds.write(label, 1, window=window)
             ds.write(confidence, 2, window=window)
         self.rows_done[stripe] = y0 + len(label)

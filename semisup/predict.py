@@ -3,16 +3,17 @@
 ``run_predict`` predicts every raster given (GeoTIFF/COG files or the sources of a tile store)
 with a student, in one Ray Data job::
 
-    windows of each raster, one read task per window row of a stripe (fractional CPUs)
-      -> a pool of predictor actors, each holding the student once (CPU or GPU)
+    jobs: one per window row of a vertical stripe of each raster
+      -> a pool of predictor actors, each holding the student once (CPU or GPU), reading its
+         jobs' windows (rasterio or zarr) and predicting them in batches
       -> the driver: blends overlapping windows (semisup.blend) and writes the class map and a
          confidence band, band of rows by band of rows (semisup.map_writer)
       -> optionally, polygons per class as GeoJSON (semisup.vectorize)
 
 Memory is bounded by the window and stripe sizes, not by the raster: a raster is processed in
 vertical stripes (``stripe_width`` px; one stripe for most rasters) top to bottom, the driver
-holds two window heights of probability sums of the current stripe, the actors a batch of
-windows, and Ray Data's backpressure bounds what is in flight. Windows that reach into the
+holds two window heights of probability sums of the current stripe, each actor one window row
+of one stripe at a time, and the driver consumes results as they come. Windows that reach into the
 next stripe are predicted again there (about tile / stripe_width more windows).
 
 Resumable: rows are written in whole GeoTIFF blocks, and a progress record beside the output
@@ -29,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -46,7 +47,6 @@ PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, ad
 JOB: Final = "job"  # per-window int64: the read job (window row of a stripe) it came from
 DEFAULT_TILE: Final = 256  # px, built-in models only: an adapter runs at its training size
 DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
-READ_CPUS: Final = 0.25  # per read task: rasterio reads are light and must never wait for a core
 PROGRESS_EVERY_S: Final = 2.0
 IDENTITY_VERSION: Final = 1
 
@@ -184,37 +184,54 @@ def load_model(model: PredictModel) -> Any:
 
 
 class WindowPredictor:
-    """Ray Data callable class: adds ``PROBABILITIES`` (B×K×T×T float16 softmax) to windows.
+    """Ray Data callable class: reads the windows of jobs and predicts them with the student.
 
-    Input: ``IMAGE`` B×3×T×T float32 in [0, 1] (``raster_windows.read_strip``), ``VALID``
-    B×T×T bool and the position columns; output drops ``IMAGE``. Windows without a valid pixel
-    are not run through the model (their probabilities are 0; the blender ignores them).
+    Input rows: jobs (``seq``, ``output``, ``y0``, ``first_col``, ``last_col``, see ``Job``).
+    Output: one row per window: ``JOB``, ``Y0``, ``X0`` (int64), ``VALID`` T×T bool and
+    ``PROBABILITIES`` K×T×T float16 softmax. The model runs on ``batch_size`` windows at a
+    time; windows without a valid pixel are not run (probabilities 0, ignored by the blender).
+    Reading here rather than in separate tasks keeps one window row per actor in flight,
+    whatever the raster's size, and no extra worker processes.
     """
 
     def __init__(
-        self, model: Mapping[str, Any], device: str = "cpu", torch_threads: int | None = None
+        self,
+        model: Mapping[str, Any],
+        sources: Sequence[RasterSource],
+        tile: int,
+        overlap: int,
+        batch_size: int = 8,
+        device: str = "cpu",
+        torch_threads: int | None = None,
     ) -> None:
         from semisup.teacher import select_device
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self.sources, self.tile, self.overlap = list(sources), tile, overlap
+        self.batch_size = batch_size
         self.device = select_device(device)
         self.num_classes = int(model["num_classes"])
         self.model = load_model(PredictModel(**model)).to(self.device)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = batch[C.IMAGE]
-        valid = np.asarray(batch[C.VALID], bool)
-        any_valid = valid.reshape(len(valid), -1).any(1)
-        out = np.zeros((len(images), self.num_classes, *images.shape[2:]), np.float16)
-        if any_valid.any():
-            pixels = torch.from_numpy(images[any_valid]).to(self.device) * 255.0
-            bf16 = self.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-                probabilities = self.model(pixels).float().softmax(1)  # B'×K×T×T
-            out[any_valid] = probabilities.cpu().numpy().astype(np.float16)
-        kept = {name: value for name, value in batch.items() if name != C.IMAGE}
-        return {**kept, PROBABILITIES: out}
+    def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        windows = read_job_windows(jobs, sources=self.sources, tile=self.tile, overlap=self.overlap)
+        images = windows.pop(C.IMAGE)
+        valid = windows[C.VALID]
+        probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
+        todo = np.flatnonzero(valid.reshape(len(valid), -1).any(1))
+        for start in range(0, len(todo), self.batch_size):
+            chosen = todo[start : start + self.batch_size]
+            probabilities[chosen] = self.predict(images[chosen])
+        return {**windows, PROBABILITIES: probabilities}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """B×3×T×T float32 in [0, 1] -> B×K×T×T float16 class probabilities."""
+        pixels = torch.from_numpy(images).to(self.device) * 255.0  # the teacher's input range
+        bf16 = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            probabilities = self.model(pixels).float().softmax(1)
+        return probabilities.cpu().numpy().astype(np.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +240,7 @@ class WindowPredictor:
 
 @dataclass(frozen=True)
 class Job:
-    """One read task: the windows of one window row of one stripe of one output."""
+    """The unit of work of an actor: the windows of one window row of one stripe of one output."""
 
     seq: int
     output: int  # index into the run's outputs
@@ -261,8 +278,8 @@ def plan_jobs(
 def read_job_windows(
     batch: dict[str, np.ndarray], *, sources: Sequence[RasterSource], tile: int, overlap: int
 ) -> dict[str, np.ndarray]:
-    """Ray Data map function: job rows -> one row per window (``read_raster_windows.read_strip``
-    plus ``JOB``, ``Y0``, ``X0``)."""
+    """Job rows -> one row per window: ``raster_windows.read_strip``'s ``IMAGE`` and ``VALID``
+    plus ``JOB``, ``Y0``, ``X0``."""
     parts = []
     for seq, output, y0, first, last in zip(
         batch["seq"], batch["output"], batch["y0"], batch["first_col"], batch["last_col"],
@@ -280,18 +297,22 @@ def read_job_windows(
 
 
 def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Path:
-    """Where one raster's output goes: ``out`` itself for a single raster (unless a folder),
-    ``out/<name><suffix>`` in a folder, or ``out`` with ``{name}`` replaced."""
+    """Where one raster's output goes: ``out`` itself when it names a ``suffix`` file (one
+    raster only), ``out/<name><suffix>`` when it names a folder, or ``out`` with ``{name}``
+    replaced by the raster's name. ``suffix``: ``.tif`` (also ``.tiff``) or ``.geojson``
+    (also ``.json``)."""
     text = str(out)
     if "{name}" in text:
         return Path(text.replace("{name}", source.name))
-    if out.is_dir() or count > 1:
-        if out.suffix.lower() == suffix or (suffix == ".tif" and out.suffix.lower() == ".tiff"):
-            raise ValueError(
-                f"{out}: several rasters need a folder or a pattern with {{name}}, not a file"
-            )
-        return out / f"{source.name}{suffix}"
-    return out
+    names_file = out.suffix.lower() in _SUFFIXES[suffix] and not out.is_dir()
+    if names_file and count > 1:
+        raise ValueError(
+            f"{out}: several rasters need a folder or a pattern with {{name}}, not a file"
+        )
+    return out if names_file else out / f"{source.name}{suffix}"
+
+
+_SUFFIXES: Final = {".tif": (".tif", ".tiff"), ".geojson": (".geojson", ".json")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +425,7 @@ def run_predict(
     overwrite: bool = False,
     measure_memory: bool = False,
     log: TextIO | None = sys.stderr,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict class maps for ``rasters`` with a student; returns a JSON-safe summary.
 
@@ -428,6 +450,7 @@ def run_predict(
         overwrite: replace outputs of other runs and discard their interrupted partial files.
         measure_memory: sample the peak memory of this process and its Ray workers.
         log: progress lines; None for silence.
+        on_progress: called with (windows done, windows total) after each batch is blended.
 
     An output that exists with the same settings is left as it is; an interrupted one resumes.
     Bad input (a missing file, a raster without CRS when ``vector`` is asked for, an adapter of
@@ -473,6 +496,8 @@ def run_predict(
                     cpus_per_actor, torch_threads,
                 ):  # fmt: skip
                     progress.advance(assembler.add(batch))
+                    if on_progress is not None:
+                        on_progress(progress.done, windows)
                     for index in assembler.finished:
                         outputs[index][1].finish()
                     assembler.finished.clear()
@@ -538,7 +563,9 @@ def _prepare_outputs(
     outputs, vectors, seen = [], [], set()
     for source in sources:
         path = output_path(out, source, len(sources), ".tif")
-        vector_path = None if vector is None else output_path(Path(vector), source, len(sources), ".geojson")
+        vector_path = (
+            None if vector is None else output_path(Path(vector), source, len(sources), ".geojson")
+        )
         if path in seen:
             raise ValueError(f"two rasters would write {path}; give them distinct names")
         seen.add(path)
@@ -552,7 +579,12 @@ def _prepare_outputs(
             transform=source.transform, stripes=blend.stripe_bounds(source.width, stripe_width),
             identity=identity, overwrite=overwrite, cog=cog,
         )  # fmt: skip
-        if vector_path is not None and vector_path.exists() and not overwrite and writer.state != "done":
+        if (
+            vector_path is not None
+            and vector_path.exists()
+            and not overwrite
+            and writer.state != "done"
+        ):
             raise FileExistsError(f"{vector_path} exists; pass --overwrite to replace it")
         outputs.append((source, writer))
         vectors.append(vector_path)
@@ -582,8 +614,6 @@ def _pipeline(
     torch_threads: int | None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
-    import functools
-
     import ray
 
     from semisup.pseudo_label import _default_actor_cpus, _default_threads
@@ -595,21 +625,22 @@ def _pipeline(
          "last_col": j.last_col}
         for j in jobs
     ]  # fmt: skip
-    # one block per job, so that every job is its own read task
+    # one block per job: a job is the unit handed to an actor
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    reader = functools.partial(read_job_windows, sources=list(sources), tile=tile, overlap=overlap)
-    # reads each job's window row in a light task beside the actors
-    windows = dataset.map_batches(reader, batch_size=1, num_cpus=READ_CPUS)
-    # a fixed pool of predictor actors, each loading the student once; Ray Data restarts actors
-    # that die and retries their batches
-    predicted = windows.map_batches(
+    # a fixed pool of predictor actors, each loading the student once and reading its jobs'
+    # windows; Ray Data restarts actors that die and retries their jobs
+    predicted = dataset.map_batches(
         WindowPredictor,
         fn_constructor_kwargs={
             "model": asdict(model),
+            "sources": list(sources),
+            "tile": tile,
+            "overlap": overlap,
+            "batch_size": batch_size,
             "device": "auto" if gpus_per_actor > 0 else "cpu",
             "torch_threads": torch_threads or _default_threads(actors, gpus_per_actor),
         },
-        batch_size=batch_size,
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor or _default_actor_cpus(actors),
         num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
@@ -700,33 +731,48 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = CLI_EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "rasters", nargs="+", metavar="RASTER",
+        "rasters",
+        nargs="+",
+        metavar="RASTER",
         help="GeoTIFF/COG files, folders of them, or Zarr tile stores (every source)",
     )
     parser.add_argument(
-        "--model", required=True, metavar="RUN_OR_ADAPTER_OR_NAME",
+        "--model",
+        required=True,
+        metavar="RUN_OR_ADAPTER_OR_NAME",
         help="a `semisup train` run folder, an adapter (.safetensors or its folder), or a "
         "built-in random-init model (tiny, vit_b, ...) for tests",
     )
     parser.add_argument(
-        "--out", required=True, type=Path,
+        "--out",
+        required=True,
+        type=Path,
         help="output GeoTIFF; with several rasters a folder (NAME.tif inside) or a path "
         "with {name}",
     )
     parser.add_argument(
-        "--vector", type=Path, metavar="OUT.geojson",
+        "--vector",
+        type=Path,
+        metavar="OUT.geojson",
         help="also write polygons per class as GeoJSON in the source CRS (named like --out)",
     )
     parser.add_argument(
-        "--min-area", type=float, default=0.0, metavar="A",
+        "--min-area",
+        type=float,
+        default=0.0,
+        metavar="A",
         help="drop polygons smaller than A CRS units² (m² in a metric CRS; default 0)",
     )
     parser.add_argument(
-        "--tile-size", type=int, metavar="PX",
+        "--tile-size",
+        type=int,
+        metavar="PX",
         help="window side (default: the adapter's training size; 256 for built-ins)",
     )
     parser.add_argument(
-        "--overlap", type=int, metavar="PX",
+        "--overlap",
+        type=int,
+        metavar="PX",
         help="pixels shared by neighbouring windows, at most half a window (default: a quarter)",
     )
     parser.add_argument(
@@ -736,39 +782,57 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--actors", type=int, default=1, metavar="N", help="predictor actors (default 1)"
     )
     parser.add_argument(
-        "--gpus-per-actor", type=float, default=0.0, metavar="G",
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        metavar="G",
         help="GPUs per actor, fractions share a GPU (default 0: CPU)",
     )
     parser.add_argument(
-        "--cpus-per-actor", type=float, metavar="C",
+        "--cpus-per-actor",
+        type=float,
+        metavar="C",
         help="CPUs reserved per actor (default: leave one CPU to reads and the driver)",
     )
     parser.add_argument(
-        "--torch-threads", type=int, metavar="N",
+        "--torch-threads",
+        type=int,
+        metavar="N",
         help="torch threads per actor (default on CPU: cluster CPUs // actors)",
     )
     parser.add_argument(
-        "--base-checkpoint", metavar="PATH_OR_URL",
+        "--base-checkpoint",
+        metavar="PATH_OR_URL",
         help="the SAM checkpoint the adapter was trained on (a run folder knows its own)",
     )
     parser.add_argument(
-        "--seed", type=int, metavar="S",
+        "--seed",
+        type=int,
+        metavar="S",
         help="seed of a random-init base (a run folder knows its own; default 0)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=2, metavar="K",
+        "--num-classes",
+        type=int,
+        default=2,
+        metavar="K",
         help="built-in models only: number of classes (default 2)",
     )
     parser.add_argument(
-        "--stripe-width", type=int, default=DEFAULT_STRIPE, metavar="PX",
+        "--stripe-width",
+        type=int,
+        default=DEFAULT_STRIPE,
+        metavar="PX",
         help=f"wide rasters are processed in vertical stripes this wide (default {DEFAULT_STRIPE})",
     )
     parser.add_argument(
-        "--no-cog", action="store_true",
+        "--no-cog",
+        action="store_true",
         help="write plain tiled GeoTIFFs instead of Cloud Optimized GeoTIFFs with overviews",
     )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace outputs of other runs and discard their interrupted partial files",
     )
     parser.add_argument(

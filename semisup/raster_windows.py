@@ -155,7 +155,9 @@ def read_strip(
         from data_prep.rasters import open_raster
 
         with open_raster(Path(source.path)) as raster:
-            image = tile_store.read_window(_RasterArray(raster, False), y0, left, tile, right - left)
+            image = tile_store.read_window(
+                _RasterArray(raster, False), y0, left, tile, right - left
+            )
             valid = tile_store.read_window(
                 _RasterArray(raster, True), y0, left, tile, right - left, False
             )

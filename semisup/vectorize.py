@@ -102,7 +102,8 @@ def _dissolve(
     groups: dict[int, list[int]] = {}
     for i in range(len(everything)):
         groups.setdefault(find(i), []).append(i)
-    finished, still_open = [], []
+    finished: list[tuple[int, Any]] = []
+    still_open: list[tuple[int, Any]] = []
     for members in groups.values():
         value = everything[members[0]][0]
         polygon = (
