@@ -30,270 +30,22 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import numpy as np
-import torch
 
 from semisup import blend
-from semisup import columns as C
 from semisup.map_writer import MapWriter
-from semisup.raster_windows import RasterSource, open_sources, read_strip
+from semisup.predictor import PredictModel, WindowPredictor, resolve_model
+from semisup.raster_windows import RasterSource, open_sources
+from semisup.stitch import Job, Stitcher, plan_jobs
 
-PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, added by the actors
-JOB: Final = "job"  # per-window int64: the read job (window row of a stripe) it came from
-DEFAULT_TILE: Final = 256  # px, built-in models only: an adapter runs at its training size
 DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
 PROGRESS_EVERY_S: Final = 2.0
 IDENTITY_VERSION: Final = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# The model: a run directory, an adapter, or a built-in random-init configuration
-
-
-@dataclass(frozen=True)
-class PredictModel:
-    """The student the actors load: an adapter file on its base (checkpoint or seed)."""
-
-    adapter: str  # student adapter (.safetensors)
-    model_type: str
-    num_classes: int
-    image_size: int  # px, the window side
-    base_checkpoint: str | None  # official SAM weights the adapter was trained on
-    seed: int  # draws the frozen base when there is no base checkpoint
-    name: str  # what --model said
-
-    def identity(self) -> dict[str, Any]:
-        from semisup.sam import checkpoint_sha256
-
-        return {
-            "model": self.name if self.name in _builtin_names() else "adapter",
-            "adapter_sha256": checkpoint_sha256(Path(self.adapter)),
-            "model_type": self.model_type,
-            "num_classes": self.num_classes,
-            "seed": self.seed if self.base_checkpoint is None else None,
-        }
-
-
-def _builtin_names() -> tuple[str, ...]:
-    from semisup.sam import SAM_SPECS
-
-    return tuple(SAM_SPECS)
-
-
-def resolve_model(
-    model: str,
-    *,
-    workdir: Path,
-    base_checkpoint: str | None = None,
-    seed: int | None = None,
-    num_classes: int = 2,
-    tile_size: int | None = None,
-) -> PredictModel:
-    """What ``--model`` names, checked before anything is written.
-
-    - a run directory of ``semisup train`` (``config.yaml`` + ``best/adapter.safetensors``):
-      the best adapter, on the run's ``student.checkpoint`` with the run's ``train.seed``;
-    - an adapter file (or a folder holding one): on ``base_checkpoint`` with ``seed`` (0);
-    - a built-in name (``tiny``, ``vit_b``, ...): a student with ``num_classes`` classes at
-      ``tile_size`` px, its decoder drawn from ``seed`` (for tests and benchmarks), saved as an
-      adapter into ``workdir`` so that every actor loads the same weights.
-
-    Raises ``FileNotFoundError`` when ``model`` is none of these, ``student.AdapterError`` when
-    the adapter was trained on another base (checkpoint hash, or none), ``ValueError`` when
-    ``tile_size`` contradicts the adapter's size.
-    """
-    from semisup import student
-    from semisup.config import load_config
-    from semisup.teacher import adapter_file
-
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / "config.yaml").is_file():
-        best = path / "best" / "adapter.safetensors"
-        if not best.is_file():
-            raise FileNotFoundError(f"{path}: the run has no best adapter yet ({best})")
-        config = load_config(path / "config.yaml")
-        base_checkpoint = base_checkpoint or config.student.checkpoint
-        seed = config.train.seed if seed is None else seed
-        path = best
-    elif path.exists():
-        path = adapter_file(path)
-    elif model in _builtin_names():
-        size = tile_size or DEFAULT_TILE
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed or 0)  # as train and the teacher seed a random-init base
-            built = student.build_student(
-                model, num_classes, size, checkpoint=base_checkpoint, mode="decoder"
-            )
-        adapter = student.save_adapter(built, workdir / f"{model}.safetensors")
-        return PredictModel(
-            str(adapter), model, num_classes, size, base_checkpoint, seed or 0, model
-        )
-    else:
-        raise FileNotFoundError(
-            f"--model {model!r}: not a run directory, an adapter file or a built-in model "
-            f"({', '.join(_builtin_names())})"
-        )
-    spec = student.read_adapter_spec(path)
-    check_adapter_base(path, spec, base_checkpoint)
-    if tile_size is not None and tile_size != spec.image_size:
-        raise ValueError(
-            f"{path} was trained on {spec.image_size} px windows; --tile-size {tile_size} "
-            "cannot be used with it"
-        )
-    return PredictModel(
-        str(path), spec.model_type, spec.num_classes, spec.image_size, base_checkpoint,
-        seed or 0, model,
-    )  # fmt: skip
-
-
-def check_adapter_base(path: Path, spec: Any, base_checkpoint: str | None) -> None:
-    """``AdapterError`` unless the adapter at ``path`` loads onto ``base_checkpoint``: an
-    unmerged student adapter trained on exactly that checkpoint (by hash), or on none."""
-    from semisup.sam import checkpoint_sha256, resolve_checkpoint
-    from semisup.student import MODES, AdapterError
-
-    if spec.mode not in MODES:
-        raise AdapterError(f"{path} has mode {spec.mode!r}; expected a student adapter")
-    given = checkpoint_sha256(resolve_checkpoint(base_checkpoint)) if base_checkpoint else None
-    if given != spec.base_checkpoint_sha256:
-        raise AdapterError(
-            f"{path} is an adapter for the {spec.model_type} base "
-            f"{spec.base_checkpoint_sha256 or 'without checkpoint (random init)'}, given base "
-            f"{given or 'none'}{f' ({base_checkpoint})' if base_checkpoint else ''}; "
-            "pass the checkpoint it was trained on as --base-checkpoint"
-        )
-
-
-def load_model(model: PredictModel) -> Any:
-    """The student as a function: B×3×S×S float in [0, 1] -> B×K×S×S logits (CPU, eval)."""
-    from semisup.teacher import load_student_teacher
-
-    semantic, _ = load_student_teacher(
-        model.adapter,
-        model_type=model.model_type,
-        image_size=model.image_size,
-        base_checkpoint=model.base_checkpoint,
-        seed=model.seed,
-    )
-    return semantic  # takes the teacher's [0, 255]: see WindowPredictor
-
-
-class WindowPredictor:
-    """Ray Data callable class: reads the windows of jobs and predicts them with the student.
-
-    Input rows: jobs (``seq``, ``output``, ``y0``, ``first_col``, ``last_col``, see ``Job``).
-    Output: one row per window: ``JOB``, ``Y0``, ``X0`` (int64), ``VALID`` T×T bool and
-    ``PROBABILITIES`` K×T×T float16 softmax. The model runs on ``batch_size`` windows at a
-    time; windows without a valid pixel are not run (probabilities 0, ignored by the blender).
-    Reading here rather than in separate tasks keeps one window row per actor in flight,
-    whatever the raster's size, and no extra worker processes.
-    """
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        sources: Sequence[RasterSource],
-        tile: int,
-        overlap: int,
-        batch_size: int = 8,
-        device: str = "cpu",
-        torch_threads: int | None = None,
-    ) -> None:
-        from semisup.teacher import select_device
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        self.sources, self.tile, self.overlap = list(sources), tile, overlap
-        self.batch_size = batch_size
-        self.device = select_device(device)
-        self.num_classes = int(model["num_classes"])
-        self.model = load_model(PredictModel(**model)).to(self.device)
-
-    def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        windows = read_job_windows(jobs, sources=self.sources, tile=self.tile, overlap=self.overlap)
-        images = windows.pop(C.IMAGE)
-        valid = windows[C.VALID]
-        probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
-        todo = np.flatnonzero(valid.reshape(len(valid), -1).any(1))
-        for start in range(0, len(todo), self.batch_size):
-            chosen = todo[start : start + self.batch_size]
-            probabilities[chosen] = self.predict(images[chosen])
-        return {**windows, PROBABILITIES: probabilities}
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """B×3×T×T float32 in [0, 1] -> B×K×T×T float16 class probabilities."""
-        pixels = torch.from_numpy(images).to(self.device) * 255.0  # the teacher's input range
-        bf16 = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            probabilities = self.model(pixels).float().softmax(1)
-        return probabilities.cpu().numpy().astype(np.float16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning: outputs, jobs
-
-
-@dataclass(frozen=True)
-class Job:
-    """The unit of work of an actor: the windows of one window row of one stripe of one output."""
-
-    seq: int
-    output: int  # index into the run's outputs
-    stripe: int
-    y0: int  # px, the window row's first row
-    first_col: int  # [first_col, last_col) index into the raster's column window starts
-    last_col: int
-    finish_row: int  # rows above this are final once the job is blended
-    first_of_stripe: bool
-
-
-def plan_jobs(
-    outputs: Sequence[tuple[RasterSource, MapWriter]], tile: int, overlap: int
-) -> list[Job]:
-    """Jobs for every row not yet written, output by output, stripe by stripe, top to bottom."""
-    jobs: list[Job] = []
-    for index, (source, writer) in enumerate(outputs):
-        row_starts = blend.window_starts(source.height, tile, overlap)
-        col_starts = blend.window_starts(source.width, tile, overlap)
-        for stripe, (x0, x1) in enumerate(writer.stripes):
-            done = writer.rows_done[stripe]
-            if done >= source.height:
-                continue
-            first_col, last_col = blend.windows_in_span(col_starts, tile, x0, x1)
-            first_row, _ = blend.windows_in_span(row_starts, tile, done, source.height)
-            for row in range(first_row, len(row_starts)):
-                finish = row_starts[row + 1] if row + 1 < len(row_starts) else source.height
-                jobs.append(
-                    Job(len(jobs), index, stripe, row_starts[row], first_col, last_col,
-                        finish, row == first_row)
-                )  # fmt: skip
-    return jobs
-
-
-def read_job_windows(
-    batch: dict[str, np.ndarray], *, sources: Sequence[RasterSource], tile: int, overlap: int
-) -> dict[str, np.ndarray]:
-    """Job rows -> one row per window: ``raster_windows.read_strip``'s ``IMAGE`` and ``VALID``
-    plus ``JOB``, ``Y0``, ``X0``."""
-    parts = []
-    for seq, output, y0, first, last in zip(
-        batch["seq"], batch["output"], batch["y0"], batch["first_col"], batch["last_col"],
-        strict=True,
-    ):  # fmt: skip
-        source = sources[int(output)]
-        starts = blend.window_starts(source.width, tile, overlap)[int(first) : int(last)]
-        windows = read_strip(source, int(y0), starts, tile)
-        count = len(starts)
-        windows[JOB] = np.full(count, int(seq), np.int64)
-        windows[C.Y0] = np.full(count, int(y0), np.int64)
-        windows[C.X0] = np.asarray(starts, np.int64)
-        parts.append(windows)
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Path:
@@ -313,59 +65,6 @@ def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Pat
 
 
 _SUFFIXES: Final = {".tif": (".tif", ".tiff"), ".geojson": (".geojson", ".json")}
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver side: reorder, blend, write
-
-
-class _Assembler:
-    """Takes predicted windows in any order; blends and writes them job by job, in order."""
-
-    def __init__(
-        self,
-        jobs: Sequence[Job],
-        outputs: Sequence[tuple[RasterSource, MapWriter]],
-        num_classes: int,
-        weights: np.ndarray,
-    ) -> None:
-        self.jobs, self.outputs = jobs, outputs
-        self.num_classes, self.weights = num_classes, weights
-        self.pending: dict[int, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
-        self.next = 0
-        self.accumulator: blend.BandAccumulator | None = None
-        self.finished: list[int] = []  # outputs completed, in order
-
-    def add(self, batch: Mapping[str, np.ndarray]) -> int:
-        """Buffer a batch of windows; process every job now complete. Returns windows added."""
-        for i, seq in enumerate(batch[JOB]):
-            self.pending.setdefault(int(seq), []).append(
-                (int(batch[C.Y0][i]), int(batch[C.X0][i]), batch[PROBABILITIES][i],
-                 batch[C.VALID][i])
-            )  # fmt: skip
-        while self.next < len(self.jobs):
-            job = self.jobs[self.next]
-            windows = self.pending.get(job.seq, [])
-            if len(windows) < job.last_col - job.first_col:
-                break
-            self._blend(job, self.pending.pop(job.seq))
-            self.next += 1
-        return len(batch[JOB])
-
-    def _blend(self, job: Job, windows: list[tuple[int, int, np.ndarray, np.ndarray]]) -> None:
-        source, writer = self.outputs[job.output]
-        x0, x1 = writer.stripes[job.stripe]
-        if job.first_of_stripe or self.accumulator is None:
-            self.accumulator = blend.BandAccumulator(
-                x0, x1, source.height, self.num_classes, self.weights,
-                top=writer.rows_done[job.stripe],
-            )  # fmt: skip
-        for y0, wx0, probabilities, valid in windows:
-            self.accumulator.add(y0, wx0, probabilities, valid)
-        first, label, confidence = self.accumulator.finish(job.finish_row)
-        writer.add_rows(job.stripe, first, label, confidence)
-        if writer.complete:
-            self.finished.append(job.output)
 
 
 class _Progress:
@@ -487,7 +186,7 @@ def run_predict(
             with PeakMemory() if measure_memory else _no_memory() as peak:
                 for _, writer in outputs:
                     writer.start()
-                assembler = _Assembler(
+                assembler = Stitcher(
                     jobs, outputs, resolved.num_classes,
                     blend.window_weights(tile, overlap, weight_floor),
                 )  # fmt: skip

@@ -23,17 +23,11 @@ from semisup import columns as C
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
-from semisup.predict import (
-    JOB,
-    PROBABILITIES,
-    _Assembler,
-    load_model,
-    plan_jobs,
-    resolve_model,
-    run_predict,
-)
+from semisup.predict import run_predict
+from semisup.predictor import JOB, PROBABILITIES, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
 from semisup.sam import build_sam
+from semisup.stitch import Stitcher, plan_jobs
 from semisup.student import AdapterError, build_student, save_adapter
 from semisup.vectorize import write_geojson
 
@@ -117,7 +111,7 @@ def test_driver_blends_shuffled_windows_across_stripes_exactly(tmp_path: Path) -
         for x0 in col_starts[job.first_col : job.last_col]:
             rows.append((job.seq, job.y0, x0))
     rng.shuffle(rows)
-    assembler = _Assembler(jobs, [(source, writer)], k, blend.window_weights(tile, overlap))
+    assembler = Stitcher(jobs, [(source, writer)], k, blend.window_weights(tile, overlap))
     for start in range(0, len(rows), 7):
         part = rows[start : start + 7]
         assembler.add({
