@@ -25,6 +25,7 @@ to the blender window row by window row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -38,6 +39,7 @@ from typing import Any, Final, TextIO
 import numpy as np
 
 from semisup import blend
+from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
 from semisup.predictor import PredictModel, WindowPredictor, resolve_model
 from semisup.raster_windows import RasterSource, open_sources
@@ -123,6 +125,7 @@ def run_predict(
     cog: bool = True,
     overwrite: bool = False,
     measure_memory: bool = False,
+    ray_config: RayConfig | None = None,
     log: TextIO | None = sys.stderr,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -148,6 +151,10 @@ def run_predict(
         cog: write Cloud Optimized GeoTIFFs with overviews (else plain tiled GeoTIFFs).
         overwrite: replace outputs of other runs and discard their interrupted partial files.
         measure_memory: sample the peak memory of this process and its Ray workers.
+        ray_config: how to reach Ray when there is work: a running Ray is used as it is;
+            otherwise a local one (``RayConfig()``, shut down at the end) or the cluster at
+            ``ray_config.address``. Nothing starts Ray when every output is already complete or
+            the input is refused.
         log: progress lines; None for silence.
         on_progress: called with (windows done, windows total) after each batch is blended.
 
@@ -181,25 +188,16 @@ def run_predict(
         progress = _Progress(log, windows, tile)
         peak = None
         if jobs:
-            from semisup.memory import PeakMemory
+            from semisup.runtime import ray_runtime
 
-            with PeakMemory() if measure_memory else _no_memory() as peak:
-                for _, writer in outputs:
-                    writer.start()
-                assembler = Stitcher(
-                    jobs, outputs, resolved.num_classes,
-                    blend.window_weights(tile, overlap, weight_floor),
-                )  # fmt: skip
-                for batch in _pipeline(
-                    jobs, sources, resolved, tile, overlap, batch_size, actors, gpus_per_actor,
-                    cpus_per_actor, torch_threads,
-                ):  # fmt: skip
-                    progress.advance(assembler.add(batch))
-                    if on_progress is not None:
-                        on_progress(progress.done, windows)
-                    for index in assembler.finished:
-                        outputs[index][1].finish()
-                    assembler.finished.clear()
+            # a local Ray unless one is up or an address is given; shut down after if started here
+            with ray_runtime(ray_config or RayConfig()):
+                peak = _predict_jobs(jobs, outputs, sources, resolved, progress, on_progress, {
+                    "tile": tile, "overlap": overlap, "weight_floor": weight_floor,
+                    "batch_size": batch_size, "actors": actors, "gpus_per_actor": gpus_per_actor,
+                    "cpus_per_actor": cpus_per_actor, "torch_threads": torch_threads,
+                    "measure_memory": measure_memory,
+                })  # fmt: skip
             progress.say()
         for _, writer in outputs:  # complete but not yet moved into place (an interrupted finish)
             if writer.state != "done" and writer.complete and writer.partial.exists():
@@ -210,18 +208,45 @@ def run_predict(
     return _summary(outputs, vectors, polygons, pixels, windows, started, peak, resolved)
 
 
+def _predict_jobs(
+    jobs: Sequence[Job],
+    outputs: Sequence[tuple[RasterSource, MapWriter]],
+    sources: Sequence[RasterSource],
+    model: PredictModel,
+    progress: _Progress,
+    on_progress: Callable[[int, int], None] | None,
+    settings: dict[str, Any],
+) -> Any:
+    """Run the pipeline over ``jobs``, stitching and writing as windows arrive; finish each
+    output when complete. Returns the ``PeakMemory`` record (None unless measured)."""
+    from semisup.memory import PeakMemory
+
+    with PeakMemory() if settings["measure_memory"] else contextlib.nullcontext() as peak:
+        for _, writer in outputs:
+            writer.start()
+        weights = blend.window_weights(
+            settings["tile"], settings["overlap"], settings["weight_floor"]
+        )
+        stitcher = Stitcher(jobs, outputs, model.num_classes, weights)
+        pipeline_settings = {
+            k: v for k, v in settings.items() if k not in ("weight_floor", "measure_memory")
+        }
+        for batch in _pipeline(jobs, sources, model, **pipeline_settings):
+            progress.advance(stitcher.add(batch))
+            if on_progress is not None:
+                on_progress(progress.done, progress.total)
+            for index in stitcher.finished:
+                outputs[index][1].finish()
+            stitcher.finished.clear()
+    return peak
+
+
 def _existing_parent(out: Path) -> Path:
     """The nearest existing folder at or above where the outputs go (for the work folder)."""
     folder = out if out.is_dir() else out.parent
     while not folder.exists():
         folder = folder.parent
     return folder
-
-
-def _no_memory() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext(None)
 
 
 def _check_numbers(
@@ -304,6 +329,7 @@ def _pipeline(
     jobs: Sequence[Job],
     sources: Sequence[RasterSource],
     model: PredictModel,
+    *,
     tile: int,
     overlap: int,
     batch_size: int,
@@ -317,8 +343,6 @@ def _pipeline(
 
     from semisup.pseudo_label import _default_actor_cpus, _default_threads
 
-    if not ray.is_initialized():
-        ray.init()  # a local Ray, as Ray Data itself would start; callers may start their own
     items = [
         {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
          "last_col": j.last_col}
@@ -541,17 +565,14 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_predict_cli(args: argparse.Namespace) -> int:
     """Run ``semisup predict``; prints the summary as JSON; returns the exit status."""
-    from semisup.config import RayConfig
-    from semisup.runtime import ray_runtime
-
-    with ray_runtime(RayConfig(address=args.address)):
-        summary = run_predict(
-            args.rasters, args.model, args.out, vector=args.vector, min_area=args.min_area,
-            tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
-            base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
-            stripe_width=args.stripe_width, cog=not args.no_cog, overwrite=args.overwrite,
-        )  # fmt: skip
+    summary = run_predict(
+        args.rasters, args.model, args.out, vector=args.vector, min_area=args.min_area,
+        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
+        base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
+        stripe_width=args.stripe_width, cog=not args.no_cog, overwrite=args.overwrite,
+        ray_config=RayConfig(address=args.address),
+    )  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
