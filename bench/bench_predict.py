@@ -84,12 +84,14 @@ def bare_loop(
     )  # fmt: skip
     jobs = plan_jobs([(source, writer)], tile, overlap)
     torch.set_num_threads(args.threads)
-    start, windows = time.perf_counter(), 0
+    start, windows, opened = time.perf_counter(), 0, {}
     with torch.inference_mode():
         for job in jobs:
             batch = {key: np.array([getattr(job, key)]) for key in ("y0", "first_col", "last_col")}
             batch |= {"seq": np.array([job.seq]), "output": np.array([0])}
-            read = read_job_windows(batch, sources=[source], tile=tile, overlap=overlap)
+            read = read_job_windows(
+                batch, sources=[source], tile=tile, overlap=overlap, opened=opened
+            )
             images = read["image"]
             for i in range(0, len(images), args.batch_size):
                 pixels = torch.from_numpy(images[i : i + args.batch_size]) * 255.0

@@ -21,7 +21,6 @@ rows as soon as no later window covers them, as class ids and confidences.
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 import numpy as np
@@ -168,15 +167,3 @@ class BandAccumulator:
                 array[..., kept.shape[-2] :, :] = 0
             self.top = y_end
         return first, label, confidence
-
-
-def predicted_pixels(height: int, width: int, tile: int, overlap: int) -> int:
-    """Pixels the model computes for one raster (windows × tile²), padding included."""
-    rows = len(window_starts(height, tile, overlap))
-    cols = len(window_starts(width, tile, overlap))
-    return rows * cols * tile * tile
-
-
-def block_align(value: int, block: int) -> int:
-    """``value`` rounded up to a multiple of ``block``."""
-    return int(math.ceil(value / block) * block)

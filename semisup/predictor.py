@@ -18,7 +18,7 @@ import torch
 
 from semisup import blend
 from semisup import columns as C
-from semisup.raster_windows import RasterSource, read_strip
+from semisup.raster_windows import RasterSource, read_strip, source_arrays
 
 PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, added by the actors
 JOB: Final = "job"  # per-window int64: the job (window row of a stripe) it came from
@@ -181,12 +181,15 @@ class WindowPredictor:
             torch.set_num_threads(torch_threads)
         self.sources, self.tile, self.overlap = list(sources), tile, overlap
         self.batch_size = batch_size
+        self._opened: dict[int, tuple[Any, Any]] = {}  # source index -> open image/valid arrays
         self.device = select_device(device)
         self.num_classes = int(model["num_classes"])
         self.model = load_model(PredictModel(**model)).to(self.device)
 
     def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        windows = read_job_windows(jobs, sources=self.sources, tile=self.tile, overlap=self.overlap)
+        windows = read_job_windows(
+            jobs, sources=self.sources, tile=self.tile, overlap=self.overlap, opened=self._opened
+        )
         images = windows.pop(C.IMAGE)
         valid = windows[C.VALID]
         probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
@@ -206,10 +209,16 @@ class WindowPredictor:
 
 
 def read_job_windows(
-    batch: dict[str, np.ndarray], *, sources: Sequence[RasterSource], tile: int, overlap: int
+    batch: dict[str, np.ndarray],
+    *,
+    sources: Sequence[RasterSource],
+    tile: int,
+    overlap: int,
+    opened: dict[int, tuple[Any, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Job rows -> one row per window: ``raster_windows.read_strip``'s ``IMAGE`` and ``VALID``
-    plus ``JOB``, ``Y0``, ``X0``."""
+    plus ``JOB``, ``Y0``, ``X0``. ``opened`` keeps the current source's open arrays across calls."""
+    opened = {} if opened is None else opened
     parts = []
     for seq, output, y0, first, last in zip(
         batch["seq"], batch["output"], batch["y0"], batch["first_col"], batch["last_col"],
@@ -217,7 +226,10 @@ def read_job_windows(
     ):  # fmt: skip
         source = sources[int(output)]
         starts = blend.window_starts(source.width, tile, overlap)[int(first) : int(last)]
-        windows = read_strip(source, int(y0), starts, tile)
+        if int(output) not in opened:
+            opened.clear()  # jobs come raster by raster: keep only the current one open
+            opened[int(output)] = source_arrays(source)
+        windows = read_strip(source, int(y0), starts, tile, opened[int(output)])
         count = len(starts)
         windows[JOB] = np.full(count, int(seq), np.int64)
         windows[C.Y0] = np.full(count, int(y0), np.int64)

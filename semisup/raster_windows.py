@@ -141,30 +141,36 @@ class _RasterArray:
         return self.raster.read_valid(*window) if self.is_valid else self.raster.read(*window)
 
 
+def source_arrays(source: RasterSource) -> tuple[Any, Any]:
+    """(image H×W×C, valid H×W) of ``source`` as sliceable arrays for ``store.read_window``;
+    a GeoTIFF stays open (rasterio) until they are dropped, a store's arrays are zarr arrays."""
+    if source.source_id is None:
+        from data_prep.rasters import open_raster
+
+        raster = open_raster(Path(source.path))
+        return _RasterArray(raster, False), _RasterArray(raster, True)
+    group: Any = tile_store.open_store(source.path, "r")[source.source_id]
+    return group[C.IMAGE], group[C.VALID]
+
+
 def read_strip(
-    source: RasterSource, y0: int, x_starts: Sequence[int], tile: int
+    source: RasterSource,
+    y0: int,
+    x_starts: Sequence[int],
+    tile: int,
+    arrays: tuple[Any, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """The windows at row ``y0`` and columns ``x_starts`` of ``source``, ready for the student.
 
     Reads the rows [y0, y0 + tile) once, from the first window's left to the last window's right
-    edge, padded outside the raster (image 0, not valid). Returns ``IMAGE`` N×3×T×T float32 in
-    [0, 1] (the band rule, see the module docstring) and ``VALID`` N×T×T bool, N = len(x_starts).
+    edge, padded outside the raster (image 0, not valid), from ``arrays`` (``source_arrays``,
+    opened here when None). Returns ``IMAGE`` N×3×T×T float32 in [0, 1] (the band rule, see the
+    module docstring) and ``VALID`` N×T×T bool, N = len(x_starts).
     """
-    left, right = x_starts[0], x_starts[-1] + tile
-    if source.source_id is None:
-        from data_prep.rasters import open_raster
-
-        with open_raster(Path(source.path)) as raster:
-            image = tile_store.read_window(
-                _RasterArray(raster, False), y0, left, tile, right - left
-            )
-            valid = tile_store.read_window(
-                _RasterArray(raster, True), y0, left, tile, right - left, False
-            )
-    else:
-        group: Any = tile_store.open_store(source.path, "r")[source.source_id]
-        image = tile_store.read_window(group[C.IMAGE], y0, left, tile, right - left)
-        valid = tile_store.read_window(group[C.VALID], y0, left, tile, right - left, False)
+    image_array, valid_array = arrays or source_arrays(source)
+    left, width = x_starts[0], x_starts[-1] + tile - x_starts[0]
+    image = tile_store.read_window(image_array, y0, left, tile, width)
+    valid = tile_store.read_window(valid_array, y0, left, tile, width, False)
     cuts = [slice(x - left, x - left + tile) for x in x_starts]
     batch = {
         C.IMAGE: np.stack([image[:, cut] for cut in cuts]),  # N×T×T×C source dtype

@@ -23,7 +23,7 @@ from semisup import columns as C
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
-from semisup.predict import run_predict
+from semisup.predict import output_path, run_predict
 from semisup.predictor import JOB, PROBABILITIES, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
 from semisup.sam import build_sam
@@ -125,6 +125,17 @@ def test_driver_blends_shuffled_windows_across_stripes_exactly(tmp_path: Path) -
     label, confidence = _read(tmp_path / "x.tif")
     np.testing.assert_array_equal(label, field[:, :height, :width].argmax(0))
     assert not partial_path(writer.path).exists() and not progress_path(writer.path).exists()
+
+
+def test_output_names_for_one_or_several_rasters(tmp_path: Path) -> None:
+    source = RasterSource("/data/a.tif", "a", 1, 1, 3, "uint8", (0.0,) * 3, (255.0,) * 3)
+    assert output_path(tmp_path / "x.tif", source, 1, ".tif") == tmp_path / "x.tif"
+    assert output_path(tmp_path / "maps", source, 1, ".tif") == tmp_path / "maps" / "a.tif"
+    assert output_path(tmp_path / "v.json", source, 1, ".geojson") == tmp_path / "v.json"
+    pattern = tmp_path / "{name}_classes.tif"
+    assert output_path(pattern, source, 3, ".tif") == tmp_path / "a_classes.tif"
+    with pytest.raises(ValueError, match="several rasters need a folder"):
+        output_path(tmp_path / "x.tiff", source, 2, ".tif")
 
 
 def test_run_folder_gives_the_trained_adapter_on_its_seeded_base(tmp_path: Path) -> None:
