@@ -92,6 +92,14 @@ STAGES: dict[str, Stage] = {
         "student, pseudo-label accuracy per confidence bin (a calibrated threshold) and "
         "prediction overlays: RUN/report/report.md, report.json and PNGs.",
     ),
+    "predict": Stage(
+        "predict class maps for large rasters, window by window, to GeoTIFF/COG and GeoJSON",
+        "semisup predict ortho.tif --model runs/student --out ortho_classes.tif "
+        "--vector ortho_classes.geojson",
+        "semisup.predict", "add_predict_arguments", "run_predict_cli",
+        "Blends overlapping windows into one seamless class map with a confidence band, in "
+        "the input's CRS; memory stays bounded however large the raster; reruns resume.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",

@@ -1,0 +1,178 @@
+"""Benchmark: ``semisup predict`` (``run_predict``) against a bare loop of the same model over
+the same windows, and its peak memory at two raster sizes.
+
+Both sides predict a synthetic RGB GeoTIFF (smooth structure plus noise, a nodata corner) with
+the same built-in random-init student, window size, overlap, batch size and torch threads:
+
+- ``run_predict``: Ray actor pool (reads its windows with rasterio, predicts), the driver blends
+  and writes the COG; whole call timed, Ray already up;
+- bare loop: in this process, the same windows read with ``raster_windows.read_strip`` and put
+  through the same model (``predictor.load_model``) and softmax; no blending, no writing.
+
+Reported per raster size: pixels/s of both (raster pixels / seconds) and their ratio; then the
+steady state, from the difference of the two sizes, so that the fixed costs of a call (actor
+start-up, model load, COG conversion) cancel; and the peak memory (PSS) of this process plus
+every Ray process, and its rise above the level before the call.
+
+Run from the repository root on an otherwise idle machine::
+
+    python bench/bench_predict.py --sizes 1024 2048 --model tiny --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import ray  # noqa: E402
+
+from semisup import blend  # noqa: E402
+from semisup.map_writer import MapWriter  # noqa: E402
+from semisup.predict import run_predict  # noqa: E402
+from semisup.predictor import load_model, read_job_windows, resolve_model  # noqa: E402
+from semisup.raster_windows import open_sources  # noqa: E402
+from semisup.stitch import plan_jobs  # noqa: E402
+
+
+def write_raster(path: Path, size: int, rows: int = 512) -> Path:
+    """A size×size RGB uint8 GeoTIFF, written band of rows by band of rows."""
+    profile = {
+        "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
+        "crs": "EPSG:32640", "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
+        "nodata": 0, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+    }  # fmt: skip
+    rng = np.random.default_rng(size)
+    with rasterio.open(path, "w", **profile) as ds:
+        for y0 in range(0, size, rows):
+            yy, xx = np.mgrid[y0 : y0 + rows, 0:size]
+            base = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
+            band = np.clip(base[None] + rng.normal(0, 12, (3, rows, size)), 1, 255).astype(np.uint8)
+            band[:, (xx + yy) < size // 8] = 0
+            ds.write(band, window=rasterio.windows.Window(0, y0, size, rows))
+    return path
+
+
+def bare_loop(
+    raster: Path, model_name: str, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """Read and predict every window ``run_predict`` would, in this process; seconds, windows."""
+    source = open_sources([raster])[0]
+    model = resolve_model(model_name, workdir=work, num_classes=args.classes, tile_size=args.tile)
+    net = load_model(model)
+    tile, overlap = model.image_size, args.overlap
+    writer = MapWriter(
+        work / "unused.tif", height=source.height, width=source.width, crs=None, transform=None,
+        stripes=blend.stripe_bounds(source.width, args.stripe), identity={},
+    )  # fmt: skip
+    jobs = plan_jobs([(source, writer)], tile, overlap)
+    torch.set_num_threads(args.threads)
+    start, windows, opened = time.perf_counter(), 0, {}
+    with torch.inference_mode():
+        for job in jobs:
+            batch = {key: np.array([getattr(job, key)]) for key in ("y0", "first_col", "last_col")}
+            batch |= {"seq": np.array([job.seq]), "output": np.array([0])}
+            read = read_job_windows(
+                batch, sources=[source], tile=tile, overlap=overlap, opened=opened
+            )
+            images = read["image"]
+            for i in range(0, len(images), args.batch_size):
+                pixels = torch.from_numpy(images[i : i + args.batch_size]) * 255.0
+                net(pixels).float().softmax(1).numpy().astype(np.float16)
+            windows += len(images)
+    return {"seconds": time.perf_counter() - start, "windows": windows}
+
+
+def pipeline(raster: Path, out: Path, model_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    return run_predict(
+        [raster], model_name, out, tile_size=args.tile, overlap=args.overlap,
+        batch_size=args.batch_size, actors=args.actors, torch_threads=args.threads,
+        num_classes=args.classes, stripe_width=args.stripe, measure_memory=True, log=None,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs=2, default=(1024, 2048), help="raster sides, px")
+    parser.add_argument("--model", default="tiny", help="built-in model (default tiny)")
+    parser.add_argument("--tile", type=int, default=256, help="window side, px")
+    parser.add_argument("--overlap", type=int, default=64, help="window overlap, px")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per model call")
+    parser.add_argument("--classes", type=int, default=4, help="classes of the student")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (bare and actor)")
+    parser.add_argument("--actors", type=int, default=1, help="predictor actors")
+    parser.add_argument("--stripe", type=int, default=4096, help="stripe width, px")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of the whole set")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    ray.init(num_cpus=args.cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
+        work = Path(folder)
+        rasters = {size: write_raster(work / f"r{size}.tif", size) for size in args.sizes}
+        for round_index in range(args.rounds):
+            for size, raster in rasters.items():
+                bare = bare_loop(raster, args.model, args, work)
+                summary = pipeline(raster, work / f"m{size}-{round_index}.tif", args.model, args)
+                rows.append({
+                    "round": round_index + 1, "size": size, "pixels": size * size,
+                    "bare_s": bare["seconds"], "bare_windows": bare["windows"],
+                    "ray_s": summary["seconds"], "ray_windows": summary["windows"],
+                    "peak_mb": summary["peak_memory_mb"],
+                    "rise_mb": summary["peak_memory_mb"] - summary["baseline_memory_mb"],
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    ray.shutdown()
+    report(rows, args)
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    small, large = args.sizes
+    print(f"\nmachine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}; torch {torch.__version__}, "
+          f"ray {ray.__version__}")  # fmt: skip
+    print(f"model {args.model}, {args.tile} px windows, overlap {args.overlap}, batch "
+          f"{args.batch_size}, {args.threads} torch thread(s), {args.actors} actor(s)\n")  # fmt: skip
+    print("| round | raster | bare Mpx/s | predict Mpx/s | ratio | peak MiB | rise MiB |")
+    print("|---|---|---|---|---|---|---|")
+    steady = []
+    for row in rows:
+        bare, ray_rate = row["pixels"] / row["bare_s"] / 1e6, row["pixels"] / row["ray_s"] / 1e6
+        print(f"| {row['round']} | {row['size']}² | {bare:.3f} | {ray_rate:.3f} | "
+              f"{ray_rate / bare:.2f} | {row['peak_mb']:.0f} | {row['rise_mb']:.0f} |")  # fmt: skip
+    for round_index in {row["round"] for row in rows}:
+        pair = {row["size"]: row for row in rows if row["round"] == round_index}
+        pixels = pair[large]["pixels"] - pair[small]["pixels"]
+        bare = pixels / (pair[large]["bare_s"] - pair[small]["bare_s"]) / 1e6
+        ray_rate = pixels / (pair[large]["ray_s"] - pair[small]["ray_s"]) / 1e6
+        steady.append((bare, ray_rate, ray_rate / bare))
+        print(f"\nsteady state, round {round_index}: bare {bare:.3f} Mpx/s, predict "
+              f"{ray_rate:.3f} Mpx/s, ratio {ray_rate / bare:.2f}")  # fmt: skip
+    print(f"median steady-state ratio: {statistics.median(s[2] for s in steady):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "steady": steady}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

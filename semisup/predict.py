@@ -1,0 +1,578 @@
+"""Windowed, memory-bounded prediction on large rasters: ``semisup predict``.
+
+``run_predict`` predicts every raster given (GeoTIFF/COG files or the sources of a tile store)
+with a student, in one Ray Data job::
+
+    jobs: one per window row of a vertical stripe of each raster
+      -> a pool of predictor actors, each holding the student once (CPU or GPU), reading its
+         jobs' windows (rasterio or zarr) and predicting them in batches
+      -> the driver: blends overlapping windows (semisup.blend) and writes the class map and a
+         confidence band, band of rows by band of rows (semisup.map_writer)
+      -> optionally, polygons per class as GeoJSON (semisup.vectorize)
+
+Memory is bounded by the window and stripe sizes, not by the raster: a raster is processed in
+vertical stripes (``stripe_width`` px; one stripe for most rasters) top to bottom, the driver
+holds two window heights of probability sums of the current stripe, each actor one window row
+of one stripe at a time, and the driver consumes results as they come. Windows that reach into the
+next stripe are predicted again there (about tile / stripe_width more windows).
+
+Resumable: rows are written in whole GeoTIFF blocks, and a progress record beside the output
+says which rows of each stripe are on disk; a rerun with the same settings skips them (see
+``semisup.map_writer``). Windows arrive at the driver in any order; a reorder buffer hands them
+to the blender window row by window row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import numpy as np
+
+from semisup import blend
+from semisup.config import RayConfig
+from semisup.map_writer import MapWriter
+from semisup.predictor import PredictModel, WindowPredictor, resolve_model
+from semisup.raster_windows import RasterSource, open_sources
+from semisup.stitch import Job, Stitcher, plan_jobs
+
+DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
+PROGRESS_EVERY_S: Final = 2.0
+IDENTITY_VERSION: Final = 1
+
+
+def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Path:
+    """Where one raster's output goes: ``out`` itself when it names a ``suffix`` file (one
+    raster only), ``out/<name><suffix>`` when it names a folder, or ``out`` with ``{name}``
+    replaced by the raster's name. ``suffix``: ``.tif`` (also ``.tiff``) or ``.geojson``
+    (also ``.json``)."""
+    text = str(out)
+    if "{name}" in text:
+        return Path(text.replace("{name}", source.name))
+    names_file = out.suffix.lower() in _SUFFIXES[suffix] and not out.is_dir()
+    if names_file and count > 1:
+        raise ValueError(
+            f"{out}: several rasters need a folder or a pattern with {{name}}, not a file"
+        )
+    return out if names_file else out / f"{source.name}{suffix}"
+
+
+_SUFFIXES: Final = {".tif": (".tif", ".tiff"), ".geojson": (".geojson", ".json")}
+
+
+class _Progress:
+    """Progress lines on ``log``: windows done / total, windows/s and megapixels/s."""
+
+    def __init__(self, log: TextIO | None, total: int, tile: int) -> None:
+        self.log, self.total, self.tile, self.done = log, total, tile, 0
+        self.start = self.last = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def advance(self, windows: int) -> None:
+        self.done += windows
+        if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
+            self.say()
+
+    def say(self) -> None:
+        self.last = time.perf_counter()
+        if self.log is None:
+            return
+        rate = self.done / max(self.seconds, 1e-9)
+        print(
+            f"predict: {self.done}/{self.total} windows "
+            f"({100.0 * self.done / max(self.total, 1):.0f}%), {rate:.1f} windows/s, "
+            f"{rate * self.tile**2 / 1e6:.2f} Mpx/s",
+            file=self.log,
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_predict(
+    rasters: Sequence[str | Path],
+    model: str,
+    out: str | Path,
+    *,
+    vector: str | Path | None = None,
+    min_area: float = 0.0,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    weight_floor: float = blend.DEFAULT_FLOOR,
+    batch_size: int = 8,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float | None = None,
+    torch_threads: int | None = None,
+    base_checkpoint: str | None = None,
+    seed: int | None = None,
+    num_classes: int = 2,
+    stripe_width: int = DEFAULT_STRIPE,
+    cog: bool = True,
+    overwrite: bool = False,
+    measure_memory: bool = False,
+    ray_config: RayConfig | None = None,
+    log: TextIO | None = sys.stderr,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict class maps for ``rasters`` with a student; returns a JSON-safe summary.
+
+    Args:
+        rasters: GeoTIFF/COG files, folders of them, or Zarr tile stores (every source).
+        model: a ``semisup train`` run directory, an adapter file, or a built-in model name
+            (``tiny``, ``vit_b``, ...: random-init, for tests); see ``resolve_model``.
+        out: the output GeoTIFF for one raster; for several, a folder (``<name>.tif`` inside)
+            or a path with ``{name}`` (the raster's file stem or the store's source id).
+        vector: optional GeoJSON polygons per class, named like ``out`` (``.geojson``).
+        min_area: polygons smaller than this (CRS units², m² for metric CRSs) are dropped.
+        tile_size: window side in px; an adapter's own size (default), or 256 for built-ins.
+        overlap: px shared by neighbouring windows, in [0, tile/2]; default tile/4.
+        weight_floor: blending weight at a window's outermost pixel (see ``semisup.blend``).
+        batch_size: windows per model call.
+        actors, gpus_per_actor, cpus_per_actor, torch_threads: the predictor pool; defaults
+            as ``semisup pseudo-label`` (leave one CPU to reads and the driver, threads = CPUs
+            // actors on CPU).
+        base_checkpoint, seed, num_classes: see ``resolve_model``.
+        stripe_width: px per vertical stripe; bounds the driver's memory on wide rasters.
+        cog: write Cloud Optimized GeoTIFFs with overviews (else plain tiled GeoTIFFs).
+        overwrite: replace outputs of other runs and discard their interrupted partial files.
+        measure_memory: sample the peak memory of this process and its Ray workers.
+        ray_config: how to reach Ray when there is work: a running Ray is used as it is;
+            otherwise a local one (``RayConfig()``, shut down at the end) or the cluster at
+            ``ray_config.address``. Nothing starts Ray when every output is already complete or
+            the input is refused.
+        log: progress lines; None for silence.
+        on_progress: called with (windows done, windows total) after each batch is blended.
+
+    An output that exists with the same settings is left as it is; an interrupted one resumes.
+    Bad input (a missing file, a raster without CRS when ``vector`` is asked for, an adapter of
+    another base, a band count the band rule cannot feed) raises before anything is written.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    sources = open_sources(rasters)
+    workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
+    try:
+        resolved = resolve_model(
+            model, workdir=workdir, base_checkpoint=base_checkpoint, seed=seed,
+            num_classes=num_classes, tile_size=tile_size,
+        )  # fmt: skip
+        tile = resolved.image_size
+        overlap = tile // 4 if overlap is None else overlap
+        _check_numbers(tile, overlap, batch_size, actors, gpus_per_actor, stripe_width)
+        outputs, vectors = _prepare_outputs(
+            sources, out, vector, resolved, tile, overlap, weight_floor, stripe_width, cog,
+            overwrite,
+        )  # fmt: skip
+        jobs = plan_jobs(outputs, tile, overlap)
+        pixels = sum(
+            (source.height - done) * (x1 - x0)
+            for source, writer in outputs
+            for (x0, x1), done in zip(writer.stripes, writer.rows_done, strict=True)
+        )
+        windows = sum(job.last_col - job.first_col for job in jobs)
+        progress = _Progress(log, windows, tile)
+        peak = None
+        if jobs:
+            from semisup.runtime import ray_runtime
+
+            # a local Ray unless one is up or an address is given; shut down after if started here
+            with ray_runtime(ray_config or RayConfig()):
+                peak = _predict_jobs(jobs, outputs, sources, resolved, progress, on_progress, {
+                    "tile": tile, "overlap": overlap, "weight_floor": weight_floor,
+                    "batch_size": batch_size, "actors": actors, "gpus_per_actor": gpus_per_actor,
+                    "cpus_per_actor": cpus_per_actor, "torch_threads": torch_threads,
+                    "measure_memory": measure_memory,
+                })  # fmt: skip
+            progress.say()
+        for _, writer in outputs:  # complete but not yet moved into place (an interrupted finish)
+            if writer.state != "done" and writer.complete and writer.partial.exists():
+                writer.finish()
+        polygons = _write_vectors(outputs, vectors, min_area, overwrite)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return _summary(outputs, vectors, polygons, pixels, windows, started, peak, resolved)
+
+
+def _predict_jobs(
+    jobs: Sequence[Job],
+    outputs: Sequence[tuple[RasterSource, MapWriter]],
+    sources: Sequence[RasterSource],
+    model: PredictModel,
+    progress: _Progress,
+    on_progress: Callable[[int, int], None] | None,
+    settings: dict[str, Any],
+) -> Any:
+    """Run the pipeline over ``jobs``, stitching and writing as windows arrive; finish each
+    output when complete. Returns the ``PeakMemory`` record (None unless measured)."""
+    from semisup.memory import PeakMemory
+
+    with PeakMemory() if settings["measure_memory"] else contextlib.nullcontext() as peak:
+        for _, writer in outputs:
+            writer.start()
+        weights = blend.window_weights(
+            settings["tile"], settings["overlap"], settings["weight_floor"]
+        )
+        stitcher = Stitcher(jobs, outputs, model.num_classes, weights)
+        pipeline_settings = {
+            k: v for k, v in settings.items() if k not in ("weight_floor", "measure_memory")
+        }
+        for batch in _pipeline(jobs, sources, model, **pipeline_settings):
+            progress.advance(stitcher.add(batch))
+            if on_progress is not None:
+                on_progress(progress.done, progress.total)
+            for index in stitcher.finished:
+                outputs[index][1].finish()
+            stitcher.finished.clear()
+    return peak
+
+
+def _existing_parent(out: Path) -> Path:
+    """The nearest existing folder at or above where the outputs go (for the work folder)."""
+    folder = out if out.is_dir() else out.parent
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def _check_numbers(
+    tile: int, overlap: int, batch_size: int, actors: int, gpus: float, stripe_width: int
+) -> None:
+    from semisup.map_writer import BLOCK
+
+    checks = (
+        ("overlap", overlap, 0 <= 2 * overlap <= tile, f"in [0, tile/2 = {tile // 2}] px"),
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+        ("actors", actors, actors >= 1, ">= 1"),
+        ("gpus_per_actor", gpus, gpus >= 0, ">= 0"),
+        ("stripe_width", stripe_width, stripe_width % BLOCK == 0 and stripe_width >= tile,
+         f"a multiple of {BLOCK} px and >= the window ({tile} px)"),
+    )  # fmt: skip
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"predict {name}: got {value!r}, expected {expected}")
+
+
+def _prepare_outputs(
+    sources: Sequence[RasterSource],
+    out: Path,
+    vector: str | Path | None,
+    model: PredictModel,
+    tile: int,
+    overlap: int,
+    weight_floor: float,
+    stripe_width: int,
+    cog: bool,
+    overwrite: bool,
+) -> tuple[list[tuple[RasterSource, MapWriter]], list[Path | None]]:
+    """A ``MapWriter`` per source (deciding new / resume / done) and its GeoJSON path."""
+    settings = {
+        "version": IDENTITY_VERSION, "model": model.identity(), "tile_size": tile,
+        "overlap": overlap, "weight_floor": weight_floor, "stripe_width": stripe_width,
+    }  # fmt: skip
+    outputs, vectors, seen = [], [], set()
+    for source in sources:
+        path = output_path(out, source, len(sources), ".tif")
+        vector_path = (
+            None if vector is None else output_path(Path(vector), source, len(sources), ".geojson")
+        )
+        if path in seen:
+            raise ValueError(f"two rasters would write {path}; give them distinct names")
+        seen.add(path)
+        if vector_path is not None and source.crs is None:
+            raise ValueError(
+                f"{source.describe()} has no CRS: vector output needs georeferenced input"
+            )
+        identity = {**settings, "input": _input_identity(source)}
+        writer = MapWriter(
+            path, height=source.height, width=source.width, crs=source.crs,
+            transform=source.transform, stripes=blend.stripe_bounds(source.width, stripe_width),
+            identity=identity, overwrite=overwrite, cog=cog,
+        )  # fmt: skip
+        if (
+            vector_path is not None
+            and vector_path.exists()
+            and not overwrite
+            and writer.state != "done"
+        ):
+            raise FileExistsError(f"{vector_path} exists; pass --overwrite to replace it")
+        outputs.append((source, writer))
+        vectors.append(vector_path)
+    return outputs, vectors
+
+
+def _input_identity(source: RasterSource) -> dict[str, Any]:
+    path = Path(source.path)
+    stat = (path / "zarr.json" if source.source_id else path).stat()
+    return {
+        "path": source.path, "source_id": source.source_id, "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns, "band_low": list(source.band_low),
+        "band_high": list(source.band_high),
+    }  # fmt: skip
+
+
+def _pipeline(
+    jobs: Sequence[Job],
+    sources: Sequence[RasterSource],
+    model: PredictModel,
+    *,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    actors: int,
+    gpus_per_actor: float,
+    cpus_per_actor: float | None,
+    torch_threads: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
+    import ray
+
+    from semisup.pseudo_label import _default_actor_cpus, _default_threads
+
+    items = [
+        {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
+         "last_col": j.last_col}
+        for j in jobs
+    ]  # fmt: skip
+    # one block per job: a job is the unit handed to an actor
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    # a fixed pool of predictor actors, each loading the student once and reading its jobs'
+    # windows; Ray Data restarts actors that die and retries their jobs
+    predicted = dataset.map_batches(
+        WindowPredictor,
+        fn_constructor_kwargs={
+            "model": asdict(model),
+            "sources": list(sources),
+            "tile": tile,
+            "overlap": overlap,
+            "batch_size": batch_size,
+            "device": "auto" if gpus_per_actor > 0 else "cpu",
+            "torch_threads": torch_threads or _default_threads(actors, gpus_per_actor),
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor or _default_actor_cpus(actors),
+        num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
+    )
+    # streams the predicted windows to the driver as batches finish
+    yield from predicted.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _write_vectors(
+    outputs: Sequence[tuple[RasterSource, MapWriter]],
+    vectors: Sequence[Path | None],
+    min_area: float,
+    overwrite: bool,
+) -> list[int | None]:
+    from semisup.vectorize import write_geojson
+
+    counts: list[int | None] = []
+    for (_, writer), vector_path in zip(outputs, vectors, strict=True):
+        if vector_path is None or (writer.state == "done" and vector_path.exists()):
+            counts.append(None)  # not asked for, or left from the run that made the raster
+            continue
+        counts.append(write_geojson(writer.path, vector_path, min_area=min_area))
+    return counts
+
+
+def _summary(
+    outputs: Sequence[tuple[RasterSource, MapWriter]],
+    vectors: Sequence[Path | None],
+    polygons: Sequence[int | None],
+    pixels: int,
+    windows: int,
+    started: float,
+    peak: Any,
+    model: PredictModel,
+) -> dict[str, Any]:
+    seconds = time.perf_counter() - started
+    status = {"new": "written", "resume": "resumed", "done": "already complete"}
+    summary: dict[str, Any] = {
+        "outputs": [
+            {
+                "raster": source.describe(),
+                "output": str(writer.path),
+                "status": status[writer.state],
+                "height": source.height,
+                "width": source.width,
+                "vector": None if vector is None else str(vector),
+                "polygons": count,
+            }
+            for (source, writer), vector, count in zip(outputs, vectors, polygons, strict=True)
+        ],
+        "model": {"name": model.name, "model_type": model.model_type,
+                  "num_classes": model.num_classes, "tile_size": model.image_size},
+        "pixels": pixels,
+        "windows": windows,
+        "seconds": round(seconds, 3),
+        "pixels_per_s": round(pixels / max(seconds, 1e-9), 1),
+        "windows_per_s": round(windows / max(seconds, 1e-9), 3),
+    }  # fmt: skip
+    if peak is not None:
+        summary["peak_memory_mb"] = round(peak.peak_bytes / 2**20, 1)
+        summary["baseline_memory_mb"] = round(peak.baseline_bytes / 2**20, 1)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `semisup predict`
+
+CLI_DESCRIPTION = (
+    "Predict class maps for large rasters with a student, window by window in a Ray actor "
+    "pool, blending overlapping windows. Writes a Cloud Optimized GeoTIFF per raster (band 1 "
+    "class ids, band 2 confidence in percent, 255 = nodata; the input's CRS and transform) "
+    "and optionally GeoJSON polygons per class. An interrupted run resumes when rerun."
+)
+CLI_EPILOG = """\
+examples:
+  semisup predict ortho.tif --model runs/student --out ortho_classes.tif \\
+      --vector ortho_classes.geojson --min-area 20
+  semisup predict tiles/*.tif --model runs/student/best/adapter.safetensors \\
+      --base-checkpoint sam_vit_b_01ec64.pth --out maps/ --actors 2 --batch-size 4
+  semisup predict ../shared/data/spacenet_vegas/sample_geotiff.tif --model tiny \\
+      --num-classes 2 --out /tmp/vegas_classes.tif
+"""
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``semisup predict`` flags (and its description and examples) to ``parser``."""
+    parser.description = CLI_DESCRIPTION
+    parser.epilog = CLI_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "rasters",
+        nargs="+",
+        metavar="RASTER",
+        help="GeoTIFF/COG files, folders of them, or Zarr tile stores (every source)",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="RUN_OR_ADAPTER_OR_NAME",
+        help="a `semisup train` run folder, an adapter (.safetensors or its folder), or a "
+        "built-in random-init model (tiny, vit_b, ...) for tests",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output GeoTIFF; with several rasters a folder (NAME.tif inside) or a path "
+        "with {name}",
+    )
+    parser.add_argument(
+        "--vector",
+        type=Path,
+        metavar="OUT.geojson",
+        help="also write polygons per class as GeoJSON in the source CRS (named like --out)",
+    )
+    parser.add_argument(
+        "--min-area",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="drop polygons smaller than A CRS units² (m² in a metric CRS; default 0)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        metavar="PX",
+        help="window side (default: the adapter's training size; 256 for built-ins)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        metavar="PX",
+        help="pixels shared by neighbouring windows, at most half a window (default: a quarter)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="windows per model call (default 8)"
+    )
+    parser.add_argument(
+        "--actors", type=int, default=1, metavar="N", help="predictor actors (default 1)"
+    )
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per actor, fractions share a GPU (default 0: CPU)",
+    )
+    parser.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        metavar="C",
+        help="CPUs reserved per actor (default: leave one CPU to reads and the driver)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        metavar="N",
+        help="torch threads per actor (default on CPU: cluster CPUs // actors)",
+    )
+    parser.add_argument(
+        "--base-checkpoint",
+        metavar="PATH_OR_URL",
+        help="the SAM checkpoint the adapter was trained on (a run folder knows its own)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="seed of a random-init base (a run folder knows its own; default 0)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=2,
+        metavar="K",
+        help="built-in models only: number of classes (default 2)",
+    )
+    parser.add_argument(
+        "--stripe-width",
+        type=int,
+        default=DEFAULT_STRIPE,
+        metavar="PX",
+        help=f"wide rasters are processed in vertical stripes this wide (default {DEFAULT_STRIPE})",
+    )
+    parser.add_argument(
+        "--no-cog",
+        action="store_true",
+        help="write plain tiled GeoTIFFs instead of Cloud Optimized GeoTIFFs with overviews",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs of other runs and discard their interrupted partial files",
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address (default: start a local Ray on this machine)"
+    )  # fmt: skip
+
+
+def run_predict_cli(args: argparse.Namespace) -> int:
+    """Run ``semisup predict``; prints the summary as JSON; returns the exit status."""
+    summary = run_predict(
+        args.rasters, args.model, args.out, vector=args.vector, min_area=args.min_area,
+        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
+        base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
+        stripe_width=args.stripe_width, cog=not args.no_cog, overwrite=args.overwrite,
+        ray_config=RayConfig(address=args.address),
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0

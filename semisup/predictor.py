@@ -1,0 +1,238 @@
+"""The student ``semisup predict`` runs, and the Ray Data actor class that runs it on windows.
+
+``resolve_model`` turns ``--model`` (a run folder, an adapter, or a built-in name) into a
+``PredictModel``, checked in the driver before anything is written. ``WindowPredictor`` loads
+it once per actor and predicts the windows of the jobs it is handed (``semisup.stitch.Job``),
+reading them itself (``raster_windows.read_strip``). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from semisup import blend
+from semisup import columns as C
+from semisup.raster_windows import RasterSource, read_strip, source_arrays
+
+PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, added by the actors
+JOB: Final = "job"  # per-window int64: the job (window row of a stripe) it came from
+DEFAULT_TILE: Final = 256  # px, built-in models only: an adapter runs at its training size
+
+
+@dataclass(frozen=True)
+class PredictModel:
+    """The student the actors load: an adapter file on its base (checkpoint or seed)."""
+
+    adapter: str  # student adapter (.safetensors)
+    model_type: str
+    num_classes: int
+    image_size: int  # px, the window side
+    base_checkpoint: str | None  # official SAM weights the adapter was trained on
+    seed: int  # draws the frozen base when there is no base checkpoint
+    name: str  # what --model said
+
+    def identity(self) -> dict[str, Any]:
+        from semisup.sam import checkpoint_sha256
+
+        return {
+            "model": self.name if self.name in _builtin_names() else "adapter",
+            "adapter_sha256": checkpoint_sha256(Path(self.adapter)),
+            "model_type": self.model_type,
+            "num_classes": self.num_classes,
+            "seed": self.seed if self.base_checkpoint is None else None,
+        }
+
+
+def _builtin_names() -> tuple[str, ...]:
+    from semisup.sam import SAM_SPECS
+
+    return tuple(SAM_SPECS)
+
+
+def resolve_model(
+    model: str,
+    *,
+    workdir: Path,
+    base_checkpoint: str | None = None,
+    seed: int | None = None,
+    num_classes: int = 2,
+    tile_size: int | None = None,
+) -> PredictModel:
+    """What ``--model`` names, checked before anything is written.
+
+    - a run directory of ``semisup train`` (``config.yaml`` + ``best/adapter.safetensors``):
+      the best adapter, on the run's ``student.checkpoint`` with the run's ``train.seed``;
+    - an adapter file (or a folder holding one): on ``base_checkpoint`` with ``seed`` (0);
+    - a built-in name (``tiny``, ``vit_b``, ...): a student with ``num_classes`` classes at
+      ``tile_size`` px, its decoder drawn from ``seed`` (for tests and benchmarks), saved as an
+      adapter into ``workdir`` so that every actor loads the same weights.
+
+    Raises ``FileNotFoundError`` when ``model`` is none of these, ``student.AdapterError`` when
+    the adapter was trained on another base (checkpoint hash, or none), ``ValueError`` when
+    ``tile_size`` contradicts the adapter's size.
+    """
+    from semisup import student
+    from semisup.config import load_config
+    from semisup.teacher import adapter_file
+
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file():
+        best = path / "best" / "adapter.safetensors"
+        if not best.is_file():
+            raise FileNotFoundError(f"{path}: the run has no best adapter yet ({best})")
+        config = load_config(path / "config.yaml")
+        base_checkpoint = base_checkpoint or config.student.checkpoint
+        seed = config.train.seed if seed is None else seed
+        path = best
+    elif path.exists():
+        path = adapter_file(path)
+    elif model in _builtin_names():
+        size = tile_size or DEFAULT_TILE
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed or 0)  # as train and the teacher seed a random-init base
+            built = student.build_student(
+                model, num_classes, size, checkpoint=base_checkpoint, mode="decoder"
+            )
+        adapter = student.save_adapter(built, workdir / f"{model}.safetensors")
+        return PredictModel(
+            str(adapter), model, num_classes, size, base_checkpoint, seed or 0, model
+        )
+    else:
+        raise FileNotFoundError(
+            f"--model {model!r}: not a run directory, an adapter file or a built-in model "
+            f"({', '.join(_builtin_names())})"
+        )
+    spec = student.read_adapter_spec(path)
+    check_adapter_base(path, spec, base_checkpoint)
+    if tile_size is not None and tile_size != spec.image_size:
+        raise ValueError(
+            f"{path} was trained on {spec.image_size} px windows; --tile-size {tile_size} "
+            "cannot be used with it"
+        )
+    return PredictModel(
+        str(path), spec.model_type, spec.num_classes, spec.image_size, base_checkpoint,
+        seed or 0, model,
+    )  # fmt: skip
+
+
+def check_adapter_base(path: Path, spec: Any, base_checkpoint: str | None) -> None:
+    """``AdapterError`` unless the adapter at ``path`` loads onto ``base_checkpoint``: an
+    unmerged student adapter trained on exactly that checkpoint (by hash), or on none."""
+    from semisup.sam import checkpoint_sha256, resolve_checkpoint
+    from semisup.student import MODES, AdapterError
+
+    if spec.mode not in MODES:
+        raise AdapterError(f"{path} has mode {spec.mode!r}; expected a student adapter")
+    given = checkpoint_sha256(resolve_checkpoint(base_checkpoint)) if base_checkpoint else None
+    if given != spec.base_checkpoint_sha256:
+        raise AdapterError(
+            f"{path} is an adapter for the {spec.model_type} base "
+            f"{spec.base_checkpoint_sha256 or 'without checkpoint (random init)'}, given base "
+            f"{given or 'none'}{f' ({base_checkpoint})' if base_checkpoint else ''}; "
+            "pass the checkpoint it was trained on as --base-checkpoint"
+        )
+
+
+def load_model(model: PredictModel) -> Any:
+    """The student as a module: B×3×S×S float RGB in [0, 255] (the teacher's input range) ->
+    B×K×S×S logits; on the CPU, in eval mode, built as ``teacher.load_student_teacher`` does."""
+    from semisup.teacher import load_student_teacher
+
+    semantic, _ = load_student_teacher(
+        model.adapter,
+        model_type=model.model_type,
+        image_size=model.image_size,
+        base_checkpoint=model.base_checkpoint,
+        seed=model.seed,
+    )
+    return semantic
+
+
+class WindowPredictor:
+    """Ray Data callable class: reads the windows of jobs and predicts them with the student.
+
+    Input rows: jobs (``seq``, ``output``, ``y0``, ``first_col``, ``last_col``, see ``Job``).
+    Output: one row per window: ``JOB``, ``Y0``, ``X0`` (int64), ``VALID`` T×T bool and
+    ``PROBABILITIES`` K×T×T float16 softmax. The model runs on ``batch_size`` windows at a
+    time; windows without a valid pixel are not run (probabilities 0, ignored by the blender).
+    Reading here rather than in separate tasks keeps one window row per actor in flight,
+    whatever the raster's size, and no extra worker processes.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        sources: Sequence[RasterSource],
+        tile: int,
+        overlap: int,
+        batch_size: int = 8,
+        device: str = "cpu",
+        torch_threads: int | None = None,
+    ) -> None:
+        from semisup.teacher import select_device
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.sources, self.tile, self.overlap = list(sources), tile, overlap
+        self.batch_size = batch_size
+        self._opened: dict[int, tuple[Any, Any]] = {}  # source index -> open image/valid arrays
+        self.device = select_device(device)
+        self.num_classes = int(model["num_classes"])
+        self.model = load_model(PredictModel(**model)).to(self.device)
+
+    def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        windows = read_job_windows(
+            jobs, sources=self.sources, tile=self.tile, overlap=self.overlap, opened=self._opened
+        )
+        images = windows.pop(C.IMAGE)
+        valid = windows[C.VALID]
+        probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
+        todo = np.flatnonzero(valid.reshape(len(valid), -1).any(1))
+        for start in range(0, len(todo), self.batch_size):
+            chosen = todo[start : start + self.batch_size]
+            probabilities[chosen] = self.predict(images[chosen])
+        return {**windows, PROBABILITIES: probabilities}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """B×3×T×T float32 in [0, 1] -> B×K×T×T float16 class probabilities."""
+        pixels = torch.from_numpy(images).to(self.device) * 255.0  # the teacher's input range
+        bf16 = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            probabilities = self.model(pixels).float().softmax(1)
+        return probabilities.cpu().numpy().astype(np.float16)
+
+
+def read_job_windows(
+    batch: dict[str, np.ndarray],
+    *,
+    sources: Sequence[RasterSource],
+    tile: int,
+    overlap: int,
+    opened: dict[int, tuple[Any, Any]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Job rows -> one row per window: ``raster_windows.read_strip``'s ``IMAGE`` and ``VALID``
+    plus ``JOB``, ``Y0``, ``X0``. ``opened`` keeps the current source's open arrays across calls."""
+    opened = {} if opened is None else opened
+    parts = []
+    for seq, output, y0, first, last in zip(
+        batch["seq"], batch["output"], batch["y0"], batch["first_col"], batch["last_col"],
+        strict=True,
+    ):  # fmt: skip
+        source = sources[int(output)]
+        starts = blend.window_starts(source.width, tile, overlap)[int(first) : int(last)]
+        if int(output) not in opened:
+            opened.clear()  # jobs come raster by raster: keep only the current one open
+            opened[int(output)] = source_arrays(source)
+        windows = read_strip(source, int(y0), starts, tile, opened[int(output)])
+        count = len(starts)
+        windows[JOB] = np.full(count, int(seq), np.int64)
+        windows[C.Y0] = np.full(count, int(y0), np.int64)
+        windows[C.X0] = np.asarray(starts, np.int64)
+        parts.append(windows)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
