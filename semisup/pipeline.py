@@ -229,8 +229,8 @@ def run_pipeline(
     results = _current_results(records, keys, exclude=names)
     ran: list[str] = []
     skipped: list[str] = []
-    ray_on = False  # Ray starts with the first stage that needs it, so a rerun with nothing to do
-    with contextlib.ExitStack() as ray_scope:  # does not wait for Ray
+    ray_on = False  # Ray starts with the first stage that needs it: a rerun that skips all
+    with contextlib.ExitStack() as ray_scope:  # stages never starts or joins one
         for name in names:
             stage, key = table[name], keys[name]
             record = records.get(name, {})
@@ -255,28 +255,8 @@ def run_pipeline(
                 config=config, out=out, results=dict(results), key=key, resume=resume,
                 debug=debug, log=log,
             )  # fmt: skip
-            records[name] = record = {
-                "status": "running",
-                "key": key,
-                "attempts": int(record.get("attempts", 0)) + 1,
-                "started": _now(),
-            }
-            _write_manifest(out, manifest)
-            start = time.perf_counter()
-            try:
-                result = table[name].run(context)
-            except BaseException as err:
-                record.update(status="failed", error=f"{type(err).__name__}: {err}")
-                _write_manifest(out, manifest)
-                say(f"{name}: failed after {time.perf_counter() - start:.1f} s: {err}")
-                raise
-            seconds = round(time.perf_counter() - start, 2)
-            result = {**result, "seconds": seconds}
-            record.update(status="done", finished=_now(), seconds=seconds, result=result,
-                          outputs=list(result.get("outputs", [])))  # fmt: skip
-            _write_manifest(out, manifest)
-            say(f"{name}: done in {seconds} s")
-            results[name] = result
+            records[name] = {"key": key, "attempts": int(record.get("attempts", 0)) + 1}
+            results[name] = _execute(name, stage, context, records[name], manifest, say)
             ran.append(name)
     say(f"finished: {len(ran)} stage(s) ran, {len(skipped)} up to date")
     return {
@@ -286,6 +266,35 @@ def run_pipeline(
         "ran": ran,
         "skipped": skipped,
     }
+
+
+def _execute(
+    name: str,
+    stage: Stage,
+    context: RunContext,
+    record: dict[str, Any],
+    manifest: dict[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run one stage, keeping its manifest ``record`` true at every moment: running, then done
+    or failed. A job killed meanwhile leaves "running", which the next run resumes."""
+    record.update(status="running", started=_now())
+    _write_manifest(context.out, manifest)
+    start = time.perf_counter()
+    try:
+        result = stage.run(context)
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        _write_manifest(context.out, manifest)
+        say(f"{name}: failed after {time.perf_counter() - start:.1f} s: {err}")
+        raise
+    seconds = round(time.perf_counter() - start, 2)
+    result = {**result, "seconds": seconds}
+    record.update(status="done", finished=_now(), seconds=seconds, result=result,
+                  outputs=list(result.get("outputs", [])))  # fmt: skip
+    _write_manifest(context.out, manifest)
+    say(f"{name}: done in {seconds} s")
+    return result
 
 
 def _is_current(record: Mapping[str, Any], key: str) -> bool:

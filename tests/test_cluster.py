@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -170,8 +172,18 @@ def submit_with_ray_cli(head: RayHead, out: Path, submission_id: str) -> str:
 
 
 def job_status(head: RayHead, submission_id: str) -> str:
+    """The job's status, as ``ray job status`` reports it."""
     output = head.ray("job", "status", "--address", head.dashboard_url, submission_id)
-    return next(s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in output)
+    for said, status in (
+        ("succeeded", "SUCCEEDED"),
+        ("was stopped", "STOPPED"),
+        ("failed", "FAILED"),
+    ):
+        if f"Job '{submission_id}' {said}" in output:
+            return status
+    match = re.search(rf"Status for job '{submission_id}': (\w+)", output)
+    assert match, output
+    return match.group(1)
 
 
 @pytest.mark.ray
@@ -197,14 +209,13 @@ def test_the_pipeline_runs_as_a_ray_job_and_a_resubmission_skips_it(
     # the logs are retrievable after the job ended, and show the shipped code ran, on the cluster
     logs = head.ray("job", "logs", "--address", head.dashboard_url, job_id)
     assert "[run] joined the Ray cluster at" in logs and "[run] evaluate: done" in logs
-    shipped = head.temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-    (package,) = list(shipped)
-    assert f"semisup from {package}" in logs
+    shipped = re.search(r"code: semisup from (\S+)/semisup\n", logs)
+    assert shipped, "the run log names the code it runs"
+    package = Path(shipped.group(1))  # the working_dir as Ray unpacked it on the node
+    assert package.is_relative_to(head.temp_dir) and "working_dir_files" in package.parts
     assert (package / "semisup" / "pipeline.py").is_file() and (package / "cluster").is_dir()
     assert not (package / ".venv").exists() and not (package / ".git").exists()
     # `semisup submit` resubmits the same run: every stage is up to date, exit status 0
-    import subprocess
-
     resubmitted = subprocess.run(
         [str(BIN / "semisup"), "submit", "--address", head.dashboard_url, "--", "semisup", "run",
          "--config", "cluster/smoke.yaml", "--set", f"pipeline.out={out}"],
