@@ -6,7 +6,8 @@ outputs exist and whose recorded key matches is skipped; one that was interrupte
 key is resumed; a changed key reruns the stage and, through the keys, every stage that reads its
 outputs. The run folder (``pipeline.out``) holds::
 
-    OUT/run.json        the run manifest: per stage status, key, outputs, seconds and result
+    OUT/run.json        the run manifest: per stage status (running, done, failed, interrupted),
+                        key, attempts, outputs, seconds and result
     OUT/run.log         what each invocation did ("[run] zero-shot: up to date, skipped")
     OUT/config.yaml     the config of the latest invocation
     OUT/store.zarr/     the tile store, with the teacher's pseudo-labels
@@ -276,17 +277,20 @@ def _execute(
     manifest: dict[str, Any],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run one stage, keeping its manifest ``record`` true at every moment: running, then done
-    or failed. A job killed meanwhile leaves "running", which the next run resumes."""
+    """Run one stage, keeping its manifest ``record`` true at every moment: running, then done,
+    failed or interrupted. A process killed outright leaves "running". The next run resumes any
+    of these (with the same key)."""
     record.update(status="running", started=_now())
     _write_manifest(context.out, manifest)
     start = time.perf_counter()
     try:
         result = stage.run(context)
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        # Ctrl-C, and `ray job stop` (Ray's driver turns SIGTERM into SystemExit), interrupt
+        status = "interrupted" if isinstance(err, KeyboardInterrupt | SystemExit) else "failed"
+        record.update(status=status, error=f"{type(err).__name__}: {err}")
         _write_manifest(context.out, manifest)
-        say(f"{name}: failed after {time.perf_counter() - start:.1f} s: {err}")
+        say(f"{name}: {status} after {time.perf_counter() - start:.1f} s ({record['error']})")
         raise
     seconds = round(time.perf_counter() - start, 2)
     result = {**result, "seconds": seconds}
@@ -323,7 +327,8 @@ def _reason(record: Mapping[str, Any], key: str, rebuilt: list[str], resume: boo
     if rebuilt:
         return f"rerunning, its inputs from {', '.join(rebuilt)} were rebuilt"
     if resume:
-        return f"resuming the interrupted attempt {record.get('attempts', 1)} ..."
+        how = "failed" if record.get("status") == "failed" else "interrupted"
+        return f"resuming the {how} attempt {record.get('attempts', 1)} ..."
     if record.get("key") != key:
         return "config changed, rerunning (its earlier outputs are replaced) ..."
     return "outputs missing, rerunning ..."
@@ -338,12 +343,15 @@ def _enter_ray(
     from semisup.runtime import cluster_address, ray_runtime
 
     address = cluster_address(config.ray, local)
+    where = f"joined the Ray cluster at {address}" if address else "started a local Ray"
+    started_here = not address and not ray.is_initialized()
+    if ray.is_initialized():
+        where = "uses the Ray already started in this process"
     scope.enter_context(ray_runtime(config.ray, local=local))
     resources = ray.cluster_resources()  # what the stages can be placed on
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    where = f"joined the Ray cluster at {address}" if address else "started a local Ray"
     say(f"{where}: {cpus:g} CPUs, {gpus:g} GPUs")
-    if not address and config.train.use_gpu and gpus == 0:
+    if started_here and config.train.use_gpu and gpus == 0:
         raise ConfigError(
             "train.use_gpu: true, but this machine's Ray has no GPU; set train.use_gpu=false"
         )

@@ -157,7 +157,7 @@ def run_submit_cli(args: argparse.Namespace) -> int:
     if entrypoint[:1] == ["--"]:
         entrypoint = entrypoint[1:]
     if not entrypoint:
-        raise ValueError("semisup submit: no command given; put it after --, e.g. " + EXAMPLE)
+        raise ValueError("no command given; put it after --, e.g. " + EXAMPLE)
     if not args.working_dir.is_dir():
         raise FileNotFoundError(f"--working-dir {args.working_dir}: not a folder")
     extra = load_runtime_env(args.runtime_env) if args.runtime_env else None

@@ -8,7 +8,7 @@ import pytest
 
 from semisup.cli import build_parser, main
 
-STAGES = ("prep", "info", "zero-shot", "pseudo-label", "train", "demo")
+STAGES = ("prep", "info", "zero-shot", "pseudo-label", "train", "run", "submit", "demo")
 
 
 def test_top_level_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,6 +151,20 @@ def test_experiment_configs_load_strictly(name: str) -> None:
     assert not config.pipeline.stages or set(config.pipeline.stages) <= set(STAGES)
 
 
+def test_local_runs_start_their_own_ray_and_jobs_join_theirs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from semisup.config import RayConfig
+    from semisup.runtime import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(RayConfig()) is None  # a new local Ray, never one `ray start` left
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as `ray job submit` sets it for a job
+    assert cluster_address(RayConfig()) == "10.0.0.5:6379"
+    assert cluster_address(RayConfig(address="auto")) == "auto"
+    assert cluster_address(RayConfig(address="auto"), local=True) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Jobs on a real Ray head
 
@@ -191,6 +205,10 @@ def job_status(head: RayHead, submission_id: str) -> str:
 def test_the_pipeline_runs_as_a_ray_job_and_a_resubmission_skips_it(
     head: RayHead, tmp_path: Path
 ) -> None:
+    from ray._private.utils import read_ray_address
+
+    # the head does not become what a plain ray.init() on this machine would join
+    assert not (read_ray_address() or "").endswith(f":{head.gcs_address.rsplit(':', 1)[1]}")
     out = tmp_path / "smoke"
     job_id = f"smoke-{uuid.uuid4().hex[:8]}"
     submit_with_ray_cli(head, out, job_id)
@@ -249,7 +267,7 @@ def test_a_job_stopped_mid_way_resumes_when_resubmitted(head: RayHead, tmp_path:
         time.sleep(1)
     stages = read_manifest(out)["stages"]
     assert [stages[n]["status"] for n in ("prep", "stream", "zero-shot")] == ["done"] * 3
-    assert stages["teacher"]["status"] == "running"  # as a preempted job leaves it
+    assert stages["teacher"]["status"] == "interrupted"  # SystemExit from Ray's SIGTERM handler
     second = f"smoke-{uuid.uuid4().hex[:8]}"
     submit_with_ray_cli(head, out, second)
     assert job_status(head, second) == "SUCCEEDED"

@@ -134,6 +134,7 @@ def test_a_failed_stage_is_resumed_and_the_run_continues(tmp_path: Path) -> None
     assert resumed["skipped"] == ["a"] and resumed["ran"] == ["b", "c"]
     assert resumed["stages"]["b"]["resumed"] is True
     assert read_manifest(out)["stages"]["b"]["attempts"] == 2
+    assert "[run] b: resuming the failed attempt 1 ..." in log_lines(out)
 
 
 def test_a_process_killed_mid_stage_resumes_that_stage(tmp_path: Path) -> None:
