@@ -70,6 +70,15 @@ def run_toy(config: ExperimentConfig) -> dict[str, Any]:
     return run_pipeline(config, log=None, table=TOY)
 
 
+def run_with_flag(tmp_path: Path, flag: str) -> Path:
+    """A run folder holding ``flag``, the file that makes stage b fail or crash."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"format": 1, "stages": {}}))
+    (out / flag).touch()
+    return out
+
+
 def log_lines(out: Path) -> list[str]:
     return [line.split(" ", 2)[2] for line in (out / "run.log").read_text().splitlines()]
 
@@ -120,10 +129,7 @@ def test_missing_outputs_rerun_the_stage_and_those_after_it(tmp_path: Path) -> N
 
 
 def test_a_failed_stage_is_resumed_and_the_run_continues(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps({"format": 1, "stages": {}}))
-    (out / "b.fail").touch()
+    out = run_with_flag(tmp_path, "b.fail")
     config = toy_config(out)
     with pytest.raises(RuntimeError, match="b failed"):
         run_toy(config)
@@ -138,10 +144,7 @@ def test_a_failed_stage_is_resumed_and_the_run_continues(tmp_path: Path) -> None
 
 
 def test_a_process_killed_mid_stage_resumes_that_stage(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "run.json").write_text(json.dumps({"format": 1, "stages": {}}))
-    (out / "b.crash").touch()
+    out = run_with_flag(tmp_path, "b.crash")
     script = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
         "import test_pipeline as t; t.run_toy(t.toy_config(Path(sys.argv[2])))"
