@@ -100,6 +100,22 @@ STAGES: dict[str, Stage] = {
         "Blends overlapping windows into one seamless class map with a confidence band, in "
         "the input's CRS; memory stays bounded however large the raster; reruns resume.",
     ),
+    "run": Stage(
+        "run the whole pipeline a config enables as one resumable job (skips what is done)",
+        "semisup run --config cluster/smoke.yaml --out runs/smoke --local",
+        "semisup.pipeline", "add_run_arguments", "run_cli",
+        "Runs prep, stream, zero-shot, teacher, pseudo-label, student and evaluate (or the stages "
+        "pipeline.stages names) into pipeline.out. A stage whose outputs exist and whose config "
+        "sections are unchanged is skipped; an interrupted one resumes. Inside `ray job submit` "
+        "it joins the job's cluster; --local starts a Ray on this machine.",
+    ),
+    "submit": Stage(
+        "submit a command as a Ray job (code shipped without data or outputs), stream its logs",
+        "semisup submit --address http://127.0.0.1:8265 -- semisup run --config cluster/smoke.yaml",
+        "semisup.submit", "add_submit_arguments", "run_submit_cli",
+        "A thin wrapper over Ray's job SDK: working_dir is the current folder minus .venv, .git, "
+        "data and outputs; exits with the job's status.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",

@@ -82,8 +82,9 @@ class StreamConfig:
 class RayConfig:
     """How a local Ray is started when no cluster address is given."""
 
-    address: str | None = None  # None: start a local Ray in this process
+    address: str | None = None  # None: $RAY_ADDRESS (set inside `ray job submit`), else local
     num_cpus: int | None = None  # local Ray only; None = all cores
+    num_gpus: int | None = None  # local Ray only; None = every visible GPU
     object_store_mb: int = 512  # local Ray only
     dashboard: bool = False  # local Ray only; bound to 127.0.0.1
 
@@ -210,6 +211,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """What ``semisup run`` ingests, where it writes, and which of its stages run."""
+
+    out: str = "runs/semisup"  # the run folder: every stage's outputs, run.json and run.log;
+    # on a multi-node cluster it must be on a filesystem every node mounts
+    images: tuple[str, ...] = ()  # raster files or folders to ingest (relative to the cwd)
+    labels: tuple[str, ...] = ()  # label files or folders, the i-th with the i-th image folder
+    label_colors: str | None = None  # colour map JSON {"#RRGGBB": class id}, or "dubai"
+    class_names: tuple[str, ...] = ()  # in class-id order; () = from the labels
+    generated_scenes: int = 0  # > 0: ingest this many generated aerial-like scenes instead
+    scene_size: int = 768  # pixels; side of a generated scene
+    stages: tuple[str, ...] = ()  # names of the stages to run (in the pipeline's own order);
+    # () = its default stages (semisup.pipeline.STAGES)
+    zero_shot_tiles: int = 12  # labelled tiles the zero-shot stage measures
+    pseudo_label_actors: int = 2  # teacher actors of the pseudo-label stage
+    pseudo_label_gpus: float = 0.0  # GPUs per teacher actor; fractional to share one
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out), "pipeline.out", self.out, "a folder path")
+        _check(self.generated_scenes >= 0, "pipeline.generated_scenes", self.generated_scenes,
+               "an integer >= 0")  # fmt: skip
+        _check(self.scene_size >= 64, "pipeline.scene_size", self.scene_size, "an integer >= 64")
+        _check(self.zero_shot_tiles >= 1, "pipeline.zero_shot_tiles", self.zero_shot_tiles, ">= 1")
+        _check(self.pseudo_label_actors >= 1, "pipeline.pseudo_label_actors",
+               self.pseudo_label_actors, ">= 1")  # fmt: skip
+        _check(self.pseudo_label_gpus >= 0, "pipeline.pseudo_label_gpus", self.pseudo_label_gpus,
+               ">= 0")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every component's config, composed."""
 
@@ -221,6 +252,7 @@ class ExperimentConfig:
     ssl: SslConfig = field(default_factory=SslConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -18,25 +18,42 @@ _RAY_ENV_DEFAULTS = {
 }
 
 
-@contextlib.contextmanager
-def ray_runtime(config: RayConfig, quiet: bool = True) -> Iterator[None]:
-    """Connect to ``config.address`` or start a local Ray; shut down only what was started here.
+def cluster_address(config: RayConfig, local: bool = False) -> str | None:
+    """The cluster to join: ``config.address``, else ``$RAY_ADDRESS``; None starts a local Ray.
 
-    A Ray that is already initialised in this process (a test session, a notebook) is reused.
+    ``ray job submit`` sets ``RAY_ADDRESS`` for its entrypoint, so a job joins the cluster it was
+    submitted to. ``local`` ignores both and always starts a fresh single-node Ray.
+    """
+    if local:
+        return None
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> Iterator[None]:
+    """Join the cluster of ``cluster_address`` or start a local Ray; shut down only what was
+    started here.
+
+    A local Ray is always a new one (``address="local"``): without it, ``ray.init()`` would
+    silently join any cluster that ``ray start`` left on this machine. A Ray that is already
+    initialised in this process (a test session, a notebook) is reused.
     """
     import ray
 
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     started = False
+    address = cluster_address(config, local)
     if not ray.is_initialized():
-        if config.address:
+        if address:
             # joins an existing cluster (e.g. inside `ray job submit`); its resources are its own
-            ray.init(address=config.address, log_to_driver=not quiet)
+            ray.init(address=address, log_to_driver=not quiet)
         else:
-            # a local single-node Ray; the dashboard, when on, listens on loopback only
+            # a new single-node Ray; the dashboard, when on, listens on loopback only
             ray.init(
+                address="local",
                 num_cpus=config.num_cpus,
+                num_gpus=config.num_gpus,
                 object_store_memory=config.object_store_mb * 1024**2,
                 include_dashboard=config.dashboard,
                 dashboard_host="127.0.0.1",

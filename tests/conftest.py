@@ -36,12 +36,17 @@ def dubai_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the whole test session (2 CPUs, 512 MiB object store), shut down after."""
+    """One local Ray for the whole test session (2 CPUs, 512 MiB object store), shut down after.
+
+    Always a new Ray of this process (``address="local"``): never a cluster that a ``ray start``
+    (another test's, or someone else's on this machine) left for ``ray.init()`` to find.
+    """
     import ray
 
     started = False
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             object_store_memory=512 * 1024**2,
             include_dashboard=False,

@@ -8,7 +8,8 @@ import pytest
 
 from semisup.cli import build_parser, main
 
-STAGES = ("prep", "info", "zero-shot", "pseudo-label", "train", "demo")
+STAGES = ("prep", "info", "zero-shot", "pseudo-label", "train", "select", "report", "experiment",
+          "predict", "run", "submit", "demo")  # fmt: skip
 
 
 def test_top_level_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:

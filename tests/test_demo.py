@@ -1,4 +1,5 @@
-"""`semisup demo` end to end on generated scenes: every stage runs and its figures add up."""
+"""`semisup demo` end to end on generated scenes: every stage runs, its figures add up, and a
+rerun into the same folder skips every stage."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from semisup.demo import run_demo
 from semisup.store import read_tile_index
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)  # about 4 minutes alone on 2 cores; far more when they are shared
 def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_session: None) -> None:
     out = tmp_path / "demo"
     summary = run_demo(out, synthetic=True)
     stages = summary["stages"]
-    assert list(stages) == ["prep", "stream", "zero-shot", "teacher", "pseudo-label", "student"]
+    assert list(stages) == [
+        "prep", "stream", "zero-shot", "teacher", "pseudo-label", "student", "evaluate"
+    ]  # fmt: skip
+    assert summary["ran"] == list(stages) and summary["skipped"] == []
     assert json.loads((out / "demo_summary.json").read_text())["stages"].keys() == stages.keys()
     index = read_tile_index(str(out / "store.zarr")).to_pandas()
     assert stages["prep"]["sources"] == 4 and stages["prep"]["tiles"] == len(index) == 4 * 9
@@ -33,5 +37,18 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_sessi
         assert 0 < report["best_miou"] <= 1 and Path(report["best_checkpoint"]).is_file()
     assert stages["teacher"]["mode"] == "decoder" and not stages["teacher"]["consistency"]
     assert stages["student"]["mode"] == "lora" and stages["student"]["consistency"]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert [row["value"] for row in evaluation["rows"]] == [
+        stages["zero-shot"]["box_miou"], stages["teacher"]["best_miou"], stages["student"]["best_miou"]
+    ]  # fmt: skip
+    # a rerun finds every stage up to date: nothing is recomputed or rewritten
+    mtime = (out / "student" / "report.json").stat().st_mtime_ns
+    again = run_demo(out, synthetic=True)
+    assert again["ran"] == [] and again["skipped"] == list(stages)
+    assert again["stages"] == stages
+    assert (out / "student" / "report.json").stat().st_mtime_ns == mtime
+    assert (out / "run.log").read_text().count("up to date, skipped") == len(stages)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(FileExistsError, match="not empty"):
-        run_demo(out, synthetic=True)
+        run_demo(tmp_path / "other", synthetic=True)

@@ -1,0 +1,273 @@
+"""The stages of ``semisup run``: each is one function ``(RunContext) -> dict``.
+
+A stage reads the experiment config and the results of the stages before it from its context,
+writes its outputs under the run folder, and returns a JSON-safe result. The result's
+``outputs`` (paths) are what the runner checks before it skips the stage on a later run. With
+``context.resume`` the stage continues an interrupted attempt made with the same config;
+without it, it replaces whatever an earlier attempt left. Which stages run, in which order, and
+which config sections decide each one's outputs is the table in ``semisup.pipeline``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from semisup import columns as C
+from semisup.config import ConfigError, ExperimentConfig
+from semisup.datasets import CLASS_NAMES, DUBAI_COLOURS
+
+# Colour maps known by name in ``pipeline.label_colors`` (any other value is a JSON file path).
+NAMED_COLOUR_MAPS: dict[str, dict[str, int]] = {"dubai": DUBAI_COLOURS}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a stage gets: the config, the run folder, and the results of the stages before it.
+
+    ``key`` is the stage's config hash (see ``semisup.pipeline.stage_keys``); ``resume`` says
+    that an attempt with the same key was interrupted and its partial outputs may be continued;
+    ``debug`` runs training in this process.
+    """
+
+    config: ExperimentConfig
+    out: Path
+    results: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    key: str = ""
+    resume: bool = False
+    debug: bool = False
+    log: TextIO | None = sys.stderr
+
+    @property
+    def store(self) -> Path:
+        """The run's tile store (pseudo-labels are written into it)."""
+        return self.out / "store.zarr"
+
+    def say(self, message: str) -> None:
+        if self.log is not None:
+            print(message, file=self.log, flush=True)
+
+
+def teacher_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The semantic teacher: the same model fine-tuned decoder-only on the labeled tiles alone."""
+    return dataclasses.replace(
+        config,
+        student=dataclasses.replace(config.student, mode="decoder"),
+        ssl=dataclasses.replace(config.ssl, enabled=False),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prep and stream
+
+
+def prep(context: RunContext) -> dict[str, Any]:
+    """Ingest ``pipeline.images``/``labels`` (or generated scenes) into the run's tile store."""
+    from data_prep.ingest import build_store
+    from semisup.store import read_tile_index
+
+    pipeline = context.config.pipeline
+    images, labels = list(pipeline.images), list(pipeline.labels)
+    class_names: list[str] | None = list(pipeline.class_names) or None
+    if pipeline.generated_scenes:
+        from semisup.synthetic import write_scenes
+
+        images_dir, masks_dir = write_scenes(
+            context.out / "generated",
+            count=pipeline.generated_scenes,
+            size=pipeline.scene_size,
+            seed=context.config.prep.seed,
+        )
+        images, labels, class_names = [str(images_dir)], [str(masks_dir)], list(CLASS_NAMES)
+    elif not images:
+        raise ConfigError(
+            "pipeline.images: no rasters to ingest; list image files or folders, or set "
+            "pipeline.generated_scenes"
+        )
+    colours = pipeline.label_colors
+    build_store(
+        images,
+        context.store,
+        labels=labels,
+        label_colors=NAMED_COLOUR_MAPS.get(colours, colours) if colours else None,
+        config=context.config.prep,
+        class_names=class_names,
+        overwrite=True,  # the run owns its store; an unchanged one is left as it is
+        quiet=context.log is None,
+        log=context.log,
+    )
+    index = read_tile_index(str(context.store)).to_pandas()
+    return {
+        "store": str(context.store),
+        "sources": int(index[C.SOURCE].nunique()),
+        "tiles": len(index),
+        "tiles_per_split": {k: int(v) for k, v in index[C.SPLIT].value_counts().items()},
+        "outputs": [str(context.store)],
+    }
+
+
+def stream(context: RunContext) -> dict[str, Any]:
+    """Stream every split of the store through Ray Data and measure tiles/s."""
+    from semisup.data import read_tiles_from_config
+
+    result: dict[str, Any] = {}
+    for split in C.SPLITS:
+        dataset = read_tiles_from_config(str(context.store), context.config.stream, split=split)
+        start, count, shapes = time.perf_counter(), 0, {}
+        for batch in dataset.iter_batches(batch_size=32, batch_format="numpy"):
+            count += len(batch[C.TILE_ID])
+            shapes = {name: f"{tuple(value.shape)} {value.dtype}" for name, value in batch.items()}
+        seconds = time.perf_counter() - start
+        result[split] = {
+            "tiles": count,
+            "tiles_per_s": round(count / seconds, 1) if seconds > 0 else None,
+            "last_batch": shapes,
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM before training, the teacher, its pseudo-labels, the student
+
+
+def zero_shot(context: RunContext) -> dict[str, Any]:
+    """SAM before any training: box/point-prompted IoU on ground-truth components."""
+    from semisup.zero_shot import run_zero_shot
+
+    out = context.out / "zero_shot"
+    student = context.config.student
+    summary = run_zero_shot(
+        str(context.store), model_type=student.model_type, checkpoint=student.checkpoint,
+        out_dir=out, max_tiles=context.config.pipeline.zero_shot_tiles, examples=4, log=None,
+    )  # fmt: skip
+    return {
+        "out": str(out),
+        "box_miou": summary.get("box_miou"),
+        "point_miou": summary.get("point_miou"),
+        "automatic_coverage": summary.get("automatic_coverage"),
+        "outputs": [str(out / "zero_shot.json")],
+    }
+
+
+def teacher(context: RunContext) -> dict[str, Any]:
+    """The labels-only teacher: decoder-only fine-tuning on the labeled tiles."""
+    return _train(context, teacher_config(context.config), context.out / "teacher")
+
+
+def pseudo_label(context: RunContext) -> dict[str, Any]:
+    """Label the unlabeled tiles with the fine-tuned teacher, in a pool of Ray actors."""
+    from semisup.pseudo_label import run_pseudo_label
+
+    config = context.config
+    summary = run_pseudo_label(
+        str(context.store),
+        mode="semantic",
+        model_type=config.student.model_type,
+        checkpoint=str(Path(context.results["teacher"]["best_checkpoint"]).parent),
+        base_checkpoint=config.student.checkpoint,
+        actors=config.pipeline.pseudo_label_actors,
+        gpus_per_actor=config.pipeline.pseudo_label_gpus,
+        batch_size=8,
+        halo=config.stream.halo,
+        seed=config.train.seed,
+        overwrite=not context.resume,  # a new teacher's labels replace the old ones
+        log=context.log,
+    )
+    result = {key: value for key, value in summary.items() if isinstance(value, int | float | str)}
+    return {**result, "outputs": [summary["manifest"]]}
+
+
+def student(context: RunContext) -> dict[str, Any]:
+    """The semi-supervised student: consistency training on labeled and unlabeled tiles."""
+    return _train(context, context.config, context.out / "student")
+
+
+def _train(context: RunContext, config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """One Ray Train run into ``run_dir``, resumed from its checkpoints after an interruption."""
+    from semisup.train import run_training
+
+    if config.train.storage:
+        # teacher and student must not share Ray Train's (fixed) run name in one storage folder;
+        # the key keeps a rerun with another config away from old checkpoints
+        storage = f"{config.train.storage.rstrip('/')}/{run_dir.name}-{context.key[:12]}"
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, storage=storage)
+        )
+    resume = context.resume and (run_dir / "config.yaml").exists()
+    if not resume and run_dir.exists():
+        context.say(f"[run] replacing the earlier run in {run_dir}")
+        shutil.rmtree(run_dir)
+    report = run_training(str(context.store), config, run_dir, resume=resume, debug=context.debug)
+    best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
+    return {
+        "run_dir": str(run_dir),
+        "mode": config.student.mode,
+        "consistency": config.ssl.enabled,
+        "best_miou": report["best_miou"],
+        "best_epoch": report["best_epoch"],
+        "iou_per_class": best["iou_per_class"],
+        "steps": report["steps"],
+        "best_checkpoint": report["best_checkpoint"],
+        "outputs": [str(run_dir / "report.json"), report["best_checkpoint"]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(context: RunContext) -> dict[str, Any]:
+    """Compare zero-shot SAM, the labels-only teacher and the student on the val tiles.
+
+    Writes ``evaluation.json`` and ``evaluation.md`` (the comparison table) into the run folder.
+    """
+    import json
+
+    rows = comparison_rows(context.results)
+    if not rows:
+        raise ConfigError(
+            "pipeline.stages: evaluate needs at least one of zero-shot, teacher, student"
+        )
+    teacher_miou = context.results.get("teacher", {}).get("best_miou")
+    student_miou = context.results.get("student", {}).get("best_miou")
+    gain = None
+    if teacher_miou is not None and student_miou is not None:
+        gain = student_miou - teacher_miou
+    result = {"rows": rows, "student_gain_over_labels_only": gain}
+    json_path, md_path = context.out / "evaluation.json", context.out / "evaluation.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text("\n".join(comparison_table(rows)) + "\n")
+    return {**result, "outputs": [str(json_path), str(md_path)]}
+
+
+def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model that ran: name, fine-tuning, data, validation score and its kind."""
+    rows = []
+    if "zero-shot" in results:
+        rows.append({"model": "zero-shot SAM", "fine_tuning": "none", "data": "-",
+                     "metric": "box-prompt mIoU", "value": results["zero-shot"]["box_miou"]})  # fmt: skip
+    if "teacher" in results:
+        rows.append({"model": "labels-only (teacher)", "fine_tuning": results["teacher"]["mode"],
+                     "data": "labeled", "metric": "val mIoU",
+                     "value": results["teacher"]["best_miou"]})  # fmt: skip
+    if "student" in results:
+        rows.append({"model": "semi-supervised (student)", "fine_tuning": results["student"]["mode"],
+                     "data": "labeled + unlabeled", "metric": "val mIoU",
+                     "value": results["student"]["best_miou"]})  # fmt: skip
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows of ``comparison_rows`` as Markdown table lines."""
+    lines = ["| model | fine-tuning | data | val score |", "|---|---|---|---|"]
+    for row in rows:
+        value = "–" if row["value"] is None else f"{row['value']:.3f}"
+        score = value if row["metric"] == "val mIoU" else f"{row['metric']} {value}"
+        lines.append(f"| {row['model']} | {row['fine_tuning']} | {row['data']} | {score} |")
+    return lines
