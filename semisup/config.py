@@ -227,6 +227,13 @@ class PipelineConfig:
     zero_shot_tiles: int = 12  # labelled tiles the zero-shot stage measures
     pseudo_label_actors: int = 2  # teacher actors of the pseudo-label stage
     pseudo_label_gpus: float = 0.0  # GPUs per teacher actor; fractional to share one
+    select_budget: int = 16  # unlabeled tiles the select stage proposes for labelling
+    select_measure: str = "entropy"  # entropy | margin | disagreement | tta (semisup.uncertainty)
+    predict_rasters: tuple[str, ...] = ()  # rasters the predict stage maps with the student;
+    # () = the image of the store's first validation source
+    predict_vectors: bool = True  # also polygons per class (GeoJSON), for rasters with a CRS
+    tune_space: str = "lora_rank"  # search space of the optional tune stage (tune_spaces/)
+    tune_samples: int = 4  # trials of the optional tune stage
 
     def __post_init__(self) -> None:
         _check(bool(self.out), "pipeline.out", self.out, "a folder path")
@@ -238,6 +245,11 @@ class PipelineConfig:
                self.pseudo_label_actors, ">= 1")  # fmt: skip
         _check(self.pseudo_label_gpus >= 0, "pipeline.pseudo_label_gpus", self.pseudo_label_gpus,
                ">= 0")  # fmt: skip
+        _check(self.select_budget >= 0, "pipeline.select_budget", self.select_budget, ">= 0")
+        _check(self.select_measure in ("entropy", "margin", "disagreement", "tta"),
+               "pipeline.select_measure", self.select_measure,
+               "one of entropy, margin, disagreement, tta")  # fmt: skip
+        _check(self.tune_samples >= 1, "pipeline.tune_samples", self.tune_samples, ">= 1")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ def demo_inputs(config: ExperimentConfig, data_dir: Path | None, synthetic: bool
                 labels=tuple(map(str, masks)),
                 label_colors="dubai",
                 class_names=CLASS_NAMES,
+                # the Dubai JPEGs carry no CRS: the student maps a real georeferenced
+                # orthophoto instead, so the demo ends in a GeoTIFF and a GeoJSON
+                predict_rasters=_georeferenced_orthophoto(root),
             ),
             # by tile folder, so that neighbouring images never straddle splits
             prep=dataclasses.replace(config.prep, split_by="folder", val_sources=("tile_6*",)),
@@ -88,6 +91,12 @@ def demo_inputs(config: ExperimentConfig, data_dir: Path | None, synthetic: bool
         pipeline=dataclasses.replace(config.pipeline, generated_scenes=4, scene_size=768),
         prep=dataclasses.replace(config.prep, split_by="source", val_sources=("*scene_3",)),
     )
+
+
+def _georeferenced_orthophoto(root: Path) -> tuple[str, ...]:
+    """NEON's 10 cm RGB orthophoto (EPSG:32617) from the real imagery folder, when present."""
+    path = root / "neon_trees" / "OSBS_029.tif"
+    return (str(path),) if path.is_file() else ()
 
 
 def run_demo(out: Path, data_dir: Path | None = None, synthetic: bool = False) -> dict[str, Any]:
@@ -142,6 +151,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     lines += ["", "Validation (tiles never trained on):", ""]
     lines += comparison_table(stages["evaluate"]["rows"])
+    report, select, predict = stages["report"], stages["select"], stages["predict"]
+    lines += [
+        "",
+        f"  report        pseudo-label accuracy {_fmt(report['pseudo_label_accuracy'])}, "
+        f"calibration error {_fmt(report['calibration_error'])}, threshold for 90 % accuracy "
+        f"{_fmt(report['suggested_threshold'])}",
+        f"  select        {select['selected']} of {select['candidates']} unlabeled tiles proposed "
+        f"for labelling ({select['measure']}, {select['sources']} sources)",
+        f"  predict       {', '.join(Path(r).name for r in predict['rasters'])} -> class map + "
+        f"confidence GeoTIFF{' + GeoJSON polygons' if predict['vectors'] else ''}",
+    ]
     if summary["skipped"]:
         lines += ["", f"up to date from an earlier run, skipped: {', '.join(summary['skipped'])}"]
     lines += [
@@ -151,6 +171,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  zero_shot/           zero_shot.json, zero_shot.md, example overlays",
         "  teacher/, student/   report.json/.md, tensorboard/, best/adapter.safetensors",
         "  evaluation.md/.json  the comparison above",
+        "  report/              per-class comparison, pseudo-label calibration, overlays",
+        "  select/              selection.csv/.geojson, contact_sheet.png: tiles to label next",
+        "  predict/             class map + confidence GeoTIFF (COG) and GeoJSON polygons",
         "  run.json, run.log    per-stage status, config hash, outputs and timings; what each run did",
         "  demo_summary.json    this summary",
     ]

@@ -83,6 +83,12 @@ STAGES: dict[str, Stage] = {
     "student": Stage(stages.student, (*_MODEL, "ssl"), needs=("prep",), uses=("pseudo-label",)),
     "evaluate": Stage(stages.evaluate, (), uses=("zero-shot", "teacher", "student"),
                       uses_ray=False),
+    "report": Stage(stages.report, (), needs=("teacher", "student"),
+                    uses=("zero-shot", "pseudo-label"), uses_ray=False),
+    "select": Stage(stages.select, ("pipeline.select_budget", "pipeline.select_measure"),
+                    needs=("student",)),
+    "predict": Stage(stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"),
+                     needs=("student",)),
 }  # fmt: skip
 
 

@@ -271,3 +271,85 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
         score = value if row["metric"] == "val mIoU" else f"{row['metric']} {value}"
         lines.append(f"| {row['model']} | {row['fine_tuning']} | {row['data']} | {score} |")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# after training: report, select, predict
+
+
+def report(context: RunContext) -> dict[str, Any]:
+    """Per-class comparison, pseudo-label calibration and overlays (``semisup report``)."""
+    from semisup.report import RunLayout, run_report
+
+    out = context.out / "report"
+    if out.exists():
+        shutil.rmtree(out)  # a stale report of another config must not survive beside the new one
+    layout = RunLayout(
+        context.store,
+        context.out / "zero_shot",
+        Path(context.results["teacher"]["run_dir"]),
+        Path(context.results["student"]["run_dir"]),
+    )
+    result = run_report(context.out, layout, out)
+    quality = result["pseudo_labels"] or {}
+    return {
+        "pseudo_label_accuracy": quality.get("overall_accuracy"),
+        "calibration_error": quality.get("expected_calibration_error"),
+        "suggested_threshold": quality.get("suggested_threshold"),
+        "outputs": [str(out / "report.md"), str(out / "report.json")],
+    }
+
+
+def select(context: RunContext) -> dict[str, Any]:
+    """Propose the unlabeled tiles to label next, by the student's uncertainty."""
+    from semisup.selection import run_select
+
+    pipeline = context.config.pipeline
+    out = context.out / "select"
+    if out.exists():
+        shutil.rmtree(out)
+    summary = run_select(
+        str(context.store), Path(context.results["student"]["run_dir"]), pipeline.select_budget,
+        out, measure=pipeline.select_measure, log=context.log,
+    )  # fmt: skip
+    return {**{k: v for k, v in summary.items() if k != "outputs"},
+            "outputs": list(summary["outputs"].values())}  # fmt: skip
+
+
+def predict_inputs(context: RunContext) -> list[str]:
+    """The rasters the predict stage maps: ``pipeline.predict_rasters`` or a validation image."""
+    from semisup.store import open_store, read_source_meta, read_tile_index
+
+    if context.config.pipeline.predict_rasters:
+        return list(context.config.pipeline.predict_rasters)
+    index = read_tile_index(str(context.store)).to_pandas()
+    val = sorted(index.loc[index[C.SPLIT] == C.VAL, C.SOURCE].unique())
+    if not val:
+        raise ConfigError("pipeline.predict_rasters: not set, and the store has no val source")
+    return [read_source_meta(open_store(str(context.store)), val[0]).image_path]
+
+
+def predict(context: RunContext) -> dict[str, Any]:
+    """Map whole rasters with the student: blended class map + confidence (COG), and polygons."""
+    import rasterio
+
+    from semisup.predict import run_predict
+
+    rasters = predict_inputs(context)
+    out = context.out / "predict"
+    out.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(rasters[0]) as first:
+        georeferenced = first.crs is not None
+    vectors = context.config.pipeline.predict_vectors and georeferenced
+    summary = run_predict(
+        rasters, str(Path(context.results["student"]["run_dir"])), out / "{name}.tif",
+        vector=out / "{name}.geojson" if vectors else None, overwrite=not context.resume,
+        log=context.log,
+    )  # fmt: skip
+    outputs = sorted(str(p) for p in out.iterdir() if p.suffix in (".tif", ".geojson"))
+    return {
+        "rasters": rasters,
+        "vectors": vectors,
+        **{k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+        "outputs": outputs,
+    }

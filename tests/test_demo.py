@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from semisup import columns as C
@@ -19,7 +20,8 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_sessi
     summary = run_demo(out, synthetic=True)
     stages = summary["stages"]
     assert list(stages) == [
-        "prep", "stream", "zero-shot", "teacher", "pseudo-label", "student", "evaluate"
+        "prep", "stream", "zero-shot", "teacher", "pseudo-label", "student", "evaluate",
+        "report", "select", "predict",
     ]  # fmt: skip
     assert summary["ran"] == list(stages) and summary["skipped"] == []
     assert json.loads((out / "demo_summary.json").read_text())["stages"].keys() == stages.keys()
@@ -41,6 +43,26 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_sessi
     assert [row["value"] for row in evaluation["rows"]] == [
         stages["zero-shot"]["box_miou"], stages["teacher"]["best_miou"], stages["student"]["best_miou"]
     ]  # fmt: skip
+    # after training: the report, the proposals and the map of the validation scene
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["semi_supervised_miou"] == stages["student"]["best_miou"]
+    assert 0 <= report["pseudo_labels"]["overall_accuracy"] <= 1
+    assert (out / "report" / "overlays.png").is_file()
+    selected = pd.read_csv(out / "select" / "selection.csv")
+    unlabeled_ids = set(index.loc[index[C.SPLIT] == C.UNLABELED, C.TILE_ID])
+    assert len(selected) == 16 and set(selected[C.TILE_ID]) <= unlabeled_ids
+    assert json.loads((out / "select" / "selection.geojson").read_text())["features"]
+    assert stages["predict"]["rasters"][0].endswith("scene_3.tif") and stages["predict"]["vectors"]
+    import rasterio
+
+    with rasterio.open(out / "predict" / "scene_3.tif") as mapped, \
+            rasterio.open(stages["predict"]["rasters"][0]) as source:  # fmt: skip
+        assert (mapped.crs, mapped.transform, mapped.shape) == (
+            source.crs,
+            source.transform,
+            source.shape,
+        )
+    assert (out / "predict" / "scene_3.geojson").is_file()
     # a rerun finds every stage up to date: nothing is recomputed or rewritten
     mtime = (out / "student" / "report.json").stat().st_mtime_ns
     again = run_demo(out, synthetic=True)
