@@ -40,6 +40,7 @@ from semisup._zarr_datasource import (
     group_tiles,
 )
 from semisup.config import StreamConfig
+from semisup.runtime import ensure_ray
 
 __all__ = ["read_tiles", "read_tiles_from_config"]
 
@@ -220,8 +221,7 @@ def _max_concurrent_reads() -> int:
     more tasks than cores only contend. Measured on 2 cores: four concurrent tasks (read_cpus
     0.5) spent about twice the CPU time per tile of two, and streamed 40% slower.
     """
-    if not ray.is_initialized():
-        ray.init()  # what the first Ray Data call would do anyway
+    ensure_ray()  # callers may start (or join) their own Ray first
     return max(1, int(ray.cluster_resources().get("CPU", 1)))  # CPUs of every node, busy or not
 
 

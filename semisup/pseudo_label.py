@@ -56,6 +56,7 @@ from semisup import columns as C
 from semisup import store as tile_store
 from semisup.data import read_tiles
 from semisup.masks import MaskFilter
+from semisup.runtime import ensure_ray
 from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
     MODES,
@@ -428,8 +429,7 @@ def run_pseudo_label(
         todo = todo[:max_tiles]
     progress = _Progress(log, total, already)
     if len(todo):
-        if not ray.is_initialized():
-            ray.init()  # a local Ray, as Ray Data itself would start; callers may start their own
+        ensure_ray()  # callers may start (or join) their own Ray first
         stream = _pipeline(
             store,
             todo,

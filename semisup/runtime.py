@@ -70,3 +70,14 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
     finally:
         if started:
             ray.shutdown()
+
+
+def ensure_ray() -> None:
+    """Initialise Ray in this process if nothing has: join ``$RAY_ADDRESS`` or start a new
+    local Ray (never a cluster that ``ray start`` happened to leave on this machine). For
+    library calls made without ``ray_runtime``; the Ray started here lives as long as the
+    process, as the one Ray Data would start by itself."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cluster_address(RayConfig()) or "local")
