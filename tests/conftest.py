@@ -36,15 +36,23 @@ def dubai_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray for the whole test session (2 CPUs, 512 MiB object store), shut down after."""
+    """One local Ray for the whole test session (2 CPUs, 512 MiB object store), shut down after.
+
+    The dashboard is on (bound to loopback): Ray Train inside Ray Tune frees the workers of a
+    trial stopped early through its state API.
+    """
     import ray
+
+    from semisup.runtime import pin_dashboard_address
 
     started = False
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
             object_store_memory=512 * 1024**2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=pin_dashboard_address(),
             log_to_driver=False,
         )
         started = True
