@@ -32,7 +32,9 @@ def test_every_sample_of_every_space_builds_a_valid_config(name: str) -> None:
             elif dim.kind in S.RANGE_KINDS:
                 assert dim.values[0] <= value <= dim.values[1]
             else:  # tied: a multiple of the other key in the same trial
-                other = getattr(getattr(config, dim.tied_to.split(".")[0]), dim.tied_to.split(".")[1])
+                other = getattr(
+                    getattr(config, dim.tied_to.split(".")[0]), dim.tied_to.split(".")[1]
+                )
                 assert value == pytest.approx(other * dim.factor)
     for key, dim in dims.items():  # the draws cover each list and spread over each range
         if dim.kind in S.LIST_KINDS:
