@@ -57,6 +57,7 @@ METRIC = "miou"  # validation mIoU, reported by the training loop every epoch
 TIME_ATTR = "epochs_done"  # survives a resumed trial, unlike Tune's training_iteration
 DRIVER_CPUS = 0.1  # the trial function only drives a TorchTrainer; its workers ask for their own
 SEARCHES = ("random", "optuna")
+SYNC_PERIOD_S = 15  # at most this often a trial's working folder is uploaded (remote OUT only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,17 +221,7 @@ def run_tune(
     from semisup.runtime import ray_runtime
 
     out = _absolute(out)
-    if config.train.num_workers < 1:
-        raise ConfigError(
-            "train.num_workers: got 0 (the loop in this process), but Tune trials need >= 1: "
-            "only Train workers report their epochs to Tune"
-        )
-    if samples < 1:
-        raise ConfigError(f"samples: got {samples}, expected >= 1")
-    if search not in SEARCHES:
-        raise ConfigError(f"search: got {search!r}, expected one of {', '.join(SEARCHES)}")
-    if search == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise ConfigError("search 'optuna' needs the optuna package (pip install optuna)")
+    _check_arguments(config, samples, search)
     fs, root = _filesystem(out)
     saved = _check_sweep_folder(fs, root, out, resume)
     name, data, dims, config = prepare_sweep(store, config, space)
@@ -239,7 +230,7 @@ def run_tune(
         "samples": samples, "search": search, "grace_period": grace_period,
         "reduction_factor": reduction_factor,
     }  # fmt: skip
-    for key, value in request.items():
+    for key, value in request.items():  # a resumed sweep continues with what it was asked
         if saved is not None and json.loads(json.dumps(value)) != saved.get(key):
             raise ConfigError(
                 f"--resume: the sweep in {out} was started with another {key} "
@@ -251,13 +242,27 @@ def run_tune(
         _require_dashboard()
         if not resume:
             _write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
-        tuner = _tuner(store, config, name, data, dims, out, request, resume, max_concurrent)
+        tuner = _tuner(request, config, dims, out, resume, max_concurrent)
         results = tuner.fit()
         records = _collect(results.experiment_path, fs, config, dims)
     summary = _write_outputs(fs, root, out, name, dims, config, records)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     _write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> None:
+    if config.train.num_workers < 1:
+        raise ConfigError(
+            "train.num_workers: got 0 (the loop in this process), but Tune trials need >= 1: "
+            "only Train workers report their epochs to Tune"
+        )
+    if samples < 1:
+        raise ConfigError(f"samples: got {samples}, expected >= 1")
+    if search not in SEARCHES:
+        raise ConfigError(f"search: got {search!r}, expected one of {', '.join(SEARCHES)}")
+    if search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search 'optuna' needs the optuna package (pip install optuna)")
 
 
 def _check_sweep_folder(fs: Any, root: str, out: str, resume: bool) -> dict[str, Any] | None:
@@ -284,32 +289,34 @@ def _require_dashboard() -> None:
         list_nodes(limit=1, timeout=30)
     except Exception as err:
         raise ConfigError(
-            "Ray Tune with Ray Train needs the Ray dashboard (trials stopped by ASHA free their "
-            "workers through its state API, else the next trial waits forever): start Ray with "
-            f"include_dashboard=True, or set ray.dashboard: true ({err})"
+            "Ray Tune with Ray Train needs the Ray dashboard's state API (trials stopped by ASHA "
+            "free their workers through it, else the next trial waits forever): start Ray with "
+            "include_dashboard=True (ray.dashboard: true), and with several Rays on this "
+            "machine set RAY_API_SERVER_ADDRESS to its dashboard URL before it starts "
+            f"(semisup.runtime.ray_runtime does both with ray.dashboard: true) ({err})"
         ) from err
 
 
 def _tuner(
-    store: str,
+    request: Mapping[str, Any],
     config: ExperimentConfig,
-    name: str,
-    data: Mapping[str, Any],
     dims: Mapping[str, S.Dimension],
     out: str,
-    request: Mapping[str, Any],
     resume: bool,
     max_concurrent: int | None,
 ) -> Any:
+    """A new Tuner for ``request`` (see ``run_tune``), or the restored one of OUT."""
     import ray
     from ray.tune.schedulers import ASHAScheduler
 
+    name = request["space"]
     demand = trial_demand(config)
     limit = max_concurrent or max_concurrent_trials(ray.cluster_resources(), demand)
     trainable = tune.with_resources(
         # the per-trial function with the sweep's settings bound (stored once in the object store)
         tune.with_parameters(
-            train_trial, store=store, base=to_dict(config), space=dict(data), name=name, out=out
+            train_trial, store=request["store"], base=to_dict(config),
+            space=dict(request["space_data"]), name=name, out=out,
         ),
         # the trial process itself only drives Train, whose workers reserve their own CPUs/GPUs
         {"CPU": DRIVER_CPUS},
@@ -317,7 +324,8 @@ def _tuner(
     experiment = _child(out, EXPERIMENT_NAME)
     if resume:
         print(f"[tune] resuming the sweep in {experiment}", file=sys.stderr)
-        # reloads the trials, scheduler and searcher; finished trials are not run again
+        # reloads the trials and the searcher (not the scheduler's rungs); finished trials are
+        # not run again, unfinished ones start again and their trainer resumes its checkpoint
         return tune.Tuner.restore(
             experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
@@ -353,7 +361,7 @@ def _tuner(
             storage_path=out,
             callbacks=[TrialProgress()],
             # uploads each trial's working folder (its run, for a remote OUT) to the storage
-            sync_config=tune.SyncConfig(sync_artifacts=True),
+            sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=SYNC_PERIOD_S),
             verbose=0,
         ),
     )
@@ -367,12 +375,17 @@ def _collect(
 
     # the trials as Tune last saved them, with their status and sampled config
     analysis = ExperimentAnalysis(experiment_path, storage_filesystem=fs)
+    frames = analysis.trial_dataframes
     records = []
     for trial in analysis.trials:
         run = f"{trial.path}/{TRIAL_RUN_DIR}"
-        report = _read_json(fs, f"{run}/report.json")
+        # the trainer's own report; what Tune received when the report has not reached a remote
+        # storage (a trial's files are uploaded every SYNC_PERIOD_S and when it ends)
+        report: dict[str, Any] | None = _read_json(
+            fs, f"{run}/report.json"
+        ) or report_from_tune_results(frames.get(trial.trial_id))
         adapter = f"{run}/best/adapter.safetensors"
-        epochs = (report or {}).get("epochs", [])
+        epochs = report["epochs"] if report else []
         failed = trial.status == "ERROR"
         records.append(
             R.TrialRecord(
@@ -380,8 +393,8 @@ def _collect(
                 outcome=R.outcome(trial.status, report, config.train.epochs, failed=failed),
                 params=S.assignment(config, dims, trial.config),
                 epochs_done=len(epochs),
-                best_miou=report["best_miou"] if epochs else None,
-                best_epoch=report["best_epoch"] if epochs else None,
+                best_miou=report["best_miou"] if report and epochs else None,
+                best_epoch=report["best_epoch"] if report and epochs else None,
                 curve=[e["miou"] for e in epochs],
                 train_loss=[e["train"].get("loss", math.nan) for e in epochs],
                 trial_path=str(trial.path),
@@ -390,6 +403,27 @@ def _collect(
             )
         )
     return records
+
+
+def report_from_tune_results(frame: Any) -> dict[str, Any] | None:
+    """The parts of a training report that Tune's results of a trial hold (None if none)."""
+    if frame is None or METRIC not in getattr(frame, "columns", ()):
+        return None
+    rows = frame.dropna(subset=[METRIC]).drop_duplicates(TIME_ATTR, keep="last")
+    if rows.empty:
+        return None
+    rows = rows.sort_values(TIME_ATTR)
+    curve = [float(v) for v in rows[METRIC]]
+    losses = rows["train_loss"] if "train_loss" in rows else [math.nan] * len(curve)
+    best = max(range(len(curve)), key=curve.__getitem__)
+    return {
+        "epochs": [
+            {"miou": m, "train": {"loss": float(v)}} for m, v in zip(curve, losses, strict=True)
+        ],
+        "best_miou": curve[best],
+        "best_epoch": best,
+        "stopped_early": False,
+    }
 
 
 def _error_text(fs: Any, trial: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -11,13 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+from store_factory import scene_store as scene_store_at
 
-from data_prep.ingest import build_store
 from semisup import tune_report as R
 from semisup.cli import main
 from semisup.config import ConfigError, ExperimentConfig, load_config
-from semisup.synthetic import write_scenes
-from semisup.tune import EXPERIMENT_NAME, max_concurrent_trials, run_tune, trial_demand
+from semisup.tune import (
+    EXPERIMENT_NAME,
+    max_concurrent_trials,
+    ray_param_space,
+    report_from_tune_results,
+    run_tune,
+    trial_demand,
+)
 
 # Each trial: the tiny student, 2 steps per epoch on 64 px tiles, half a CPU for its one Train
 # worker and a quarter for reads, so two trials train side by side on 2 CPUs.
@@ -36,14 +43,7 @@ def _config(*overrides: str) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def scene_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Four generated 192 px scenes as 64 px tiles: 1 labeled, 2 unlabeled, 1 val source."""
-    root = tmp_path_factory.mktemp("scenes")
-    images, masks = write_scenes(root, count=4, size=192, seed=10)
-    result = build_store(
-        [images], root / "store.zarr", labels=[masks], num_classes=5,
-        config={"tile_size": 64, "val_sources": ["scene_3"], "labeled_fraction": 0.34, "seed": 1},
-        quiet=True,
-    )  # fmt: skip
-    return str(result.path)
+    return scene_store_at(tmp_path_factory.mktemp("scenes"), size=192)
 
 
 def _trial_dirs(out: Path) -> dict[str, Path]:
@@ -106,6 +106,40 @@ def test_trial_outcomes_table_and_plot() -> None:
     assert parsed[0]["student.lora_rank"] == "8" and parsed[3]["best_miou"] == ""
     png = R.plot_png(records, ["student.lora_rank"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_tune_results_stand_in_for_a_missing_report() -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"miou": [0.2, 0.3, 0.3, 0.25], "epochs_done": [1, 2, 2, 3], "train_loss": [2, 1.5, 1.4, 1]}
+    )  # a resumed trial reported epoch 2 twice
+    report = report_from_tune_results(frame)
+    assert report is not None
+    assert [e["miou"] for e in report["epochs"]] == [0.2, 0.3, 0.25]
+    assert report["epochs"][1]["train"]["loss"] == 1.4
+    assert (report["best_miou"], report["best_epoch"]) == (0.3, 1)
+    assert R.outcome("TERMINATED", report, epochs=5) == R.STOPPED_BY_SCHEDULER
+    assert report_from_tune_results(pd.DataFrame()) is None
+
+
+def test_optuna_takes_no_grid_and_is_optional(scene_store: str, tmp_path: Path) -> None:
+    from ray import tune
+
+    from semisup import search_space as S
+    from tune_spaces import SPACES
+
+    dims = S.parse_space(SPACES["default"] | SPACES["lora_rank"], "joint")
+    space = ray_param_space(dims, for_optuna=True)
+    assert set(space) == {k for k, d in dims.items() if d.searched}
+    assert isinstance(space["student.lora_rank"], tune.search.sample.Categorical)
+    assert isinstance(space["train.lr"], tune.search.sample.Float)
+    assert isinstance(ray_param_space(dims)["student.lora_rank"], dict)  # a grid for Tune's own
+    if importlib.util.find_spec("optuna") is None:
+        with pytest.raises(ConfigError, match="optuna package"):
+            run_tune(scene_store, _config(), "lora_rank", tmp_path / "o", samples=2,
+                     search="optuna")  # fmt: skip
+        assert not (tmp_path / "o").exists()
 
 
 def test_unknown_key_fails_before_any_trial_starts(scene_store: str, tmp_path: Path) -> None:
@@ -242,3 +276,39 @@ def test_asha_stops_a_trial_that_trails_at_an_early_epoch(
     assert outcomes[1e-7][0] == R.STOPPED_BY_SCHEDULER and 1 <= outcomes[1e-7][1] < 5
     assert summary["stopped_early"] == 1 and summary["complete"]
     assert load_config(summary["best_config"]).train.lr == 3e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_lands_in_object_storage(
+    scene_store: str, s3_options: dict[str, str], tmp_path: Path, ray_session: None
+) -> None:
+    import pyarrow.fs
+    import s3fs
+
+    s3fs.S3FileSystem(**s3_options).mkdir("tune-bucket")
+    endpoint = s3_options["endpoint_url"].removeprefix("http://")
+    out = (
+        "s3://testing:testing@tune-bucket/sweeps/rank"
+        f"?scheme=http&endpoint_override={endpoint}&region=us-east-1"
+    )
+    space = {"student.mode": "lora", "student.lora_rank": {"grid": [4, 8]}}
+    summary = run_tune(scene_store, _config(), space, out, samples=1)
+    assert summary["trials"] == 2 and summary["complete"]
+    fs, root = pyarrow.fs.FileSystem.from_uri(out)
+
+    def read(path: str) -> bytes:
+        with fs.open_input_stream(f"{root}/{path}") as stream:
+            return bytes(stream.readall())
+
+    rows = list(csv.DictReader(read("trials.csv").decode().splitlines()))
+    assert sorted(int(r["student.lora_rank"]) for r in rows) == [4, 8]
+    (tmp_path / "best.yaml").write_bytes(read("best_config.yaml"))
+    assert load_config(tmp_path / "best.yaml").student.lora_rank in (4, 8)
+    assert read("best_adapter.safetensors")[:8] and read("tune_plot.png")[:4] == b"\x89PNG"
+    files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))]
+    for row in rows:
+        trial = row["trial_path"]
+        assert any(f.startswith(f"{trial}/run/tensorboard/events.out") for f in files)
+        assert f"{trial}/run/best/adapter.safetensors" in files
+        assert any(f.startswith(f"{trial}/train/train/checkpoint_") for f in files)
