@@ -47,6 +47,7 @@ from semisup.config import (
     add_config_arguments,
     config_from_arguments,
     from_dict,
+    merge_overrides,
     to_dict,
 )
 
@@ -230,11 +231,12 @@ def run_tune(
         "samples": samples, "search": search, "grace_period": grace_period,
         "reduction_factor": reduction_factor,
     }  # fmt: skip
-    for key, value in request.items():  # a resumed sweep continues with what it was asked
-        if saved is not None and json.loads(json.dumps(value)) != saved.get(key):
+    if saved is not None:  # a resumed sweep continues with what it was asked
+        difference = _first_difference(json.loads(json.dumps(request)), saved)
+        if difference:
             raise ConfigError(
-                f"--resume: the sweep in {out} was started with another {key} "
-                f"({saved.get(key)!r}); resume it with the same settings"
+                f"--resume: the sweep in {out} was started with {difference}; resume it with "
+                "the same settings"
             )
     start = time.perf_counter()
     # a local Ray needs its dashboard: Train inside Tune frees a stopped trial's workers through it
@@ -249,6 +251,19 @@ def run_tune(
     summary["seconds"] = round(time.perf_counter() - start, 1)
     _write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _first_difference(given: Any, saved: Any, key: str = "") -> str:
+    """'KEY=SAVED (not GIVEN)' for the first dotted key whose value differs; '' if none."""
+    if isinstance(given, dict) and isinstance(saved, dict):
+        for name in sorted(set(given) | set(saved)):
+            found = _first_difference(
+                given.get(name), saved.get(name), f"{key}.{name}" if key else name
+            )
+            if found:
+                return found
+        return ""
+    return "" if given == saved else f"{key}={saved!r} (not {given!r})"
 
 
 def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> None:
@@ -597,11 +612,10 @@ def run_cli(args: argparse.Namespace) -> int:
         saved = _read_json(fs, f"{root}/{SWEEP_FILE}") or {}
     elif not args.store or not args.space:
         raise ConfigError("--store and --space are needed to start a sweep")
-    given_config = args.config is not None or bool(args.overrides)
-    config = (
-        config_from_arguments(args) if given_config or "config" not in saved
-        else from_dict(ExperimentConfig, saved["config"])
-    )  # fmt: skip
+    if args.config is not None or "config" not in saved:
+        config = config_from_arguments(args)
+    else:  # --set overrides apply to the sweep's own config (and must not change it)
+        config = from_dict(ExperimentConfig, merge_overrides(saved["config"], args.overrides))
     summary = run_tune(
         args.store or saved.get("store", ""), config, args.space or saved.get("space", ""),
         args.out, samples=args.samples or saved.get("samples", 1), resume=args.resume,

@@ -191,7 +191,7 @@ def _files(folder: Path) -> dict[Path, int]:
 
 @pytest.mark.timeout(700)
 def test_lora_rank_sweep_of_four_trials_on_two_cpus_interrupted_and_resumed(
-    scene_store: str, tmp_path: Path, ray_session: None
+    scene_store: str, tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from semisup.student import read_adapter_spec
 
@@ -213,6 +213,9 @@ def test_lora_rank_sweep_of_four_trials_on_two_cpus_interrupted_and_resumed(
               for t in finished}  # fmt: skip
     with pytest.raises(FileExistsError, match="--resume"):
         run_tune(scene_store, _config(), "lora_rank", out, samples=1)
+    # `semisup tune --resume` takes the sweep's own settings, and refuses different ones
+    assert main(["tune", "--out", str(out), "--resume", "--set", "train.epochs=9"]) == 2
+    assert "config.train.epochs=3 (not 9)" in capsys.readouterr().err
 
     summary = run_tune(scene_store, _config(), "lora_rank", out, samples=1, resume=True)
     assert json.loads(json.dumps(summary)) == summary
