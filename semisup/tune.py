@@ -29,14 +29,13 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from ray import tune
 
 from semisup import search_space as S
@@ -50,12 +49,12 @@ from semisup.config import (
     merge_overrides,
     to_dict,
 )
+from semisup.runtime import API_SERVER_VARIABLE, ray_runtime
+from semisup.tune_report import METRIC, TIME_ATTR
 
 EXPERIMENT_NAME = "tune"  # fixed: Tuner.restore finds the sweep by its name under OUT
 TRIAL_RUN_DIR = "run"  # the training run's folder inside each trial's folder
 SWEEP_FILE = "sweep.json"
-METRIC = "miou"  # validation mIoU, reported by the training loop every epoch
-TIME_ATTR = "epochs_done"  # survives a resumed trial, unlike Tune's training_iteration
 DRIVER_CPUS = 0.1  # the trial function only drives a TorchTrainer; its workers ask for their own
 SEARCHES = ("random", "optuna")
 SYNC_PERIOD_S = 15  # at most this often a trial's working folder is uploaded (remote OUT only)
@@ -88,57 +87,6 @@ def max_concurrent_trials(cluster: Mapping[str, float], demand: Mapping[str, flo
             )
         fits.append(math.floor(have / need + 1e-9) if need > 0 else sys.maxsize)
     return max(1, min(fits))
-
-
-# ---------------------------------------------------------------------------------------------
-# Storage: OUT may be a local folder or a URL
-
-
-def _is_local(out: str) -> bool:
-    return urlsplit(out).scheme in ("", "file")
-
-
-def _child(out: str, *parts: str) -> str:
-    """``out`` with ``parts`` appended to its path (a URL keeps its query, e.g. an endpoint)."""
-    if _is_local(out):
-        return str(Path(_absolute(out)).joinpath(*parts))
-    url = urlsplit(out)
-    return urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
-
-
-def _absolute(out: str | Path) -> str:
-    """A local OUT as an absolute path (trial processes run elsewhere); a URL as it is."""
-    out = str(out)
-    if not _is_local(out):
-        return out
-    return str(Path(urlsplit(out).path if out.startswith("file:") else out).resolve())
-
-
-def _filesystem(out: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path of OUT on it): the same resolution Ray applies."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(_absolute(out))
-    return fs, path.rstrip("/")
-
-
-def _exists(fs: Any, path: str) -> bool:
-    import pyarrow.fs
-
-    return bool(fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound)
-
-
-def _write(fs: Any, path: str, data: str | bytes) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data.encode() if isinstance(data, str) else data)
-
-
-def _read_json(fs: Any, path: str) -> Any:
-    if not _exists(fs, path):
-        return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.readall())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +167,9 @@ def run_tune(
     stops trials on validation mIoU. ``max_concurrent`` defaults to as many trials as the
     cluster's CPUs and GPUs hold. Returns a JSON-safe summary (also OUT/tune_summary.json).
     """
-    from semisup.runtime import ray_runtime
-
-    out = _absolute(out)
+    out = R.absolute(out)
     _check_arguments(config, samples, search)
-    fs, root = _filesystem(out)
+    fs, root = R.filesystem(out)
     saved = _check_sweep_folder(fs, root, out, resume)
     name, data, dims, config = prepare_sweep(store, config, space)
     request = {
@@ -242,14 +188,18 @@ def run_tune(
     # a local Ray needs its dashboard: Train inside Tune frees a stopped trial's workers through it
     with ray_runtime(dataclasses.replace(config.ray, dashboard=True)):
         _require_dashboard()
+        if os.environ.get(API_SERVER_VARIABLE):
+            print(f"[tune] live trials in the Ray dashboard at {os.environ[API_SERVER_VARIABLE]}",
+                  file=sys.stderr)  # fmt: skip
         if not resume:
-            _write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
+            R.write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
         tuner = _tuner(request, config, dims, out, resume, max_concurrent)
         results = tuner.fit()
         records = _collect(results.experiment_path, fs, config, dims)
-    summary = _write_outputs(fs, root, out, name, dims, config, records)
+    experiment = R.child(out, EXPERIMENT_NAME)
+    summary = R.write_outputs(fs, root, out, name, dims, config, records, experiment)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    _write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
+    R.write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -282,14 +232,14 @@ def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> Non
 
 def _check_sweep_folder(fs: Any, root: str, out: str, resume: bool) -> dict[str, Any] | None:
     """A new sweep needs a fresh OUT; a resumed one a sweep there, whose request is returned."""
-    started = _exists(fs, f"{root}/{SWEEP_FILE}") or _exists(fs, f"{root}/{EXPERIMENT_NAME}")
+    started = R.exists(fs, f"{root}/{SWEEP_FILE}") or R.exists(fs, f"{root}/{EXPERIMENT_NAME}")
     if started and not resume:
         raise FileExistsError(
             f"{out} already holds a sweep; pass --resume to continue it or choose another --out"
         )
     if not resume:
         return None
-    saved = _read_json(fs, f"{root}/{SWEEP_FILE}")
+    saved = R.read_json(fs, f"{root}/{SWEEP_FILE}")
     if saved is None:
         raise FileNotFoundError(f"--resume: no sweep to continue in {out} (no {SWEEP_FILE})")
     return dict(saved)
@@ -336,7 +286,7 @@ def _tuner(
         # the trial process itself only drives Train, whose workers reserve their own CPUs/GPUs
         {"CPU": DRIVER_CPUS},
     )  # fmt: skip
-    experiment = _child(out, EXPERIMENT_NAME)
+    experiment = R.child(out, EXPERIMENT_NAME)
     if resume:
         print(f"[tune] resuming the sweep in {experiment}", file=sys.stderr)
         # reloads the trials and the searcher (not the scheduler's rungs); finished trials are
@@ -396,9 +346,9 @@ def _collect(
         run = f"{trial.path}/{TRIAL_RUN_DIR}"
         # the trainer's own report; what Tune received when the report has not reached a remote
         # storage (a trial's files are uploaded every SYNC_PERIOD_S and when it ends)
-        report: dict[str, Any] | None = _read_json(
+        report: dict[str, Any] | None = R.read_json(
             fs, f"{run}/report.json"
-        ) or report_from_tune_results(frames.get(trial.trial_id))
+        ) or R.report_from_tune_results(frames.get(trial.trial_id))
         adapter = f"{run}/best/adapter.safetensors"
         epochs = report["epochs"] if report else []
         failed = trial.status == "ERROR"
@@ -413,99 +363,20 @@ def _collect(
                 curve=[e["miou"] for e in epochs],
                 train_loss=[e["train"].get("loss", math.nan) for e in epochs],
                 trial_path=str(trial.path),
-                best_adapter=adapter if _exists(fs, adapter) else None,
+                best_adapter=adapter if R.exists(fs, adapter) else None,
                 error=_error_text(fs, trial) if failed else None,
             )
         )
     return records
 
 
-def report_from_tune_results(frame: Any) -> dict[str, Any] | None:
-    """The parts of a training report that Tune's results of a trial hold (None if none)."""
-    if frame is None or METRIC not in getattr(frame, "columns", ()):
-        return None
-    rows = frame.dropna(subset=[METRIC]).drop_duplicates(TIME_ATTR, keep="last")
-    if rows.empty:
-        return None
-    rows = rows.sort_values(TIME_ATTR)
-    curve = [float(v) for v in rows[METRIC]]
-    losses = rows["train_loss"] if "train_loss" in rows else [math.nan] * len(curve)
-    best = max(range(len(curve)), key=curve.__getitem__)
-    return {
-        "epochs": [
-            {"miou": m, "train": {"loss": float(v)}} for m, v in zip(curve, losses, strict=True)
-        ],
-        "best_miou": curve[best],
-        "best_epoch": best,
-        "stopped_early": False,
-    }
-
-
 def _error_text(fs: Any, trial: Any) -> str:
     path = f"{trial.path}/error.txt"
-    if not _exists(fs, path):
+    if not R.exists(fs, path):
         return "failed (no error.txt)"
     with fs.open_input_stream(path) as stream:
         lines = stream.readall().decode(errors="replace").strip().splitlines()
     return lines[-1] if lines else "failed"
-
-
-def _write_outputs(
-    fs: Any,
-    root: str,
-    out: str,
-    name: str,
-    dims: Mapping[str, S.Dimension],
-    config: ExperimentConfig,
-    records: list[R.TrialRecord],
-) -> dict[str, Any]:
-    """trials.csv/.json, summary.md, tune_plot.png, best_config.yaml, best_adapter.safetensors."""
-    import pyarrow.fs
-
-    shown = [k for k, d in dims.items() if d.kind != "constant"]
-    plotted = [k for k, d in dims.items() if d.searched]
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
-    best = R.best_trial(records)
-    summary: dict[str, Any] = {
-        "out": out,
-        "experiment": _child(out, EXPERIMENT_NAME),
-        "space": name,
-        "searched": shown,
-        "trials": len(records),
-        "outcomes": ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
-        "stopped_early": counts.get(R.STOPPED_BY_SCHEDULER, 0),
-        "complete": not counts.get(R.UNFINISHED),
-        "best_trial": best["trial_id"] if best else None,
-        "best_miou": best["best_miou"] if best else None,
-        "best_params": {k: best["params"][k] for k in shown} if best else {},
-        "best_config": _child(out, "best_config.yaml") if best else None,
-        "best_adapter": _child(out, "best_adapter.safetensors") if best else None,
-        "trials_csv": _child(out, "trials.csv"),
-        "trials_json": _child(out, "trials.json"),
-        "summary_md": _child(out, "summary.md"),
-        "plot": _child(out, "tune_plot.png"),
-    }
-    if best:
-        best_config = S.apply(config, best["params"])
-        _write(
-            fs, f"{root}/best_config.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False)
-        )
-        # the best trial's best adapter, copied within the storage
-        pyarrow.fs.copy_files(
-            str(best["best_adapter"]), f"{root}/best_adapter.safetensors",
-            source_filesystem=fs, destination_filesystem=fs,
-        )  # fmt: skip
-    rows = R.table_rows(records, shown)
-    _write(fs, f"{root}/trials.csv", R.rows_csv(rows))
-    _write(fs, f"{root}/trials.json", json.dumps(records, indent=2, default=str) + "\n")
-    _write(fs, f"{root}/summary.md", R.summary_markdown(summary, rows))
-    log_keys = [k for k, d in dims.items() if d.kind == "loguniform"]
-    _write(fs, f"{root}/tune_plot.png", R.plot_png(records, plotted, log_keys))
-    print(f"[tune] {summary['trials']} trials ({summary['outcomes']}); best "
-          f"{summary['best_trial']} at val mIoU {summary['best_miou']}", file=sys.stderr)  # fmt: skip
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,11 +405,11 @@ def train_trial(
     config = S.trial_config(from_dict(ExperimentConfig, base), S.parse_space(space, name), params)
     # the trial's folder name (get_trial_dir is its staging copy in this Ray session's temp dir)
     trial_name = Path(tune.get_context().get_trial_dir()).name
-    if _is_local(out):
-        run_dir = Path(_child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
+    if R.is_local(out):
+        run_dir = Path(R.child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
     else:  # keep the Train checkpoints on the storage, where a resumed sweep finds them
         run_dir = Path.cwd() / TRIAL_RUN_DIR
-        storage = config.train.storage or _child(out, EXPERIMENT_NAME, trial_name, "train")
+        storage = config.train.storage or R.child(out, EXPERIMENT_NAME, trial_name, "train")
         config = dataclasses.replace(config, train=dataclasses.replace(config.train,
                                                                        storage=storage))  # fmt: skip
     run_training(
@@ -608,8 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     saved: dict[str, Any] = {}
     if args.resume:  # settings not given again are those the sweep was started with
-        fs, root = _filesystem(args.out)
-        saved = _read_json(fs, f"{root}/{SWEEP_FILE}") or {}
+        fs, root = R.filesystem(args.out)
+        saved = R.read_json(fs, f"{root}/{SWEEP_FILE}") or {}
     elif not args.store or not args.space:
         raise ConfigError("--store and --space are needed to start a sweep")
     if args.config is not None or "config" not in saved:

@@ -1,18 +1,31 @@
-"""What a sweep found, as files: the trials table, a Markdown summary and a plot.
+"""What a sweep found, as files: the trials table, a Markdown summary, a plot, the best config.
 
-Plain Python, pandas-free and Ray-free: ``semisup.tune`` gathers one record per trial (a dict,
-see ``TrialRecord``) and these functions turn the records into CSV, Markdown and PNG bytes.
+Ray-free: ``semisup.tune`` gathers one record per trial (a dict, see ``TrialRecord``) and these
+functions turn the records into CSV, Markdown and PNG, and write them to the sweep's folder,
+which may be a local path or any storage URL Ray accepts (through pyarrow's filesystems, as Ray
+itself resolves it).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import sys
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypedDict
+from urllib.parse import urlsplit, urlunsplit
 
+import yaml
+
+from semisup import search_space as S
+from semisup.config import ExperimentConfig, to_dict
+
+METRIC = "miou"  # validation mIoU, reported by the training loop every epoch
+TIME_ATTR = "epochs_done"  # epochs trained; survives a resumed trial, unlike training_iteration
 COMPLETED = "completed"
 STOPPED_BY_SCHEDULER = "stopped by ASHA"
 STOPPED_BY_PATIENCE = "stopped by patience"
@@ -186,3 +199,136 @@ def plot_png(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: OUT may be a local folder or a URL Ray accepts
+
+
+def is_local(out: str) -> bool:
+    return urlsplit(out).scheme in ("", "file")
+
+
+def child(out: str, *parts: str) -> str:
+    """``out`` with ``parts`` appended to its path (a URL keeps its query, e.g. an endpoint)."""
+    if is_local(out):
+        return str(Path(absolute(out)).joinpath(*parts))
+    url = urlsplit(out)
+    return urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
+
+
+def absolute(out: str | Path) -> str:
+    """A local OUT as an absolute path (trial processes run elsewhere); a URL as it is."""
+    out = str(out)
+    if not is_local(out):
+        return out
+    return str(Path(urlsplit(out).path if out.startswith("file:") else out).resolve())
+
+
+def filesystem(out: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path of OUT on it): the same resolution Ray applies."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(absolute(out))
+    return fs, path.rstrip("/")
+
+
+def exists(fs: Any, path: str) -> bool:
+    import pyarrow.fs
+
+    return bool(fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound)
+
+
+def write(fs: Any, path: str, data: str | bytes) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data.encode() if isinstance(data, str) else data)
+
+
+def read_json(fs: Any, path: str) -> Any:
+    if not exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.readall())
+
+
+def report_from_tune_results(frame: Any) -> dict[str, Any] | None:
+    """The parts of a training report that Tune's results of a trial hold (None if none)."""
+    if frame is None or METRIC not in getattr(frame, "columns", ()):
+        return None
+    rows = frame.dropna(subset=[METRIC]).drop_duplicates(TIME_ATTR, keep="last")
+    if rows.empty:
+        return None
+    rows = rows.sort_values(TIME_ATTR)
+    curve = [float(v) for v in rows[METRIC]]
+    losses = rows["train_loss"] if "train_loss" in rows else [math.nan] * len(curve)
+    best = max(range(len(curve)), key=curve.__getitem__)
+    return {
+        "epochs": [
+            {"miou": m, "train": {"loss": float(v)}} for m, v in zip(curve, losses, strict=True)
+        ],
+        "best_miou": curve[best],
+        "best_epoch": best,
+        "stopped_early": False,
+    }
+
+
+def write_outputs(
+    fs: Any,
+    root: str,
+    out: str,
+    name: str,
+    dims: Mapping[str, S.Dimension],
+    config: ExperimentConfig,
+    records: list[TrialRecord],
+    experiment: str,
+) -> dict[str, Any]:
+    """trials.csv/.json, summary.md, tune_plot.png, best_config.yaml, best_adapter.safetensors.
+
+    ``root``: OUT's path on ``fs``; ``experiment``: where the Tune experiment is. Returns the
+    sweep's summary (JSON-safe).
+    """
+    import pyarrow.fs
+
+    shown = [k for k, d in dims.items() if d.kind != "constant"]
+    plotted = [k for k, d in dims.items() if d.searched]
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["outcome"]] = counts.get(record["outcome"], 0) + 1
+    best = best_trial(records)
+    summary: dict[str, Any] = {
+        "out": out,
+        "experiment": experiment,
+        "space": name,
+        "searched": shown,
+        "trials": len(records),
+        "outcomes": ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+        "stopped_early": counts.get(STOPPED_BY_SCHEDULER, 0),
+        "complete": not counts.get(UNFINISHED),
+        "best_trial": best["trial_id"] if best else None,
+        "best_miou": best["best_miou"] if best else None,
+        "best_params": {k: best["params"][k] for k in shown} if best else {},
+        "best_config": child(out, "best_config.yaml") if best else None,
+        "best_adapter": child(out, "best_adapter.safetensors") if best else None,
+        "trials_csv": child(out, "trials.csv"),
+        "trials_json": child(out, "trials.json"),
+        "summary_md": child(out, "summary.md"),
+        "plot": child(out, "tune_plot.png"),
+    }
+    if best:
+        best_config = S.apply(config, best["params"])
+        write(fs, f"{root}/best_config.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False))
+        # the best trial's best adapter, copied within the storage
+        pyarrow.fs.copy_files(
+            str(best["best_adapter"]), f"{root}/best_adapter.safetensors",
+            source_filesystem=fs, destination_filesystem=fs,
+        )  # fmt: skip
+    rows = table_rows(records, shown)
+    write(fs, f"{root}/trials.csv", rows_csv(rows))
+    write(fs, f"{root}/trials.json", json.dumps(records, indent=2, default=str) + "\n")
+    write(fs, f"{root}/summary.md", summary_markdown(summary, rows))
+    log_keys = [k for k, d in dims.items() if d.kind == "loguniform"]
+    write(fs, f"{root}/tune_plot.png", plot_png(records, plotted, log_keys))
+    print(f"[tune] {summary['trials']} trials ({summary['outcomes']}); best "
+          f"{summary['best_trial']} at val mIoU {summary['best_miou']}", file=sys.stderr)  # fmt: skip
+    return summary

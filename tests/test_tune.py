@@ -21,7 +21,6 @@ from semisup.tune import (
     EXPERIMENT_NAME,
     max_concurrent_trials,
     ray_param_space,
-    report_from_tune_results,
     run_tune,
     trial_demand,
 )
@@ -114,13 +113,13 @@ def test_tune_results_stand_in_for_a_missing_report() -> None:
     frame = pd.DataFrame(
         {"miou": [0.2, 0.3, 0.3, 0.25], "epochs_done": [1, 2, 2, 3], "train_loss": [2, 1.5, 1.4, 1]}
     )  # a resumed trial reported epoch 2 twice
-    report = report_from_tune_results(frame)
+    report = R.report_from_tune_results(frame)
     assert report is not None
     assert [e["miou"] for e in report["epochs"]] == [0.2, 0.3, 0.25]
     assert report["epochs"][1]["train"]["loss"] == 1.4
     assert (report["best_miou"], report["best_epoch"]) == (0.3, 1)
     assert R.outcome("TERMINATED", report, epochs=5) == R.STOPPED_BY_SCHEDULER
-    assert report_from_tune_results(pd.DataFrame()) is None
+    assert R.report_from_tune_results(pd.DataFrame()) is None
 
 
 def test_optuna_takes_no_grid_and_is_optional(scene_store: str, tmp_path: Path) -> None:
