@@ -314,3 +314,22 @@ def test_a_sweep_lands_in_object_storage(
         assert any(f.startswith(f"{trial}/run/tensorboard/events.out") for f in files)
         assert f"{trial}/run/best/adapter.safetensors" in files
         assert any(f.startswith(f"{trial}/train/train/checkpoint_") for f in files)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_optuna_draws_the_trials_when_installed(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    pytest.importorskip("optuna")
+    space = {"student.mode": "lora", "student.lora_rank": {"grid": [4, 8]},
+             "train.lr": {"loguniform": [1e-3, 5e-3]}}  # fmt: skip
+    out = tmp_path / "sweep"
+    summary = run_tune(scene_store, _config("train.epochs=2"), space, out, samples=2,
+                       search="optuna")  # fmt: skip
+    assert summary["trials"] == 2 and summary["complete"]  # a grid is a choice for Optuna
+    assert json.loads((out / "sweep.json").read_text())["search"] == "optuna"
+    records = json.loads(Path(summary["trials_json"]).read_text())
+    assert all(r["params"]["student.lora_rank"] in (4, 8) for r in records)
+    assert all(1e-3 <= r["params"]["train.lr"] <= 5e-3 for r in records)
+    assert load_config(summary["best_config"]).student.lora_rank in (4, 8)
