@@ -116,6 +116,14 @@ STAGES: dict[str, Stage] = {
         "A thin wrapper over Ray's job SDK: working_dir is the current folder minus .venv, .git, "
         "data and outputs; exits with the job's status.",
     ),
+    "tune": Stage(
+        "search LoRA ranks, fine-tuning modes, augmentations... with Ray Tune and ASHA, resumably",
+        "semisup tune --store dubai.zarr --space lora_rank --out runs/tune_rank",
+        "semisup.tune", "add_arguments", "run_cli",
+        "Trains one student per trial of a named search space (tune_spaces/), stops trials "
+        "that trail on validation mIoU (ASHA), and writes trials.csv/.json, summary.md, "
+        "tune_plot.png, best_config.yaml and best_adapter.safetensors to --out.",
+    ),
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",

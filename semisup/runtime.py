@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 from semisup.config import RayConfig
@@ -16,6 +17,7 @@ _RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
 
 
 def cluster_address(config: RayConfig, local: bool = False) -> str | None:
@@ -44,11 +46,13 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
         os.environ.setdefault(key, value)
     started = False
     address = cluster_address(config, local)
+    previous_api_server = os.environ.get(API_SERVER_VARIABLE)
     if not ray.is_initialized():
         if address:
             # joins an existing cluster (e.g. inside `ray job submit`); its resources are its own
             ray.init(address=address, log_to_driver=not quiet)
         else:
+            dashboard_port = pin_dashboard_address() if config.dashboard else None
             # a new single-node Ray; the dashboard, when on, listens on loopback only
             ray.init(
                 address="local",
@@ -57,6 +61,7 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
                 object_store_memory=config.object_store_mb * 1024**2,
                 include_dashboard=config.dashboard,
                 dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 log_to_driver=not quiet,
                 logging_level=logging.WARNING if quiet else logging.INFO,
             )
@@ -70,6 +75,25 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
     finally:
         if started:
             ray.shutdown()
+            if previous_api_server is None:
+                os.environ.pop(API_SERVER_VARIABLE, None)
+            else:
+                os.environ[API_SERVER_VARIABLE] = previous_api_server
+
+
+def pin_dashboard_address() -> int:
+    """A free port for the dashboard of a local Ray about to start, named in the environment.
+
+    Ray's state API (which Ray Train's placement-group cleaner queries from its own worker
+    process when Train runs inside Tune) finds the dashboard through ``RAY_API_SERVER_ADDRESS``
+    when set; otherwise it guesses among every Ray on the machine and fails when there are
+    several. Set before ``ray.init``, the variable reaches all of the new Ray's processes.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def ensure_ray() -> None:

@@ -98,31 +98,8 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise FileNotFoundError(f"--resume: no run to continue in {run_dir} (no config.yaml)")
 
 
-def run_training(
-    store: str,
-    config: ExperimentConfig,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    debug: bool = False,
-    splits: Mapping[str, Sequence[int]] | None = None,
-) -> dict[str, Any]:
-    """Train the student on the store's splits; returns the final report (also in run_dir).
-
-    ``splits`` replaces the store's split of the tiles with explicit tile ids per split name
-    (``labeled``, ``unlabeled``, ``val``), as an experiment over label fractions needs; a split
-    it leaves out has no tiles.
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from semisup.data import read_tiles_from_config
-
-    run_dir = run_dir.resolve()
-    check_run_dir(run_dir, resume)
-    facts = store_facts(store)
-    if splits is not None:
-        facts["tiles_per_split"] = {name: len(splits.get(name, ())) for name in C.SPLITS}
+def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: str) -> None:
+    """The store (``facts`` of ``store_facts``) has what ``config`` trains on, or an error."""
     if (
         config.ssl.enabled
         and config.ssl.target in ("pseudo", "both")
@@ -145,6 +122,39 @@ def run_training(
     for split in (C.LABELED, C.VAL):
         if facts["tiles_per_split"].get(split, 0) == 0:
             raise ValueError(f"store {store}: the {split!r} split has no tiles")
+
+
+def run_training(
+    store: str,
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    debug: bool = False,
+    callbacks: Sequence[Any] = (),
+    splits: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, Any]:
+    """Train the student on the store's splits; returns the final report (also in run_dir).
+
+    ``splits`` replaces the store's split of the tiles with explicit tile ids per split name
+    (``labeled``, ``unlabeled``, ``val``), as an experiment over label fractions needs; a split
+    it leaves out has no tiles.
+
+    ``callbacks``: Ray Train callbacks for the run, e.g. Tune's ``TuneReportCallback`` when the
+    run is a Tune trial. Every epoch reports ``miou``, ``epoch``, ``epochs_done`` and
+    ``train_loss``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from semisup.data import read_tiles_from_config
+
+    run_dir = run_dir.resolve()
+    check_run_dir(run_dir, resume)
+    facts = store_facts(store)
+    if splits is not None:
+        facts["tiles_per_split"] = {name: len(splits.get(name, ())) for name in C.SPLITS}
+    check_store_for(config, facts, store)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
 
@@ -189,6 +199,7 @@ def run_training(
             storage_path=config.train.storage or str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,  # type: ignore[arg-type]
     )
@@ -412,7 +423,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             write_report_files(run_dir, report)
             if writer is not None:
                 _log_validation(writer, metrics, facts["class_names"], state["step"])
-        _report(state, model, teacher, optimizer, rank, {"miou": metrics["miou"], "epoch": epoch})
+        epoch_metrics = {"miou": metrics["miou"], "epoch": epoch, "epochs_done": epoch + 1,
+                         "train_loss": metrics["train"].get("loss", 0.0)}  # fmt: skip
+        _report(state, model, teacher, optimizer, rank, epoch_metrics)
         if stop:
             break
     if writer is not None:

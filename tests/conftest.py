@@ -39,9 +39,13 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (2 CPUs, 512 MiB object store), shut down after.
 
     Always a new Ray of this process (``address="local"``): never a cluster that a ``ray start``
-    (another test's, or someone else's on this machine) left for ``ray.init()`` to find.
+    (another test's, or someone else's on this machine) left for ``ray.init()`` to find. The
+    dashboard is on (bound to loopback): Ray Train inside Ray Tune frees the workers of a trial
+    stopped early through its state API.
     """
     import ray
+
+    from semisup.runtime import pin_dashboard_address
 
     started = False
     if not ray.is_initialized():
@@ -49,7 +53,9 @@ def ray_session() -> Iterator[None]:
             address="local",
             num_cpus=2,
             object_store_memory=512 * 1024**2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=pin_dashboard_address(),
             log_to_driver=False,
         )
         started = True
@@ -58,3 +64,20 @@ def ray_session() -> Iterator[None]:
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_options() -> Iterator[dict[str, str]]:
+    """A real S3 endpoint (moto) on 127.0.0.1 that Ray's worker processes reach: s3fs options."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()

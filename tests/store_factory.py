@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -192,3 +193,22 @@ def _index_rows(
             }
         )
     return rows
+
+
+def scene_store(root: Path, size: int = 256, tile_size: int = 64, seed: int = 10) -> str:
+    """Four generated aerial-like scenes ingested as a store: 1 labeled, 2 unlabeled, 1 val source.
+
+    The scenes (``semisup.synthetic``) have learnable classes, so a student trained on them
+    beats its initial weights within a few steps. Returns the store's path.
+    """
+    from data_prep.ingest import build_store as ingest
+    from semisup.synthetic import write_scenes
+
+    images, masks = write_scenes(root, count=4, size=size, seed=seed)
+    result = ingest(
+        [images], root / "store.zarr", labels=[masks], num_classes=5,
+        config={"tile_size": tile_size, "val_sources": ["scene_3"], "labeled_fraction": 0.34,
+                "seed": 1},
+        quiet=True,
+    )  # fmt: skip
+    return str(result.path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -315,21 +313,7 @@ def test_memory_store_is_read_in_the_driver(ray_session: None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Object storage: a real S3 endpoint on 127.0.0.1 that Ray's worker processes reach
-
-
-@pytest.fixture(scope="module")
-def s3_options() -> Iterator[dict[str, str]]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-    finally:
-        server.stop()
+# Object storage: a real S3 endpoint on 127.0.0.1 that Ray's worker processes reach (conftest)
 
 
 @pytest.mark.ray

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from store_factory import scene_store as scene_store_at
 
 from data_prep.ingest import build_store
 from semisup.cli import main
 from semisup.config import ExperimentConfig, load_config
-from semisup.synthetic import generate_scene, write_scenes
+from semisup.synthetic import generate_scene
 from semisup.train import run_training
 
 FAST = [
@@ -32,14 +33,7 @@ def _config(*overrides: str) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def scene_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Four generated 256 px scenes as 64 px tiles: 1 labeled, 2 unlabeled, 1 val source."""
-    root = tmp_path_factory.mktemp("scenes")
-    images, masks = write_scenes(root, count=4, size=256, seed=10)
-    result = build_store(
-        [images], root / "store.zarr", labels=[masks], num_classes=5,
-        config={"tile_size": 64, "val_sources": ["scene_3"], "labeled_fraction": 0.34, "seed": 1},
-        quiet=True,
-    )  # fmt: skip
-    return str(result.path)
+    return scene_store_at(tmp_path_factory.mktemp("scenes"), size=256)
 
 
 @pytest.fixture(scope="module")
