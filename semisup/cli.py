@@ -170,12 +170,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--synthetic", action="store_true", help="use generated scenes even if real data exists"
     )
+    parser.add_argument(
+        "--tune", action="store_true",
+        help="also run the Ray Tune sweep over LoRA ranks (ASHA): summary, plot, best config",
+    )  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from semisup.demo import run_demo as demo
 
-    demo(args.out, data_dir=args.data, synthetic=args.synthetic)
+    demo(args.out, data_dir=args.data, synthetic=args.synthetic, tune=args.tune)
     return 0
 
 

@@ -99,16 +99,22 @@ def _georeferenced_orthophoto(root: Path) -> tuple[str, ...]:
     return (str(path),) if path.is_file() else ()
 
 
-def run_demo(out: Path, data_dir: Path | None = None, synthetic: bool = False) -> dict[str, Any]:
+def run_demo(
+    out: Path, data_dir: Path | None = None, synthetic: bool = False, tune: bool = False
+) -> dict[str, Any]:
     """Run the pipeline on the demo config into ``out``; returns (and writes) the summary.
 
+    ``tune`` adds the optional Ray Tune sweep (LoRA ranks 4-32, ASHA) after the other stages.
     A rerun into the same folder skips the stages that are already done.
     """
+    from semisup.pipeline import STAGES
+
     inputs = demo_inputs(demo_config(), data_dir, synthetic)
+    stages = tuple(name for name, stage in STAGES.items() if stage.default or tune)
     config = dataclasses.replace(
         demo_config(),
         prep=inputs.prep,
-        pipeline=dataclasses.replace(inputs.pipeline, out=str(out)),
+        pipeline=dataclasses.replace(inputs.pipeline, out=str(out), stages=stages),
     )
     print(f"[demo] inputs: {inputs.description}", file=sys.stderr)
     run = run_pipeline(config)
@@ -162,6 +168,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  predict       {', '.join(Path(r).name for r in predict['rasters'])} -> class map + "
         f"confidence GeoTIFF{' + GeoJSON polygons' if predict['vectors'] else ''}",
     ]
+    if "tune" in stages:
+        tune = stages["tune"]
+        lines.append(
+            f"  tune          {tune['trials']} trials ({tune['outcomes']}); best "
+            f"{tune['best_params']} at val mIoU {_fmt(tune['best_miou'])}"
+        )
     if summary["skipped"]:
         lines += ["", f"up to date from an earlier run, skipped: {', '.join(summary['skipped'])}"]
     lines += [
@@ -174,6 +186,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  report/              per-class comparison, pseudo-label calibration, overlays",
         "  select/              selection.csv/.geojson, contact_sheet.png: tiles to label next",
         "  predict/             class map + confidence GeoTIFF (COG) and GeoJSON polygons",
+        *(
+            ["  tune/                trials.csv, summary.md, tune_plot.png, best_config.yaml"]
+            if "tune" in stages
+            else []
+        ),
         "  run.json, run.log    per-stage status, config hash, outputs and timings; what each run did",
         "  demo_summary.json    this summary",
     ]

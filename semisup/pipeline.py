@@ -89,6 +89,8 @@ STAGES: dict[str, Stage] = {
                     needs=("student",)),
     "predict": Stage(stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"),
                      needs=("student",)),
+    "tune": Stage(stages.tune, ("pipeline.tune_space", "pipeline.tune_samples", *_MODEL, "ssl"),
+                  needs=("prep",), uses=("pseudo-label",), default=False),
 }  # fmt: skip
 
 
@@ -224,6 +226,8 @@ def run_pipeline(
     """
     out = run_folder(config)
     names = enabled_stages(config, table)
+    if "tune" in names:  # Train inside Tune frees stopped trials through the dashboard's API
+        config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, dashboard=True))
     keys = stage_keys(config, table)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)

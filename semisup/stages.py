@@ -353,3 +353,21 @@ def predict(context: RunContext) -> dict[str, Any]:
         **{k: v for k, v in summary.items() if isinstance(v, int | float | str)},
         "outputs": outputs,
     }
+
+
+def tune(context: RunContext) -> dict[str, Any]:
+    """Search ``pipeline.tune_space`` around the student's config with Ray Tune and ASHA."""
+    from semisup.tune import run_tune
+
+    pipeline = context.config.pipeline
+    out = context.out / "tune"
+    if out.exists() and not context.resume:
+        shutil.rmtree(out)
+    summary = run_tune(
+        str(context.store), context.config, pipeline.tune_space, out,
+        samples=pipeline.tune_samples, resume=context.resume and out.exists(),
+    )  # fmt: skip
+    keys = ("trials", "outcomes", "stopped_early", "best_trial", "best_miou", "best_params")
+    result = {key: summary[key] for key in keys}
+    paths = ("best_config", "summary_md", "plot", "trials_csv")
+    return {**result, "outputs": [str(summary[p]) for p in paths if summary[p]]}

@@ -74,3 +74,26 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path, ray_sessi
     (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(FileExistsError, match="not empty"):
         run_demo(tmp_path / "other", synthetic=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_demo_with_tune_ends_in_the_sweep_summary_and_plot(
+    tmp_path: Path, ray_session: None
+) -> None:
+    out = tmp_path / "demo"
+    first = run_demo(out, synthetic=True)
+    assert "tune" not in first["stages"]
+    summary = run_demo(out, synthetic=True, tune=True)
+    assert summary["ran"] == ["tune"]  # every other stage is up to date
+    tune = summary["stages"]["tune"]
+    assert tune["trials"] == 4 and 0 <= tune["best_miou"] <= 1
+    assert set(tune["best_params"]) == {"student.lora_rank"}
+    for name in ("summary.md", "tune_plot.png", "best_config.yaml", "trials.csv"):
+        assert (out / "tune" / name).stat().st_size > 0
+    from semisup.config import load_config
+
+    assert (
+        load_config(out / "tune" / "best_config.yaml").student.lora_rank
+        == tune["best_params"]["student.lora_rank"]
+    )
