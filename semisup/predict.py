@@ -316,12 +316,9 @@ def _prepare_outputs(
 
 
 def _input_identity(source: RasterSource) -> dict[str, Any]:
-    path = Path(source.path)
-    stat = (path / "zarr.json" if source.source_id else path).stat()
     return {
-        "path": source.path, "source_id": source.source_id, "bytes": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns, "band_low": list(source.band_low),
-        "band_high": list(source.band_high),
+        "path": source.path, "source_id": source.source_id, "fingerprint": source.fingerprint,
+        "band_low": list(source.band_low), "band_high": list(source.band_high),
     }  # fmt: skip
 
 
