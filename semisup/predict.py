@@ -122,7 +122,7 @@ def run_predict(
     seed: int | None = None,
     num_classes: int = 2,
     stripe_width: int = DEFAULT_STRIPE,
-    cog: bool = True,
+    cog: bool = False,
     overwrite: bool = False,
     measure_memory: bool = False,
     ray_config: RayConfig | None = None,
@@ -148,7 +148,8 @@ def run_predict(
             // actors on CPU).
         base_checkpoint, seed, num_classes: see ``resolve_model``.
         stripe_width: px per vertical stripe; bounds the driver's memory on wide rasters.
-        cog: write Cloud Optimized GeoTIFFs with overviews (else plain tiled GeoTIFFs).
+        cog: copy each finished map into a Cloud Optimized GeoTIFF with overviews (else it
+            stays the tiled, compressed GeoTIFF it was written as; that copy costs time).
         overwrite: replace outputs of other runs and discard their interrupted partial files.
         measure_memory: sample the peak memory of this process and its Ray workers.
         ray_config: how to reach Ray when there is work: a running Ray is used as it is;
@@ -430,7 +431,7 @@ def _summary(
 
 CLI_DESCRIPTION = (
     "Predict class maps for large rasters with a student, window by window in a Ray actor "
-    "pool, blending overlapping windows. Writes a Cloud Optimized GeoTIFF per raster (band 1 "
+    "pool, blending overlapping windows. Writes a tiled GeoTIFF (or COG) per raster (band 1 "
     "class ids, band 2 confidence in percent, 255 = nodata; the input's CRS and transform) "
     "and optionally GeoJSON polygons per class. An interrupted run resumes when rerun."
 )
@@ -546,9 +547,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"wide rasters are processed in vertical stripes this wide (default {DEFAULT_STRIPE})",
     )
     parser.add_argument(
-        "--no-cog",
+        "--cog",
         action="store_true",
-        help="write plain tiled GeoTIFFs instead of Cloud Optimized GeoTIFFs with overviews",
+        help="convert each finished map into a Cloud Optimized GeoTIFF with overviews "
+        "(default: a tiled, compressed GeoTIFF without overviews)",
     )
     parser.add_argument(
         "--overwrite",
@@ -568,7 +570,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
         base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
-        stripe_width=args.stripe_width, cog=not args.no_cog, overwrite=args.overwrite,
+        stripe_width=args.stripe_width, cog=args.cog, overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
     )  # fmt: skip
     print(json.dumps(summary, indent=2))

@@ -239,7 +239,8 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
                        crs=ds.crs, transform=ds.transform)  # fmt: skip
     maps = tmp_path / "maps"
     argv = ["predict", str(vegas), str(neon), str(tmp_path / "vegas_rgb.tif"), "--model", "tiny",
-            "--num-classes", "3", "--out", str(maps), "--vector", str(maps), "--torch-threads", "1"]  # fmt: skip
+            "--num-classes", "3", "--out", str(maps), "--vector", str(maps), "--torch-threads", "1",
+            "--cog"]  # fmt: skip
     assert semisup_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [o["status"] for o in summary["outputs"]] == ["written"] * 3
@@ -250,6 +251,7 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
             assert (ds.crs, ds.transform, ds.shape) == (src.crs, src.transform, src.shape)
             assert ds.count == 2 and ds.dtypes == ("uint8", "uint8") and ds.nodata == 255
             assert ds.descriptions == ("class", "confidence_percent") and ds.is_tiled
+            assert ds.overviews(1) == ([2] if raster == vegas else [])  # COG: 512 px blocks
             label, confidence = ds.read(1), ds.read(2)
             valid = src.dataset_mask() > 0
             np.testing.assert_array_equal(label != 255, valid)  # nodata kept, nothing else
