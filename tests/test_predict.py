@@ -425,4 +425,4 @@ def test_peak_memory_stays_flat_as_the_raster_grows(
     add (3 + 3 + 1) × 4 bytes per pixel: 112 MiB at 2048², 448 MiB at 4096²."""
     small, large = (_peak_above_baseline(tmp_path, size) for size in sizes)
     whole_raster_mb = sizes[1] ** 2 * 7 * 4 / 2**20
-    assert large - small < max(0.1 * small, 0.25 * whole_raster_mb), (small, large)
+    assert large - small < max(0.15 * small, 0.25 * whole_raster_mb), (small, large)
