@@ -51,7 +51,7 @@ import ray  # noqa: E402
 
 from semisup import blend  # noqa: E402
 from semisup.map_writer import MapWriter  # noqa: E402
-from semisup.memory import process_tree  # noqa: E402
+from semisup.memory import process_tree, wait_for_exit  # noqa: E402
 from semisup.predict import run_predict  # noqa: E402
 from semisup.predictor import load_model, read_job_windows, resolve_model  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
@@ -151,6 +151,7 @@ def bare_loop(
 
 def pipeline(raster: Path, out: Path, model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """``run_predict`` on ``raster``: its summary plus ``cpu_s`` of every process involved."""
+    wait_for_exit("MapWorker")  # the actor of the previous run, which Ray ends lazily
     with CpuSampler() as sampler:
         summary = run_predict(
             [raster], model_name, out, tile_size=args.tile, overlap=args.overlap,

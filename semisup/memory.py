@@ -9,6 +9,7 @@ Only processes on this machine are seen: with a remote cluster, the driver alone
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import suppress
 from types import TracebackType
 from typing import Final
@@ -32,6 +33,23 @@ def tree_memory_bytes() -> int:
             info = process.memory_full_info()
             total += int(getattr(info, "pss", info.rss))
     return total
+
+
+def wait_for_exit(name: str, timeout_s: float = 60.0) -> bool:
+    """Wait until no descendant process has ``name`` in its command line (e.g. the actors of a
+    finished Ray Data run, which Ray ends lazily); True when none is left within the timeout.
+    A measurement started meanwhile would count them in its baseline or its peak."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = []
+        for process in process_tree()[1:]:
+            with suppress(psutil.Error):
+                names.append(" ".join(process.cmdline()))
+        if not any(name in line for line in names):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 class PeakMemory:

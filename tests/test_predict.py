@@ -4,13 +4,10 @@ without seams, resumable, memory-bounded, with vectors; bad input refused before
 from __future__ import annotations
 
 import json
-import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import rasterio
 import rasterio.features
@@ -23,6 +20,7 @@ from semisup import columns as C
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
+from semisup.memory import wait_for_exit
 from semisup.predict import output_path, run_predict
 from semisup.predictor import JOB, PROBABILITIES, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
@@ -390,23 +388,9 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     assert not partial_path(out).exists() and not progress_path(out).exists()
 
 
-def _wait_for_actors_to_exit(timeout_s: float = 60.0) -> None:
-    """Ray Data ends the actors of a finished dataset lazily; a measurement that started while
-    an earlier run's actor is still alive would count it in the baseline or the peak."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        names = []
-        for process in psutil.Process().children(recursive=True):
-            with suppress(psutil.Error):
-                names.append(" ".join(process.cmdline()))
-        if not any("MapWorker" in name for name in names):
-            return
-        time.sleep(0.5)
-
-
 def _peak_above_baseline(tmp_path: Path, size: int) -> float:
     raster = _write_large_raster(tmp_path / f"r{size}.tif", size)
-    _wait_for_actors_to_exit()
+    wait_for_exit("MapWorker")  # the actors of earlier runs
     summary = run_predict([raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024,
                           measure_memory=True, **FAST)  # fmt: skip
     return float(summary["peak_memory_mb"] - summary["baseline_memory_mb"])
