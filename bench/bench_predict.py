@@ -194,6 +194,7 @@ def main() -> None:
                     "bare_windows": bare["windows"], "ray_s": summary["seconds"],
                     "ray_cpu_s": summary["cpu_s"], "ray_windows": summary["windows"],
                     "peak_mb": summary["peak_memory_mb"],
+                    "predict_peak_mb": summary["peak_predict_memory_mb"],
                     "rise_mb": summary["peak_memory_mb"] - summary["baseline_memory_mb"],
                 })  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
@@ -209,14 +210,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"model {args.model}, {args.tile} px windows, overlap {args.overlap}, batch "
           f"{args.batch_size}, {args.threads} torch thread(s), {args.actors} actor(s)\n")  # fmt: skip
     print("| round | raster | bare Mpx/s | predict Mpx/s | ratio | bare CPU s | predict CPU s "
-          "| peak MiB | rise MiB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak MiB | rise MiB | driver + actor peak MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     steady = []
     for row in rows:
         bare, ray_rate = row["pixels"] / row["bare_s"] / 1e6, row["pixels"] / row["ray_s"] / 1e6
         print(f"| {row['round']} | {row['size']}² | {bare:.3f} | {ray_rate:.3f} | "
               f"{ray_rate / bare:.2f} | {row['bare_cpu_s']:.1f} | {row['ray_cpu_s']:.1f} | "
-              f"{row['peak_mb']:.0f} | {row['rise_mb']:.0f} |")  # fmt: skip
+              f"{row['peak_mb']:.0f} | {row['rise_mb']:.0f} | {row['predict_peak_mb']:.0f} |")  # fmt: skip
     for round_index in {row["round"] for row in rows}:
         pair = {row["size"]: row for row in rows if row["round"] == round_index}
         pixels = pair[large]["pixels"] - pair[small]["pixels"]

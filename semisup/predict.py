@@ -151,7 +151,11 @@ def run_predict(
         cog: copy each finished map into a Cloud Optimized GeoTIFF with overviews (else it
             stays the tiled, compressed GeoTIFF it was written as; that copy costs time).
         overwrite: replace outputs of other runs and discard their interrupted partial files.
-        measure_memory: sample the peak memory of this process and its Ray workers.
+        measure_memory: sample memory (PSS) every 0.1 s: the summary gets the peak and the level
+            before of this process with every Ray process on this machine
+            (``peak_memory_mb``, ``baseline_memory_mb``), and the unique memory (USS: without
+            shared pages such as the object store's) of this process with the predictor
+            actors (``peak_predict_memory_mb``, ``baseline_predict_memory_mb``).
         ray_config: how to reach Ray when there is work: a running Ray is used as it is;
             otherwise a local one (``RayConfig()``, shut down at the end) or the cluster at
             ``ray_config.address``. Nothing starts Ray when every output is already complete or
@@ -165,7 +169,7 @@ def run_predict(
     """
     started = time.perf_counter()
     out = Path(out)
-    sources = open_sources(rasters)
+    sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
     try:
         resolved = resolve_model(
@@ -222,7 +226,8 @@ def _predict_jobs(
     output when complete. Returns the ``PeakMemory`` record (None unless measured)."""
     from semisup.memory import PeakMemory
 
-    with PeakMemory() if settings["measure_memory"] else contextlib.nullcontext() as peak:
+    measure = settings["measure_memory"]
+    with PeakMemory(WindowPredictor.__name__) if measure else contextlib.nullcontext() as peak:
         for _, writer in outputs:
             writer.start()
         weights = blend.window_weights(
@@ -420,9 +425,12 @@ def _summary(
         "pixels_per_s": round(pixels / max(seconds, 1e-9), 1),
         "windows_per_s": round(windows / max(seconds, 1e-9), 3),
     }  # fmt: skip
-    if peak is not None:
+    if peak is not None:  # MiB; PSS of the driver and every Ray process on this machine, and
+        # USS of the driver and the predictor actors
         summary["peak_memory_mb"] = round(peak.peak_bytes / 2**20, 1)
         summary["baseline_memory_mb"] = round(peak.baseline_bytes / 2**20, 1)
+        summary["peak_predict_memory_mb"] = round(peak.focus_peak_bytes / 2**20, 1)
+        summary["baseline_predict_memory_mb"] = round(peak.focus_baseline_bytes / 2**20, 1)
     return summary
 
 

@@ -393,20 +393,23 @@ def _peak_above_baseline(tmp_path: Path, size: int) -> float:
     wait_for_exit("MapWorker")  # the actors of earlier runs
     summary = run_predict([raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024,
                           measure_memory=True, **FAST)  # fmt: skip
-    return float(summary["peak_memory_mb"] - summary["baseline_memory_mb"])
+    return float(summary["peak_predict_memory_mb"] - summary["baseline_predict_memory_mb"])
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "sizes", [(1024, 2048), pytest.param((2048, 4096), marks=pytest.mark.slow)], ids=str
+    "sizes", [(1024, 3072), pytest.param((2048, 4096), marks=pytest.mark.slow)], ids=str
 )
 def test_peak_memory_stays_flat_as_the_raster_grows(
     ray_session: None, tmp_path: Path, sizes: tuple[int, int]
 ) -> None:
-    """Driver + Ray processes (PSS, sampled): 4× the pixels must not need more memory. Whole-
-    raster buffers of the larger raster (image as float32, class sums and weights) would
-    add (3 + 3 + 1) × 4 bytes per pixel: 112 MiB at 2048², 448 MiB at 4096²."""
+    """The unique memory (USS, sampled) of the driver and the predictor actor: 4-9× the pixels
+    must not need more. Ray's own processes, started once per session, are left out, and so
+    are the object store's shared pages, which stay resident as data cycles through the store.
+    Whole-raster buffers (image as float32, class sums, weights: (3 + 3 + 1) × 4 bytes per
+    pixel) would be 252 MiB at 3072², 448 MiB at 4096². Measured noise: 50-100 MiB (the
+    actor's allocator and GDAL's block cache settle as it runs)."""
     small, large = (_peak_above_baseline(tmp_path, size) for size in sizes)
     whole_raster_mb = sizes[1] ** 2 * 7 * 4 / 2**20
-    assert large - small < max(0.15 * small, 0.25 * whole_raster_mb), (small, large)
+    assert large - small < max(100.0, 0.25 * whole_raster_mb), (small, large)
