@@ -181,8 +181,8 @@ class WindowPredictor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        # GDAL keeps decoded blocks of open rasters up to 5% of RAM by default; the rows of a
-        # window row are read once, so a small cache is enough and keeps the actor's memory flat
+        # GDAL keeps decoded blocks of open rasters up to 5% of RAM by default; each window row
+        # is read once, so a small cache is enough and keeps the actor's memory flat
         os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
         self.sources, self.tile, self.overlap = list(sources), tile, overlap
         self.batch_size = batch_size
