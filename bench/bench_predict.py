@@ -12,7 +12,9 @@ the same built-in random-init student, window size, overlap, batch size and torc
 Reported per raster size: pixels/s of both (raster pixels / seconds) and their ratio; then the
 steady state, from the difference of the two sizes, so that the fixed costs of a call (actor
 start-up, model load, COG conversion) cancel; and the peak memory (PSS) of this process plus
-every Ray process, and its rise above the level before the call.
+every Ray process, and its rise above the level before the call. CPU seconds are counted too
+of this process and every Ray process (``CpuSampler``; the bare loop's Ray is idle then), because
+on a shared machine wall time follows the other users' load more than our code.
 
 Run from the repository root on an otherwise idle machine::
 
@@ -28,11 +30,14 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import rasterio
 import torch
 from rasterio.transform import from_origin
@@ -46,6 +51,7 @@ import ray  # noqa: E402
 
 from semisup import blend  # noqa: E402
 from semisup.map_writer import MapWriter  # noqa: E402
+from semisup.memory import process_tree, wait_for_exit  # noqa: E402
 from semisup.predict import run_predict  # noqa: E402
 from semisup.predictor import load_model, read_job_windows, resolve_model  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
@@ -70,6 +76,48 @@ def write_raster(path: Path, size: int, rows: int = 512) -> Path:
     return path
 
 
+class CpuSampler:
+    """CPU seconds (user + system) spent by this process and its descendants while inside;
+    sampled every 0.1 s per process, so that the actor, which exits at the end of a run,
+    counts up to its last sample (under 0.1 s of its CPU may be missed)."""
+
+    def __init__(self) -> None:
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for process in process_tree():
+            with suppress(psutil.Error):
+                times = process.cpu_times()
+                seconds = times.user + times.system
+                if process.pid not in self.last and self._started:
+                    self.first[process.pid] = 0.0  # born during the run: all its CPU counts
+                self.last[process.pid] = seconds
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()  # processes alive before: count from here
+        self._started = True
+        self.first = {pid: seconds for pid, seconds in self.last.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[pid] - self.first.get(pid, 0.0) for pid in self.last)
+
+
 def bare_loop(
     raster: Path, model_name: str, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
@@ -84,8 +132,8 @@ def bare_loop(
     )  # fmt: skip
     jobs = plan_jobs([(source, writer)], tile, overlap)
     torch.set_num_threads(args.threads)
-    start, windows, opened = time.perf_counter(), 0, {}
-    with torch.inference_mode():
+    windows, opened, start = 0, {}, time.perf_counter()
+    with CpuSampler() as sampler, torch.inference_mode():
         for job in jobs:
             batch = {key: np.array([getattr(job, key)]) for key in ("y0", "first_col", "last_col")}
             batch |= {"seq": np.array([job.seq]), "output": np.array([0])}
@@ -97,15 +145,20 @@ def bare_loop(
                 pixels = torch.from_numpy(images[i : i + args.batch_size]) * 255.0
                 net(pixels).float().softmax(1).numpy().astype(np.float16)
             windows += len(images)
-    return {"seconds": time.perf_counter() - start, "windows": windows}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu_s": sampler.seconds, "windows": windows}
 
 
 def pipeline(raster: Path, out: Path, model_name: str, args: argparse.Namespace) -> dict[str, Any]:
-    return run_predict(
-        [raster], model_name, out, tile_size=args.tile, overlap=args.overlap,
-        batch_size=args.batch_size, actors=args.actors, torch_threads=args.threads,
-        num_classes=args.classes, stripe_width=args.stripe, measure_memory=True, log=None,
-    )  # fmt: skip
+    """``run_predict`` on ``raster``: its summary plus ``cpu_s`` of every process involved."""
+    wait_for_exit("MapWorker")  # the actor of the previous run, which Ray ends lazily
+    with CpuSampler() as sampler:
+        summary = run_predict(
+            [raster], model_name, out, tile_size=args.tile, overlap=args.overlap,
+            batch_size=args.batch_size, actors=args.actors, torch_threads=args.threads,
+            num_classes=args.classes, stripe_width=args.stripe, measure_memory=True, log=None,
+        )  # fmt: skip
+    return {**summary, "cpu_s": sampler.seconds}
 
 
 def main() -> None:
@@ -137,9 +190,11 @@ def main() -> None:
                 summary = pipeline(raster, work / f"m{size}-{round_index}.tif", args.model, args)
                 rows.append({
                     "round": round_index + 1, "size": size, "pixels": size * size,
-                    "bare_s": bare["seconds"], "bare_windows": bare["windows"],
-                    "ray_s": summary["seconds"], "ray_windows": summary["windows"],
+                    "bare_s": bare["seconds"], "bare_cpu_s": bare["cpu_s"],
+                    "bare_windows": bare["windows"], "ray_s": summary["seconds"],
+                    "ray_cpu_s": summary["cpu_s"], "ray_windows": summary["windows"],
                     "peak_mb": summary["peak_memory_mb"],
+                    "predict_peak_mb": summary["peak_predict_memory_mb"],
                     "rise_mb": summary["peak_memory_mb"] - summary["baseline_memory_mb"],
                 })  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
@@ -154,22 +209,29 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
           f"ray {ray.__version__}")  # fmt: skip
     print(f"model {args.model}, {args.tile} px windows, overlap {args.overlap}, batch "
           f"{args.batch_size}, {args.threads} torch thread(s), {args.actors} actor(s)\n")  # fmt: skip
-    print("| round | raster | bare Mpx/s | predict Mpx/s | ratio | peak MiB | rise MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| round | raster | bare Mpx/s | predict Mpx/s | ratio | bare CPU s | predict CPU s "
+          "| peak MiB | rise MiB | driver + actor peak MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     steady = []
     for row in rows:
         bare, ray_rate = row["pixels"] / row["bare_s"] / 1e6, row["pixels"] / row["ray_s"] / 1e6
         print(f"| {row['round']} | {row['size']}² | {bare:.3f} | {ray_rate:.3f} | "
-              f"{ray_rate / bare:.2f} | {row['peak_mb']:.0f} | {row['rise_mb']:.0f} |")  # fmt: skip
+              f"{ray_rate / bare:.2f} | {row['bare_cpu_s']:.1f} | {row['ray_cpu_s']:.1f} | "
+              f"{row['peak_mb']:.0f} | {row['rise_mb']:.0f} | {row['predict_peak_mb']:.0f} |")  # fmt: skip
     for round_index in {row["round"] for row in rows}:
         pair = {row["size"]: row for row in rows if row["round"] == round_index}
         pixels = pair[large]["pixels"] - pair[small]["pixels"]
         bare = pixels / (pair[large]["bare_s"] - pair[small]["bare_s"]) / 1e6
         ray_rate = pixels / (pair[large]["ray_s"] - pair[small]["ray_s"]) / 1e6
-        steady.append((bare, ray_rate, ray_rate / bare))
+        cpu_bare = pair[large]["bare_cpu_s"] - pair[small]["bare_cpu_s"]
+        cpu_ray = pair[large]["ray_cpu_s"] - pair[small]["ray_cpu_s"]
+        steady.append((bare, ray_rate, ray_rate / bare, cpu_bare / cpu_ray))
         print(f"\nsteady state, round {round_index}: bare {bare:.3f} Mpx/s, predict "
-              f"{ray_rate:.3f} Mpx/s, ratio {ray_rate / bare:.2f}")  # fmt: skip
-    print(f"median steady-state ratio: {statistics.median(s[2] for s in steady):.2f}")
+              f"{ray_rate:.3f} Mpx/s, ratio {ray_rate / bare:.2f}; CPU s per extra Mpx: bare "
+              f"{cpu_bare / pixels * 1e6:.2f}, predict {cpu_ray / pixels * 1e6:.2f} "
+              f"(ratio {cpu_bare / cpu_ray:.2f})")  # fmt: skip
+    print(f"median steady-state ratio: {statistics.median(s[2] for s in steady):.2f} (wall), "
+          f"{statistics.median(s[3] for s in steady):.2f} (CPU)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "steady": steady}, indent=2))
 

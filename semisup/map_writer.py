@@ -5,8 +5,8 @@ Output of ``semisup predict`` for one raster, ``OUT.tif``:
 - band 1 ``class``: uint8 class ids; band 2 ``confidence_percent``: uint8, round(100 · the
   blended probability of the chosen class), 0..100; 255 in both where the input is nodata
   (the dataset's nodata value);
-- the input's size, CRS and transform; tiled 512×512, DEFLATE-compressed; a Cloud Optimized
-  GeoTIFF with overviews (class: mode resampling) unless written with ``cog=False``;
+- the input's size, CRS and transform; tiled 512×512, DEFLATE-compressed; with ``cog=True``
+  copied into a Cloud Optimized GeoTIFF with overviews (mode resampling) once complete;
 - the tag ``semisup_predict``: the JSON identity of the run (model, window settings, input).
 
 While it is written, the pixels go to ``OUT.tif.partial`` (a tiled GeoTIFF) and the rows
@@ -92,7 +92,7 @@ class MapWriter:
         stripes: list[tuple[int, int]],
         identity: dict[str, Any],
         overwrite: bool = False,
-        cog: bool = True,
+        cog: bool = False,
     ) -> None:
         self.path, self.height, self.width = path, height, width
         self.crs, self.transform, self.cog = crs, transform, cog

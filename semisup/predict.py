@@ -122,7 +122,7 @@ def run_predict(
     seed: int | None = None,
     num_classes: int = 2,
     stripe_width: int = DEFAULT_STRIPE,
-    cog: bool = True,
+    cog: bool = False,
     overwrite: bool = False,
     measure_memory: bool = False,
     ray_config: RayConfig | None = None,
@@ -148,9 +148,14 @@ def run_predict(
             // actors on CPU).
         base_checkpoint, seed, num_classes: see ``resolve_model``.
         stripe_width: px per vertical stripe; bounds the driver's memory on wide rasters.
-        cog: write Cloud Optimized GeoTIFFs with overviews (else plain tiled GeoTIFFs).
+        cog: copy each finished map into a Cloud Optimized GeoTIFF with overviews (else it
+            stays the tiled, compressed GeoTIFF it was written as; that copy costs time).
         overwrite: replace outputs of other runs and discard their interrupted partial files.
-        measure_memory: sample the peak memory of this process and its Ray workers.
+        measure_memory: sample memory (PSS) every 0.1 s: the summary gets the peak and the level
+            before of this process with every Ray process on this machine
+            (``peak_memory_mb``, ``baseline_memory_mb``), and the unique memory (USS: without
+            shared pages such as the object store's) of this process with the predictor
+            actors (``peak_predict_memory_mb``, ``baseline_predict_memory_mb``).
         ray_config: how to reach Ray when there is work: a running Ray is used as it is;
             otherwise a local one (``RayConfig()``, shut down at the end) or the cluster at
             ``ray_config.address``. Nothing starts Ray when every output is already complete or
@@ -164,7 +169,7 @@ def run_predict(
     """
     started = time.perf_counter()
     out = Path(out)
-    sources = open_sources(rasters)
+    sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
     try:
         resolved = resolve_model(
@@ -221,7 +226,8 @@ def _predict_jobs(
     output when complete. Returns the ``PeakMemory`` record (None unless measured)."""
     from semisup.memory import PeakMemory
 
-    with PeakMemory() if settings["measure_memory"] else contextlib.nullcontext() as peak:
+    measure = settings["measure_memory"]
+    with PeakMemory(WindowPredictor.__name__) if measure else contextlib.nullcontext() as peak:
         for _, writer in outputs:
             writer.start()
         weights = blend.window_weights(
@@ -316,12 +322,9 @@ def _prepare_outputs(
 
 
 def _input_identity(source: RasterSource) -> dict[str, Any]:
-    path = Path(source.path)
-    stat = (path / "zarr.json" if source.source_id else path).stat()
     return {
-        "path": source.path, "source_id": source.source_id, "bytes": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns, "band_low": list(source.band_low),
-        "band_high": list(source.band_high),
+        "path": source.path, "source_id": source.source_id, "fingerprint": source.fingerprint,
+        "band_low": list(source.band_low), "band_high": list(source.band_high),
     }  # fmt: skip
 
 
@@ -422,9 +425,12 @@ def _summary(
         "pixels_per_s": round(pixels / max(seconds, 1e-9), 1),
         "windows_per_s": round(windows / max(seconds, 1e-9), 3),
     }  # fmt: skip
-    if peak is not None:
+    if peak is not None:  # MiB; PSS of the driver and every Ray process on this machine, and
+        # USS of the driver and the predictor actors
         summary["peak_memory_mb"] = round(peak.peak_bytes / 2**20, 1)
         summary["baseline_memory_mb"] = round(peak.baseline_bytes / 2**20, 1)
+        summary["peak_predict_memory_mb"] = round(peak.focus_peak_bytes / 2**20, 1)
+        summary["baseline_predict_memory_mb"] = round(peak.focus_baseline_bytes / 2**20, 1)
     return summary
 
 
@@ -433,7 +439,7 @@ def _summary(
 
 CLI_DESCRIPTION = (
     "Predict class maps for large rasters with a student, window by window in a Ray actor "
-    "pool, blending overlapping windows. Writes a Cloud Optimized GeoTIFF per raster (band 1 "
+    "pool, blending overlapping windows. Writes a tiled GeoTIFF (or COG) per raster (band 1 "
     "class ids, band 2 confidence in percent, 255 = nodata; the input's CRS and transform) "
     "and optionally GeoJSON polygons per class. An interrupted run resumes when rerun."
 )
@@ -549,9 +555,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"wide rasters are processed in vertical stripes this wide (default {DEFAULT_STRIPE})",
     )
     parser.add_argument(
-        "--no-cog",
+        "--cog",
         action="store_true",
-        help="write plain tiled GeoTIFFs instead of Cloud Optimized GeoTIFFs with overviews",
+        help="convert each finished map into a Cloud Optimized GeoTIFF with overviews "
+        "(default: a tiled, compressed GeoTIFF without overviews)",
     )
     parser.add_argument(
         "--overwrite",
@@ -571,7 +578,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
         base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
-        stripe_width=args.stripe_width, cog=not args.no_cog, overwrite=args.overwrite,
+        stripe_width=args.stripe_width, cog=args.cog, overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
     )  # fmt: skip
     print(json.dumps(summary, indent=2))

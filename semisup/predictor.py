@@ -8,6 +8,7 @@ reading them itself (``raster_windows.read_strip``). Nothing here imports Ray.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from semisup.raster_windows import RasterSource, read_strip, source_arrays
 PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, added by the actors
 JOB: Final = "job"  # per-window int64: the job (window row of a stripe) it came from
 DEFAULT_TILE: Final = 256  # px, built-in models only: an adapter runs at its training size
+GDAL_CACHE_MB: Final = 64  # per actor; GDAL's default is 5% of the machine's RAM
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,9 @@ class WindowPredictor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        # GDAL keeps decoded blocks of open rasters up to 5% of RAM by default; each window row
+        # is read once, so a small cache is enough and keeps the actor's memory flat
+        os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
         self.sources, self.tile, self.overlap = list(sources), tile, overlap
         self.batch_size = batch_size
         self._opened: dict[int, tuple[Any, Any]] = {}  # source index -> open image/valid arrays

@@ -43,6 +43,7 @@ class RasterSource:
     crs: str | None = None  # WKT
     transform: tuple[float, ...] | None = None  # affine a, b, c, d, e, f
     source_id: str | None = None
+    fingerprint: str = ""  # changes when the input does: file size and mtime, or the store's
 
     def describe(self) -> str:
         return self.path if self.source_id is None else f"{self.path} (source {self.source_id})"
@@ -51,7 +52,9 @@ class RasterSource:
 def open_sources(paths: Sequence[str | Path]) -> list[RasterSource]:
     """``RasterSource`` records for GeoTIFF files, folders of them, and Zarr tile stores.
 
-    A folder holding ``zarr.json`` is a tile store: every source in it is predicted. Raises
+    A folder holding ``zarr.json`` is a tile store: every source in it is predicted. Other files
+    ``data_prep.rasters`` reads (PNG/JPEG, ``.npy``) are accepted, but PNG/JPEG are decoded
+    whole, so only GeoTIFFs (and stores) keep memory bounded. Raises
     ``FileNotFoundError`` for a missing path or an empty folder, ``ValueError`` for a raster
     the band rule cannot feed to the student (two bands) or one rasterio cannot read.
     """
@@ -86,6 +89,7 @@ def check_bands(source: RasterSource) -> None:
 def _geotiff_source(path: Path) -> RasterSource:
     from data_prep.rasters import band_range, open_raster
 
+    stat = path.stat()
     with open_raster(path) as raster:
         low, high = band_range(raster)
         return RasterSource(
@@ -99,6 +103,7 @@ def _geotiff_source(path: Path) -> RasterSource:
             band_high=high,
             crs=raster.crs,
             transform=raster.transform,
+            fingerprint=f"{stat.st_size}-{stat.st_mtime_ns}",
         )
 
 
@@ -121,6 +126,7 @@ def _store_sources(path: Path) -> list[RasterSource]:
                 crs=source.crs,
                 transform=source.transform,
                 source_id=source_id,
+                fingerprint=meta.fingerprint,
             )
         )
     return sources

@@ -4,13 +4,10 @@ without seams, resumable, memory-bounded, with vectors; bad input refused before
 from __future__ import annotations
 
 import json
-import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import rasterio
 import rasterio.features
@@ -23,6 +20,7 @@ from semisup import columns as C
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
+from semisup.memory import wait_for_exit
 from semisup.predict import output_path, run_predict
 from semisup.predictor import JOB, PROBABILITIES, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
@@ -239,7 +237,8 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
                        crs=ds.crs, transform=ds.transform)  # fmt: skip
     maps = tmp_path / "maps"
     argv = ["predict", str(vegas), str(neon), str(tmp_path / "vegas_rgb.tif"), "--model", "tiny",
-            "--num-classes", "3", "--out", str(maps), "--vector", str(maps), "--torch-threads", "1"]  # fmt: skip
+            "--num-classes", "3", "--out", str(maps), "--vector", str(maps), "--torch-threads", "1",
+            "--cog"]  # fmt: skip
     assert semisup_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [o["status"] for o in summary["outputs"]] == ["written"] * 3
@@ -250,6 +249,7 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
             assert (ds.crs, ds.transform, ds.shape) == (src.crs, src.transform, src.shape)
             assert ds.count == 2 and ds.dtypes == ("uint8", "uint8") and ds.nodata == 255
             assert ds.descriptions == ("class", "confidence_percent") and ds.is_tiled
+            assert ds.overviews(1) == ([2] if raster == vegas else [])  # COG: 512 px blocks
             label, confidence = ds.read(1), ds.read(2)
             valid = src.dataset_mask() > 0
             np.testing.assert_array_equal(label != 255, valid)  # nodata kept, nothing else
@@ -361,20 +361,20 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     ray_session: None, tmp_path: Path
 ) -> None:
     raster = _write_large_raster(tmp_path / "scene.tif", 1024)
-    settings = {"tile_size": 128, "overlap": 32, "stripe_width": 512, "num_classes": 3, **FAST}
+    settings = {"tile_size": 256, "overlap": 64, "stripe_width": 512, "num_classes": 3, **FAST}
     reference = run_predict([raster], "tiny", tmp_path / "reference.tif", **settings)
     total = reference["windows"]
 
     class Interrupt(Exception):
         pass
 
-    def stop_halfway(done: int, total: int) -> None:
-        if done >= total // 2:
+    def stop_early(done: int, total: int) -> None:
+        if done >= total // 3:  # within the first stripe, past its first block of rows
             raise Interrupt
 
     out = tmp_path / "out.tif"
     with pytest.raises(Interrupt):
-        run_predict([raster], "tiny", out, on_progress=stop_halfway, **settings)
+        run_predict([raster], "tiny", out, on_progress=stop_early, **settings)
     assert not out.exists() and partial_path(out).exists()  # never looks complete
     record = json.loads(progress_path(out).read_text())
     assert 0 < sum(record["rows_done"]) < 2 * 1024
@@ -388,39 +388,28 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     assert not partial_path(out).exists() and not progress_path(out).exists()
 
 
-def _wait_for_actors_to_exit(timeout_s: float = 60.0) -> None:
-    """Ray Data ends the actors of a finished dataset lazily; a measurement that started while
-    an earlier run's actor is still alive would count it in the baseline or the peak."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        names = []
-        for process in psutil.Process().children(recursive=True):
-            with suppress(psutil.Error):
-                names.append(" ".join(process.cmdline()))
-        if not any("MapWorker" in name for name in names):
-            return
-        time.sleep(0.5)
-
-
 def _peak_above_baseline(tmp_path: Path, size: int) -> float:
     raster = _write_large_raster(tmp_path / f"r{size}.tif", size)
-    _wait_for_actors_to_exit()
+    wait_for_exit("MapWorker")  # the actors of earlier runs
     summary = run_predict([raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024,
                           measure_memory=True, **FAST)  # fmt: skip
-    return float(summary["peak_memory_mb"] - summary["baseline_memory_mb"])
+    return float(summary["peak_predict_memory_mb"] - summary["baseline_predict_memory_mb"])
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "sizes", [(1024, 2048), pytest.param((2048, 4096), marks=pytest.mark.slow)], ids=str
+    "sizes", [(1024, 3072), pytest.param((2048, 4096), marks=pytest.mark.slow)], ids=str
 )
 def test_peak_memory_stays_flat_as_the_raster_grows(
     ray_session: None, tmp_path: Path, sizes: tuple[int, int]
 ) -> None:
-    """Driver + Ray processes (PSS, sampled): 4× the pixels must not need more memory. Whole-
-    raster buffers of the larger raster (image as float32, class sums and weights) would
-    add (3 + 3 + 1) × 4 bytes per pixel: 112 MiB at 2048², 448 MiB at 4096²."""
+    """The unique memory (USS, sampled) of the driver and the predictor actor: 4-9× the pixels
+    must not need more. Ray's own processes, started once per session, are left out, and so
+    are the object store's shared pages, which stay resident as data cycles through the store.
+    Whole-raster buffers (image as float32, class sums, weights: (3 + 3 + 1) × 4 bytes per
+    pixel) would be 252 MiB at 3072², 448 MiB at 4096². Measured noise: 50-100 MiB (the
+    actor's allocator and GDAL's block cache settle as it runs)."""
     small, large = (_peak_above_baseline(tmp_path, size) for size in sizes)
     whole_raster_mb = sizes[1] ** 2 * 7 * 4 / 2**20
-    assert large - small < max(0.1 * small, 0.25 * whole_raster_mb), (small, large)
+    assert large - small < max(100.0, 0.25 * whole_raster_mb), (small, large)
