@@ -343,7 +343,8 @@ def predict(context: RunContext) -> dict[str, Any]:
     vectors = context.config.pipeline.predict_vectors and georeferenced
     summary = run_predict(
         rasters, str(Path(context.results["student"]["run_dir"])), out / "{name}.tif",
-        vector=out / "{name}.geojson" if vectors else None, overwrite=not context.resume,
+        vector=out / "{name}.geojson" if vectors else None, cog=True,
+        overwrite=not context.resume,
         log=context.log,
     )  # fmt: skip
     outputs = sorted(str(p) for p in out.iterdir() if p.suffix in (".tif", ".geojson"))
