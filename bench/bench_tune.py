@@ -20,10 +20,27 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
+
+import psutil
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds of this process and its descendants (raylet, GCS, dashboard, workers), with
+    what their exited children used (Train workers of finished trials, reaped by the raylet).
+
+    Less sensitive than wall time to other work on a shared machine.
+    """
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with suppress(psutil.Error):
+            t = process.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def bare_trials(store: str, configs: list, folder: Path) -> tuple[float, list[float]]:  # type: ignore[type-arg]
@@ -88,6 +105,7 @@ def main() -> None:
     # ABBA order (bare, Tune, Tune, bare, ...): on a shared machine the load drifts, and this
     # order cancels a linear drift between the two means
     passes: dict[str, list[tuple[float, list[float]]]] = {"bare": [], "tune": [], "both": []}
+    cpu: dict[str, list[float]] = {"bare": [], "tune": [], "both": []}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp, ray_runtime(base.ray):
         store = build_scene_store(Path(tmp) / "scenes", args.tile_size)
@@ -95,15 +113,20 @@ def main() -> None:
             order = ("bare", "tune") if index % 2 == 0 else ("tune", "bare")
             for mode in order:
                 folder = Path(tmp) / f"{mode}_{index}"
+                before = tree_cpu_seconds()
                 passes[mode].append(
                     bare_trials(store, configs, folder) if mode == "bare"
                     else tune_trials(store, base, folder, concurrent=1)
                 )  # fmt: skip
+                cpu[mode].append(tree_cpu_seconds() - before)
                 loads.append(os.getloadavg()[0])
-                print(f"[bench] {mode} pass {index}: {passes[mode][-1][0]:.1f} s, load average "
-                      f"{loads[-1]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
+                print(f"[bench] {mode} pass {index}: {passes[mode][-1][0]:.1f} s, "
+                      f"{cpu[mode][-1]:.1f} CPU s, load average {loads[-1]:.1f}",
+                      file=sys.stderr, flush=True)  # fmt: skip
         if args.concurrent:
+            before = tree_cpu_seconds()
             passes["both"].append(tune_trials(store, base, Path(tmp) / "both", concurrent=None))
+            cpu["both"].append(tree_cpu_seconds() - before)
             loads.append(os.getloadavg()[0])
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"load average (1 min) {min(loads):.1f}-{max(loads):.1f} over the run "
@@ -111,7 +134,8 @@ def main() -> None:
     print(f"4 trials (LoRA rank 4/8/16/32), tiny SAM student, {args.tile_size} px tiles, "
           f"batch 8 + 8 unlabeled (EMA), {args.epochs} epochs x {args.steps} steps; "
           f"{2 * args.rounds} passes each, ABBA order")  # fmt: skip
-    print("                              passes (wall s)     s/trial   training-loop s/trial")
+    print("                              passes (wall s)     s/trial   CPU s/trial   "
+          "training-loop s/trial")  # fmt: skip
     names = {"bare": "4 x run_training, sequential", "tune": "Tune, 1 trial at a time",
              "both": "Tune, concurrent trials"}  # fmt: skip
     mean: dict[str, float] = {}
@@ -121,11 +145,14 @@ def main() -> None:
         walls = [wall for wall, _ in results]
         loops = [loop for _, trial_loops in results for loop in trial_loops]
         mean[mode] = sum(walls) / len(walls)
+        mean[f"{mode}_cpu"] = sum(cpu[mode]) / len(cpu[mode])
         shown = " ".join(f"{w:.0f}" for w in walls)
         print(f"{names[mode]:<29} {shown:<18} {mean[mode] / 4:8.1f} "
-              f"{sum(loops) / len(loops):15.1f}")  # fmt: skip
-    print(f"per-trial ratio Tune/bare: {mean['tune'] / mean['bare']:.3f} "
-          f"({(mean['tune'] - mean['bare']) / 4:+.1f} s per trial)")  # fmt: skip
+              f"{mean[f'{mode}_cpu'] / 4:12.1f} {sum(loops) / len(loops):15.1f}")  # fmt: skip
+    print(f"per-trial ratio Tune/bare: {mean['tune'] / mean['bare']:.3f} wall "
+          f"({(mean['tune'] - mean['bare']) / 4:+.1f} s per trial), "
+          f"{mean['tune_cpu'] / mean['bare_cpu']:.3f} CPU "
+          f"({(mean['tune_cpu'] - mean['bare_cpu']) / 4:+.1f} CPU s per trial)")  # fmt: skip
     if "both" in mean:
         print(f"concurrent sweep / sequential bare: {mean['both'] / mean['bare']:.3f}")
 

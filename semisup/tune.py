@@ -439,9 +439,6 @@ class TrialProgress(tune.Callback):
 # Command line
 
 
-EXAMPLE = "semisup tune --store dubai.zarr --space lora_rank --out runs/tune_rank --samples 1"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tune_spaces import SPACES
 

@@ -189,11 +189,9 @@ def plot_png(
         if record["curve"]:
             style = "-" if record["outcome"] == COMPLETED else "--"
             epochs = range(1, len(record["curve"]) + 1)
-            setting = ", ".join(
-                f"{k.split('.')[-1]}={_cell(record['params'].get(k))}" for k in keys
-            )
+            shown = ", ".join(f"{k.split('.')[-1]}={_cell(record['params'].get(k))}" for k in keys)
             curves.plot(epochs, record["curve"], style, marker=".",
-                        label=f"{record['trial_id']} {setting}")  # fmt: skip
+                        label=f"{record['trial_id']} {shown}")  # fmt: skip
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_xlabel("epoch")
     curves.set_ylabel("val mIoU")
