@@ -98,10 +98,18 @@ def score_batch(
     measures: tuple[str, ...],
     top_fraction: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """{measure: B float32 tile scores} for one batch of tile columns."""
+    """{measure: B float32 tile scores} for one batch of tile columns.
+
+    A score is the pooled uncertainty of the tile's valid pixels times its valid fraction: the
+    share of the tile that is uncertain and worth labelling. Without the factor, slivers of
+    imagery at raster edges (mostly padding, and uncertain because of it) win the ranking.
+    """
     maps, valid = uncertainty_maps(predict, batch, band_scale, measures)
+    valid_fraction = valid.float().flatten(1).mean(1)  # B
     return {
-        name: U.pool_tile_scores(value, valid, top_fraction).numpy().astype(np.float32)
+        name: (U.pool_tile_scores(value, valid, top_fraction) * valid_fraction)
+        .numpy()
+        .astype(np.float32)
         for name, value in maps.items()
     }
 

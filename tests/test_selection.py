@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from data_prep.ingest import build_store
 from semisup import columns as C
@@ -104,3 +105,19 @@ def test_select_cli_with_tta_and_clear_errors(
     assert main(["select", "--run", str(tmp_path), "--store", store, "--budget", "3",
                  "--out", str(tmp_path / "e")]) == 2  # fmt: skip
     assert "run folder" in capsys.readouterr().err
+
+
+def test_a_sliver_of_imagery_scores_by_its_area() -> None:
+    from semisup.selection import score_batch
+
+    def uniform(images):  # type: ignore[no-untyped-def]
+        return torch.zeros(images.shape[0], 5, *images.shape[-2:])  # maximal entropy everywhere
+
+    valid = np.ones((2, 8, 8), bool)
+    valid[1, 2:] = False  # a tile at the raster's edge: a quarter of it is imagery
+    batch = {
+        C.IMAGE: np.zeros((2, 8, 8, 3), np.uint8), C.VALID: valid,
+        C.SOURCE: np.array(["s", "s"]),
+    }  # fmt: skip
+    scores = score_batch(uniform, batch, {"s": ((0.0,) * 3, (255.0,) * 3)}, ("entropy",))
+    assert scores["entropy"].tolist() == pytest.approx([1.0, 0.25])
