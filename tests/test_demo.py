@@ -88,7 +88,7 @@ def test_demo_with_tune_ends_in_the_sweep_summary_and_plot(
     assert summary["ran"] == ["tune"]  # every other stage is up to date
     tune = summary["stages"]["tune"]
     assert tune["trials"] == 4 and 0 <= tune["best_miou"] <= 1
-    assert set(tune["best_params"]) == {"student.lora_rank"}
+    assert set(tune["best_params"]) == {"student.lora_rank", "student.lora_alpha"}
     for name in ("summary.md", "tune_plot.png", "best_config.yaml", "trials.csv"):
         assert (out / "tune" / name).stat().st_size > 0
     from semisup.config import load_config
