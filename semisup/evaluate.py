@@ -15,29 +15,25 @@ from typing import Any
 import torch
 
 from semisup import columns as C
-from semisup.config import load_config
 from semisup.metrics import confusion_matrix, scores
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def run_predictor(run: Path, image_size: int) -> Predictor:
-    """The run's best student: B×3×S×S float images in [0, 1] -> B×K×S×S logits (CPU, eval)."""
-    from semisup.teacher import load_student_teacher
+    """The run's best student: B×3×S×S float images in [0, 1] -> B×K×S×S logits (CPU, eval).
+
+    Built as ``semisup predict --model RUN`` builds it (``predictor.resolve_model``): the best
+    adapter on the run's ``student.checkpoint``, a random-init base drawn from ``train.seed``.
+    """
+    from semisup.predictor import load_model, resolve_model
 
     if not (run / "best").is_dir() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(
             f"run {run}: expected a `semisup train` run folder with config.yaml and best/"
         )
-    config = load_config(run / "config.yaml")
-    semantic, _ = load_student_teacher(
-        run / "best",
-        model_type=config.student.model_type,
-        image_size=image_size,
-        base_checkpoint=config.student.checkpoint,
-        seed=config.train.seed,  # the random-init base the run was trained on, as train does
-    )
-    return lambda images: semantic(images * 255.0)  # the loaded teacher takes [0, 255]
+    semantic = load_model(resolve_model(str(run), workdir=run, tile_size=image_size))
+    return lambda images: semantic(images * 255.0)  # the loaded student takes [0, 255]
 
 
 def band_scales(store: str) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
