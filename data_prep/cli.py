@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         nargs="+",
+        action="extend",
         default=[],
         metavar="DIR_OR_FILE",
         help="label folders or files: one per input ('-' for none), or files named like the images",
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--boxes",
         nargs="+",
+        action="extend",
         default=[],
         metavar="CSV_OR_XML",
         help="box files (CSV with image_path,xmin,ymin,xmax,ymax[,label] or Pascal-VOC XML)",
@@ -111,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--val-sources",
         nargs="+",
+        action="extend",
         metavar="GLOB",
         help="source-id globs forced into val instead of a random draw, e.g. 'tile_6*'",
     )

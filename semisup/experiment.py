@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,7 @@ class Runner:
             "test_miou": test["miou"],
             "test_iou_per_class": test["iou_per_class"],
             "seconds": round(time.perf_counter() - start, 1),
+            "labeled_ids": labeled.tolist(),  # which tiles: a rerun reuses an active pick
         }
         result_file.write_text(json.dumps(result, indent=2) + "\n")
         self.log(f"{name}: test mIoU {test['miou']:.4f} ({result['seconds']} s)")
@@ -193,11 +195,18 @@ class Runner:
             overwrite=True, seed=seed, log=None,
         )  # fmt: skip
 
-    def select(self, run_dir: Path, labeled: np.ndarray, count: int, seed: int) -> np.ndarray:
-        """``count`` more tiles of the pool, by uncertainty of ``run_dir``'s student."""
+    def select(self, run_dir: Path, labeled: np.ndarray, count: int, then: str) -> np.ndarray:
+        """``count`` more tiles of the pool, by uncertainty of ``run_dir``'s student.
+
+        When the run ``then`` that trains on the pick has finished earlier, its recorded tiles are
+        the pick (scoring again would give the same tiles, at the cost of a pass over the pool).
+        """
         from semisup.selection import SCORE_PREFIX, proposals, score_tiles
         from semisup.store import read_tile_index
 
+        done = self.out / "runs" / then / "test.json"
+        if done.is_file() and "labeled_ids" in (recorded := json.loads(done.read_text())):
+            return np.asarray(recorded["labeled_ids"], dtype=labeled.dtype)
         candidates = np.setdiff1d(self.tiles.pool, labeled)
         measure = self.settings.al_measure
         scores = score_tiles(
@@ -256,18 +265,31 @@ def active_learning(runner: Runner, seed: int) -> list[dict[str, Any]]:
                 more = picker.choice(rest, size=min(step, len(rest)), replace=False)
                 labeled = np.sort(np.concatenate([labeled, more]))
             else:
-                labeled = runner.select(runner.out / "runs" / name, labeled, step, seed)
+                then = f"al_{strategy}_r{round_ + 1}_s{seed}"
+                labeled = runner.select(runner.out / "runs" / name, labeled, step, then)
     return rows
+
+
+def class_means(per_run: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Mean IoU of each class over runs (None where a class is absent from every run's tiles)."""
+    array = np.array([[np.nan if v is None else v for v in run] for run in per_run], np.float64)
+    with warnings.catch_warnings():  # an all-NaN column is an absent class, not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(array, axis=0)
+    return [None if np.isnan(v) else float(v) for v in means]
 
 
 def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
     """Means and spreads over seeds, the gap closed, and the tiles each strategy needs."""
     result: dict[str, Any] = {"learning_curve": {}, "active_learning": {}}
     for (method, fraction), group in curve.groupby(["method", "fraction"]):
-        result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = {
+        entry: dict[str, Any] = {
             "test_miou": summarise(group["test_miou"].tolist()),
             "labeled_tiles": int(group["labeled_tiles"].iloc[0]),
         }
+        if "test_iou_per_class" in group:
+            entry["test_iou_per_class"] = class_means(group["test_iou_per_class"].tolist())
+        result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = entry
     full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
     gaps = {}
     for fraction in sorted(curve.loc[curve["method"] == SEMI, "fraction"].unique()):
@@ -296,8 +318,14 @@ def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
     reached = [
         (r, a) for r, a in zip(needed[RANDOM], needed[ACTIVE], strict=True) if r and a is not None
     ]
+    means = rounds.groupby(["strategy", "labeled_tiles"])["test_miou"].mean()
+    mean_target = float(means[RANDOM].sort_index().iloc[-1])
     result["tiles_to_reach_random_final"] = {
         "per_seed": needed,
+        "on_mean_curves": {  # the same question asked of the seed-mean curves
+            strategy: tiles_to_reach(list(means[strategy].items()), mean_target)
+            for strategy in (RANDOM, ACTIVE)
+        },
         "label_saving": summarise([1 - a / r for r, a in reached]) if reached else None,
         "active_reached_in_seeds": f"{len(reached)}/{len(needed[RANDOM])}",
     }
@@ -332,10 +360,11 @@ def run_label_efficiency(
             curve_rows += learning_curve(runner, seed)
             round_rows += active_learning(runner, seed)
     curve, rounds = pd.DataFrame(curve_rows), pd.DataFrame(round_rows)
-    curve.to_csv(out / "learning_curve.csv", index=False)
-    rounds.to_csv(out / "active_learning.csv", index=False)
+    curve.drop(columns="labeled_ids").to_csv(out / "learning_curve.csv", index=False)
+    rounds.drop(columns="labeled_ids").to_csv(out / "active_learning.csv", index=False)
     report = {
         "store": store,
+        "class_names": list(class_names(store)),
         "settings": dataclasses.asdict(settings),
         "tiles": {"pool": len(tiles.pool), "monitor": len(tiles.monitor), "test": len(tiles.test)},
         **analyse(curve, rounds),
@@ -345,6 +374,13 @@ def run_label_efficiency(
     (out / "report.md").write_text(format_report(report))
     say(f"report in {out / 'report.md'}")
     return report
+
+
+def class_names(store: str) -> tuple[str, ...]:
+    from semisup.store import open_store, read_store_meta
+
+    meta = read_store_meta(open_store(store))
+    return meta.class_names or tuple(f"class {i}" for i in range(meta.num_classes or 0))
 
 
 def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
@@ -382,6 +418,27 @@ def _stat(stat: dict[str, float] | None) -> str:
     return "–" if not stat else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def per_class_table(curve: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """Markdown rows of test IoU per class (mean over seeds) for every method and fraction."""
+    rows = [
+        (method, key, entry["test_iou_per_class"])
+        for method, by_fraction in curve.items()
+        for key, entry in sorted(by_fraction.items())
+        if entry.get("test_iou_per_class")
+    ]
+    if not rows:
+        return []
+    width = len(rows[0][2])
+    names = list(names) if len(names) == width else [f"class {i}" for i in range(width)]
+    lines = ["### Test IoU per class (mean over seeds)", ""]
+    lines += ["| method | label fraction | " + " | ".join(names) + " |"]
+    lines += ["|---|---|" + "---|" * width]
+    for method, key, ious in rows:
+        cells = " | ".join("–" if v is None else f"{v:.3f}" for v in ious)
+        lines.append(f"| {method} | {float(key):.4f} | {cells} |")
+    return [*lines, ""]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The Markdown report: tables of test mIoU (mean ± std over seeds) and the plots."""
     curve, gains = report["learning_curve"], report["ssl_gain"]
@@ -414,7 +471,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"| full ({float(key):.0%}) | {full['labeled_tiles']} | {_stat(full['test_miou'])} "
             "| | | |"
         )
-    lines += ["", "![learning curve](learning_curve.png)", "", "## Active learning (test mIoU)", ""]
+    lines += ["", "![learning curve](learning_curve.png)", ""]
+    lines += per_class_table(curve, report.get("class_names") or [])
+    lines += ["## Active learning (test mIoU)", ""]
     lines += ["| round | strategy | labelled tiles | test mIoU |", "|---|---|---|---|"]
     for strategy, by_round in report["active_learning"].items():
         for round_, row in sorted(by_round.items(), key=lambda kv: int(kv[0])):
@@ -422,11 +481,14 @@ def format_report(report: dict[str, Any]) -> str:
                 f"| {round_} | {strategy} | {row['labeled_tiles']} | {_stat(row['test_miou'])} |"
             )
     reach = report["tiles_to_reach_random_final"]
+    on_mean = reach.get("on_mean_curves", {})
     lines += [
         "",
         f"Labelled tiles needed to reach random selection's final mIoU, per seed: random "
         f"{reach['per_seed'][RANDOM]}, active {reach['per_seed'][ACTIVE]} (active reached it in "
-        f"{reach['active_reached_in_seeds']} seeds); label saving {_stat(reach['label_saving'])}.",
+        f"{reach['active_reached_in_seeds']} seeds); label saving {_stat(reach['label_saving'])}. "
+        f"On the seed-mean curves: random {on_mean.get(RANDOM, '–')}, "
+        f"active {on_mean.get(ACTIVE, '–')}.",
         "",
         "![active learning](active_learning.png)",
         "",

@@ -67,14 +67,15 @@ def prepare_batch(
     ]
     scaled = to_three_bands(np.clip(scaled, 0.0, 1.0), "rgb")  # B×S×S×3
     out: Batch = {C.IMAGE: torch.from_numpy(scaled).permute(0, 3, 1, 2).contiguous().to(device)}
-    valid = torch.from_numpy(np.asarray(batch[C.VALID], bool)).to(device)
+    valid = torch.from_numpy(np.array(batch[C.VALID], bool)).to(device)
     out[C.VALID] = valid
     for name in (C.LABEL, C.PSEUDO_LABEL):
         if name in batch:
             ids = torch.from_numpy(np.asarray(batch[name]).astype(np.int64)).to(device)
             out[name] = torch.where(valid, ids, torch.full_like(ids, C.IGNORE_INDEX))
     if C.CONFIDENCE in batch:
-        confidence = torch.from_numpy(np.asarray(batch[C.CONFIDENCE], np.float32)).to(device)
+        # a copy: Arrow hands over read-only buffers, which torch must not alias
+        confidence = torch.from_numpy(np.array(batch[C.CONFIDENCE], np.float32)).to(device)
         out[C.CONFIDENCE] = confidence * valid
     return out
 

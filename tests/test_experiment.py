@@ -17,6 +17,7 @@ from semisup.experiment import (
     analyse,
     gap_closed,
     partition,
+    per_class_table,
     run_label_efficiency,
     summarise,
     tiles_to_reach,
@@ -40,11 +41,16 @@ def test_summary_statistics_and_targets() -> None:
 def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     curve = pd.DataFrame(
         [
-            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20},
-            {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.26},
-            {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30},
+            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20,
+             "seed": 0, "test_iou_per_class": [0.1, None, 0.3]},
+            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20,
+             "seed": 1, "test_iou_per_class": [0.3, None, None]},
+            {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8,
+             "test_miou": 0.26, "seed": 0, "test_iou_per_class": [0.2, None, 0.4]},
+            {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30,
+             "seed": 0, "test_iou_per_class": [0.3, None, 0.5]},
         ]
-    )
+    )  # fmt: skip
     rounds = pd.DataFrame(
         [
             {"strategy": s, "round": r, "seed": 0, "labeled_tiles": n, "test_miou": m}
@@ -61,6 +67,13 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     reach = result["tiles_to_reach_random_final"]
     assert reach["per_seed"] == {"random": [12], "active": [8]}
     assert reach["label_saving"]["mean"] == pytest.approx(1 - 8 / 12)
+    assert reach["on_mean_curves"] == {"random": 12, "active": 8}
+    # per-class IoU: the mean over the seeds where the class was present, None where never
+    per_class = result["learning_curve"]["labels_only"]["0.1250"]["test_iou_per_class"]
+    assert per_class == [pytest.approx(0.2), None, pytest.approx(0.3)]
+    table = "\n".join(per_class_table(result["learning_curve"], ["a", "b", "c"]))
+    assert "| method | label fraction | a | b | c |" in table
+    assert "| labels_only | 0.1250 | 0.200 | – | 0.300 |" in table
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +101,7 @@ def test_partition_keeps_test_tiles_apart(experiment_store: str) -> None:
 
 @pytest.mark.timeout(900)
 def test_experiment_runs_end_to_end_and_resumes(
-    experiment_store: str, tmp_path: Path, ray_session: None
+    experiment_store: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = load_config(
         overrides=["student.model_type=tiny", "train.num_workers=0", "train.batch_size=4",
@@ -118,9 +131,22 @@ def test_experiment_runs_end_to_end_and_resumes(
     assert rounds.loc[rounds["round"] == 0, "test_miou"].nunique() == 1
     for name in ("learning_curve.png", "active_learning.png", "report.md"):
         assert (out / name).stat().st_size > 500
-    assert "Learning curve" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Learning curve" in text and "| method | label fraction | class 0 |" in text
     assert json.loads((out / "report.json").read_text())["tiles"]["test"] == 9
-    # a rerun reuses every finished run and gives the same report
+    # the active round trains on the seed set plus the tiles the selection picked
+    start, picked = (
+        set(json.loads((out / "runs" / name / "test.json").read_text())["labeled_ids"])
+        for name in ("al_start_s0", "al_active_r1_s0")
+    )
+    assert start < picked and len(picked - start) == 4
+    # a rerun reuses every finished run (and the recorded pick) and gives the same report
+    import semisup.selection
+
+    def no_scoring(*_: object, **__: object) -> None:
+        raise AssertionError("a finished active round was scored again")
+
+    monkeypatch.setattr(semisup.selection, "score_tiles", no_scoring)
     mtimes = {p: p.stat().st_mtime for p in (out / "runs").glob("*/test.json")}
     again = run_label_efficiency(experiment_store, out, config, settings, log=None)
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/test.json")} == mtimes

@@ -81,6 +81,16 @@ def test_flags_left_out_keep_prep_config_defaults(scene: Path) -> None:
     )
 
 
+def test_repeated_list_flags_add_up(scene: Path) -> None:
+    args = _parser().parse_args(
+        _argv(scene, "--val-sources", "tile_2*", "--val-sources", "tile_3*", "tile_4*",
+              "--labels", "a", "--labels", "b")
+    )  # fmt: skip
+    assert config_from_args(args).val_sources == ("tile_2*", "tile_3*", "tile_4*")
+    assert args.labels[2:] == ["a", "b"] and len(args.labels) == 4
+    assert len(_parser().parse_args(_argv(scene)).labels) == 2  # the default is not shared
+
+
 def test_run_builds_the_store(scene: Path) -> None:
     args = _parser().parse_args(
         _argv(scene, "--tile-size", "16", "--split-by", "folder", "--val-sources", "tile_2*",
