@@ -360,8 +360,12 @@ def run_label_efficiency(
             curve_rows += learning_curve(runner, seed)
             round_rows += active_learning(runner, seed)
     curve, rounds = pd.DataFrame(curve_rows), pd.DataFrame(round_rows)
-    curve.drop(columns="labeled_ids", errors="ignore").to_csv(out / "learning_curve.csv", index=False)
-    rounds.drop(columns="labeled_ids", errors="ignore").to_csv(out / "active_learning.csv", index=False)
+    curve.drop(columns="labeled_ids", errors="ignore").to_csv(
+        out / "learning_curve.csv", index=False
+    )
+    rounds.drop(columns="labeled_ids", errors="ignore").to_csv(
+        out / "active_learning.csv", index=False
+    )
     report = {
         "store": store,
         "class_names": list(class_names(store)),
