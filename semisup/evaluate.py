@@ -8,7 +8,7 @@ or an experiment can measure on tiles that neither training nor early stopping l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,10 @@ def run_predictor(run: Path, image_size: int) -> Predictor:
     return lambda images: semantic(images * 255.0)  # the loaded student takes [0, 255]
 
 
-def band_scales(store: str) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """Per-source (band_low, band_high) of a store, as ``steps.prepare_batch`` takes them."""
-    from semisup.train import store_facts
-
-    facts = store_facts(store)
+def band_scales(
+    facts: Mapping[str, Any],
+) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-source (band_low, band_high) of ``train.store_facts``, as ``prepare_batch`` takes them."""
     return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
 
 
@@ -59,7 +58,7 @@ def evaluate_run(
 
     facts = store_facts(store)
     predict = run_predictor(run, int(facts["tile_size"]))
-    scale = band_scales(store)
+    scale = band_scales(facts)
     num_classes = int(facts["num_classes"])
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     tiles = read_tiles(

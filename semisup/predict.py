@@ -39,6 +39,7 @@ from typing import Any, Final, TextIO
 import numpy as np
 
 from semisup import blend
+from semisup.actor_pool import add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
 from semisup.predictor import PredictModel, WindowPredictor, resolve_model
@@ -344,7 +345,7 @@ def _pipeline(
     """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
     import ray
 
-    from semisup.pseudo_label import _default_actor_cpus, _default_threads
+    from semisup.actor_pool import actor_cpus, actor_threads
 
     items = [
         {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
@@ -364,11 +365,11 @@ def _pipeline(
             "overlap": overlap,
             "batch_size": batch_size,
             "device": "auto" if gpus_per_actor > 0 else "cpu",
-            "torch_threads": torch_threads or _default_threads(actors, gpus_per_actor),
+            "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
         },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor or _default_actor_cpus(actors),
+        num_cpus=actor_cpus(actors, cpus_per_actor),
         num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
     )
     # streams the predicted windows to the driver as batches finish
@@ -507,27 +508,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=8, metavar="B", help="windows per model call (default 8)"
     )
-    parser.add_argument(
-        "--actors", type=int, default=1, metavar="N", help="predictor actors (default 1)"
-    )
-    parser.add_argument(
-        "--gpus-per-actor",
-        type=float,
-        default=0.0,
-        metavar="G",
-        help="GPUs per actor, fractions share a GPU (default 0: CPU)",
-    )
-    parser.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        metavar="C",
-        help="CPUs reserved per actor (default: leave one CPU to reads and the driver)",
-    )
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        metavar="N",
-        help="torch threads per actor (default on CPU: cluster CPUs // actors)",
+    add_actor_pool_arguments(
+        parser, role="predictor", default_actors=1, frees="reads and the driver"
     )
     parser.add_argument(
         "--base-checkpoint",

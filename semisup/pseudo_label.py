@@ -54,6 +54,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from semisup import columns as C
 from semisup import store as tile_store
+from semisup.actor_pool import actor_cpus, actor_threads, add_actor_pool_arguments
 from semisup.data import read_tiles
 from semisup.masks import MaskFilter
 from semisup.runtime import ensure_ray
@@ -448,13 +449,13 @@ def run_pseudo_label(
                 "halo": halo,
                 "device": "auto" if gpus_per_actor > 0 else "cpu",
                 "bf16": bf16,
-                "torch_threads": torch_threads or _default_threads(actors, gpus_per_actor),
+                "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
                 "storage_options": storage_options,
                 **teacher_options,
             },
             actors=actors,
             gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=cpus_per_actor or _default_actor_cpus(actors),
+            cpus_per_actor=actor_cpus(actors, cpus_per_actor),
             batch_size=batch_size,
             storage_options=storage_options,
         )
@@ -538,17 +539,6 @@ def _clear(store: str, root: Any, storage_options: Mapping[str, Any] | None) -> 
             fs.rm(f"{path}/{name}", recursive=True)
     if RUN_ATTR in root.attrs:
         del root.attrs[RUN_ATTR]
-
-
-def _default_actor_cpus(actors: int) -> float:
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return min(1.0, max(0.1, (cpus - 1.0) / actors))
-
-
-def _default_threads(actors: int, gpus_per_actor: float) -> int | None:
-    if gpus_per_actor > 0:
-        return None
-    return max(1, int(ray.cluster_resources().get("CPU", 1.0)) // actors)
 
 
 def _pipeline(
@@ -705,22 +695,7 @@ def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH_OR_URL",
         help="semantic mode: the SAM checkpoint the student was fine-tuned from",
     )
-    parser.add_argument(
-        "--actors", type=int, default=2, metavar="N", help="teacher actors (default 2)"
-    )
-    parser.add_argument(
-        "--gpus-per-actor",
-        type=float,
-        default=0.0,
-        metavar="G",
-        help="GPUs per actor, fractions share a GPU (default 0: CPU)",
-    )
-    parser.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        metavar="C",
-        help="CPUs reserved per actor (default: leave one CPU to reads and writes)",
-    )
+    add_actor_pool_arguments(parser, role="teacher", default_actors=2, frees="reads and writes")
     parser.add_argument(
         "--batch-size", type=int, default=8, metavar="B", help="tiles per teacher call (default 8)"
     )
@@ -780,6 +755,7 @@ def run_pseudo_label_cli(args: argparse.Namespace) -> int:
             actors=args.actors,
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
+            torch_threads=args.torch_threads,
             batch_size=args.batch_size,
             split=None if args.split == "all" else args.split,
             bf16=not args.no_bf16,

@@ -172,6 +172,7 @@ def overlays(store: str, runs: dict[str, Path], path: Path, tiles: int = 4) -> P
     from semisup.evaluate import band_scales, run_predictor
     from semisup.steps import prepare_batch
     from semisup.store import open_store, read_store_meta, read_tile, read_tile_index
+    from semisup.train import store_facts
 
     root = open_store(store)
     meta = read_store_meta(root)
@@ -179,7 +180,7 @@ def overlays(store: str, runs: dict[str, Path], path: Path, tiles: int = 4) -> P
     val = index[(index[C.SPLIT] == C.VAL) & (index["label_coverage"] > 0.5)]
     picks = val.iloc[np.linspace(0, len(val) - 1, min(tiles, len(val))).astype(int)]
     predictors = {name: run_predictor(run, meta.tile_size) for name, run in runs.items()}
-    scale = band_scales(store)
+    scale = band_scales(store_facts(store))
     columns = 2 + len(predictors)
     figure, axes = plt.subplots(
         len(picks), columns, figsize=(2.2 * columns, 2.2 * len(picks)), squeeze=False

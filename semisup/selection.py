@@ -34,6 +34,7 @@ from semisup.active import (
     feature_collection,
     footprint_feature,
 )
+from semisup.actor_pool import cluster_cpus, share_cpus, share_threads
 from semisup.config import ConfigError, load_config
 from semisup.evaluate import band_scales, run_predictor
 
@@ -134,13 +135,13 @@ def score_tiles(
     from semisup.train import store_facts
 
     facts = store_facts(store)
-    band_scale = band_scales(store)
+    band_scale = band_scales(facts)
     columns = [C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID]
     if "disagreement" in measures:
         columns += [C.PSEUDO_LABEL]
     split = C.UNLABELED if tile_ids is None else None
     tiles = read_tiles(store, split=split, columns=columns, tile_ids=tile_ids)
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    cpus = cluster_cpus()
     # a fixed pool of scoring actors, each loading the student once; fractional CPUs leave
     # room for the read tasks
     scored = tiles.map_batches(
@@ -151,11 +152,11 @@ def score_tiles(
             "band_scale": band_scale,
             "measures": measures,
             "top_fraction": top_fraction,
-            "torch_threads": max(1, int(cpus) // actors),
+            "torch_threads": share_threads(actors, cpus),
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=min(1.0, max(0.1, (cpus - 0.5) / actors)),
+        num_cpus=share_cpus(actors, cpus, keep=0.5),
     )
     parts = [pd.DataFrame(b) for b in scored.iter_batches(batch_size=None, batch_format="numpy")]
     if not parts:
@@ -248,10 +249,11 @@ def contact_sheet(
         read_window,
         scale_to_uint8,
     )
+    from semisup.train import store_facts
 
     root = open_store(store)
     size = read_store_meta(root).tile_size
-    band_scale = band_scales(store)
+    band_scale = band_scales(store_facts(store))
     predict = run_predictor(run, size)
     rows = max(1, -(-len(chosen) // columns))
     figure, axes = plt.subplots(rows, 2 * columns, figsize=(4 * columns, 2.1 * rows), squeeze=False)

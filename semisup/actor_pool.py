@@ -1,0 +1,68 @@
+"""Actor pools of Ray Data map stages: what each actor reserves, and the flags that size them.
+
+The teacher (``semisup pseudo-label``), the predictor (``semisup predict``) and the tile scorer
+(``semisup select``) each run a fixed pool of actors that load a model once. By default a pool
+shares the cluster's CPUs and leaves one CPU to the read tasks and the driver, so reads never
+starve behind the actors (on a 2-core machine the pool would otherwise hang).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def share_cpus(actors: int, cluster_cpus: float, keep: float = 1.0) -> float:
+    """CPUs each of ``actors`` reserves when ``keep`` CPUs stay free (between 0.1 and 1)."""
+    return min(1.0, max(0.1, (cluster_cpus - keep) / actors))
+
+
+def share_threads(actors: int, cluster_cpus: float) -> int:
+    """Torch threads of each CPU actor: the cluster's whole CPUs split between the actors."""
+    return max(1, int(cluster_cpus) // actors)
+
+
+def cluster_cpus() -> float:
+    """CPUs of the Ray cluster this process is connected to."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def actor_cpus(actors: int, cpus_per_actor: float | None = None) -> float:
+    """``cpus_per_actor`` when given, otherwise the cluster's share (see ``share_cpus``)."""
+    return cpus_per_actor or share_cpus(actors, cluster_cpus())
+
+
+def actor_threads(
+    actors: int, gpus_per_actor: float, torch_threads: int | None = None
+) -> int | None:
+    """``torch_threads`` when given; None (torch's default) on GPU; else the CPU share."""
+    if torch_threads:
+        return torch_threads
+    return None if gpus_per_actor > 0 else share_threads(actors, cluster_cpus())
+
+
+def add_actor_pool_arguments(
+    parser: argparse.ArgumentParser, *, role: str, default_actors: int, frees: str
+) -> None:
+    """--actors, --gpus-per-actor, --cpus-per-actor and --torch-threads.
+
+    ``role`` names the actors in the help ("teacher", "predictor"); ``frees`` says what the
+    default CPU share leaves room for.
+    """
+    parser.add_argument(
+        "--actors", type=int, default=default_actors, metavar="N",
+        help=f"{role} actors (default {default_actors})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, metavar="G",
+        help="GPUs per actor, fractions share a GPU (default 0: CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cpus-per-actor", type=float, metavar="C",
+        help=f"CPUs reserved per actor (default: leave one CPU to {frees})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--torch-threads", type=int, metavar="N",
+        help="torch threads per actor (default on CPU: cluster CPUs // actors)",
+    )  # fmt: skip
