@@ -16,6 +16,7 @@ from semisup.config import (
     add_config_arguments,
     config_from_arguments,
 )
+from semisup.datasets import colour_map
 
 DESCRIPTION = (
     "Turn rasters (GeoTIFF/COG, PNG, JPEG, .npy; uint8 or uint16) and their labels (class-id "
@@ -71,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label-colors",
         metavar="MAP.json",
-        help='JSON colour map {"#RRGGBB": class_id}, 255 = ignore, for colour-coded masks',
+        help='JSON colour map {"#RRGGBB": class_id}, 255 = ignore, for colour-coded masks; '
+        "'dubai' names the Dubai set's map",
     )
     parser.add_argument(
         "--boxes",
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             args.inputs,
             args.out,
             labels=args.labels,
-            label_colors=args.label_colors,
+            label_colors=colour_map(args.label_colors),
             boxes=args.boxes,
             config=config_from_args(args),
             num_classes=args.num_classes,

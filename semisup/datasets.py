@@ -26,6 +26,20 @@ DUBAI_COLOURS: dict[str, int] = {
 }
 
 
+# Colour maps known by name (``semisup prep --label-colors dubai``, ``pipeline.label_colors``).
+NAMED_COLOUR_MAPS: dict[str, dict[str, int]] = {"dubai": DUBAI_COLOURS}
+
+
+def colour_map(value: str | None) -> str | dict[str, int] | None:
+    """A known colour map by name, else ``value`` unchanged (a JSON file path, or None).
+
+    A file of that name in the working directory wins over the built-in map.
+    """
+    if value is not None and value in NAMED_COLOUR_MAPS and not Path(value).exists():
+        return NAMED_COLOUR_MAPS[value]
+    return value
+
+
 def shared_data_dir() -> Path | None:
     """The real imagery folder: $SEMISUP_SHARED_DATA, else ``../shared/data`` beside the repo."""
     candidates = []

@@ -21,10 +21,7 @@ from typing import Any, TextIO
 
 from semisup import columns as C
 from semisup.config import ConfigError, ExperimentConfig
-from semisup.datasets import CLASS_NAMES, DUBAI_COLOURS
-
-# Colour maps known by name in ``pipeline.label_colors`` (any other value is a JSON file path).
-NAMED_COLOUR_MAPS: dict[str, dict[str, int]] = {"dubai": DUBAI_COLOURS}
+from semisup.datasets import CLASS_NAMES, colour_map
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,7 @@ def prep(context: RunContext) -> dict[str, Any]:
         images,
         context.store,
         labels=labels,
-        label_colors=NAMED_COLOUR_MAPS.get(colours, colours) if colours else None,
+        label_colors=colour_map(colours) if colours else None,
         config=context.config.prep,
         class_names=class_names,
         overwrite=True,  # the run owns its store; an unchanged one is left as it is

@@ -141,3 +141,15 @@ def test_config_file_and_set_overrides_give_defaults_that_flags_override(
     bad = _parser().parse_args(_argv(scene, "--set", "prep.tile_sise=64"))
     assert run(bad) == 2
     assert "prep.tile_sise" in capsys.readouterr().err
+
+
+def test_label_colors_takes_a_known_name_or_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semisup.datasets import DUBAI_COLOURS, colour_map
+
+    monkeypatch.chdir(tmp_path)
+    assert colour_map("dubai") == DUBAI_COLOURS
+    assert colour_map("maps/other.json") == "maps/other.json" and colour_map(None) is None
+    (tmp_path / "dubai").write_text("{}")  # a file of that name is the user's own map
+    assert colour_map("dubai") == "dubai"
