@@ -190,6 +190,8 @@ class TrainConfig:
     # (s3://, gs://, ...); None = RUN_DIR/ray
     bf16: bool = True  # autocast on GPU only
     seed: int = 0
+    init_from: str | None = None  # warm start: an adapter file, or a run folder whose best
+    # adapter the student starts from (same base and adapter layout); None = from the base
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")

@@ -122,6 +122,42 @@ def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: s
     for split in (C.LABELED, C.VAL):
         if facts["tiles_per_split"].get(split, 0) == 0:
             raise ValueError(f"store {store}: the {split!r} split has no tiles")
+    if config.train.init_from is not None:
+        check_warm_start(config, facts)
+
+
+def init_adapter(init_from: str) -> Path:
+    """The adapter file ``train.init_from`` names: the file itself, or a run folder's best."""
+    path = Path(init_from)
+    return path / "best" / ADAPTER_FILE if path.is_dir() else path
+
+
+def check_warm_start(config: ExperimentConfig, facts: Mapping[str, Any]) -> None:
+    """``train.init_from`` is an adapter for the student ``config`` builds on the store of
+    ``facts``, or an error naming what differs."""
+    from semisup.student import AdapterError, read_adapter_spec
+
+    init_from = str(config.train.init_from)
+    path = init_adapter(init_from)
+    if not path.is_file():
+        raise ConfigError(
+            f"train.init_from={init_from!r}: no adapter at {path} (expected an "
+            f"{ADAPTER_FILE} or a run folder with best/{ADAPTER_FILE})"
+        )
+    try:
+        spec = read_adapter_spec(path)
+    except AdapterError as err:
+        raise ConfigError(f"train.init_from={init_from!r}: {err}") from err
+    student = config.student
+    wanted = {"model_type": student.model_type, "mode": student.mode,
+              "hires_path": student.hires_path, "num_classes": int(facts["num_classes"]),
+              "image_size": int(facts["tile_size"])}  # fmt: skip
+    if student.mode == "lora":
+        wanted |= {"lora_rank": student.lora_rank, "lora_targets": student.lora_targets}
+    differs = {k: (getattr(spec, k), v) for k, v in wanted.items() if getattr(spec, k) != v}
+    if differs:
+        what = ", ".join(f"{k} {a!r} (config: {b!r})" for k, (a, b) in differs.items())
+        raise ConfigError(f"train.init_from={init_from!r}: the adapter has {what}")
 
 
 def run_training(
@@ -337,6 +373,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         lora_dropout=config.student.lora_dropout, lora_targets=config.student.lora_targets,
         hires_path=config.student.hires_path,
     ).to(device)  # fmt: skip
+    if train.init_from is not None:  # before the EMA copy: the teacher starts warm too
+        from semisup.student import load_adapter
+
+        load_adapter(model, init_adapter(train.init_from))  # type: ignore[arg-type]
     use_ema = ssl.enabled and ssl.target in ("ema", "both") and loop_config["use_unlabeled"]
     teacher = make_ema_teacher(model) if use_ema else None
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from store_factory import scene_store as scene_store_at
 
 from data_prep.ingest import build_store
 from semisup.cli import main
-from semisup.config import ExperimentConfig, load_config
+from semisup.config import ConfigError, ExperimentConfig, load_config
 from semisup.synthetic import generate_scene
 from semisup.train import run_training
 
@@ -70,6 +70,39 @@ def test_debug_run_learns_and_writes_its_reports(
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(scene_store, config, tmp_path / "run", debug=True)
+
+
+@pytest.mark.timeout(300)
+def test_warm_start_begins_where_the_named_run_ended(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    from safetensors.torch import load_file
+
+    first = run_training(
+        scene_store, _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=8"),
+        tmp_path / "first", debug=True,
+    )  # fmt: skip
+    # a learning rate too small to move the weights: the warm student is the first run's best
+    still = _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=1",
+                    "train.lr=1e-12", f"train.init_from={tmp_path / 'first'}")  # fmt: skip
+    warm = run_training(scene_store, still, tmp_path / "warm", debug=True)
+    assert warm["best_miou"] == pytest.approx(first["best_miou"], abs=1e-6)
+    before = load_file(str(tmp_path / "first" / "best" / "adapter.safetensors"))
+    after = load_file(str(tmp_path / "warm" / "best" / "adapter.safetensors"))
+    assert before.keys() == after.keys()
+    assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-6
+    cold = run_training(scene_store, _config("ssl.target=ema", "train.epochs=1",
+                        "train.steps_per_epoch=1", "train.lr=1e-12"), tmp_path / "cold",
+                        debug=True)  # fmt: skip
+    assert cold["best_miou"] != pytest.approx(first["best_miou"], abs=1e-6)
+    # an adapter of another layout or a missing file fails before training, naming the key
+    with pytest.raises(ConfigError, match=r"train.init_from=.*mode 'decoder' \(config: 'lora'\)"):
+        run_training(scene_store, _config("ssl.target=ema", "student.mode=lora", f"train.init_from={tmp_path / 'first'}"),
+                     tmp_path / "bad", debug=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="no adapter at"):
+        run_training(scene_store, _config("ssl.target=ema", f"train.init_from={tmp_path / 'none'}"),
+                     tmp_path / "bad", debug=True)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_config_values_fail_before_any_worker_starts(
