@@ -41,6 +41,8 @@ from semisup.config import (
 )
 
 LABELS_ONLY, SEMI, FULL = "labels_only", "semi_supervised", "full_label"
+SEMI_WARM = "semi_supervised_warm"  # the semi-supervised student starts from its teacher
+SEMI_METHODS = {"scratch": SEMI, "teacher": SEMI_WARM}  # by LabelEfficiencySettings.semi_init
 RANDOM, ACTIVE = "random", "active"
 
 
@@ -56,6 +58,9 @@ class LabelEfficiencySettings:
     al_measure: str = "entropy"
     al_diversity: float = 0.5
     pseudo_label_actors: int = 1
+    # where semi-supervised students start: "scratch" (the base, as every other run) and/or
+    # "teacher" (a warm start from the labels-only run that made the pseudo-labels)
+    semi_init: tuple[str, ...] = ("scratch",)
 
     def __post_init__(self) -> None:
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
@@ -66,6 +71,11 @@ class LabelEfficiencySettings:
             raise ConfigError("al_start_fraction and al_round_fraction: expected values in (0, 1)")
         if self.al_rounds < 0:
             raise ConfigError(f"al_rounds: got {self.al_rounds}, expected >= 0")
+        unknown = [init for init in self.semi_init if init not in SEMI_METHODS]
+        if not self.semi_init or unknown:
+            raise ConfigError(
+                f"semi_init: got {self.semi_init}, expected one or more of {tuple(SEMI_METHODS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -138,9 +148,15 @@ class Runner:
     ) -> None:
         self.store, self.out, self.config, self.tiles = store, out, config, tiles
         self.settings, self.log = settings, log
+        self.labelled_by: Path | None = None  # the teacher of the store's pseudo-labels
 
-    def train(self, name: str, labeled: np.ndarray, seed: int, semi: bool) -> dict[str, Any]:
-        """One student on ``labeled`` (+ the rest of the pool when ``semi``), scored on test."""
+    def train(
+        self, name: str, labeled: np.ndarray, seed: int, semi: bool, init_from: Path | None = None
+    ) -> dict[str, Any]:
+        """One student on ``labeled`` (+ the rest of the pool when ``semi``), scored on test.
+
+        ``init_from``: a run folder whose best adapter the student starts from.
+        """
         from semisup.evaluate import evaluate_run
         from semisup.train import run_training
 
@@ -156,7 +172,9 @@ class Runner:
         config = self.config
         config = dataclasses.replace(
             config,
-            train=dataclasses.replace(config.train, seed=seed),
+            train=dataclasses.replace(
+                config.train, seed=seed, init_from=None if init_from is None else str(init_from)
+            ),
             ssl=dataclasses.replace(config.ssl, enabled=semi),
         )
         unlabeled = np.setdiff1d(self.tiles.pool, labeled) if semi else np.array([], np.int64)
@@ -185,8 +203,15 @@ class Runner:
         return result
 
     def pseudo_label(self, teacher_run: Path, seed: int) -> None:
-        """Semantic pseudo-labels of the whole pool from ``teacher_run`` (replacing earlier ones)."""
+        """Semantic pseudo-labels of the whole pool from ``teacher_run`` (replacing earlier ones).
+
+        The store holds one set of pseudo-labels: a teacher's stay until another one's replace
+        them, so the semi-supervised runs of one teacher share one labelling pass.
+        """
         from semisup.pseudo_label import run_pseudo_label
+
+        if self.labelled_by == teacher_run:
+            return
 
         run_pseudo_label(
             self.store, mode="semantic", model_type=self.config.student.model_type,
@@ -194,6 +219,7 @@ class Runner:
             actors=self.settings.pseudo_label_actors, split=[C.LABELED, C.UNLABELED],
             overwrite=True, seed=seed, log=None,
         )  # fmt: skip
+        self.labelled_by = teacher_run
 
     def select(self, run_dir: Path, labeled: np.ndarray, count: int, then: str) -> np.ndarray:
         """``count`` more tiles of the pool, by uncertainty of ``run_dir``'s student.
@@ -234,11 +260,14 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
         tag = f"f{fraction:.4f}_s{seed}"
         only = runner.train(f"labels_only_{tag}", labeled, seed, semi=False)
         rows.append({"method": LABELS_ONLY, "fraction": fraction, **only})
-        semi_name = f"semi_{tag}"
-        if not (runner.out / "runs" / semi_name / "test.json").is_file():
-            runner.pseudo_label(runner.out / "runs" / f"labels_only_{tag}", seed)
-        semi = runner.train(semi_name, labeled, seed, semi=True)
-        rows.append({"method": SEMI, "fraction": fraction, **semi})
+        teacher = runner.out / "runs" / f"labels_only_{tag}"
+        for init in settings.semi_init:
+            semi_name = f"semi_{tag}" if init == "scratch" else f"semi_warm_{tag}"
+            if not (runner.out / "runs" / semi_name / "test.json").is_file():
+                runner.pseudo_label(teacher, seed)
+            warm = teacher if init == "teacher" else None
+            semi = runner.train(semi_name, labeled, seed, semi=True, init_from=warm)
+            rows.append({"method": SEMI_METHODS[init], "fraction": fraction, **semi})
     full = runner.train(f"full_s{seed}", pool, seed, semi=False)
     rows.append({"method": FULL, "fraction": 1.0, **full})
     return rows
@@ -279,6 +308,31 @@ def class_means(per_run: Sequence[Sequence[float | None]]) -> list[float | None]
     return [None if np.isnan(v) else float(v) for v in means]
 
 
+def ssl_gains(curve: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per semi-supervised method and label fraction: what the unlabelled tiles bought.
+
+    ``semi_minus_labels_only`` compares the seed means; ``paired_gain`` summarises the
+    per-seed differences (one seed's semi-supervised run against the labels-only run that was
+    its teacher, on the same labelled tiles), which cancels the spread between label subsets.
+    """
+    full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
+    only_runs = curve[curve["method"] == LABELS_ONLY].set_index(["fraction", "seed"])["test_miou"]
+    gains: dict[str, dict[str, dict[str, Any]]] = {}
+    for (method, fraction), group in curve[curve["method"].isin(SEMI_METHODS.values())].groupby(
+        ["method", "fraction"]
+    ):
+        only = only_runs.loc[fraction]
+        semi = group.set_index("seed")["test_miou"]
+        paired = (semi - only.reindex(semi.index)).dropna()
+        gains.setdefault(method, {})[f"{fraction:.4f}"] = {
+            "semi_minus_labels_only": float(semi.mean() - only.mean()),
+            "paired_gain": summarise(paired.tolist()) if len(paired) else None,
+            "semi_over_full": float(semi.mean() / full) if full > 0 else None,
+            "gap_closed": gap_closed(float(only.mean()), float(semi.mean()), float(full)),
+        }
+    return gains
+
+
 def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
     """Means and spreads over seeds, the gap closed, and the tiles each strategy needs."""
     result: dict[str, Any] = {"learning_curve": {}, "active_learning": {}}
@@ -290,18 +344,7 @@ def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
         if "test_iou_per_class" in group:
             entry["test_iou_per_class"] = class_means(group["test_iou_per_class"].tolist())
         result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = entry
-    full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
-    gaps = {}
-    for fraction in sorted(curve.loc[curve["method"] == SEMI, "fraction"].unique()):
-        at = curve[curve["fraction"] == fraction]
-        only = at.loc[at["method"] == LABELS_ONLY, "test_miou"].mean()
-        semi = at.loc[at["method"] == SEMI, "test_miou"].mean()
-        gaps[f"{fraction:.4f}"] = {
-            "semi_minus_labels_only": semi - only,
-            "semi_over_full": semi / full if full > 0 else None,
-            "gap_closed": gap_closed(only, semi, full),
-        }
-    result["ssl_gain"] = gaps
+    result["ssl_gain"] = ssl_gains(curve)
     needed: dict[str, list[int | None]] = {RANDOM: [], ACTIVE: []}
     for _seed, group in rounds.groupby("seed"):
         random_curve = group[group["strategy"] == RANDOM]
@@ -395,7 +438,9 @@ def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(5, 3.5))
-    for method in (LABELS_ONLY, SEMI):
+    for method in (LABELS_ONLY, SEMI, SEMI_WARM):
+        if not (curve["method"] == method).any():
+            continue
         stats = curve[curve["method"] == method].groupby("labeled_tiles")["test_miou"]
         mean, std = stats.mean(), stats.std().fillna(0)
         ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3, label=method)
@@ -418,8 +463,8 @@ def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     plt.close(figure)
 
 
-def _stat(stat: dict[str, float] | None) -> str:
-    return "–" if not stat else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+def _stat(stat: dict[str, float] | None, sign: str = "") -> str:
+    return "–" if not stat else f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
 
 
 def per_class_table(curve: dict[str, Any], names: Sequence[str]) -> list[str]:
@@ -445,7 +490,7 @@ def per_class_table(curve: dict[str, Any], names: Sequence[str]) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The Markdown report: tables of test mIoU (mean ± std over seeds) and the plots."""
-    curve, gains = report["learning_curve"], report["ssl_gain"]
+    curve = report["learning_curve"]
     seeds = report["settings"]["seeds"]
     lines = [
         "# Label efficiency",
@@ -457,22 +502,31 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         "## Learning curve (test mIoU)",
         "",
-        "| label fraction | labelled tiles | labels-only | semi-supervised | gain | gap closed |",
-        "|---|---|---|---|---|---|",
+        "Gain: semi-supervised minus labels-only, per seed (the same labelled tiles), mean ± "
+        "std. Gap closed: (semi − labels-only) / (full − labels-only) on the seed means.",
+        "",
+        "| label fraction | labelled tiles | method | test mIoU | gain | gap closed | of full |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, only in curve.get(LABELS_ONLY, {}).items():
-        semi = curve.get(SEMI, {}).get(key)
-        gain = gains.get(key, {})
-        closed = gain.get("gap_closed")
         lines.append(
-            f"| {float(key):.4f} | {only['labeled_tiles']} | {_stat(only['test_miou'])} | "
-            f"{_stat(semi['test_miou'] if semi else None)} | "
-            f"{gain.get('semi_minus_labels_only', float('nan')):+.3f} | "
-            f"{'–' if closed is None else f'{closed:.2f}'} |"
+            f"| {float(key):.4f} | {only['labeled_tiles']} | {LABELS_ONLY} | "
+            f"{_stat(only['test_miou'])} | | | |"
         )
+        for method in (SEMI, SEMI_WARM):
+            if key not in curve.get(method, {}):
+                continue
+            gain = report["ssl_gain"][method][key]
+            closed, share = gain["gap_closed"], gain["semi_over_full"]
+            lines.append(
+                f"| {float(key):.4f} | {only['labeled_tiles']} | {method} | "
+                f"{_stat(curve[method][key]['test_miou'])} | {_stat(gain['paired_gain'], '+')} | "
+                f"{'–' if closed is None else f'{closed:.2f}'} | "
+                f"{'–' if share is None else f'{share:.0%}'} |"
+            )
     for key, full in curve.get(FULL, {}).items():
         lines.append(
-            f"| full ({float(key):.0%}) | {full['labeled_tiles']} | {_stat(full['test_miou'])} "
+            f"| {float(key):.4f} | {full['labeled_tiles']} | {FULL} | {_stat(full['test_miou'])} "
             "| | | |"
         )
     lines += ["", "![learning curve](learning_curve.png)", ""]
@@ -522,6 +576,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--al-measure", default="entropy", choices=["entropy", "margin", "tta"],
         help="uncertainty that active learning ranks tiles by",
     )  # fmt: skip
+    parser.add_argument(
+        "--semi-init", default="scratch", metavar="INITS",
+        help="where semi-supervised students start, comma-separated: scratch (the base, like "
+        "every other run) and/or teacher (a warm start from their labels-only teacher)",
+    )  # fmt: skip
     add_config_arguments(parser)
 
 
@@ -535,6 +594,7 @@ def run_cli(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
         al_rounds=args.al_rounds,
         al_measure=args.al_measure,
+        semi_init=tuple(init.strip() for init in args.semi_init.split(",")),
     )
     run_label_efficiency(args.store, args.out, config_from_arguments(args), settings)
     print(f"report: {args.out / 'report.md'}")

@@ -36,6 +36,8 @@ def test_summary_statistics_and_targets() -> None:
     assert gap_closed(0.2, 0.25, 0.2) is None
     with pytest.raises(ConfigError, match="fractions"):
         LabelEfficiencySettings(fractions=(0.0,))
+    with pytest.raises(ConfigError, match="semi_init.*'scratch', 'teacher'"):
+        LabelEfficiencySettings(semi_init=("student",))
 
 
 def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
@@ -61,8 +63,9 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
         ]
     )  # fmt: skip
     result = analyse(curve, rounds)
-    gain = result["ssl_gain"]["0.1250"]
+    gain = result["ssl_gain"]["semi_supervised"]["0.1250"]
     assert gain["semi_minus_labels_only"] == pytest.approx(0.06)
+    assert gain["paired_gain"]["mean"] == pytest.approx(0.06) and gain["paired_gain"]["n"] == 1
     assert gain["gap_closed"] == pytest.approx(0.6)
     reach = result["tiles_to_reach_random_final"]
     assert reach["per_seed"] == {"random": [12], "active": [8]}
@@ -110,16 +113,26 @@ def test_experiment_runs_end_to_end_and_resumes(
     )  # fmt: skip
     settings = LabelEfficiencySettings(
         fractions=(0.125, 0.25), seeds=(0,), al_start_fraction=0.125, al_rounds=1,
-        al_round_fraction=0.125,
+        al_round_fraction=0.125, semi_init=("scratch", "teacher"),
     )  # fmt: skip
     out = tmp_path / "le"
     report = run_label_efficiency(experiment_store, out, config, settings, log=None)
-    assert set(report["learning_curve"]) == {"labels_only", "semi_supervised", "full_label"}
+    assert set(report["learning_curve"]) == {
+        "labels_only",
+        "semi_supervised",
+        "semi_supervised_warm",
+        "full_label",
+    }
     assert set(report["learning_curve"]["labels_only"]) == {"0.1250", "0.2500"}
     curve = pd.read_csv(out / "learning_curve.csv")
     assert curve.groupby("method")["labeled_tiles"].apply(list).to_dict() == {
         "full_label": [36], "labels_only": [4, 9], "semi_supervised": [4, 9],
+        "semi_supervised_warm": [4, 9],
     }  # fmt: skip
+    # the warm student started from its teacher; the others from the base
+    warm_config = (out / "runs" / "semi_warm_f0.1250_s0" / "config.yaml").read_text()
+    assert f"init_from: {out / 'runs' / 'labels_only_f0.1250_s0'}" in warm_config
+    assert "init_from: null" in (out / "runs" / "semi_f0.1250_s0" / "config.yaml").read_text()
     semi = curve[curve["method"] == "semi_supervised"]
     assert (semi["unlabeled_tiles"] == 36 - semi["labeled_tiles"]).all()
     assert curve["test_miou"].between(0, 1).all()
@@ -151,4 +164,5 @@ def test_experiment_runs_end_to_end_and_resumes(
     again = run_label_efficiency(experiment_store, out, config, settings, log=None)
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/test.json")} == mtimes
     assert again["learning_curve"] == report["learning_curve"]
-    assert np.isfinite(again["ssl_gain"]["0.1250"]["semi_minus_labels_only"])
+    assert np.isfinite(again["ssl_gain"]["semi_supervised_warm"]["0.1250"]["gap_closed"] or 0.0)
+    assert "| 0.1250 | 4 | semi_supervised_warm |" in (out / "report.md").read_text()
