@@ -5,8 +5,8 @@ Two questions, on one store, over several seeds:
 1. Learning curve. At each label fraction of the training pool (the store's labeled and
    unlabeled tiles), three students: *labels-only* on the labelled subset, *semi-supervised*
    (that labels-only run as the teacher writes semantic pseudo-labels for the rest of the pool,
-   then a student trains with consistency on labelled + pseudo-labelled tiles), and *full-label*
-   on the whole pool.
+   then a student trains with consistency on labelled + pseudo-labelled tiles; optionally a
+   second one starts from its teacher's weights), and *full-label* on the whole pool.
 2. Active learning against random selection. From the same seed set, rounds add tiles picked by
    the student's uncertainty (``semisup.selection``) or at random; each round retrains.
 
