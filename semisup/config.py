@@ -71,11 +71,15 @@ class StreamConfig:
     skip_nodata: bool = True  # drop tiles with no valid pixel
     tiles_per_task: int = 64  # tiles per read task; larger tasks amortise Ray's per-task cost
     read_cpus: float = 0.5  # CPUs per read task: fractional so reads never starve other work
+    shuffle_buffer: int = 256  # tiles mixed while a training split streams its first pass (read
+    # tasks also start in a seeded random order); 0 reads in store order. Later passes of a
+    # cached split are reshuffled whole.
 
     def __post_init__(self) -> None:
         _check(self.halo >= 0, "stream.halo", self.halo, "an integer >= 0")
         _check(self.tiles_per_task >= 1, "stream.tiles_per_task", self.tiles_per_task, ">= 1")
         _check(self.read_cpus > 0, "stream.read_cpus", self.read_cpus, "> 0")
+        _check(self.shuffle_buffer >= 0, "stream.shuffle_buffer", self.shuffle_buffer, ">= 0")
 
 
 @dataclass(frozen=True)

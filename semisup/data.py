@@ -22,6 +22,7 @@ eagerly in the driver and handed to Ray as materialised blocks: for tests and ti
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,7 @@ def read_tiles(
     read_cpus: float = 0.5,
     storage_options: Mapping[str, Any] | None = None,
     tile_ids: Sequence[int] | None = None,
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
     """A lazily read, streaming Dataset with one row per tile of the store at ``store``.
 
@@ -78,6 +80,9 @@ def read_tiles(
             with every read task.
         tile_ids: keep only these tiles (after the split filter), e.g. an experiment's own
             labelled subset of the training pool.
+        shuffle_seed: start the read tasks in an order drawn with this seed instead of store
+            order (source by source), so a training pass does not see one image after another;
+            tiles inside a task stay neighbours (chunk-aligned reads).
 
     Raises:
         FileNotFoundError: nothing exists at ``store``.
@@ -91,9 +96,12 @@ def read_tiles(
     if tile_ids is not None:
         index = index.filter(pc.is_in(index.column(C.TILE_ID), pa.array(tile_ids, pa.int64())))
     layouts = _source_layouts(store, root, index, selected)
+    groups = group_tiles(index, tiles_per_task)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(groups)
     datasource = ZarrTileDatasource(
         store,
-        group_tiles(index, tiles_per_task),
+        groups,
         layouts,
         tile_size=meta.tile_size,
         halo=halo,
@@ -113,7 +121,8 @@ def read_tiles(
 
 
 def read_tiles_from_config(store: str, config: StreamConfig, **kwargs: Any) -> ray.data.Dataset:
-    """``read_tiles`` with halo, skip_nodata, tiles_per_task and read_cpus taken from ``config``."""
+    """``read_tiles`` with halo, skip_nodata, tiles_per_task and read_cpus taken from ``config``
+    (``shuffle_buffer`` applies where the split is iterated: see ``train.ShardCache``)."""
     return read_tiles(
         store,
         halo=config.halo,

@@ -195,11 +195,18 @@ def run_training(
     save_config(config, run_dir / "config.yaml")
 
     def split_tiles(name: str, columns: list[str]) -> Any:
+        # training splits start their read tasks in a seeded random order; val in store order
+        order = {C.LABELED: config.train.seed, C.UNLABELED: config.train.seed + 1}.get(name)
+        if config.stream.shuffle_buffer == 0:
+            order = None
         if splits is None:
-            return read_tiles_from_config(store, config.stream, split=name, columns=columns)
+            return read_tiles_from_config(
+                store, config.stream, split=name, columns=columns, shuffle_seed=order
+            )
         return read_tiles_from_config(
-            store, config.stream, columns=columns, tile_ids=list(splits.get(name, ()))
-        )
+            store, config.stream, columns=columns, tile_ids=list(splits.get(name, ())),
+            shuffle_seed=order,
+        )  # fmt: skip
 
     labeled_columns = [C.IMAGE, C.LABEL, C.VALID, C.SOURCE]
     datasets = {
@@ -262,17 +269,31 @@ class ShardCache:
     on every pass. ``shard``: anything with Ray's ``iter_batches``.
     """
 
-    def __init__(self, shard: Any, budget_bytes: int) -> None:
+    def __init__(
+        self, shard: Any, budget_bytes: int, shuffle_buffer: int = 0, seed: int = 0
+    ) -> None:
         self.shard = shard
         self.budget_bytes = budget_bytes
+        self.shuffle_buffer = shuffle_buffer  # tiles mixed while streaming; 0: shard order
+        self.seed = seed
+        self.streamed = 0  # passes read from the shard so far
         self.columns: dict[str, np.ndarray] | None = None  # the cached split, once complete
 
     def stream(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
         """One pass read from the shard, cached on the way if it fits."""
         cached: list[dict[str, np.ndarray]] | None = [] if self.budget_bytes > 0 else None
         size = 0
+        mixing = (
+            {
+                "local_shuffle_buffer_size": self.shuffle_buffer,
+                "local_shuffle_seed": self.seed + self.streamed,
+            }
+            if self.shuffle_buffer
+            else {}
+        )
+        self.streamed += 1
         for batch in self.shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", drop_last=drop_last
+            batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **mixing
         ):
             if cached is not None:
                 size += sum(v.nbytes for v in batch.values())
@@ -390,14 +411,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     per_worker = train.batch_size // max(world, 1)
     # each worker reads its own shard of every split
     budget = train.cache_mb * 1024**2
+    mix = config.stream.shuffle_buffer
     labeled = cycle_batches(
-        ShardCache(ray.train.get_dataset_shard(C.LABELED), budget),
+        ShardCache(ray.train.get_dataset_shard(C.LABELED), budget, mix, train.seed * 100 + rank),
         per_worker,
         C.LABELED,
         train.seed,
     )
     unlabeled = (
-        cycle_batches(ShardCache(ray.train.get_dataset_shard(C.UNLABELED), budget),
+        cycle_batches(ShardCache(ray.train.get_dataset_shard(C.UNLABELED), budget, mix,
+                                 train.seed * 100 + 50 + rank),
                       per_worker * ssl.unlabeled_batch_ratio, C.UNLABELED, train.seed + 1)
         if loop_config["use_unlabeled"] else None
     )  # fmt: skip

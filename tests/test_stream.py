@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import zarr
 from store_factory import SourceSpec, SyntheticStore, build_store
@@ -251,6 +252,41 @@ def test_split_filter_returns_exactly_that_split(
         assert set(rows) == synthetic.tile_ids(split) - nodata_ids(synthetic)
     both = read_tiles(synthetic.url, split=[C.VAL, C.UNLABELED], columns=[C.TILE_ID]).take_all()
     assert set(rows_by_id(both)) == synthetic.tile_ids(C.VAL) | synthetic.tile_ids(C.UNLABELED)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_shuffle_seed_reorders_the_read_tasks_not_the_tiles(
+    synthetic: SyntheticStore, ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    # outputs in task order (concurrent reads otherwise interleave by completion time)
+    options = ray.data.DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)
+
+    def order(**kwargs: Any) -> list[int]:
+        dataset = read_tiles(synthetic.url, columns=[C.TILE_ID], tiles_per_task=4, **kwargs)
+        return [int(i) for b in dataset.iter_batches(batch_size=None) for i in b[C.TILE_ID]]
+
+    stored, first, again, other = (
+        order(),
+        order(shuffle_seed=1),
+        order(shuffle_seed=1),
+        order(shuffle_seed=2),
+    )
+    assert sorted(first) == sorted(stored) and first != stored  # the same tiles, mixed sources
+    assert first == again and first != other  # the seed decides the order
+    # the tiles of one read task stay together (chunk-aligned reads): one run per group
+    read = synthetic.index.filter(pc.is_in(synthetic.index[C.TILE_ID], pa.array(stored)))
+    group_of = {
+        int(tile): g
+        for g, group in enumerate(group_tiles(read, tiles_per_task=4))
+        for tile in group.tile_id
+    }
+    sequence = [group_of[tile] for tile in first]
+    runs = 1 + sum(a != b for a, b in zip(sequence, sequence[1:], strict=False))
+    assert runs == len(set(sequence))
 
 
 @pytest.mark.ray

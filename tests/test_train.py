@@ -260,6 +260,23 @@ def test_small_shards_are_read_once_then_replayed_reshuffled() -> None:
     assert [b["tile_id"].tolist() for b in validation.passes(4)] == first
 
 
+def test_a_streamed_first_pass_is_mixed_by_the_shuffle_buffer(ray_session: None) -> None:
+    import ray
+
+    from semisup.train import ShardCache, cycle_batches
+
+    def first_pass(buffer: int, seed: int) -> list[int]:
+        cache = ShardCache(ray.data.range(64, override_num_blocks=4), 10**6, buffer, seed)
+        batches = cycle_batches(cache, 8, "labeled", seed=0)
+        return [int(i) for _ in range(8) for i in next(batches)["id"]]
+
+    assert first_pass(0, 0) == list(range(64))  # no buffer: the shard's own order
+    mixed = first_pass(32, 0)
+    assert sorted(mixed) == list(range(64)) and mixed != list(range(64))
+    assert mixed[:8] != list(range(8))
+    assert first_pass(32, 0) == mixed and first_pass(32, 1) != mixed
+
+
 def test_shards_over_the_budget_stream_every_pass() -> None:
     from semisup.train import ShardCache, cycle_batches
 
