@@ -8,7 +8,7 @@ or an experiment can measure on tiles that neither training nor early stopping l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,6 @@ def run_predictor(run: Path, image_size: int) -> Predictor:
     return lambda images: semantic(images * 255.0)  # the loaded student takes [0, 255]
 
 
-def band_scales(
-    facts: Mapping[str, Any],
-) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """Per-source (band_low, band_high) of ``train.store_facts``, as ``prepare_batch`` takes them."""
-    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
-
-
 @torch.inference_mode()
 def evaluate_run(
     store: str, run: Path, tile_ids: Sequence[int], *, batch_size: int = 16
@@ -54,7 +47,7 @@ def evaluate_run(
     """
     from semisup.data import read_tiles
     from semisup.steps import prepare_batch
-    from semisup.train import store_facts
+    from semisup.train import band_scales, store_facts
 
     facts = store_facts(store)
     predict = run_predictor(run, int(facts["tile_size"]))

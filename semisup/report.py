@@ -169,10 +169,10 @@ def overlays(store: str, runs: dict[str, Path], path: Path, tiles: int = 4) -> P
     import matplotlib.pyplot as plt
     import torch
 
-    from semisup.evaluate import band_scales, run_predictor
+    from semisup.evaluate import run_predictor
     from semisup.steps import prepare_batch
     from semisup.store import open_store, read_store_meta, read_tile, read_tile_index
-    from semisup.train import store_facts
+    from semisup.train import band_scales, store_facts
 
     root = open_store(store)
     meta = read_store_meta(root)

@@ -36,7 +36,7 @@ from semisup.active import (
 )
 from semisup.actor_pool import cluster_cpus, share_cpus, share_threads
 from semisup.config import ConfigError, load_config
-from semisup.evaluate import band_scales, run_predictor
+from semisup.evaluate import run_predictor
 
 SCORE_PREFIX = "score_"
 
@@ -132,7 +132,7 @@ def score_tiles(
     import ray
 
     from semisup.data import read_tiles
-    from semisup.train import store_facts
+    from semisup.train import band_scales, store_facts
 
     facts = store_facts(store)
     band_scale = band_scales(facts)
@@ -249,7 +249,7 @@ def contact_sheet(
         read_window,
         scale_to_uint8,
     )
-    from semisup.train import store_facts
+    from semisup.train import band_scales, store_facts
 
     root = open_store(store)
     size = read_store_meta(root).tile_size

@@ -98,6 +98,13 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise FileNotFoundError(f"--resume: no run to continue in {run_dir} (no config.yaml)")
 
 
+def band_scales(
+    facts: Mapping[str, Any],
+) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-source (band_low, band_high) of ``store_facts``, as ``prepare_batch`` takes them."""
+    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+
+
 def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: str) -> None:
     """The store (``facts`` of ``store_facts``) has what ``config`` trains on, or an error."""
     if (
@@ -196,9 +203,8 @@ def run_training(
 
     def split_tiles(name: str, columns: list[str]) -> Any:
         # training splits start their read tasks in a seeded random order; val in store order
-        order = {C.LABELED: config.train.seed, C.UNLABELED: config.train.seed + 1}.get(name)
-        if config.stream.shuffle_buffer == 0:
-            order = None
+        seeds = {C.LABELED: config.train.seed, C.UNLABELED: config.train.seed + 1}
+        order = seeds.get(name) if config.stream.shuffle_buffer else None
         if splits is None:
             return read_tiles_from_config(
                 store, config.stream, split=name, columns=columns, shuffle_seed=order
@@ -427,7 +433,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     writer = _tensorboard(run_dir) if rank == 0 else None
     generator = torch.Generator().manual_seed(train.seed * 1000 + rank + state["step"])
     autocast = torch.bfloat16 if (train.bf16 and device.type == "cuda") else None
-    band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+    band_scale = band_scales(facts)
     recipe = StepRecipe(ssl, config.augment, num_classes, train.dice_weight)
     val_cache = ShardCache(ray.train.get_dataset_shard(C.VAL), budget)
     start = time.perf_counter()
