@@ -2,17 +2,14 @@
 
 ``Datasource``, ``ReadTask`` and ``BlockMetadata`` are Ray developer APIs (Ray is pinned for them);
 ``semisup.data.read_tiles`` is the public face. A read task reads one ``TileGroup``: up to
-``tiles_per_task`` tiles of one source in row-major order. It covers the group with a few
-rectangles of whole tile runs (one per run of neighbouring tiles, runs of equal extent in
-consecutive grid rows merged), reads each rectangle once per array and cuts the tiles out of it,
-so a task issues a handful of chunk-aligned zarr reads instead of three per tile.
+``tiles_per_task`` tiles of one source in row-major order, chunk-aligned, through
+``semisup.tile_read.read_tile_group``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,214 +20,21 @@ from ray.data.datasource import Datasource, ReadTask
 
 from semisup import columns as C
 from semisup import store as tile_store
+from semisup.tile_read import (
+    INDEX_DTYPES,
+    STRING_COLUMNS,
+    SourceLayout,
+    TileGroup,
+    read_tile_group,
+    row_nbytes,
+)
 
-# Per-tile pixel columns and their padding value outside the raster (see store.read_tile).
-PIXEL_FILL: dict[str, int | float | bool] = {
-    C.IMAGE: 0,
-    C.VALID: False,
-    C.LABEL: C.IGNORE_INDEX,
-    C.PSEUDO_LABEL: C.IGNORE_INDEX,  # for uint16 instance ids: 65535, see pixel_fill
-    C.CONFIDENCE: 0.0,
-}
-# Per-tile position columns, copied from the tile index, with their numpy dtypes.
-INDEX_DTYPES: dict[str, str] = {
-    C.TILE_ID: "int64",
-    C.ROW: "int32",
-    C.COL: "int32",
-    C.Y0: "int64",
-    C.X0: "int64",
-}
-STRING_COLUMNS = (C.SOURCE, C.SPLIT)
 # Bytes per output block at most. A task reads its group chunk-aligned and yields it in blocks
 # of up to this size, which bounds a worker's memory and its pending output when tasks are
 # large. Not smaller: each block costs the driver and the worker a fixed overhead (measured on
 # 2 cores: 64-tile tasks of 256 px tiles took 2.5 CPU ms/tile as one 17 MiB block, 2.8 as
 # three blocks of up to 8 MiB, 3.0 as five of up to 4 MiB). Ray's own target is 128 MiB.
 TARGET_BLOCK_BYTES = 32 * 1024**2
-ALL_COLUMNS: tuple[str, ...] = (*PIXEL_FILL, *INDEX_DTYPES, *STRING_COLUMNS)
-# The teacher's columns are read only when asked for by name: most readers do not need them.
-DEFAULT_COLUMNS: tuple[str, ...] = tuple(
-    name for name in ALL_COLUMNS if name not in (C.PSEUDO_LABEL, C.CONFIDENCE)
-)
-
-
-@dataclass(frozen=True)
-class SourceLayout:
-    """What a reader needs to know about one source: pixel dtype, bands, whether it has labels."""
-
-    bands: int
-    dtype: str
-    labeled: bool
-    pseudo_dtype: str | None = None  # dtype of the teacher's pseudo_label array, None if absent
-
-    def pixel_dtype(self, name: str) -> str:
-        """The dtype of pixel column ``name`` in this source's rows."""
-        dtypes = {C.IMAGE: self.dtype, C.VALID: "bool", C.LABEL: "uint8", C.CONFIDENCE: "float32"}
-        return dtypes.get(name, self.pseudo_dtype or "uint8")
-
-    def stores(self, name: str) -> bool:
-        """Whether the source holds an array for pixel column ``name`` (else rows are fill)."""
-        if name == C.LABEL:
-            return self.labeled
-        if name in (C.PSEUDO_LABEL, C.CONFIDENCE):
-            return self.pseudo_dtype is not None
-        return True
-
-
-def pixel_fill(name: str, dtype: str) -> int | float | bool:
-    """Padding of pixel column ``name``: PIXEL_FILL, or the dtype's maximum for pseudo-labels
-    (255 = IGNORE_INDEX for uint8 class ids, 65535 = not valid for uint16 instance ids)."""
-    if name == C.PSEUDO_LABEL:
-        return int(np.iinfo(dtype).max)
-    return PIXEL_FILL[name]
-
-
-@dataclass(frozen=True)
-class TileGroup:
-    """The tiles of one read task: all from ``source_id``, row-major, each column a 1-D array."""
-
-    source_id: str
-    tile_id: np.ndarray  # n int64
-    row: np.ndarray  # n int32, grid row
-    col: np.ndarray  # n int32, grid column
-    y0: np.ndarray  # n int64, pixel offset of the tile (without halo)
-    x0: np.ndarray  # n int64
-    split: np.ndarray  # n object (str)
-
-    def __len__(self) -> int:
-        return len(self.tile_id)
-
-    def parts(self, size: int) -> list[TileGroup]:
-        """Consecutive sub-groups of up to ``size`` tiles, in order."""
-        return [
-            TileGroup(
-                self.source_id,
-                *(column[lo : lo + size] for column in (self.tile_id, self.row, self.col)),
-                *(column[lo : lo + size] for column in (self.y0, self.x0, self.split)),
-            )
-            for lo in range(0, len(self), size)
-        ]
-
-
-def group_tiles(index: pa.Table, tiles_per_task: int) -> list[TileGroup]:
-    """Cut a (filtered) tile index into groups of up to ``tiles_per_task`` tiles of one source.
-
-    Tiles are sorted by source, then grid row, then grid column, so consecutive tiles of a group
-    are neighbours on the grid and their windows share chunk rows.
-    """
-    if index.num_rows == 0:
-        return []
-    order = index.sort_by([(C.SOURCE, "ascending"), (C.ROW, "ascending"), (C.COL, "ascending")])
-    cols = {name: order.column(name).to_numpy() for name in (*INDEX_DTYPES, *STRING_COLUMNS)}
-    sources = cols[C.SOURCE]
-    # start of each source's run of rows in the sorted index
-    starts = np.flatnonzero(np.r_[True, sources[1:] != sources[:-1]])
-    ends = np.r_[starts[1:], len(sources)]
-    groups = []
-    for start, end in zip(starts, ends, strict=True):
-        for lo in range(start, end, tiles_per_task):
-            part = slice(lo, min(lo + tiles_per_task, end))
-            groups.append(
-                TileGroup(
-                    source_id=str(sources[start]),
-                    tile_id=cols[C.TILE_ID][part].astype(np.int64),
-                    row=cols[C.ROW][part].astype(np.int32),
-                    col=cols[C.COL][part].astype(np.int32),
-                    y0=cols[C.Y0][part].astype(np.int64),
-                    x0=cols[C.X0][part].astype(np.int64),
-                    split=cols[C.SPLIT][part].astype(object),
-                )
-            )
-    return groups
-
-
-def covering_windows(group: TileGroup) -> list[np.ndarray]:
-    """Partition a row-major group into rectangles of whole tiles; returns tile indices of each.
-
-    A run is a maximal sequence of tiles in one grid row with consecutive columns. Runs of
-    consecutive grid rows with the same column range merge into one rectangle. The union of
-    the rectangles' tiles is the group, and no rectangle holds a tile outside it.
-    """
-    if len(group) == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(group.row) != 0) | (np.diff(group.col) != 1)) + 1
-    runs = np.split(np.arange(len(group)), breaks)
-    rectangles: list[list[np.ndarray]] = []
-    for run in runs:
-        if rectangles:
-            last = rectangles[-1][-1]
-            same_columns = (
-                group.col[run[0]] == group.col[last[0]]
-                and group.col[run[-1]] == group.col[last[-1]]
-            )
-            if same_columns and group.row[run[0]] == group.row[last[0]] + 1:
-                rectangles[-1].append(run)
-                continue
-        rectangles.append([run])
-    return [np.concatenate(runs_of_rect) for runs_of_rect in rectangles]
-
-
-def read_tile_group(
-    source: Any,
-    group: TileGroup,
-    *,
-    tile_size: int,
-    halo: int,
-    columns: Sequence[str],
-    layout: SourceLayout,
-) -> dict[str, np.ndarray]:
-    """Read every tile of ``group`` from the zarr group ``source``; Ray-free.
-
-    Returns the requested columns, n rows each: IMAGE n×S×S×C source dtype, VALID n×S×S bool,
-    LABEL n×S×S uint8 (all IGNORE_INDEX when the source is unlabelled), S = tile_size + 2·halo,
-    padded outside the raster exactly like ``store.read_tile``; index columns as 1-D arrays.
-    """
-    span = tile_size + 2 * halo
-    n = len(group)
-    batch: dict[str, np.ndarray] = {}
-    pixel_columns = [name for name in PIXEL_FILL if name in columns]
-    for name in pixel_columns:
-        dtype = layout.pixel_dtype(name)
-        trailing = (layout.bands,) if name == C.IMAGE else ()
-        batch[name] = np.full((n, span, span, *trailing), pixel_fill(name, dtype), dtype=dtype)
-    stored = [name for name in pixel_columns if layout.stores(name)]
-    for tiles in covering_windows(group) if stored else []:
-        top, left = int(group.y0[tiles].min()) - halo, int(group.x0[tiles].min()) - halo
-        height = int(group.y0[tiles].max()) - halo - top + span
-        width = int(group.x0[tiles].max()) - halo - left + span
-        for name in stored:
-            fill = pixel_fill(name, layout.pixel_dtype(name))
-            window = tile_store.read_window(source[name], top, left, height, width, fill)
-            for i in tiles:
-                dy, dx = int(group.y0[i]) - halo - top, int(group.x0[i]) - halo - left
-                batch[name][i] = window[dy : dy + span, dx : dx + span]
-    index_arrays = {
-        C.TILE_ID: group.tile_id,
-        C.ROW: group.row,
-        C.COL: group.col,
-        C.Y0: group.y0,
-        C.X0: group.x0,
-        C.SOURCE: np.full(n, group.source_id, dtype=object),
-        C.SPLIT: group.split,
-    }
-    batch.update({name: array for name, array in index_arrays.items() if name in columns})
-    return {name: batch[name] for name in columns}
-
-
-def row_nbytes(tile_size: int, halo: int, columns: Sequence[str], layout: SourceLayout) -> int:
-    """Estimated in-memory bytes of one row (pixels exactly, strings approximately)."""
-    pixels = (tile_size + 2 * halo) ** 2
-    sizes = {
-        C.IMAGE: pixels * layout.bands * np.dtype(layout.dtype).itemsize,
-        C.VALID: -(-pixels // 8),  # Arrow packs booleans into bits
-        C.LABEL: pixels,
-        C.PSEUDO_LABEL: pixels * np.dtype(layout.pixel_dtype(C.PSEUDO_LABEL)).itemsize,
-        C.CONFIDENCE: pixels * 4,
-        C.SOURCE: 24,  # offset plus a short id
-        C.SPLIT: 16,
-        **{name: np.dtype(dtype).itemsize for name, dtype in INDEX_DTYPES.items()},
-    }
-    return int(sum(sizes[name] for name in columns))
 
 
 class ZarrTileDatasource(Datasource):

@@ -29,6 +29,7 @@ ROW: Final = "row"
 COL: Final = "col"
 Y0: Final = "y0"
 X0: Final = "x0"
+SAMPLE_KEY: Final = "sample_key"  # int64 per sample: seeds its augmentation (semisup.sampling)
 HEIGHT: Final = "height"
 WIDTH: Final = "width"
 SPLIT: Final = "split"

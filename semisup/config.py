@@ -71,15 +71,11 @@ class StreamConfig:
     skip_nodata: bool = True  # drop tiles with no valid pixel
     tiles_per_task: int = 64  # tiles per read task; larger tasks amortise Ray's per-task cost
     read_cpus: float = 0.5  # CPUs per read task: fractional so reads never starve other work
-    shuffle_buffer: int = 256  # tiles mixed while a training split streams its first pass (read
-    # tasks also start in a seeded random order); 0 reads in store order. Later passes of a
-    # cached split are reshuffled whole.
 
     def __post_init__(self) -> None:
         _check(self.halo >= 0, "stream.halo", self.halo, "an integer >= 0")
         _check(self.tiles_per_task >= 1, "stream.tiles_per_task", self.tiles_per_task, ">= 1")
         _check(self.read_cpus > 0, "stream.read_cpus", self.read_cpus, "> 0")
-        _check(self.shuffle_buffer >= 0, "stream.shuffle_buffer", self.shuffle_buffer, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -179,8 +175,10 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0: Ray's default (one per whole CPU reserved); reads are light, so
     # on a small machine a worker may compute with more threads than the CPUs it reserves
-    cache_mb: int = 1024  # a worker keeps a split shard this small in memory after one pass
+    cache_mb: int = 1024  # a worker holds the training splits (and its validation share) in
+    # memory while they fit this budget together; a split past it is read from the store per batch
     batch_size: int = 8  # global labeled tiles per step, split evenly across workers
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: momentum 0.9 (linear in the gradients)
     lr: float = 3e-4  # at the reference batch of 8; scaled linearly with batch_size
     weight_decay: float = 0.01
     epochs: int = 10
@@ -298,12 +296,22 @@ def to_dict(config: Any) -> dict[str, Any]:
     return result
 
 
+# Keys that once existed, with what replaced them: a clearer error than "unknown key".
+RETIRED_KEYS: dict[str, str] = {
+    "stream.shuffle_buffer": "training passes are seeded permutations of the split's tile ids "
+    "(semisup.sampling), whatever the read order; remove the key",
+}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from plain data, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    retired = sorted(f"{prefix}{key}" for key in data if f"{prefix}{key}" in RETIRED_KEYS)
+    if retired:
+        raise ConfigError(f"config key '{retired[0]}' is retired: {RETIRED_KEYS[retired[0]]}")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -363,7 +371,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = _yaml_problem(err)
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
+    return key.strip().split("."), value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, in one line (without its excerpt of the document)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and mark is not None:
+        return f"{problem}, {context} from line {mark.line + 1}"
+    return str(problem)
 
 
 def merge_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -388,7 +420,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = _deep_update(data, loaded)

@@ -33,15 +33,10 @@ import ray
 
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup._zarr_datasource import (
-    ALL_COLUMNS,
-    DEFAULT_COLUMNS,
-    SourceLayout,
-    ZarrTileDatasource,
-    group_tiles,
-)
+from semisup._zarr_datasource import ZarrTileDatasource
 from semisup.config import StreamConfig
 from semisup.runtime import ensure_ray
+from semisup.tile_read import ALL_COLUMNS, DEFAULT_COLUMNS, group_tiles, source_layouts
 
 __all__ = ["read_tiles", "read_tiles_from_config"]
 
@@ -95,7 +90,7 @@ def read_tiles(
     index = _filter_index(store, index, split, skip_nodata)
     if tile_ids is not None:
         index = index.filter(pc.is_in(index.column(C.TILE_ID), pa.array(tile_ids, pa.int64())))
-    layouts = _source_layouts(store, root, index, selected)
+    layouts = source_layouts(store, root, index, selected)
     groups = group_tiles(index, tiles_per_task)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(groups)
@@ -122,7 +117,7 @@ def read_tiles(
 
 def read_tiles_from_config(store: str, config: StreamConfig, **kwargs: Any) -> ray.data.Dataset:
     """``read_tiles`` with halo, skip_nodata, tiles_per_task and read_cpus taken from ``config``
-    (``shuffle_buffer`` applies where the split is iterated: see ``train.ShardCache``)."""
+    (training reads its splits by tile id instead: see ``semisup.tile_reader``)."""
     return read_tiles(
         store,
         halo=config.halo,
@@ -197,30 +192,6 @@ def _filter_index(
     if skip_nodata:
         index = index.filter(pc.greater(index.column("valid_fraction"), 0))
     return index
-
-
-def _source_layouts(
-    store: str, root: Any, index: pa.Table, columns: Sequence[str]
-) -> dict[str, SourceLayout]:
-    """Layout of every source in ``index``; image bands and dtype must agree for uniform rows."""
-    layouts = {}
-    for source_id in index.column(C.SOURCE).unique().to_pylist():
-        meta = tile_store.read_source_meta(root, source_id)
-        group = root[source_id]
-        pseudo = group.get(C.PSEUDO_LABEL)
-        layouts[source_id] = SourceLayout(
-            bands=meta.bands,
-            dtype=meta.dtype,
-            labeled=C.LABEL in group,
-            pseudo_dtype=None if pseudo is None else str(pseudo.dtype),
-        )
-    kinds = {(layout.bands, layout.dtype) for layout in layouts.values()}
-    if C.IMAGE in columns and len(kinds) > 1:
-        raise ValueError(
-            f"read_tiles({store!r}): the selected sources mix image layouts (bands, dtype) "
-            f"{sorted(kinds)}; a Dataset needs one. Select a split with a single layout."
-        )
-    return layouts
 
 
 def _max_concurrent_reads() -> int:

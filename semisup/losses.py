@@ -2,6 +2,10 @@
 
 All are pure functions of tensors. Shapes: ``logits`` B×K×H×W float; ``target`` B×H×W int64 with
 IGNORE_INDEX where a pixel carries no supervision; ``confidence`` B×H×W float in [0, 1].
+
+Every mean is over the pixels of the *global* batch: sums and counts go through a ``Collective``
+(``semisup.collective``), so N data-parallel workers compute the loss one worker computes on the
+whole batch. The default ``LOCAL`` is one worker.
 """
 
 from __future__ import annotations
@@ -11,11 +15,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from semisup.collective import Collective
 from semisup.columns import IGNORE_INDEX
 
+LOCAL = Collective()  # one worker: sums stay local
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft multi-class Dice loss over labelled pixels, averaged over classes present.
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = 1.0,
+    collective: Collective = LOCAL,
+) -> torch.Tensor:
+    """Soft multi-class Dice loss over labelled pixels, averaged over classes.
+
+    Intersections and sizes are summed over the global batch before the ratio is taken.
 
     Classes absent from both target and prediction would give 0/0; ``eps`` (1.0, the usual
     Laplace smoothing of V-Net-style Dice) keeps them at a loss of 0.
@@ -25,20 +39,25 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     probs = logits.float().softmax(1) * labelled
     one_hot = F.one_hot(target.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2)
     one_hot = one_hot.float() * labelled  # B×K×H×W
-    intersection = (probs * one_hot).sum((0, 2, 3))
-    sizes = probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
+    intersection = collective.global_sum((probs * one_hot).sum((0, 2, 3)))  # K
+    sizes = collective.global_sum(probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3)))  # K
     return 1.0 - ((2 * intersection + eps) / (sizes + eps)).mean()
 
 
 def supervised_loss(
-    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dice_weight: float = 1.0,
+    collective: Collective = LOCAL,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy + ``dice_weight`` × Dice on labelled pixels; 0 when none is labelled."""
-    if not (target != IGNORE_INDEX).any():
-        zero = logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
-        return {"loss_sup": zero, "loss_ce": zero, "loss_dice": zero}
-    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
-    dice = dice_loss(logits, target)
+    """Cross-entropy (mean over labelled pixels) + ``dice_weight`` × Dice; 0 when none is labelled.
+
+    The graph is kept even then: DDP's gradient hooks need every worker to backpropagate.
+    """
+    labelled = collective.sum((target != IGNORE_INDEX).sum().float())
+    ce_sum = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = collective.global_sum(ce_sum) / labelled.clamp(min=1)
+    dice = dice_loss(logits, target, collective=collective)
     return {"loss_sup": ce + dice_weight * dice, "loss_ce": ce, "loss_dice": dice}
 
 
@@ -63,31 +82,40 @@ def consistency_loss(
     target: torch.Tensor,
     confidence: torch.Tensor,
     threshold: float | torch.Tensor,
+    collective: Collective = LOCAL,
 ) -> dict[str, torch.Tensor]:
     """Cross-entropy of the student against a target, counted only where confident.
 
-    Averaged over *all* pixels (FixMatch's convention), so that a batch with few confident
-    pixels contributes little. Returns ``loss_cons`` and ``mask_ratio`` (fraction counted).
+    Averaged over *all* pixels of the global batch (FixMatch's convention), so that a batch with
+    few confident pixels contributes little. Returns ``loss_cons`` and ``mask_ratio`` (fraction
+    counted).
     """
     mask = confidence_mask(confidence, target, threshold)
     safe_target = torch.where(mask, target, torch.zeros_like(target))
     per_pixel = F.cross_entropy(student_logits.float(), safe_target, reduction="none")
-    loss = (per_pixel * mask).sum() / mask.numel()
-    return {"loss_cons": loss, "mask_ratio": mask.float().mean().detach()}
+    pixels = collective.sum(torch.tensor(float(mask.numel()), device=mask.device))
+    loss = collective.global_sum((per_pixel * mask).sum()) / pixels
+    return {"loss_cons": loss, "mask_ratio": collective.sum(mask.float().sum()) / pixels}
 
 
 def class_balanced_thresholds(
-    confidence: torch.Tensor, target: torch.Tensor, num_classes: int, base_threshold: float
+    confidence: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    base_threshold: float,
+    collective: Collective = LOCAL,
 ) -> torch.Tensor:
     """Per-class thresholds scaled by each class's mean confidence (FlexMatch-style).
 
     A class the teacher is less sure of (typical of rare classes in imbalanced agricultural
     scenes) gets a proportionally lower threshold: t_k = base · c̄_k / max_j c̄_j, where c̄_k is
-    the mean confidence of pixels the target assigns to class k. Classes not seen keep the base.
+    the mean confidence of pixels the target assigns to class k (over the global batch). Classes
+    not seen keep the base.
     """
     valid = target != IGNORE_INDEX
     sums = torch.bincount(target[valid], weights=confidence[valid].float(), minlength=num_classes)
-    counts = torch.bincount(target[valid], minlength=num_classes).float()
+    sums = collective.sum(sums)
+    counts = collective.sum(torch.bincount(target[valid], minlength=num_classes).float())
     means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
     if means.max() <= 0:
         return torch.full((num_classes,), base_threshold, device=confidence.device)

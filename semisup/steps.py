@@ -8,6 +8,11 @@ the model learns is here, as functions of tensors:
 - ``compute_losses``: supervised + confidence-masked consistency on the strong view;
 - ``train_step``: one optimiser step, then the EMA update; returns floats for logging;
 - ``validation_confusion``: a confusion matrix over valid, labelled validation pixels.
+
+Data parallelism is exact: losses and per-class statistics are normalised over the global batch
+through a ``Collective``, the loss is scaled by the worker count before ``backward`` (DDP then
+averages the gradients back), and each sample's augmentation is seeded by its SAMPLE_KEY, so N
+workers with B/N tiles each take the step one worker takes with B.
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ from torch import Tensor, nn
 from semisup import columns as C
 from semisup.augment import strong_view, weak_view
 from semisup.bands import to_three_bands
+from semisup.collective import Collective
 from semisup.config import AugmentConfig, SslConfig
 from semisup.ema import ema_update
 from semisup.losses import (
+    LOCAL,
     class_balanced_thresholds,
     consistency_loss,
     ramp_up,
     supervised_loss,
 )
 from semisup.metrics import confusion_matrix
+from semisup.sampling import STRONG_VIEW, WEAK_VIEW, derive_keys
 
 Batch = dict[str, Tensor]
 
@@ -56,7 +64,8 @@ def prepare_batch(
     IMAGE B×S×S×C (uint8/uint16) becomes B×3×S×S float32 in [0, 1]: the first three bands (a
     single band is replicated), each mapped by its source's ``band_low``/``band_high`` as the
     teacher sees it (``band_scale[source] = (low, high)``). LABEL and PSEUDO_LABEL become int64
-    with IGNORE_INDEX wherever VALID is False; CONFIDENCE float32 (0 where invalid).
+    with IGNORE_INDEX wherever VALID is False; CONFIDENCE float32 (0 where invalid); SAMPLE_KEY
+    (B int64, the samples' augmentation keys) passes through.
     """
     image = np.asarray(batch[C.IMAGE])
     sources = [str(s) for s in batch[C.SOURCE]]
@@ -77,7 +86,14 @@ def prepare_batch(
         # a copy: Arrow hands over read-only buffers, which torch must not alias
         confidence = torch.from_numpy(np.array(batch[C.CONFIDENCE], np.float32)).to(device)
         out[C.CONFIDENCE] = confidence * valid
+    if C.SAMPLE_KEY in batch:
+        out[C.SAMPLE_KEY] = torch.as_tensor(np.asarray(batch[C.SAMPLE_KEY], np.int64))
     return out
+
+
+def view_keys(batch: Batch, view: int) -> Tensor | None:
+    """The per-sample keys of one view of ``batch`` (None without SAMPLE_KEY: fresh draws)."""
+    return derive_keys(batch[C.SAMPLE_KEY], view) if C.SAMPLE_KEY in batch else None
 
 
 def combine_targets(
@@ -140,21 +156,22 @@ def compute_losses(
     teacher: nn.Module | None,
     recipe: StepRecipe,
     step: int,
-    generator: torch.Generator | None = None,
+    collective: Collective = LOCAL,
 ) -> dict[str, Tensor]:
-    """``loss`` (with graph) and its parts for one step.
+    """``loss`` (with graph) and its parts for one step, each the value of the global batch.
 
     Labeled tiles train through a weak view; unlabeled tiles get their target on the weak view
     and the student predicts the strong view of the same tiles (geometry moves the target too).
     """
     ssl, augment = recipe.ssl, recipe.augment
-    weak_labeled = weak_view(labeled, augment, generator)
+    weak_labeled = weak_view(labeled, augment, view_keys(labeled, WEAK_VIEW))
     logits = model(weak_labeled[C.IMAGE])
-    parts = supervised_loss(logits, weak_labeled[C.LABEL], recipe.dice_weight)
+    parts = supervised_loss(logits, weak_labeled[C.LABEL], recipe.dice_weight, collective)
     loss = parts["loss_sup"]
     if unlabeled is not None and ssl.enabled:
-        weak = unlabeled_targets(weak_view(unlabeled, augment, generator), teacher, ssl)
-        strong = strong_view(weak, augment, generator)
+        weak_unlabeled = weak_view(unlabeled, augment, view_keys(unlabeled, WEAK_VIEW))
+        weak = unlabeled_targets(weak_unlabeled, teacher, ssl)
+        strong = strong_view(weak, augment, view_keys(unlabeled, STRONG_VIEW))
         threshold: float | Tensor = ssl.confidence_threshold
         if ssl.class_balanced:
             threshold = class_balanced_thresholds(
@@ -162,9 +179,14 @@ def compute_losses(
                 strong[C.PSEUDO_LABEL],
                 recipe.num_classes,
                 ssl.confidence_threshold,
+                collective,
             )
         cons = consistency_loss(
-            model(strong[C.IMAGE]), strong[C.PSEUDO_LABEL], strong[C.CONFIDENCE], threshold
+            model(strong[C.IMAGE]),
+            strong[C.PSEUDO_LABEL],
+            strong[C.CONFIDENCE],
+            threshold,
+            collective,
         )
         weight = ssl.unlabeled_weight * ramp_up(step, ssl.ramp_up_steps)
         loss = loss + weight * cons["loss_cons"]
@@ -182,9 +204,14 @@ def train_step(
     recipe: StepRecipe,
     step: int,
     autocast_dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
+    collective: Collective = LOCAL,
 ) -> dict[str, float]:
-    """One optimiser step (and EMA update); returns ``loss`` and its parts as floats."""
+    """One optimiser step (and EMA update); returns ``loss`` and its parts as floats.
+
+    The global loss is scaled by the worker count before ``backward``: each worker's gradient
+    is then that of its own terms of the global loss times N, and DDP's average is the gradient
+    of the global loss.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device_type = labeled[C.IMAGE].device.type
@@ -198,9 +225,9 @@ def train_step(
             teacher=teacher,
             recipe=recipe,
             step=step,
-            generator=generator,
+            collective=collective,
         )
-    parts["loss"].backward()
+    (parts["loss"] * collective.world_size).backward()
     optimizer.step()
     if teacher is not None:
         ema_update(teacher, unwrap(model), recipe.ssl.ema_momentum)

@@ -15,10 +15,10 @@ from store_factory import SourceSpec, SyntheticStore, build_store
 from semisup import _zarr_datasource as zarr_datasource
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup._zarr_datasource import (
+from semisup._zarr_datasource import ZarrTileDatasource
+from semisup.tile_read import (
     DEFAULT_COLUMNS,
     SourceLayout,
-    ZarrTileDatasource,
     covering_windows,
     group_tiles,
     read_tile_group,

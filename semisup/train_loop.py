@@ -1,0 +1,457 @@
+"""The per-worker function of ``semisup train``: build, stream, run an epoch, end an epoch.
+
+Ray Train starts ``train_loop_per_worker`` in every worker (or in the driver with
+``--debug``). It only wires things together; what the model learns is decided in
+``semisup.steps``, which tiles each step sees in ``semisup.sampling``, and what a checkpoint
+holds in ``semisup.train_state``.
+
+Why the loop reads its tiles by id instead of taking Ray Data's streaming split: the split hands
+blocks to workers as they ask and drops rows to equalise them, so which tiles a worker sees
+depends on task timing and on the worker count. Here every pass is a seeded permutation of the
+split's tile ids, every step takes the next global batch of it, and every rank a fixed share of
+that batch (``semisup.sampling``). A run is then reproducible bit for bit, N workers take the
+step one worker takes, and the data position of a checkpoint is its step. The cost is that a
+worker reads from the store itself (``semisup.tile_reader``; one background thread reads the
+next batch while the step runs) rather than through Ray Data's read tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semisup import columns as C
+from semisup.collective import Collective, current_collective
+from semisup.config import ExperimentConfig, from_dict
+from semisup.metrics import scores
+from semisup.sampling import (
+    SHARED_RANK,
+    DataPosition,
+    SeedPurpose,
+    SplitOrder,
+    sample_keys,
+    validation_share,
+    worker_seed,
+)
+from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_confusion
+from semisup.tile_reader import TileReader
+from semisup.train_state import Trainables, TrainState, load_checkpoint, save_checkpoint
+
+ADAPTER_FILE = "adapter.safetensors"
+LR_REFERENCE_BATCH = 8  # lr is given for this global batch; scaled linearly (Goyal et al. 2017)
+VALIDATION_BATCH = 16  # tiles per validation forward pass
+SGD_MOMENTUM = 0.9
+LABELED_COLUMNS = (C.IMAGE, C.LABEL, C.VALID, C.SOURCE, C.TILE_ID)
+UNLABELED_COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID)
+PSEUDO_COLUMNS = (C.PSEUDO_LABEL, C.CONFIDENCE)
+BandScale = Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]]
+
+
+def scaled_lr(config: ExperimentConfig) -> float:
+    """The learning rate for the global batch: lr × batch_size / LR_REFERENCE_BATCH."""
+    return config.train.lr * config.train.batch_size / LR_REFERENCE_BATCH
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(config: ExperimentConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters, at the linearly scaled learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, decay = scaled_lr(config), config.train.weight_decay
+    if config.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of a training split
+
+
+@dataclass
+class SplitFeed:
+    """This rank's batches of one training split: its seeded order, read by tile id."""
+
+    name: str
+    reader: TileReader
+    order: SplitOrder
+    key_seed: int  # the run's seed: sample keys are drawn per step from it
+    key_purpose: SeedPurpose
+    rank: int
+    world: int
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This rank's share of global step ``step``, with each sample's augmentation key."""
+        ids, start = self.order.rank_share(step, self.rank, self.world)
+        batch = self.reader.read(ids)
+        keys = sample_keys(self.key_seed, self.key_purpose, step, len(ids), start)
+        batch[C.SAMPLE_KEY] = keys.numpy()
+        return batch
+
+
+def prefetched(
+    feeds: list[SplitFeed | None], first: int, last: int
+) -> Iterator[list[dict[str, np.ndarray] | None]]:
+    """The batches of steps ``first .. last-1``; a thread reads step s+1 while s trains."""
+
+    def read(step: int) -> list[dict[str, np.ndarray] | None]:
+        return [None if feed is None else feed.batch(step) for feed in feeds]
+
+    if first >= last:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="semisup-read") as pool:
+        pending: Future[list[dict[str, np.ndarray] | None]] = pool.submit(read, first)
+        for step in range(first, last):
+            batches = pending.result()
+            if step + 1 < last:
+                pending = pool.submit(read, step + 1)
+            yield batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The run of one worker
+
+
+@dataclass
+class WorkerRun:
+    """Everything one worker holds while it trains."""
+
+    config: ExperimentConfig
+    facts: dict[str, Any]
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    collective: Collective
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    trainables: Trainables
+    feeds: dict[str, SplitFeed]
+    val_reader: TileReader | None
+    val_ids: np.ndarray
+    recipe: StepRecipe
+    band_scale: BandScale
+    state: TrainState = field(default_factory=TrainState)
+    writer: Any = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.train.epochs * self.config.train.steps_per_epoch
+
+    def positions(self, step: int) -> dict[str, DataPosition]:
+        return {name: feed.order.position(step) for name, feed in self.feeds.items()}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function: build, restore, loop, validate, stop early, report."""
+    import ray.train
+
+    run = build_worker_run(loop_config)
+    restore(run, ray.train.get_checkpoint())
+    if run.state.initial is None:  # the baseline early stopping must beat
+        run.state.initial = validate(run)
+        run.state.reference_miou = run.state.initial["miou"]
+    epochs = range(run.state.epoch, 0 if run.state.stopped_early else run.config.train.epochs)
+    for epoch in epochs:
+        run_epoch(run, epoch)
+        if end_epoch(run, epoch):
+            break
+    if run.writer is not None:
+        run.writer.close()
+    # rank 0's report reaches the driver too, which may be on another node than rank 0
+    return build_report(run) if run.rank == 0 else None
+
+
+def build_model(
+    config: ExperimentConfig, facts: Mapping[str, Any], init_adapter: str | None
+) -> torch.nn.Module:
+    """The student before its first step: the same on every worker (seeded), warm-started from
+    ``init_adapter`` where given (a run checks it in the driver: ``train.check_warm_start``)."""
+    from semisup.student import build_student, load_adapter
+
+    student = config.student
+    torch.manual_seed(worker_seed(config.train.seed, SHARED_RANK, "init"))
+    model = build_student(
+        student.model_type, int(facts["num_classes"]), int(facts["tile_size"]),
+        checkpoint=student.checkpoint, mode=student.mode, lora_rank=student.lora_rank,
+        lora_alpha=student.lora_alpha, lora_dropout=student.lora_dropout,
+        lora_targets=student.lora_targets, hires_path=student.hires_path,
+    )  # fmt: skip
+    if init_adapter is not None:
+        load_adapter(model, init_adapter)
+    return model
+
+
+def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
+    """The student, its optimiser and EMA teacher, and this rank's feeds of every split."""
+    import ray.train
+    import ray.train.torch
+
+    from semisup.ema import make_ema_teacher
+
+    config = from_dict(ExperimentConfig, loop_config["experiment"])
+    facts, train = loop_config["facts"], config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
+    model = build_model(config, facts, loop_config["init_adapter"]).to(device)
+    teacher = make_ema_teacher(model) if loop_config["use_ema_teacher"] else None
+    trainables = Trainables(model, build_optimizer(config, model), teacher)
+    torch.manual_seed(worker_seed(train.seed, rank, "torch"))  # dropout, if the model has any
+    if world > 1:
+        # wraps the model in DistributedDataParallel (it is on its device already)
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    run = WorkerRun(
+        config=config, facts=facts, run_dir=Path(loop_config["run_dir"]), rank=rank, world=world,
+        device=device, collective=current_collective(), model=model, trainables=trainables,
+        feeds={}, val_reader=None, val_ids=np.asarray(loop_config["splits"][C.VAL], np.int64),
+        recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight),
+        band_scale=band_scales(facts),
+    )  # fmt: skip
+    open_readers(run, loop_config)
+    if rank == 0:
+        run.writer = _tensorboard(run.run_dir)
+    return run
+
+
+def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
+    """This rank's readers: the training splits in their seeded orders, its validation share."""
+    config, splits = run.config, loop_config["splits"]
+    budget = config.train.cache_mb * 1024**2
+    read = {"storage_options": loop_config["storage_options"], "halo": config.stream.halo}
+    batch = config.train.batch_size
+    wanted: list[tuple[str, tuple[str, ...], int, str]] = [
+        (C.LABELED, LABELED_COLUMNS, batch, "labeled")
+    ]
+    if loop_config["use_unlabeled"]:
+        columns = UNLABELED_COLUMNS + (PSEUDO_COLUMNS if loop_config["read_pseudo_labels"] else ())
+        wanted.append((C.UNLABELED, columns, batch * config.ssl.unlabeled_batch_ratio, "unlabeled"))
+    for name, columns, global_batch, kind in wanted:
+        ids = np.asarray(splits[name], np.int64)
+        reader = TileReader(loop_config["store"], ids, columns=columns, cache_bytes=budget, **read)
+        budget -= reader.nbytes if reader.cacheable else 0
+        order_seed = worker_seed(config.train.seed, SHARED_RANK, f"{kind}_order")  # type: ignore[arg-type]
+        run.feeds[name] = SplitFeed(
+            name, reader, SplitOrder(np.sort(ids), global_batch, order_seed), config.train.seed,
+            f"{kind}_samples", run.rank, run.world,  # type: ignore[arg-type]
+        )  # fmt: skip
+    share = validation_share(run.val_ids, run.rank, run.world)
+    run.val_reader = TileReader(
+        loop_config["store"], share, columns=LABELED_COLUMNS, cache_bytes=max(budget, 0), **read
+    )
+
+
+def restore(run: WorkerRun, checkpoint: Any) -> None:
+    """Continue from Ray Train's latest checkpoint, if there is one."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        run.state = load_checkpoint(Path(folder), run.trainables, run.positions)
+    run.state.resumed_at.append(run.state.step)
+    print(f"[train] resumed at step {run.state.step} (epoch {run.state.epoch})", file=sys.stderr)
+
+
+def run_epoch(run: WorkerRun, epoch: int) -> None:
+    """Train until the end of ``epoch`` (from wherever the run stands in it)."""
+    train, state = run.config.train, run.state
+    optimizer = run.trainables.optimizer
+    lr = scaled_lr(run.config)
+    feeds = [run.feeds[C.LABELED], run.feeds.get(C.UNLABELED)]
+    last = (epoch + 1) * train.steps_per_epoch
+    autocast = torch.bfloat16 if (train.bf16 and run.device.type == "cuda") else None
+    step_start = time.perf_counter()
+    for labeled, unlabeled in prefetched(feeds, state.step, last):
+        assert labeled is not None  # every step has a labelled batch
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(state.step, train.warmup_steps, run.total_steps)
+        parts = train_step(
+            run.model, optimizer, prepare_batch(labeled, run.band_scale, run.device),
+            None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device),
+            teacher=run.trainables.teacher, recipe=run.recipe, step=state.step,
+            autocast_dtype=autocast, collective=run.collective,
+        )  # fmt: skip
+        state.step += 1
+        now = time.perf_counter()
+        parts["step_seconds"] = now - step_start  # data wait included: the cost a user sees
+        step_start = now
+        state.epoch_steps += 1
+        state.step_seconds.append(parts["step_seconds"])
+        for name, value in parts.items():
+            state.epoch_sums[name] = state.epoch_sums.get(name, 0.0) + value
+            if run.writer is not None:
+                run.writer.add_scalar(f"train/{name}", value, state.step)
+        every = train.checkpoint_every_steps
+        if every and state.step % every == 0 and state.step < last:  # (the epoch's end has its own)
+            report_checkpoint(run, {"step": state.step})
+
+
+def end_epoch(run: WorkerRun, epoch: int) -> bool:
+    """Validate, track the best epoch and early stopping, write reports, checkpoint.
+
+    Returns whether to stop. An epoch improves when its mIoU beats every earlier one *and* the
+    validation before training, so a run that never improves stops after exactly
+    ``early_stop_patience`` epochs.
+    """
+    state, train = run.state, run.config.train
+    metrics = validate(run)
+    metrics.update(
+        epoch=epoch, step=state.step, seconds=round(time.perf_counter() - run.started, 1)
+    )
+    metrics["train"] = {k: v / max(state.epoch_steps, 1) for k, v in state.epoch_sums.items()}
+    # the median leaves out the first step's start-up and any stragglers
+    median = float(np.median(state.step_seconds)) if state.step_seconds else 0.0
+    metrics["train"]["step_seconds_median"] = median
+    state.history.append(metrics)
+    if metrics["miou"] > state.best_miou:
+        state.best_miou, state.best_epoch = metrics["miou"], epoch
+        if run.rank == 0:
+            _save_best(run.run_dir, unwrap(run.model), metrics)
+    if metrics["miou"] > state.reference_miou:
+        state.reference_miou, state.stale_epochs = metrics["miou"], 0
+    else:
+        state.stale_epochs += 1
+    state.epoch = epoch + 1
+    state.epoch_sums, state.epoch_steps, state.step_seconds = {}, 0, []
+    state.stopped_early = state.stale_epochs >= train.early_stop_patience
+    if run.rank == 0:
+        write_report_files(run.run_dir, build_report(run))
+        if run.writer is not None:
+            _log_validation(run.writer, metrics, run.facts["class_names"], state.step)
+    epoch_metrics = {"miou": metrics["miou"], "epoch": epoch, "epochs_done": epoch + 1,
+                     "train_loss": metrics["train"].get("loss", 0.0)}  # fmt: skip
+    report_checkpoint(run, epoch_metrics)
+    return state.stopped_early
+
+
+def validate(run: WorkerRun) -> dict[str, Any]:
+    """mIoU, Dice and per-class IoU over the validation split: each rank its share, summed."""
+    num_classes = int(run.facts["num_classes"])
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=run.device)
+    assert run.val_reader is not None
+    share = validation_share(run.val_ids, run.rank, run.world)
+    for lo in range(0, len(share), VALIDATION_BATCH):
+        batch = run.val_reader.read(share[lo : lo + VALIDATION_BATCH])
+        tensors = prepare_batch(batch, run.band_scale, run.device)
+        confusion += validation_confusion(run.model, tensors, num_classes)
+    confusion = run.collective.sum(confusion)
+    result: dict[str, Any] = dict(scores(confusion.cpu()))
+    for key in ("iou_per_class", "dice_per_class"):  # JSON has no NaN: absent classes are None
+        result[key] = [None if math.isnan(v) else v for v in result[key]]
+    return result
+
+
+def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
+    """Report metrics from every worker; rank 0 attaches a checkpoint of the whole state."""
+    import ray.train
+
+    trainables = Trainables(
+        unwrap(run.model), run.trainables.optimizer, run.trainables.teacher,
+        run.trainables.ssl_state,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if run.rank == 0:
+            save_checkpoint(Path(folder), run.state, trainables, run.positions(run.state.step))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        # hands the metrics (and rank 0's checkpoint) to Ray Train, which persists the checkpoint
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def build_report(run: WorkerRun) -> dict[str, Any]:
+    """The run's report: metrics per epoch, the best epoch and its checkpoint (JSON-safe)."""
+    state = run.state
+    keys = ("epoch", "step", "miou", "dice", "pixel_accuracy", "iou_per_class", "train", "seconds")
+    return {
+        "class_names": run.facts["class_names"],
+        "epochs": [{k: h[k] for k in keys} for h in state.history],
+        "initial": state.initial,
+        "best_epoch": state.best_epoch,
+        "best_miou": state.best_miou,
+        "best_checkpoint": (
+            str(run.run_dir / "best" / ADAPTER_FILE) if state.best_epoch >= 0 else None
+        ),
+        "stopped_early": state.stopped_early,
+        "resumed_at": state.resumed_at,
+        "steps": state.step,
+        "mode": run.config.student.mode,
+        "model_type": run.config.student.model_type,
+    }
+
+
+def band_scales(facts: Mapping[str, Any]) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-source (band_low, band_high) of ``store_facts``, as ``prepare_batch`` takes them."""
+    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
+
+
+def _save_best(run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+    """RUN_DIR/best: the adapter and metrics of the best epoch, replaced only once complete."""
+    from semisup.student import save_adapter
+
+    best = run_dir / "best"
+    staging = run_dir / "best.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_adapter(model, staging / ADAPTER_FILE)  # type: ignore[arg-type]
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    shutil.rmtree(best, ignore_errors=True)
+    staging.rename(best)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log_validation(
+    writer: Any, metrics: dict[str, Any], class_names: list[str], step: int
+) -> None:
+    writer.add_scalar("val/miou", metrics["miou"], step)
+    writer.add_scalar("val/dice", metrics["dice"], step)
+    for name, iou in zip(class_names, metrics["iou_per_class"], strict=False):
+        if iou is not None:
+            writer.add_scalar(f"val/iou_{name}", iou, step)
+    writer.flush()
+
+
+def write_report_files(run_dir: Path, report: dict[str, Any]) -> None:
+    """RUN_DIR/report.json (replaced atomically) and RUN_DIR/report.md."""
+    tmp = run_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(run_dir / "report.json")
+    names = report["class_names"]
+    lines = [
+        f"# Training report ({report['model_type']}, {report['mode']})",
+        "",
+        f"Best validation mIoU {report['best_miou']:.4f} at epoch {report['best_epoch']}"
+        f"{' (stopped early)' if report['stopped_early'] else ''}; "
+        f"checkpoint `{report['best_checkpoint']}`.",
+        "",
+        "| epoch | step | mIoU | Dice | " + " | ".join(names) + " |",
+        "|" + "---|" * (4 + len(names)),
+    ]
+    for h in report["epochs"]:
+        per_class = " | ".join("–" if v is None else f"{v:.3f}" for v in h["iou_per_class"])
+        lines.append(
+            f"| {h['epoch']} | {h['step']} | {h['miou']:.4f} | {h['dice']:.4f} | {per_class} |"
+        )
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
