@@ -9,6 +9,30 @@ starve behind the actors (on a 2-core machine the pool would otherwise hang).
 from __future__ import annotations
 
 import argparse
+import warnings
+from typing import Any
+
+
+def map_with_pool(dataset: Any, fn_cls: type, *, actors: int, **options: Any) -> Any:
+    """``dataset.map_batches(fn_cls, ...)`` on a fixed pool of ``actors`` actors.
+
+    The actors are not restarted when they die: the dataset fails instead, and the caller
+    decides (``run_pseudo_label`` starts a new pool for the tiles not yet recorded; predict and
+    select resume or rerun on the next attempt). Ray Data would restart them by default, and
+    Ray 2.60 then logs an error-level line at the first pool of every process ("Actor ... has
+    constructor arguments in the object store and max_restarts > 0", ray-project/ray#57733),
+    whatever the constructor's arguments: Ray Data passes its own transform by reference.
+    ``max_restarts`` is only reachable through ``ray_remote_args`` in Ray 2.60, whose
+    deprecation warning is silenced here (Ray is pinned; ``options`` are the other
+    ``map_batches`` arguments).
+    """
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(
+            fn_cls, compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **options
+        )
 
 
 def share_cpus(actors: int, cluster_cpus: float, keep: float = 1.0) -> float:

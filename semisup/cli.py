@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semisup.config import ConfigError
+from semisup.runtime import VERBOSE_VARIABLE
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,11 @@ def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentP
         if name not in full:
             continue
         _stage_function(stage, stage.add_arguments)(stage_parser)
+        stage_parser.add_argument(
+            "--verbose", action="store_true",
+            help="show everything Ray logs (its INFO lines, progress bars, worker output); by "
+            "default only its warnings and errors about this run",
+        )  # fmt: skip
         if f"semisup {name}" not in (stage_parser.epilog or ""):  # always end with an example
             stage_parser.epilog = (
                 f"{stage_parser.epilog or ''}\nexample:\n  {stage.example}".strip()
@@ -221,13 +227,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser([chosen] if chosen in STAGES else []).parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"  # read where Ray starts, in this and child processes
     try:
         return int(args.handler(args))
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError) as err:
+    except Exception as err:
+        reported = input_error(err)
+        if reported is None:
+            raise
         if os.environ.get("SEMISUP_TRACEBACK"):
             traceback.print_exc()
-        print(f"semisup {args.command}: error: {err}", file=sys.stderr)
+        message = str(reported)
+        if reported is not err:  # Ray may append its retry advice on further lines
+            message = message.splitlines()[0] if message else type(reported).__name__
+        print(f"semisup {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+_INPUT_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, OSError)
+
+
+def input_error(err: BaseException) -> BaseException | None:
+    """The error about the user's input behind ``err``, or None for anything else (a bug).
+
+    An input error raised inside a Ray task, actor or Train worker reaches the driver wrapped
+    in Ray's own error, whose text carries the remote traceback; the wrapped error is reported
+    instead, in its own one line.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _INPUT_ERRORS) and not _is_ray_error(current):
+            return current
+        cause = getattr(current, "cause", None)  # RayTaskError keeps the remote error here
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return None
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    ray_exceptions = sys.modules.get("ray.exceptions")  # never imports Ray just to ask
+    return ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def _pipeline(
     """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
     import ray
 
-    from semisup.actor_pool import actor_cpus, actor_threads
+    from semisup.actor_pool import actor_cpus, actor_threads, map_with_pool
 
     items = [
         {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
@@ -355,9 +355,11 @@ def _pipeline(
     # one block per job: a job is the unit handed to an actor
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # a fixed pool of predictor actors, each loading the student once and reading its jobs'
-    # windows; Ray Data restarts actors that die and retries their jobs
-    predicted = dataset.map_batches(
+    # windows; an actor that dies fails the run, which a rerun resumes (map_with_pool)
+    predicted = map_with_pool(
+        dataset,
         WindowPredictor,
+        actors=actors,
         fn_constructor_kwargs={
             "model": asdict(model),
             "sources": list(sources),
@@ -368,7 +370,6 @@ def _pipeline(
             "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus(actors, cpus_per_actor),
         num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
     )

@@ -54,7 +54,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup.actor_pool import actor_cpus, actor_threads, add_actor_pool_arguments
+from semisup.actor_pool import (
+    actor_cpus,
+    actor_threads,
+    add_actor_pool_arguments,
+    map_with_pool,
+)
 from semisup.data import read_tiles
 from semisup.masks import MaskFilter
 from semisup.runtime import ensure_ray
@@ -66,6 +71,7 @@ from semisup.teacher import (
     PromptKind,
     SamTeacher,
     adapter_file,
+    build_teacher_models,
     check_settings,
     label_encoding,
 )
@@ -94,6 +100,8 @@ MANIFEST_SCHEMA: Final = pa.schema(
 _TEACHER_INPUT = (C.IMAGE, C.VALID, C.TILE_ID, C.SOURCE, C.ROW, C.COL, C.Y0, C.X0)
 WRITE_CPUS: Final = 0.25  # per writer task: zarr writes are light and must never wait for a core
 PROGRESS_EVERY_S: Final = 2.0
+POOL_ATTEMPTS: Final = 3  # teacher pools started per run when actors die (OOM kill, segfault)
+STATE_ATTR: Final = "semisup_pseudo_label_state"  # "running" until the run's manifest is compact
 
 
 class PseudoLabelMismatch(ValueError):
@@ -421,51 +429,89 @@ def run_pseudo_label(
         bf16_on_gpu=bf16 and gpus_per_actor > 0,
         teacher_options=teacher_options,
     )
+    # the weights are loaded once here, before the store is touched or any actor starts: a
+    # checkpoint or adapter that cannot be read or does not fit fails in one line naming it
+    build_teacher_models(
+        mode=mode, model_type=model_type, image_size=meta.tile_size + 2 * halo,
+        checkpoint=checkpoint, base_checkpoint=base_checkpoint, refine=refine, seed=seed,
+    )  # fmt: skip
     selected = _selected_tiles(store, split, storage_options)
-    _prepare_store(store, root, meta, selected, identity, mode, output, overwrite, storage_options)
+    fresh = _prepare_store(
+        store, root, meta, selected, identity, mode, output, overwrite, storage_options, log
+    )
     done = set(read_manifest(store, storage_options).column(C.TILE_ID).to_pylist())
     todo = np.array(sorted(set(selected.column(C.TILE_ID).to_pylist()) - done), dtype=np.int64)
     total, already = selected.num_rows, selected.num_rows - len(todo)
     if max_tiles is not None:
         todo = todo[:max_tiles]
     progress = _Progress(log, total, already)
-    if len(todo):
-        ensure_ray()  # callers may start (or join) their own Ray first
-        stream = _pipeline(
-            store,
-            todo,
-            split=split,
-            halo=halo,
-            meta=meta,
-            identity=identity,
-            encoding=label_encoding(mode, output),
-            teacher_cls=teacher_cls,
-            teacher_kwargs={
-                "store": store,
-                "mode": mode,
-                "model_type": model_type,
-                "checkpoint": checkpoint,
-                "base_checkpoint": base_checkpoint,
-                "halo": halo,
-                "device": "auto" if gpus_per_actor > 0 else "cpu",
-                "bf16": bf16,
-                "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
-                "storage_options": storage_options,
-                **teacher_options,
-            },
-            actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=actor_cpus(actors, cpus_per_actor),
-            batch_size=batch_size,
+    teacher_kwargs = {
+        "store": store,
+        "mode": mode,
+        "model_type": model_type,
+        "checkpoint": checkpoint,
+        "base_checkpoint": base_checkpoint,
+        "halo": halo,
+        "device": "auto" if gpus_per_actor > 0 else "cpu",
+        "bf16": bf16,
+        "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
+        "storage_options": storage_options,
+        **teacher_options,
+    }
+
+    def pipeline(tiles: np.ndarray) -> Any:
+        return _pipeline(
+            store, tiles, split=split, halo=halo, meta=meta, identity=identity,
+            encoding=label_encoding(mode, output), teacher_cls=teacher_cls,
+            teacher_kwargs=teacher_kwargs, actors=actors, gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=actor_cpus(actors, cpus_per_actor), batch_size=batch_size,
             storage_options=storage_options,
-        )
-        for rows in stream:
-            progress.advance(len(rows[C.TILE_ID]))
-            if on_progress is not None:
-                on_progress(progress.done, total)
+        )  # fmt: skip
+
+    def advance(rows: int) -> None:
+        progress.advance(rows)
+        if on_progress is not None:
+            on_progress(progress.done, total)
+
+    try:
+        _label_with_pools(pipeline, todo, advance, store, storage_options, log)
+    except BaseException:
+        if fresh and read_manifest(store, storage_options).num_rows == 0:
+            _clear(store, root, storage_options)  # nothing was labelled: leave no trace
+        raise
     progress.finish()
     manifest = compact_manifest(store, storage_options)
+    root.attrs[STATE_ATTR] = "complete"
     return _summary(store, manifest, selected, identity, progress, already)
+
+
+def _label_with_pools(
+    pipeline: Callable[[np.ndarray], Any],
+    todo: np.ndarray,
+    advance: Callable[[int], None],
+    store: str,
+    storage_options: Mapping[str, Any] | None,
+    log: TextIO | None,
+) -> None:
+    """Run ``pipeline(todo)`` and count its written rows with ``advance``. When a teacher actor
+    dies (killed for memory, a crash), start a new pool for the tiles not yet recorded, up to
+    ``POOL_ATTEMPTS`` pools: recorded batches are never labelled twice."""
+    for attempt in range(1, POOL_ATTEMPTS + 1):
+        if not len(todo):
+            return
+        ensure_ray()  # callers may start (or join) their own Ray first
+        try:
+            for rows in pipeline(todo):
+                advance(len(rows[C.TILE_ID]))
+            return
+        except ray.exceptions.ActorDiedError as err:
+            if attempt == POOL_ATTEMPTS:
+                raise
+            recorded = read_manifest(store, storage_options).column(C.TILE_ID).to_numpy()
+            todo = todo[~np.isin(todo, recorded)]
+            if log is not None:
+                print(f"pseudo-label: a teacher actor died ({str(err).splitlines()[0]}); a new "
+                      f"pool labels the {len(todo)} tiles not yet recorded", file=log, flush=True)  # fmt: skip
 
 
 def _selected_tiles(
@@ -490,12 +536,25 @@ def _prepare_store(
     output: str,
     overwrite: bool,
     storage_options: Mapping[str, Any] | None,
-) -> None:
-    """Check the store's teacher run against ``identity`` (or clear it), then create arrays."""
+    log: TextIO | None,
+) -> bool:
+    """Check the store's teacher run against ``identity`` (or clear it), then create arrays;
+    returns whether the store held no pseudo-labels before (or they were cleared).
+
+    Finished pseudo-labels of another teacher are kept unless ``overwrite``. Those of an
+    unfinished run of another teacher (one that died or failed) are partial state: they are
+    replaced, so that a run that died never blocks the next one. An unfinished run of the same
+    teacher is continued.
+    """
     recorded = root.attrs.get(RUN_ATTR)
     has_labels = recorded is not None or read_manifest(store, storage_options).num_rows > 0
-    if has_labels and overwrite:
+    unfinished = root.attrs.get(STATE_ATTR) == "running"
+    if has_labels and (overwrite or (unfinished and recorded != identity)):
+        if not overwrite and log is not None:
+            print(f"pseudo-label: replacing the partial labels of an unfinished run of another "
+                  f"teacher in {store}", file=log, flush=True)  # fmt: skip
         _clear(store, root, storage_options)
+        has_labels = False
     elif has_labels and recorded != identity:
         differing = sorted(
             key
@@ -524,6 +583,8 @@ def _prepare_store(
         label.attrs[RUN_ATTR] = {"ignore": ignore, "background": background, "mode": mode}
         group.create_array(C.CONFIDENCE, shape=shape, chunks=chunks, dtype="float32", fill_value=0)
     root.attrs[RUN_ATTR] = identity
+    root.attrs[STATE_ATTR] = "running"
+    return not has_labels
 
 
 def _clear(store: str, root: Any, storage_options: Mapping[str, Any] | None) -> None:
@@ -537,8 +598,9 @@ def _clear(store: str, root: Any, storage_options: Mapping[str, Any] | None) -> 
     for name in (MANIFEST_FILE, PARTS_DIR):
         if fs.exists(f"{path}/{name}"):
             fs.rm(f"{path}/{name}", recursive=True)
-    if RUN_ATTR in root.attrs:
-        del root.attrs[RUN_ATTR]
+    for name in (RUN_ATTR, STATE_ATTR):
+        if name in root.attrs:
+            del root.attrs[name]
 
 
 def _pipeline(
@@ -567,13 +629,15 @@ def _pipeline(
     tiles = tiles.map_batches(
         functools.partial(keep_tiles, tile_ids=todo), batch_size=None, num_cpus=0.5
     )
-    # a fixed pool of teacher actors, each loading SAM once; Ray Data restarts actors that die
-    # and retries their batches (max_restarts=-1, max_task_retries=-1 by default for pools)
-    labelled = tiles.map_batches(
+    # a fixed pool of teacher actors, each loading SAM once from the small settings it is
+    # given; an actor that dies fails this pipeline, and run_pseudo_label starts a new one for
+    # the tiles not yet recorded (map_with_pool)
+    labelled = map_with_pool(
+        tiles,
         teacher_cls,
+        actors=actors,
         fn_constructor_kwargs=teacher_kwargs,
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
     )

@@ -18,6 +18,24 @@ _RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
+VERBOSE_VARIABLE = "SEMISUP_VERBOSE"  # set by `semisup --verbose`; read by every Ray start
+# Ray loggers whose lines are not about the user's data or cluster, with the least level shown
+# without --verbose. Ray 2.60 warns on every start of a local Ray that it turned token
+# authentication on (it stays on); progress bars are off on purpose (they would interleave with
+# our progress lines), which Ray Data warns about once; and Ray Data logs the traceback of a
+# failed task before it raises the same error to the caller, where an input error (an
+# unreadable chunk, say) becomes one line and any other error its traceback.
+_QUIET_LOGGERS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor_state": logging.CRITICAL,
+    "ray.data.exceptions": logging.CRITICAL,
+}
+
+
+def verbose() -> bool:
+    """Whether the user asked to see everything Ray logs (``semisup --verbose``)."""
+    return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
 
 
 def cluster_address(config: RayConfig, local: bool = False) -> str | None:
@@ -32,21 +50,29 @@ def cluster_address(config: RayConfig, local: bool = False) -> str | None:
 
 
 @contextlib.contextmanager
-def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> Iterator[None]:
+def ray_runtime(
+    config: RayConfig, quiet: bool | None = None, local: bool = False
+) -> Iterator[None]:
     """Join the cluster of ``cluster_address`` or start a local Ray; shut down only what was
     started here.
 
     A local Ray is always a new one (``address="local"``): without it, ``ray.init()`` would
     silently join any cluster that ``ray start`` left on this machine. A Ray that is already
-    initialised in this process (a test session, a notebook) is reused.
+    initialised in this process (a test session, a notebook) is reused. ``quiet`` (default: not
+    ``verbose()``) keeps Ray's logging to warnings and errors, and its workers' output off the
+    console.
     """
     import ray
 
+    if quiet is None:
+        quiet = not verbose()
     for key, value in _RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     started = False
     address = cluster_address(config, local)
     previous_api_server = os.environ.get(API_SERVER_VARIABLE)
+    if quiet:
+        quiet_ray_logging()
     if not ray.is_initialized():
         if address:
             # joins an existing cluster (e.g. inside `ray job submit`); its resources are its own
@@ -66,10 +92,6 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
                 logging_level=logging.WARNING if quiet else logging.INFO,
             )
         started = True
-    if quiet:
-        # Ray Data's progress bars would interleave with our own progress lines.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield
     finally:
@@ -79,6 +101,18 @@ def ray_runtime(config: RayConfig, quiet: bool = True, local: bool = False) -> I
                 os.environ.pop(API_SERVER_VARIABLE, None)
             else:
                 os.environ[API_SERVER_VARIABLE] = previous_api_server
+
+
+def quiet_ray_logging() -> None:
+    """Ray's logging at the level a user needs: warnings and errors about their work, no
+    progress bars (they would interleave with our own progress lines), and none of the
+    notices in ``_QUIET_LOGGERS``. Called before ``ray.init``, which logs some of them."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def pin_dashboard_address() -> int:
@@ -104,4 +138,6 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        if not verbose():
+            quiet_ray_logging()
         ray.init(address=cluster_address(RayConfig()) or "local")

@@ -332,7 +332,11 @@ def load_checkpoint(
     resized to the model's image size and window. Returns the local checkpoint path.
     """
     path = resolve_checkpoint(path_or_url, cache_dir=cache_dir)
-    load_sam_state_dict(model, read_state_dict(path), model_type=model_type)
+    state_dict = read_state_dict(path)  # its errors name the file
+    try:
+        load_sam_state_dict(model, state_dict, model_type=model_type)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
     return path
 
 

@@ -34,7 +34,7 @@ from semisup.active import (
     feature_collection,
     footprint_feature,
 )
-from semisup.actor_pool import cluster_cpus, share_cpus, share_threads
+from semisup.actor_pool import cluster_cpus, map_with_pool, share_cpus, share_threads
 from semisup.config import ConfigError, load_config
 from semisup.evaluate import run_predictor
 
@@ -129,7 +129,6 @@ def score_tiles(
 
     Candidates are the store's unlabeled tiles, or exactly ``tile_ids`` when given.
     """
-    import ray
 
     from semisup.data import read_tiles
     from semisup.train import band_scales, store_facts
@@ -144,8 +143,10 @@ def score_tiles(
     cpus = cluster_cpus()
     # a fixed pool of scoring actors, each loading the student once; fractional CPUs leave
     # room for the read tasks
-    scored = tiles.map_batches(
+    scored = map_with_pool(
+        tiles,
         TileScorer,
+        actors=actors,
         fn_constructor_kwargs={
             "run": str(run.resolve()),
             "tile_size": int(facts["tile_size"]),
@@ -155,7 +156,6 @@ def score_tiles(
             "torch_threads": share_threads(actors, cpus),
         },
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=share_cpus(actors, cpus, keep=0.5),
     )
     parts = [pd.DataFrame(b) for b in scored.iter_batches(batch_size=None, batch_format="numpy")]

@@ -135,6 +135,11 @@ class StoreMeta:
 # Opening stores (local paths or fsspec URLs such as s3://, gs://, memory://)
 
 
+class StoreReadError(OSError):
+    """A chunk of a store array cannot be read; the message names the store, source, array
+    and chunk."""
+
+
 def is_url(path: str) -> bool:
     return "://" in str(path)
 
@@ -272,8 +277,45 @@ def read_window(
     ys, ye = max(y0, 0), min(y0 + h, H)
     xs, xe = max(x0, 0), min(x0 + w, W)
     if ys < ye and xs < xe:
-        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = array[ys:ye, xs:xe]
+        try:
+            out[ys - y0 : ye - y0, xs - x0 : xe - x0] = array[ys:ye, xs:xe]
+        except Exception as err:  # a codec, the filesystem or object storage refused a chunk
+            raise unreadable_chunk(array, ys, ye, xs, xe, err) from err
     return out
+
+
+def unreadable_chunk(
+    array: Any, ys: int, ye: int, xs: int, xe: int, error: Exception
+) -> StoreReadError:
+    """A ``StoreReadError`` for a failed read of ``array[ys:ye, xs:xe]``: each chunk of the
+    window is read alone to find the first that fails, and the message names it."""
+    chunk_h, chunk_w = int(array.chunks[0]), int(array.chunks[1])
+    culprit, cause = None, error
+    for cy in range(ys // chunk_h, (ye - 1) // chunk_h + 1):
+        for cx in range(xs // chunk_w, (xe - 1) // chunk_w + 1):
+            try:
+                array[cy * chunk_h : (cy + 1) * chunk_h, cx * chunk_w : (cx + 1) * chunk_w]
+            except Exception as err:
+                culprit, cause = (cy, cx), err
+                break
+        if culprit is not None:
+            break
+    store_path = getattr(array, "store_path", None)
+    store = getattr(store_path, "store", None)
+    root = getattr(store, "root", None) or getattr(store, "path", None) or store
+    source, _, name = str(getattr(array, "path", "?")).rpartition("/")
+    if culprit is None:
+        where = f"rows {ys}-{ye - 1}, columns {xs}-{xe - 1} (no chunk fails on its own)"
+    else:
+        cy, cx = culprit
+        where = (
+            f"chunk ({cy}, {cx}) = rows {cy * chunk_h}-{min((cy + 1) * chunk_h, array.shape[0]) - 1}"
+            f", columns {cx * chunk_w}-{min((cx + 1) * chunk_w, array.shape[1]) - 1}"
+        )
+    reason = f"{type(cause).__name__}: {cause}".strip().rstrip(":")
+    return StoreReadError(
+        f"store {root}: source {source or '?'}, array {name}, {where} cannot be read ({reason})"
+    )
 
 
 def read_tile(

@@ -487,8 +487,11 @@ def save_adapter(model: SamSegmenter, path: str | Path) -> Path:
 
 def read_adapter_spec(path: str | Path) -> StudentSpec:
     """The :class:`StudentSpec` stored in an adapter file's metadata."""
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise AdapterError(f"{path} cannot be read as a safetensors adapter ({err})") from None
     if ADAPTER_METADATA_KEY not in metadata:
         raise AdapterError(
             f"{path} is not a student adapter (no {ADAPTER_METADATA_KEY!r} metadata)"
@@ -516,13 +519,14 @@ def load_adapter(model: SamSegmenter, path: str | Path) -> None:
     own = _spec_of(model)
     if adapter.base() != own.base() or adapter.adapter_layout() != own.adapter_layout():
         raise AdapterError(
-            f"adapter for {adapter.base()} ({adapter.adapter_layout()}) given to a {own.base()} "
-            f"({own.adapter_layout()}) model"
+            f"{path}: adapter for {adapter.base()} ({adapter.adapter_layout()}) given to a "
+            f"{own.base()} ({own.adapter_layout()}) model"
         )
     if adapter.base_checkpoint_sha256 != own.base_checkpoint_sha256:
         raise AdapterError(
-            f"adapter trained on base checkpoint {adapter.base_checkpoint_sha256 or 'none'} "
-            f"given to a model built from {own.base_checkpoint_sha256 or 'no checkpoint'}"
+            f"{path}: adapter trained on base checkpoint "
+            f"{adapter.base_checkpoint_sha256 or 'none'} given to a model built from "
+            f"{own.base_checkpoint_sha256 or 'no checkpoint'}"
         )
     with safe_open(str(path), framework="pt") as file:
         tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from semisup.config import read_yaml
 
 # Never shipped to the cluster: environments, version control, data and every kind of output.
 # (gitignore patterns, as Ray's working_dir "excludes"; a leading "/" anchors at the folder.)
@@ -53,7 +53,7 @@ def load_runtime_env(path: Path) -> dict[str, Any]:
     """A runtime_env YAML file (a mapping of runtime_env keys)."""
     if not path.is_file():
         raise FileNotFoundError(f"--runtime-env {path}: not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"--runtime-env {path}: expected a mapping of runtime_env keys")
     return data

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
@@ -357,6 +358,51 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class TeacherModels:
+    """What a teacher runs: SAM (automatic, prompted, semantic refinement) and the student's
+    class logits (semantic), on CPU."""
+
+    sam: Sam | None
+    semantic: SemanticModel | None
+    num_classes: int
+
+
+def build_teacher_models(
+    *,
+    mode: str,
+    model_type: str,
+    image_size: int,
+    checkpoint: str | None,
+    base_checkpoint: str | None,
+    refine: bool,
+    seed: int,
+) -> TeacherModels:
+    """Build the teacher's models and load their weights, on CPU.
+
+    Each actor calls it once; ``run_pseudo_label`` calls it once in the driver before any actor
+    starts, so a checkpoint or adapter that cannot be read or does not fit fails there, in one
+    line naming the file. Without a checkpoint SAM's weights are drawn from ``seed`` (the same
+    in every actor).
+    """
+    sam = None
+    if mode != "semantic" or refine:
+        sam_checkpoint = base_checkpoint if mode == "semantic" else checkpoint
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # same weights in every actor when no checkpoint
+            sam = build_sam(model_type, image_size=image_size, checkpoint=sam_checkpoint).eval()
+    if mode != "semantic" or checkpoint is None:
+        return TeacherModels(sam, None, 0)
+    semantic, num_classes = load_student_teacher(
+        checkpoint,
+        model_type=model_type,
+        image_size=image_size,
+        base_checkpoint=base_checkpoint,
+        seed=seed,
+    )
+    return TeacherModels(sam, semantic, num_classes)
+
+
 class SamTeacher:
     """Adds ``PSEUDO_LABEL``, ``CONFIDENCE`` and ``NUM_MASKS`` columns to batches of tiles.
 
@@ -435,26 +481,16 @@ class SamTeacher:
         self._sources: dict[str, tile_store.SourceMeta] = {}
         self._boxes: dict[str, np.ndarray] = {}
         self.grid = point_grid(points_per_side, self.image_size)
-        self.sam: Sam | None = None
-        if mode != "semantic" or refine:
-            sam_checkpoint = base_checkpoint if mode == "semantic" else checkpoint
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # same weights in every actor when no checkpoint
-                sam = build_sam(model_type, image_size=self.image_size, checkpoint=sam_checkpoint)
-            self.sam = sam.to(self.device).eval()
-        self.semantic: SemanticModel | None = None
-        self.num_classes = 0
-        if mode == "semantic" and checkpoint is not None:
-            semantic, self.num_classes = load_student_teacher(
-                checkpoint,
-                model_type=model_type,
-                image_size=self.image_size,
-                base_checkpoint=base_checkpoint,
-                seed=seed,
-            )
-            self.semantic = (
-                semantic.to(self.device) if isinstance(semantic, torch.nn.Module) else semantic
-            )
+        models = build_teacher_models(
+            mode=mode, model_type=model_type, image_size=self.image_size, checkpoint=checkpoint,
+            base_checkpoint=base_checkpoint, refine=refine, seed=seed,
+        )  # fmt: skip
+        self.sam: Sam | None = None if models.sam is None else models.sam.to(self.device).eval()
+        semantic = models.semantic
+        self.semantic: SemanticModel | None = (
+            semantic.to(self.device) if isinstance(semantic, torch.nn.Module) else semantic
+        )
+        self.num_classes = models.num_classes
 
     # -- per-source data, cached for the actor's lifetime ------------------------------------
 

@@ -303,7 +303,7 @@ def test_tiny_checkpoint_into_vit_b_is_refused(tiny_checkpoint):
     missing = set(vit_b.state_dict()) - set(torch.load(tiny_checkpoint, weights_only=True))
     assert len(missing) == 10 * 14 + 36
     with pytest.raises(
-        CheckpointError, match=r"^tiny weights given for vit_b: 176 missing keys, 0 "
+        CheckpointError, match=r"^checkpoint \S+tiny\S*: tiny weights given for vit_b: 176 missing keys, 0 "
     ):
         load_checkpoint(vit_b, tiny_checkpoint, model_type="vit_b")
 
@@ -318,7 +318,8 @@ def test_checkpoint_of_another_tiny_spec_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(tiny, path)  # the model's type is guessed from its shapes
     assert str(caught.value).startswith(
-        "unknown SAM (embed 96, depth 3) weights given for tiny: 0 missing keys, 14 unexpected, "
+        f"checkpoint {path}: unknown SAM (embed 96, depth 3) weights given for tiny: 0 missing "
+        "keys, 14 unexpected, "
     )
 
 
