@@ -250,6 +250,7 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     init = config.train.init_from
+    storage = config.train.storage or str(run_dir / "ray")
     trainer = TorchTrainer(
         train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config={
@@ -263,6 +264,8 @@ def run_training(
             "use_ema_teacher": use_unlabeled and config.ssl.target in ("ema", "both"),
             "read_pseudo_labels": config.ssl.target in ("pseudo", "both"),
             "init_adapter": None if init is None else str(init_adapter(init)),
+            # Ray Train's in-process mode keeps no checkpoint: the loop writes them there itself
+            "local_checkpoints": None if num_workers else f"{storage.rstrip('/')}/{RAY_RUN_NAME}",
         },
         # one worker process per model replica; each reads its own tiles from the store
         scaling_config=ray.train.ScalingConfig(
@@ -275,7 +278,7 @@ def run_training(
         # a fixed name under the run folder: rerunning with it resumes from the latest checkpoint
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
-            storage_path=config.train.storage or str(run_dir / "ray"),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),

@@ -47,7 +47,13 @@ from semisup.sampling import (
 )
 from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_confusion
 from semisup.tile_reader import TileReader
-from semisup.train_state import Trainables, TrainState, load_checkpoint, save_checkpoint
+from semisup.train_state import (
+    STATE_FILE,
+    Trainables,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 ADAPTER_FILE = "adapter.safetensors"
 LR_REFERENCE_BATCH = 8  # lr is given for this global batch; scaled linearly (Goyal et al. 2017)
@@ -129,6 +135,48 @@ def prefetched(
 # The run of one worker
 
 
+class LocalCheckpoints:
+    """Checkpoints of an in-process (``--debug``) run, which Ray Train's local mode does not keep.
+
+    They go where Ray Train puts a run's checkpoints (``STORAGE/train/checkpoint_<time>``, a path
+    or an fsspec URL), the latest ``keep``, so ``--debug --resume`` continues a debug run.
+    """
+
+    def __init__(self, location: str, keep: int = 2) -> None:
+        import fsspec
+
+        self.fs, self.root = fsspec.core.url_to_fs(location)
+        self.keep = keep
+
+    def _saved(self) -> list[str]:
+        found = self.fs.glob(f"{self.root.rstrip('/')}/checkpoint_*/{STATE_FILE}")
+        return sorted(str(path).rsplit("/", 1)[0] for path in found)
+
+    def latest(self) -> Path | None:
+        """A local folder holding the latest checkpoint, or None."""
+        saved = self._saved()
+        if not saved:
+            return None
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem):
+            return Path(saved[-1])
+        local = Path(tempfile.mkdtemp(prefix="semisup-checkpoint-"))
+        self.fs.get(f"{saved[-1]}/{STATE_FILE}", str(local / STATE_FILE))
+        return local
+
+    def persist(self, folder: Path) -> None:
+        """Copy ``folder`` in as the newest checkpoint; drop those past ``keep``."""
+        from datetime import datetime
+
+        name = f"checkpoint_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"  # Ray's naming
+        target = f"{self.root.rstrip('/')}/{name}"
+        self.fs.makedirs(target, exist_ok=True)
+        self.fs.put(str(folder / STATE_FILE), f"{target}/{STATE_FILE}")
+        for old in self._saved()[: -self.keep]:
+            self.fs.rm(old, recursive=True)
+
+
 @dataclass
 class WorkerRun:
     """Everything one worker holds while it trains."""
@@ -149,6 +197,7 @@ class WorkerRun:
     band_scale: BandScale
     state: TrainState = field(default_factory=TrainState)
     writer: Any = None
+    local_checkpoints: LocalCheckpoints | None = None  # --debug: Ray keeps none in local mode
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -227,6 +276,8 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
         recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight),
         band_scale=band_scales(facts),
     )  # fmt: skip
+    if loop_config["local_checkpoints"] is not None:
+        run.local_checkpoints = LocalCheckpoints(loop_config["local_checkpoints"])
     open_readers(run, loop_config)
     if rank == 0:
         run.writer = _tensorboard(run.run_dir)
@@ -261,11 +312,17 @@ def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
 
 
 def restore(run: WorkerRun, checkpoint: Any) -> None:
-    """Continue from Ray Train's latest checkpoint, if there is one."""
-    if checkpoint is None:
+    """Continue from the latest checkpoint, if there is one."""
+    if run.local_checkpoints is not None:
+        folder = run.local_checkpoints.latest()
+        if folder is None:
+            return
+        run.state = load_checkpoint(folder, run.trainables, run.positions)
+    elif checkpoint is None:
         return
-    with checkpoint.as_directory() as folder:
-        run.state = load_checkpoint(Path(folder), run.trainables, run.positions)
+    else:
+        with checkpoint.as_directory() as folder:
+            run.state = load_checkpoint(Path(folder), run.trainables, run.positions)
     run.state.resumed_at.append(run.state.step)
     print(f"[train] resumed at step {run.state.step} (epoch {run.state.epoch})", file=sys.stderr)
 
@@ -371,7 +428,10 @@ def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
         checkpoint = None
         if run.rank == 0:
             save_checkpoint(Path(folder), run.state, trainables, run.positions(run.state.step))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            if run.local_checkpoints is not None:
+                run.local_checkpoints.persist(Path(folder))
+            else:
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
         # hands the metrics (and rank 0's checkpoint) to Ray Train, which persists the checkpoint
         ray.train.report(metrics, checkpoint=checkpoint)
 
