@@ -16,6 +16,8 @@ from semisup import _zarr_datasource as zarr_datasource
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup._zarr_datasource import ZarrTileDatasource
+from semisup.config import StreamConfig
+from semisup.data import read_tiles, read_tiles_from_config
 from semisup.tile_read import (
     DEFAULT_COLUMNS,
     SourceLayout,
@@ -23,8 +25,6 @@ from semisup.tile_read import (
     group_tiles,
     read_tile_group,
 )
-from semisup.config import StreamConfig
-from semisup.data import read_tiles, read_tiles_from_config
 
 TILE = 32
 PIXEL_COLUMNS = (C.IMAGE, C.VALID, C.LABEL)
