@@ -175,12 +175,24 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--tune", action="store_true",
         help="also run the Ray Tune sweep over LoRA ranks (ASHA): summary, plot, best config",
     )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint", metavar="PATH_OR_URL", default=None,
+        help="an official SAM checkpoint (vit_b, vit_l or vit_h; its type is read from the "
+        "weights) instead of random weights, e.g. "
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    )  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from semisup.demo import run_demo as demo
 
-    demo(args.out, data_dir=args.data, synthetic=args.synthetic, tune=args.tune)
+    demo(
+        args.out,
+        data_dir=args.data,
+        synthetic=args.synthetic,
+        tune=args.tune,
+        checkpoint=args.checkpoint,
+    )
     return 0
 
 

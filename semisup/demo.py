@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from semisup import columns as C
 from semisup.config import (
+    ConfigError,
     ExperimentConfig,
     PipelineConfig,
     PrepConfig,
@@ -27,6 +29,7 @@ from semisup.config import (
 )
 from semisup.datasets import CLASS_NAMES, dubai_folders, shared_data_dir
 from semisup.pipeline import run_pipeline
+from semisup.sam import SAM_SPECS
 from semisup.stages import comparison_table
 
 
@@ -99,30 +102,79 @@ def _georeferenced_orthophoto(root: Path) -> tuple[str, ...]:
     return (str(path),) if path.is_file() else ()
 
 
+def with_checkpoint(config: ExperimentConfig, checkpoint: str) -> ExperimentConfig:
+    """The demo on an official SAM checkpoint (path or URL): its model type is read from the
+    weights, so ``sam_vit_b_01ec64.pth`` runs the chain on vit_b."""
+    from semisup.sam import guess_model_type, read_state_dict, resolve_checkpoint
+
+    model_type = guess_model_type(read_state_dict(resolve_checkpoint(checkpoint)))
+    if model_type not in SAM_SPECS:
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: holds {model_type} weights; expected an official SAM "
+            f"checkpoint of one of {', '.join(SAM_SPECS)}"
+        )
+    student = dataclasses.replace(config.student, model_type=model_type, checkpoint=checkpoint)
+    return dataclasses.replace(config, student=student)
+
+
 def run_demo(
-    out: Path, data_dir: Path | None = None, synthetic: bool = False, tune: bool = False
+    out: Path,
+    data_dir: Path | None = None,
+    synthetic: bool = False,
+    tune: bool = False,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline on the demo config into ``out``; returns (and writes) the summary.
 
     ``tune`` adds the optional Ray Tune sweep (LoRA ranks 4-32, ASHA) after the other stages.
+    ``checkpoint``: an official SAM checkpoint (path or URL) instead of random weights.
     A rerun into the same folder skips the stages that are already done.
     """
     from semisup.pipeline import STAGES
 
-    inputs = demo_inputs(demo_config(), data_dir, synthetic)
+    started = time.perf_counter()
+    base = demo_config() if checkpoint is None else with_checkpoint(demo_config(), checkpoint)
+    inputs = demo_inputs(base, data_dir, synthetic)
     stages = tuple(name for name, stage in STAGES.items() if stage.default or tune)
     config = dataclasses.replace(
-        demo_config(),
+        base,
         prep=inputs.prep,
         pipeline=dataclasses.replace(inputs.pipeline, out=str(out), stages=stages),
     )
     print(f"[demo] inputs: {inputs.description}", file=sys.stderr)
     run = run_pipeline(config)
     summary = {"out": run["out"], "inputs": inputs.description, "config": run["config"],
-               "stages": run["stages"], "ran": run["ran"], "skipped": run["skipped"]}  # fmt: skip
+               "stages": run["stages"], "ran": run["ran"], "skipped": run["skipped"],
+               "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
     return summary
+
+
+RANDOM_WEIGHTS_NOTE = (
+    "SAM has random weights here (no checkpoint): these numbers show the pipeline working, "
+    "not SAM; `semisup demo --checkpoint PATH_OR_URL` runs it on official weights"
+)
+
+
+def timing_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines: each stage's wall time, their total, and this run's wall time."""
+    lines = ["| stage | wall time |", "|---|---|"]
+    total = 0.0
+    for name, result in summary["stages"].items():
+        seconds = float(result.get("seconds") or 0.0)
+        total += seconds
+        earlier = " (earlier run)" if name in summary["skipped"] else ""
+        lines.append(f"| {name} | {_duration(seconds)}{earlier} |")
+    lines.append(f"| total of the stages | {_duration(total)} |")
+    if "wall_seconds" in summary:
+        lines.append(f"| this run, with Ray's start | {_duration(summary['wall_seconds'])} |")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
 
 
 def _fmt(value: Any) -> str:
@@ -150,6 +202,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  zero-shot     box-prompt mIoU {_fmt(zero['box_miou'])}, point-prompt mIoU "
         f"{_fmt(zero['point_miou'])} (class-agnostic, per ground-truth component)"
     )
+    if summary["config"]["student"]["checkpoint"] is None:
+        lines.append(f"                {RANDOM_WEIGHTS_NOTE}")
     pseudo = stages["pseudo-label"]
     lines.append(
         f"  pseudo-label  {pseudo['tiles_processed']} unlabeled tiles labelled by the fine-tuned "
@@ -174,6 +228,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  tune          {tune['trials']} trials ({tune['outcomes']}); best "
             f"{tune['best_params']} at val mIoU {_fmt(tune['best_miou'])}"
         )
+    lines += ["", *timing_table(summary)]
     if summary["skipped"]:
         lines += ["", f"up to date from an earlier run, skipped: {', '.join(summary['skipped'])}"]
     lines += [

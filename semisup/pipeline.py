@@ -226,6 +226,7 @@ def run_pipeline(
     """
     out = run_folder(config)
     names = enabled_stages(config, table)
+    check_checkpoint(config)
     if "tune" in names:  # Train inside Tune frees stopped trials through the dashboard's API
         config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, dashboard=True))
     keys = stage_keys(config, table)
@@ -277,6 +278,22 @@ def run_pipeline(
         "ran": ran,
         "skipped": skipped,
     }
+
+
+def check_checkpoint(config: ExperimentConfig) -> None:
+    """Load ``student.checkpoint`` once, here in the driver, before any stage or worker starts:
+    a file that cannot be read, or weights of another model type, fail in one line naming the
+    file, and the run folder is left as it was."""
+    if config.student.checkpoint is None:
+        return
+    from semisup.sam import build_sam
+
+    # the checkpoint's position tables are resized to the tile size, as every stage does
+    build_sam(
+        config.student.model_type,
+        image_size=config.prep.tile_size,
+        checkpoint=config.student.checkpoint,
+    )
 
 
 def _execute(

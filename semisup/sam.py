@@ -351,7 +351,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except Exception as error:  # torch raises pickle.UnpicklingError, RuntimeError, ...
         raise CheckpointError(
             f"cannot read {path} as a tensor-only checkpoint (torch.load weights_only=True): "
-            f"{error}"
+            f"{_one_line(error)}"
         ) from error
     if not isinstance(state_dict, Mapping) or not all(
         isinstance(value, Tensor) for value in state_dict.values()
@@ -361,6 +361,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             "(the format of the official SAM checkpoints)"
         )
     return dict(state_dict)
+
+
+def _one_line(error: Exception) -> str:
+    """torch.load's reason in one line: its weights-only unpickler's own words when it gives
+    them (the rest of its message is advice on loading untrusted code)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip().splitlines()
+        return f"not tensors only ({detail[0].strip() if detail else 'unknown content'})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}".rstrip(": ")
 
 
 def resolve_checkpoint(path_or_url: str | Path, *, cache_dir: str | Path | None = None) -> Path:
