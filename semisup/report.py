@@ -161,51 +161,124 @@ def per_class_table(
     ]
 
 
+MIN_VALID_SHARE = 0.9  # tiles shown in figures are at least this valid, when enough are
+MIN_CLASS_SHARE = 0.02  # a class counts as shown when it covers this share of a tile
+
+
+def pick_showcase_tiles(
+    valid_share: np.ndarray, class_share: np.ndarray, count: int, min_valid: float = MIN_VALID_SHARE
+) -> list[int]:
+    """Indices of up to ``count`` tiles worth showing: mostly valid, with a spread of classes.
+
+    ``valid_share``: N float in [0, 1], the valid share of each padded tile (edge tiles padded
+    to the full tile size count their padding as not valid); ``class_share``: N×K, the share of
+    each tile's pixels labelled with each class. Candidates are the tiles at least
+    ``min_valid`` valid, or the ``count`` most valid ones when fewer are. Each pick is the
+    candidate that shows the most classes not shown yet (a class counts above
+    ``MIN_CLASS_SHARE``), then the most classes, then the most valid pixels.
+    """
+    valid_share = np.asarray(valid_share, dtype=np.float64)
+    present = np.asarray(class_share).reshape(len(valid_share), -1) >= MIN_CLASS_SHARE  # N×K
+    candidates = np.flatnonzero(valid_share >= min_valid)
+    if len(candidates) < count:
+        candidates = np.argsort(-valid_share, kind="stable")[:count]
+    shown = np.zeros(present.shape[1], dtype=bool)
+    picks: list[int] = []
+    for _ in range(min(count, len(candidates))):
+        left = [int(i) for i in candidates if int(i) not in picks]
+        best = max(
+            left,
+            key=lambda i: (int((present[i] & ~shown).sum()), int(present[i].sum()), valid_share[i]),
+        )
+        picks.append(best)
+        shown |= present[best]
+    return picks
+
+
+def showcase_val_tiles(store: str, count: int) -> list[dict[str, Any]]:
+    """Up to ``count`` labelled validation tiles for the overlays (``pick_showcase_tiles``),
+    judged by their padded window's ``valid`` mask, not the tile index's clipped window."""
+    from semisup.store import open_store, read_store_meta, read_tile_index, read_window
+
+    root = open_store(store)
+    meta = read_store_meta(root)
+    index = read_tile_index(store).to_pandas()
+    rows = index[(index[C.SPLIT] == C.VAL) & (index["label_coverage"] > 0)]
+    size, classes = meta.tile_size, max(meta.num_classes or 1, 1)
+    valid_share, class_share = [], []
+    for row in rows.itertuples():
+        group: Any = root[str(row.source)]
+        y0, x0 = int(row.y0), int(row.x0)  # type: ignore[call-overload]
+        valid = read_window(group[C.VALID], y0, x0, size, size, False)
+        label = read_window(group[C.LABEL], y0, x0, size, size, C.IGNORE_INDEX)
+        labelled = label[valid & (label != C.IGNORE_INDEX)]
+        valid_share.append(float(valid.mean()))
+        class_share.append(np.bincount(labelled, minlength=classes)[:classes] / label.size)
+    if not valid_share:
+        return []
+    picks = pick_showcase_tiles(np.array(valid_share), np.array(class_share), count)
+    return [rows.iloc[i].to_dict() for i in picks]
+
+
 def overlays(store: str, runs: dict[str, Path], path: Path, tiles: int = 4) -> Path:
-    """PNG: validation tiles with the ground truth and each run's prediction."""
+    """PNG: validation tiles with the ground truth and each run's prediction.
+
+    The tiles are mostly valid and show a spread of classes (``pick_showcase_tiles``); labels
+    and predictions leave nodata unpainted.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
+    from matplotlib.patches import Patch
 
     from semisup.evaluate import run_predictor
     from semisup.steps import prepare_batch
-    from semisup.store import open_store, read_store_meta, read_tile, read_tile_index
+    from semisup.store import open_store, read_store_meta, read_tile
     from semisup.train import band_scales, store_facts
 
     root = open_store(store)
     meta = read_store_meta(root)
-    index = read_tile_index(store).to_pandas()
-    val = index[(index[C.SPLIT] == C.VAL) & (index["label_coverage"] > 0.5)]
-    picks = val.iloc[np.linspace(0, len(val) - 1, min(tiles, len(val))).astype(int)]
+    picks = showcase_val_tiles(store, tiles)
     predictors = {name: run_predictor(run, meta.tile_size) for name, run in runs.items()}
     scale = band_scales(store_facts(store))
     columns = 2 + len(predictors)
     figure, axes = plt.subplots(
-        len(picks), columns, figsize=(2.2 * columns, 2.2 * len(picks)), squeeze=False
+        max(len(picks), 1), columns, figsize=(2.2 * columns, 2.2 * len(picks) + 0.6), squeeze=False
     )
     num_classes = meta.num_classes or 1
-    for i, row in enumerate(picks.itertuples()):
-        group: Any = root[str(row.source)]
-        tile = read_tile(group, int(row.y0), int(row.x0), meta.tile_size)  # type: ignore[call-overload]
+    colours = plt.get_cmap("tab10")
+    shade = {"cmap": colours, "vmin": 0, "vmax": 9, "interpolation": "nearest"}
+    for i, row in enumerate(picks):
+        group: Any = root[str(row[C.SOURCE])]
+        tile = read_tile(group, int(row[C.Y0]), int(row[C.X0]), meta.tile_size)
         batch = {k: v[None] for k, v in tile.items()}
-        batch[C.SOURCE] = np.array([row.source])
+        batch[C.SOURCE] = np.array([row[C.SOURCE]])
         tensors = prepare_batch(batch, scale)
+        nodata = ~tile[C.VALID]
         image = tensors[C.IMAGE][0].permute(1, 2, 0).numpy()
-        label = np.where(tile[C.LABEL] == C.IGNORE_INDEX, np.nan, tile[C.LABEL])
+        label = np.ma.masked_where(nodata | (tile[C.LABEL] == C.IGNORE_INDEX), tile[C.LABEL])
         panels = [("image", image), ("ground truth", label)]
         with torch.inference_mode():
             for name, predict in predictors.items():
-                panels.append((name, predict(tensors[C.IMAGE]).argmax(1)[0].numpy()))
+                predicted = predict(tensors[C.IMAGE]).argmax(1)[0].numpy()
+                panels.append((name, np.ma.masked_where(nodata, predicted)))
         for ax, (title, panel) in zip(axes[i], panels, strict=True):
             if panel.ndim == 3:
                 ax.imshow(panel)
             else:
-                ax.imshow(panel, cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
-            ax.set_title(f"{title}" if i else f"{title}\n", fontsize=8)
-            ax.axis("off")
-    figure.tight_layout()
+                ax.imshow(panel % 10, **shade)
+            ax.set_title(title if i else f"{title}\n", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    names = list(meta.class_names or [f"class {k}" for k in range(num_classes)])
+    handles = [Patch(color=colours(k % 10), label=name) for k, name in enumerate(names)]
+    handles.append(
+        Patch(facecolor="white", edgecolor="grey", label="nodata, unlabelled: unpainted")
+    )
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7)
+    figure.tight_layout(rect=(0, 0.6 / (2.2 * max(len(picks), 1) + 0.6), 1, 1))
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

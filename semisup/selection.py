@@ -276,7 +276,9 @@ def contact_sheet(
             ax_image, ax_map = axes.flat[2 * i], axes.flat[2 * i + 1]
             ax_image.imshow(image)
             ax_image.set_title(f"#{row.rank} tile {row.tile_id}", fontsize=7)
-            ax_map.imshow(maps[measure][0].numpy(), cmap="magma", vmin=0, vmax=1)
+            nodata = ~tile[C.VALID]  # left unpainted
+            uncertainty = np.ma.masked_where(nodata, maps[measure][0].numpy())
+            ax_map.imshow(uncertainty, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             ax_map.set_title(f"{measure} {getattr(row, SCORE_PREFIX + measure):.3f}", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=80)

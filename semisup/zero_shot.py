@@ -53,6 +53,10 @@ from semisup.teacher import (
 JSON_FILE: Final = "zero_shot.json"
 MARKDOWN_FILE: Final = "zero_shot.md"
 EXAMPLES_FILE: Final = "zero_shot_examples.png"
+RANDOM_WEIGHTS_NOTE: Final = (
+    "SAM has random weights here (no checkpoint): its masks show the pipeline working, not SAM; "
+    "--checkpoint PATH_OR_URL loads official weights"
+)
 MIN_COMPONENT_PX: Final = 16  # smaller components are label noise at 256 px tiles
 # 4-connectivity, as scipy.ndimage.label's default structuring element
 _NEIGHBOURS: Final = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -198,6 +202,7 @@ class TileResult:
     automatic_coverage: float
     image: np.ndarray  # S×S×3 uint8, for the examples figure
     label: np.ndarray  # S×S uint8
+    valid_share: float  # valid pixels / S×S: edge tiles padded to S count the padding as nodata
     box_instances: np.ndarray  # S×S int64, the box-prompted masks painted
     automatic_instances: np.ndarray  # S×S int64
 
@@ -251,6 +256,7 @@ def score_tile(
         automatic_coverage=coverage,
         image=image,
         label=label,
+        valid_share=float(valid.mean()),
         box_instances=box_instances,
         automatic_instances=automatic,
     )
@@ -363,8 +369,8 @@ def run_zero_shot(
     )
     (out / JSON_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (out / MARKDOWN_FILE).write_text(to_markdown(summary))
-    richest = sorted(results, key=lambda result: -len(result.class_ids))  # most instances first
-    plot_examples(richest[: max(examples, 0)], out / EXAMPLES_FILE)
+    note = None if checkpoint else RANDOM_WEIGHTS_NOTE
+    plot_examples(example_tiles(results, examples, meta.num_classes), out / EXAMPLES_FILE, note)
     return summary
 
 
@@ -483,6 +489,7 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
         f"(sha256 {summary.get('checkpoint_hash', '?')}). {summary['tiles']} labelled tiles, "
         f"{summary['components']} ground-truth components.",
         "",
+        *([] if summary.get("checkpoint") else [f"{RANDOM_WEIGHTS_NOTE}.", ""]),
         "| metric | mean | median |",
         "| --- | --- | --- |",
         f"| box-prompt IoU | {_fmt(summary['box_iou']['mean'])} "
@@ -502,8 +509,26 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_examples(results: Sequence[TileResult], path: Path) -> None:
-    """One row per tile: image, ground truth, box-prompted masks, automatic masks."""
+def example_tiles(
+    results: Sequence[TileResult], count: int, num_classes: int | None
+) -> list[TileResult]:
+    """Up to ``count`` tiles for the examples figure: mostly valid, with a spread of classes
+    (``report.pick_showcase_tiles``)."""
+    from semisup.report import pick_showcase_tiles
+
+    if not results or count <= 0:
+        return []
+    labelled = [r.label[r.label != C.IGNORE_INDEX] for r in results]
+    classes = max(num_classes or 0, 1 + max(int(x.max(initial=0)) for x in labelled))
+    size = results[0].label.size  # S×S, the same for every tile
+    shares = np.stack([np.bincount(x, minlength=classes) / size for x in labelled])
+    picks = pick_showcase_tiles(np.array([r.valid_share for r in results]), shares, count)
+    return [results[i] for i in picks]
+
+
+def plot_examples(results: Sequence[TileResult], path: Path, note: str | None = None) -> None:
+    """One row per tile: image, ground truth, box-prompted masks, automatic masks; ``note``
+    above them. Nodata and unlabelled pixels are left unpainted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -528,6 +553,8 @@ def plot_examples(results: Sequence[TileResult], path: Path) -> None:
             axis.set_title(f"{titles[col]} (tile {result.tile_id})", fontsize=8)
     for axis in axes.flat:
         axis.axis("off")
+    if note:
+        figure.suptitle(note, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semisup.report import calibration, confidence_bins, per_class_table
+from semisup.report import calibration, confidence_bins, per_class_table, pick_showcase_tiles
 
 
 def test_bins_count_pixels_correct_and_confidence() -> None:
@@ -64,3 +64,24 @@ def test_per_class_table_takes_each_run_at_its_best_epoch() -> None:
             "semi_supervised_iou": 0.6,
         },
     ]
+
+
+def test_showcase_tiles_are_mostly_valid_and_spread_over_the_classes() -> None:
+    # tiles 0-2: edge slivers (a tenth valid) that hold many classes; tiles 3-6 fully valid
+    valid_share = np.array([0.1, 0.1, 0.12, 1.0, 0.95, 1.0, 0.92])
+    class_share = np.array(
+        [
+            [0.02, 0.03, 0.03, 0.02],
+            [0.03, 0.03, 0.02, 0.02],
+            [0.03, 0.03, 0.03, 0.03],
+            [0.9, 0.1, 0.0, 0.0],  # classes 0, 1
+            [0.95, 0.05, 0.0, 0.0],  # classes 0, 1 again
+            [0.0, 0.0, 0.5, 0.5],  # classes 2, 3
+            [0.5, 0.0, 0.0, 0.01],  # class 0 (3 is under 2 %)
+        ]
+    )
+    picks = pick_showcase_tiles(valid_share, class_share, count=2)
+    assert sorted(picks) == [3, 5]  # every class in two tiles, no sliver
+    assert set(pick_showcase_tiles(valid_share, class_share, count=4)) == {3, 4, 5, 6}
+    # fewer mostly-valid tiles than asked: the most valid ones
+    assert pick_showcase_tiles(valid_share[:3], class_share[:3], count=2) == [2, 0]

@@ -303,7 +303,8 @@ def test_tiny_checkpoint_into_vit_b_is_refused(tiny_checkpoint):
     missing = set(vit_b.state_dict()) - set(torch.load(tiny_checkpoint, weights_only=True))
     assert len(missing) == 10 * 14 + 36
     with pytest.raises(
-        CheckpointError, match=r"^checkpoint \S+tiny\S*: tiny weights given for vit_b: 176 missing keys, 0 "
+        CheckpointError,
+        match=r"^checkpoint \S+tiny\S*: tiny weights given for vit_b: 176 missing keys, 0 ",
     ):
         load_checkpoint(vit_b, tiny_checkpoint, model_type="vit_b")
 
