@@ -161,6 +161,10 @@ def per_class_table(
     ]
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "Zero-shot SAM has random weights here (no checkpoint): its score shows the pipeline "
+    "working, not SAM; `--checkpoint PATH_OR_URL` loads official weights"
+)
 MIN_VALID_SHARE = 0.9  # tiles shown in figures are at least this valid, when enough are
 MIN_CLASS_SHARE = 0.02  # a class counts as shown when it covers this share of a tile
 
@@ -319,6 +323,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     lines.append(f"| labels-only | {_fmt(report['labels_only_miou'])} |")
     lines.append(f"| semi-supervised | {_fmt(report['semi_supervised_miou'])} |")
+    if report["zero_shot_miou"] is not None and not report.get("zero_shot_checkpoint"):
+        lines += ["", f"{RANDOM_WEIGHTS_NOTE}."]
     lines += ["", "## Per class (IoU)", "", "| class | zero-shot | labels-only | semi-supervised |"]
     lines.append("|---|---|---|---|")
     for row in report["per_class"]:
@@ -373,6 +379,7 @@ def run_report(
     report = {
         "run": str(run),
         "zero_shot_miou": zero.get("box_miou") if zero else None,
+        "zero_shot_checkpoint": zero.get("checkpoint") if zero else None,
         "labels_only_miou": only["best_miou"],
         "semi_supervised_miou": semi["best_miou"],
         "per_class": per_class_table(only["class_names"], zero, only, semi),
