@@ -318,6 +318,9 @@ def run_select(
             f"measure 'disagreement' needs the teacher's pseudo-labels in {store}; run "
             "`semisup pseudo-label --mode semantic` first"
         )
+    # the run's student is loaded once here: an adapter that cannot be read or does not fit
+    # fails in one line before any scoring actor starts
+    run_predictor(run, tile_size)
     start = time.perf_counter()
     if log:
         print(f"[select] scoring unlabeled tiles of {store} with {run}/best ...", file=log)

@@ -307,7 +307,6 @@ def run_zero_shot(
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     root = tile_store.open_store(store, "r", storage_options)
     meta = tile_store.read_store_meta(root)
     tiles = _labelled_tiles(store, split, max_tiles, storage_options)
@@ -316,6 +315,7 @@ def run_zero_shot(
         torch.manual_seed(seed)
         model = build_sam(model_type, image_size=meta.tile_size, checkpoint=checkpoint)
     model = model.to(torch_device).eval()
+    out.mkdir(parents=True, exist_ok=True)  # only once the checkpoint has loaded
     rules = mask_filter or MaskFilter()
     grid = point_grid(points_per_side, meta.tile_size)
     autocast = (
