@@ -107,6 +107,8 @@ def with_checkpoint(config: ExperimentConfig, checkpoint: str) -> ExperimentConf
     weights, so ``sam_vit_b_01ec64.pth`` runs the chain on vit_b."""
     from semisup.sam import guess_model_type, read_state_dict, resolve_checkpoint
 
+    if "://" not in checkpoint:  # Ray's workers run in another folder: an absolute path
+        checkpoint = str(Path(checkpoint).expanduser().absolute())
     model_type = guess_model_type(read_state_dict(resolve_checkpoint(checkpoint)))
     if model_type not in SAM_SPECS:
         raise ConfigError(

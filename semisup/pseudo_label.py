@@ -429,12 +429,13 @@ def run_pseudo_label(
         bf16_on_gpu=bf16 and gpus_per_actor > 0,
         teacher_options=teacher_options,
     )
-    # the weights are loaded once here, before the store is touched or any actor starts: a
-    # checkpoint or adapter that cannot be read or does not fit fails in one line naming it
-    build_teacher_models(
-        mode=mode, model_type=model_type, image_size=meta.tile_size + 2 * halo,
-        checkpoint=checkpoint, base_checkpoint=base_checkpoint, refine=refine, seed=seed,
-    )  # fmt: skip
+    if checkpoint is not None or base_checkpoint is not None:
+        # the weights are loaded once here, before the store is touched or any actor starts: a
+        # checkpoint or adapter that cannot be read or does not fit fails in one line naming it
+        build_teacher_models(
+            mode=mode, model_type=model_type, image_size=meta.tile_size + 2 * halo,
+            checkpoint=checkpoint, base_checkpoint=base_checkpoint, refine=refine, seed=seed,
+        )  # fmt: skip
     selected = _selected_tiles(store, split, storage_options)
     fresh = _prepare_store(
         store, root, meta, selected, identity, mode, output, overwrite, storage_options, log
