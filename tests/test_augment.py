@@ -56,7 +56,7 @@ def _interior(label: torch.Tensor) -> torch.Tensor:
 
 def test_weak_view_is_an_exact_permutation_aligned_across_columns(dubai_dir: Path) -> None:
     batch = _dubai_batch(dubai_dir)
-    view = weak_view(batch, AugmentConfig(), torch.Generator().manual_seed(1))
+    view = weak_view(batch, AugmentConfig(), torch.tensor([1, 2]))
     ride_along = (view[C.IMAGE][:, 3] * 255).round().long()
     assert torch.equal(ride_along, view[C.LABEL])
     assert torch.equal(view[C.LABEL], view[C.PSEUDO_LABEL])
@@ -68,7 +68,7 @@ def test_weak_view_is_an_exact_permutation_aligned_across_columns(dubai_dir: Pat
 
 def test_strong_geometry_keeps_image_and_labels_aligned_on_real_tiles(dubai_dir: Path) -> None:
     batch = _dubai_batch(dubai_dir)
-    view = strong_view(batch, GEOMETRY_ONLY, torch.Generator().manual_seed(0))
+    view = strong_view(batch, GEOMETRY_ONLY, torch.tensor([0, 1]))
     ride_along = (view[C.IMAGE][:, 3] * 255).round().long()
     check = _interior(view[C.LABEL]) & view[C.VALID] & (view[C.LABEL] != C.IGNORE_INDEX)
     assert check.float().mean() > 0.3
@@ -102,8 +102,7 @@ def test_photometric_changes_touch_the_image_only() -> None:
     }
     config = AugmentConfig(rotation_deg=0.0, scale_min=1.0, scale_max=1.0, cutmix_prob=0.0,
                            colour_strength=0.5, blur_prob=1.0)  # fmt: skip
-    torch.manual_seed(0)
-    out = strong_view(batch, config, torch.Generator().manual_seed(0))
+    out = strong_view(batch, config, torch.arange(4))
     assert not torch.allclose(out[C.IMAGE], batch[C.IMAGE], atol=1e-3)
     assert torch.equal(out[C.LABEL], batch[C.LABEL])
     assert torch.allclose(out[C.CONFIDENCE], batch[C.CONFIDENCE])
@@ -114,7 +113,7 @@ def test_cutmix_pastes_the_same_box_into_every_column() -> None:
         [torch.zeros(32, 32, dtype=torch.int64), torch.ones(32, 32, dtype=torch.int64)]
     )
     batch = {C.IMAGE: label[:, None].float().expand(2, 3, 32, 32).clone(), C.LABEL: label}
-    out = cutmix(batch, 1.0, torch.Generator().manual_seed(0))
+    out = cutmix(batch, 1.0, torch.tensor([0, 1]))
     pasted = out[C.LABEL][0] == 1
     assert 0.2 < pasted.float().mean() < 0.55
     assert torch.equal(out[C.IMAGE][0, 0] == 1, pasted)
