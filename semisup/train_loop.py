@@ -166,13 +166,19 @@ class LocalCheckpoints:
         return local
 
     def persist(self, folder: Path) -> None:
-        """Copy ``folder`` in as the newest checkpoint; drop those past ``keep``."""
+        """Copy ``folder`` in as the newest checkpoint; drop those past ``keep``.
+
+        Written under a temporary name and renamed once complete, so a driver stopped while it
+        writes leaves the previous checkpoints as the latest.
+        """
         from datetime import datetime
 
         name = f"checkpoint_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"  # Ray's naming
-        target = f"{self.root.rstrip('/')}/{name}"
-        self.fs.makedirs(target, exist_ok=True)
-        self.fs.put(str(folder / STATE_FILE), f"{target}/{STATE_FILE}")
+        root = self.root.rstrip("/")
+        partial = f"{root}/.{name}.partial"
+        self.fs.makedirs(partial, exist_ok=True)
+        self.fs.put(str(folder / STATE_FILE), f"{partial}/{STATE_FILE}")
+        self.fs.mv(partial, f"{root}/{name}", recursive=True)
         for old in self._saved()[: -self.keep]:
             self.fs.rm(old, recursive=True)
 
