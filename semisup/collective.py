@@ -50,6 +50,9 @@ class Collective:
         return bool(value.item())
 
 
+LOCAL = Collective()  # one worker: every sum stays local
+
+
 def current_collective() -> Collective:
     """The collective of the default process group, or the one-worker one without it."""
     if dist.is_available() and dist.is_initialized():
