@@ -117,7 +117,8 @@ class AugmentConfig:
 
 
 FinetuneMode = Literal["full", "decoder", "lora"]
-TargetSource = Literal["pseudo", "ema", "both"]
+TargetSource = Literal["pseudo", "ema", "both", "oracle"]
+ThresholdMode = Literal["fixed", "flexmatch", "freematch", "softmatch", "calibrated"]
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,15 @@ class SslConfig:
     """Consistency regularisation on unlabeled tiles."""
 
     enabled: bool = True
-    target: TargetSource = "both"  # offline SAM pseudo-labels, online EMA teacher, or both
-    confidence_threshold: float = 0.95  # FixMatch/UniMatch threshold
-    class_balanced: bool = False  # per-class thresholds scaled by mean confidence
+    target: TargetSource = "both"  # offline SAM pseudo-labels, online EMA teacher, or both;
+    # "oracle": the unlabeled tiles' ground truth at confidence 1, a check of the machinery
+    confidence_threshold: float = 0.95  # FixMatch/UniMatch threshold (fixed, flexmatch modes)
+    threshold_mode: ThresholdMode = "fixed"  # how much each pixel counts: semisup.thresholds
+    threshold_momentum: float = 0.99  # EMA of the adaptive thresholds' statistics, per step
+    # (FreeMatch uses 0.999 per image batch; a step here holds B×H×W pixels)
+    distribution_alignment: bool = False  # EMA teacher's class marginal aligned to the
+    # labelled one (ReMixMatch): p · p_labelled / p_teacher, renormalised
+    strong_views: int = 1  # strong views per unlabeled tile, each with its own loss (UniMatch: 2)
     unlabeled_weight: float = 1.0
     ramp_up_steps: int = 200  # steps until the unlabeled weight is reached
     ema_momentum: float = 0.999  # Mean Teacher / UniMatch default
@@ -164,6 +171,13 @@ class SslConfig:
         _check(0 <= self.ema_momentum <= 1, "ssl.ema_momentum", self.ema_momentum, "in [0, 1]")
         _check(self.unlabeled_batch_ratio >= 1, "ssl.unlabeled_batch_ratio",
                self.unlabeled_batch_ratio, ">= 1")  # fmt: skip
+        _check(0 <= self.threshold_momentum < 1, "ssl.threshold_momentum",
+               self.threshold_momentum, "in [0, 1)")  # fmt: skip
+        _check(self.strong_views in (1, 2), "ssl.strong_views", self.strong_views, "1 or 2")
+        _check(not self.distribution_alignment or self.target in ("ema", "both"),
+               "ssl.distribution_alignment", self.distribution_alignment,
+               "false unless ssl.target is 'ema' or 'both' (offline pseudo-labels carry no "
+               "class distribution to align)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -298,6 +312,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 # Keys that once existed, with what replaced them: a clearer error than "unknown key".
 RETIRED_KEYS: dict[str, str] = {
+    "ssl.class_balanced": "per-class thresholds are ssl.threshold_mode=freematch (self-adaptive, "
+    "class-wise) or flexmatch; remove the key",
     "stream.shuffle_buffer": "training passes are seeded permutations of the split's tile ids "
     "(semisup.sampling), whatever the read order; remove the key",
 }

@@ -59,66 +59,46 @@ def supervised_loss(
     return {"loss_sup": ce + dice_weight * dice, "loss_ce": ce, "loss_dice": dice}
 
 
-def confidence_mask(
-    confidence: torch.Tensor,
-    target: torch.Tensor,
-    threshold: float | torch.Tensor,
-) -> torch.Tensor:
-    """B×H×W bool: pixels whose target is set and whose confidence exceeds the threshold.
-
-    ``threshold`` is a scalar, or a K-vector of per-class thresholds indexed by the target class.
-    """
-    has_target = target != IGNORE_INDEX
-    if isinstance(threshold, torch.Tensor) and threshold.ndim == 1:
-        per_pixel = threshold[target.clamp(max=threshold.numel() - 1)]
-        return has_target & (confidence > per_pixel)
-    return has_target & (confidence > threshold)
-
-
 def consistency_loss(
     student_logits: torch.Tensor,
     target: torch.Tensor,
-    confidence: torch.Tensor,
-    threshold: float | torch.Tensor,
+    weight: torch.Tensor,
+    valid: torch.Tensor,
     collective: Collective = LOCAL,
+    truth: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the student against a target, counted only where confident.
+    """Cross-entropy of the student against a target, each pixel weighted by ``weight``.
 
-    Averaged over *all* pixels of the global batch (FixMatch's convention), so that a batch with
-    few confident pixels contributes little. Returns ``loss_cons`` and ``mask_ratio`` (fraction
-    counted).
+    ``weight`` (B×H×W in [0, 1], 0 where the target is not set) comes from
+    ``semisup.thresholds.pixel_weights``. The sum is divided by the valid pixels of the global
+    batch (``valid``: not nodata, not rotated in from outside the tile), so a batch with few
+    confident pixels contributes little (FixMatch's convention, without counting nodata).
+
+    Returns ``loss_cons``; ``mask_ratio``, the mean weight over valid pixels; ``mask_share``
+    (K), the part of it per target class; and, where ``truth`` (the tiles' ground truth,
+    IGNORE_INDEX where unknown) is given, ``pseudo_correct`` and ``pseudo_judged``: the weight on
+    pixels whose target equals the truth, and on pixels with a truth, per valid pixel (their
+    ratio is the weight-weighted accuracy of the targets).
     """
-    mask = confidence_mask(confidence, target, threshold)
-    safe_target = torch.where(mask, target, torch.zeros_like(target))
+    num_classes = student_logits.shape[1]
+    weight = weight.float() * valid
+    safe_target = torch.where(weight > 0, target, torch.zeros_like(target))
     per_pixel = F.cross_entropy(student_logits.float(), safe_target, reduction="none")
-    pixels = collective.sum(torch.tensor(float(mask.numel()), device=mask.device))
-    loss = collective.global_sum((per_pixel * mask).sum()) / pixels
-    return {"loss_cons": loss, "mask_ratio": collective.sum(mask.float().sum()) / pixels}
-
-
-def class_balanced_thresholds(
-    confidence: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int,
-    base_threshold: float,
-    collective: Collective = LOCAL,
-) -> torch.Tensor:
-    """Per-class thresholds scaled by each class's mean confidence (FlexMatch-style).
-
-    A class the teacher is less sure of (typical of rare classes in imbalanced agricultural
-    scenes) gets a proportionally lower threshold: t_k = base · c̄_k / max_j c̄_j, where c̄_k is
-    the mean confidence of pixels the target assigns to class k (over the global batch). Classes
-    not seen keep the base.
-    """
-    valid = target != IGNORE_INDEX
-    sums = torch.bincount(target[valid], weights=confidence[valid].float(), minlength=num_classes)
-    sums = collective.sum(sums)
-    counts = collective.sum(torch.bincount(target[valid], minlength=num_classes).float())
-    means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
-    if means.max() <= 0:
-        return torch.full((num_classes,), base_threshold, device=confidence.device)
-    scaled = base_threshold * means / means.max()
-    return torch.where(counts > 0, scaled, torch.full_like(scaled, base_threshold))
+    pixels = collective.sum(valid.sum().float()).clamp(min=1)
+    shares = torch.bincount(
+        safe_target[weight > 0], weights=weight[weight > 0], minlength=num_classes
+    )
+    parts = {
+        "loss_cons": collective.global_sum((per_pixel * weight).sum()) / pixels,
+        "mask_ratio": collective.sum(weight.sum()) / pixels,
+        "mask_share": collective.sum(shares[:num_classes]) / pixels,
+    }
+    if truth is not None:
+        judged = weight * (truth != IGNORE_INDEX)
+        correct = judged * (truth == target)
+        parts["pseudo_correct"] = collective.sum(correct.sum()) / pixels
+        parts["pseudo_judged"] = collective.sum(judged.sum()) / pixels
+    return parts
 
 
 def ramp_up(step: int, ramp_steps: int) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semisup import columns as C
@@ -33,13 +34,20 @@ from semisup.config import AugmentConfig, SslConfig
 from semisup.ema import ema_update
 from semisup.losses import (
     LOCAL,
-    class_balanced_thresholds,
     consistency_loss,
     ramp_up,
     supervised_loss,
 )
 from semisup.metrics import confusion_matrix
 from semisup.sampling import STRONG_VIEW, WEAK_VIEW, derive_keys
+from semisup.thresholds import (
+    ThresholdSettings,
+    align_distribution,
+    initial_statistics,
+    pixel_weights,
+    update_marginal,
+    update_statistics,
+)
 
 Batch = dict[str, Tensor]
 
@@ -52,6 +60,17 @@ class StepRecipe:
     augment: AugmentConfig
     num_classes: int
     dice_weight: float = 1.0
+    calibrated_threshold: float | None = None  # the teacher's 90 %-accuracy confidence
+
+    @property
+    def thresholds(self) -> ThresholdSettings:
+        return ThresholdSettings(
+            mode=self.ssl.threshold_mode,
+            num_classes=self.num_classes,
+            base_threshold=self.ssl.confidence_threshold,
+            momentum=self.ssl.threshold_momentum,
+            calibrated_threshold=self.calibrated_threshold,
+        )
 
 
 def prepare_batch(
@@ -119,20 +138,53 @@ def combine_targets(
 
 
 @torch.no_grad()
-def teacher_prediction(teacher: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
-    """(label B×H×W int64, confidence B×H×W float) = argmax and max of the teacher's softmax."""
-    confidence, label = teacher(image).float().softmax(1).max(1)
+def teacher_prediction(
+    teacher: nn.Module,
+    image: Tensor,
+    valid: Tensor,
+    ssl_state: dict[str, Tensor] | None = None,
+    recipe: StepRecipe | None = None,
+    collective: Collective = LOCAL,
+) -> tuple[Tensor, Tensor]:
+    """(label B×H×W int64, confidence B×H×W float): argmax and max of the teacher's softmax,
+    aligned to the labelled class marginal first when ``ssl.distribution_alignment``."""
+    probabilities = teacher(image).float().softmax(1)  # B×K×H×W
+    if recipe is not None and ssl_state is not None and recipe.ssl.distribution_alignment:
+        marginal = ssl_state["teacher_marginal"]
+        update_marginal(marginal, probabilities, valid, recipe.ssl.threshold_momentum, collective)
+        probabilities = align_distribution(probabilities, ssl_state["labeled_marginal"], marginal)
+    confidence, label = probabilities.max(1)
     return label, confidence
 
 
-def unlabeled_targets(weak: Batch, teacher: nn.Module | None, ssl: SslConfig) -> Batch:
-    """Put the consistency target of ``ssl.target`` into PSEUDO_LABEL/CONFIDENCE of ``weak``."""
+def unlabeled_targets(
+    weak: Batch,
+    teacher: nn.Module | None,
+    ssl: SslConfig,
+    ssl_state: dict[str, Tensor] | None = None,
+    recipe: StepRecipe | None = None,
+    collective: Collective = LOCAL,
+) -> Batch:
+    """Put the consistency target of ``ssl.target`` into PSEUDO_LABEL/CONFIDENCE of ``weak``.
+
+    ``oracle`` takes the tiles' ground truth (LABEL) at confidence 1: a run that cannot beat
+    labels-only with it has a broken consistency path, whatever its teacher.
+    """
     out = dict(weak)
+    invalid = ~weak[C.VALID]
+    if ssl.target == "oracle":
+        if C.LABEL not in weak:
+            raise ValueError("ssl.target='oracle' needs the unlabeled tiles' ground truth")
+        truth = weak[C.LABEL].masked_fill(invalid, C.IGNORE_INDEX)
+        out[C.PSEUDO_LABEL] = truth
+        out[C.CONFIDENCE] = (truth != C.IGNORE_INDEX).float()
+        return out
     if ssl.target in ("ema", "both"):
         if teacher is None:
             raise ValueError(f"ssl.target={ssl.target!r} needs an EMA teacher")
-        ema_label, ema_conf = teacher_prediction(teacher, weak[C.IMAGE])
-        invalid = ~weak[C.VALID]
+        ema_label, ema_conf = teacher_prediction(
+            teacher, weak[C.IMAGE], weak[C.VALID], ssl_state, recipe, collective
+        )
         ema_label = ema_label.masked_fill(invalid, C.IGNORE_INDEX)
         ema_conf = ema_conf.masked_fill(invalid, 0.0)
     if ssl.target == "ema":
@@ -157,40 +209,55 @@ def compute_losses(
     recipe: StepRecipe,
     step: int,
     collective: Collective = LOCAL,
+    ssl_state: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``loss`` (with graph) and its parts for one step, each the value of the global batch.
 
     Labeled tiles train through a weak view; unlabeled tiles get their target on the weak view
-    and the student predicts the strong view of the same tiles (geometry moves the target too).
+    and the student predicts ``ssl.strong_views`` strong views of the same tiles (geometry
+    moves the target too), each pixel weighted by ``ssl.threshold_mode``. ``ssl_state`` holds
+    the adaptive statistics (``semisup.thresholds.initial_statistics``), updated in place; None
+    starts from the initial ones. Where the unlabeled tiles carry LABEL (ground truth the split
+    hides), it is used only to measure the targets (``pseudo_correct``/``pseudo_judged``).
     """
     ssl, augment = recipe.ssl, recipe.augment
     weak_labeled = weak_view(labeled, augment, view_keys(labeled, WEAK_VIEW))
     logits = model(weak_labeled[C.IMAGE])
     parts = supervised_loss(logits, weak_labeled[C.LABEL], recipe.dice_weight, collective)
     loss = parts["loss_sup"]
-    if unlabeled is not None and ssl.enabled:
-        weak_unlabeled = weak_view(unlabeled, augment, view_keys(unlabeled, WEAK_VIEW))
-        weak = unlabeled_targets(weak_unlabeled, teacher, ssl)
-        strong = strong_view(weak, augment, view_keys(unlabeled, STRONG_VIEW))
-        threshold: float | Tensor = ssl.confidence_threshold
-        if ssl.class_balanced:
-            threshold = class_balanced_thresholds(
-                strong[C.CONFIDENCE],
-                strong[C.PSEUDO_LABEL],
-                recipe.num_classes,
-                ssl.confidence_threshold,
-                collective,
-            )
-        cons = consistency_loss(
-            model(strong[C.IMAGE]),
-            strong[C.PSEUDO_LABEL],
-            strong[C.CONFIDENCE],
-            threshold,
-            collective,
+    if unlabeled is None or not ssl.enabled:
+        return {"loss": loss, **parts}
+    if ssl_state is None:
+        ssl_state = initial_statistics(recipe.num_classes, logits.device)
+    if ssl.distribution_alignment:
+        one_hot = F.one_hot(
+            weak_labeled[C.LABEL].clamp(max=recipe.num_classes - 1), recipe.num_classes
         )
-        weight = ssl.unlabeled_weight * ramp_up(step, ssl.ramp_up_steps)
-        loss = loss + weight * cons["loss_cons"]
-        parts = {**parts, **cons, "unlabeled_weight": torch.tensor(weight)}
+        labelled = weak_labeled[C.LABEL] != C.IGNORE_INDEX
+        update_marginal(ssl_state["labeled_marginal"], one_hot.permute(0, 3, 1, 2), labelled,
+                        ssl.threshold_momentum, collective)  # fmt: skip
+    weak_unlabeled = weak_view(unlabeled, augment, view_keys(unlabeled, WEAK_VIEW))
+    weak = unlabeled_targets(weak_unlabeled, teacher, ssl, ssl_state, recipe, collective)
+    settings = recipe.thresholds
+    update_statistics(ssl_state, weak[C.CONFIDENCE], weak[C.PSEUDO_LABEL], settings, collective)
+    views = []
+    for view in range(ssl.strong_views):
+        strong = strong_view(weak, augment, view_keys(unlabeled, STRONG_VIEW + view))
+        weight = pixel_weights(strong[C.CONFIDENCE], strong[C.PSEUDO_LABEL], ssl_state, settings)
+        views.append(
+            consistency_loss(
+                model(strong[C.IMAGE]),
+                strong[C.PSEUDO_LABEL],
+                weight,
+                strong[C.VALID],
+                collective,
+                truth=strong.get(C.LABEL),
+            )  # fmt: skip
+        )
+    cons = {name: torch.stack([v[name] for v in views]).mean(0) for name in views[0]}
+    ramp = ramp_up(step, ssl.ramp_up_steps)
+    loss = loss + ssl.unlabeled_weight * ramp * cons["loss_cons"]
+    parts = {**parts, **cons, "unlabeled_weight": torch.tensor(ssl.unlabeled_weight * ramp)}
     return {"loss": loss, **parts}
 
 
@@ -205,6 +272,7 @@ def train_step(
     step: int,
     autocast_dtype: torch.dtype | None = None,
     collective: Collective = LOCAL,
+    ssl_state: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimiser step (and EMA update); returns ``loss`` and its parts as floats.
 
@@ -226,12 +294,25 @@ def train_step(
             recipe=recipe,
             step=step,
             collective=collective,
+            ssl_state=ssl_state,
         )
     (parts["loss"] * collective.world_size).backward()
     optimizer.step()
     if teacher is not None:
         ema_update(teacher, unwrap(model), recipe.ssl.ema_momentum)
-    return {name: float(value.detach()) for name, value in parts.items()}
+    return scalar_parts(parts)
+
+
+def scalar_parts(parts: dict[str, Tensor]) -> dict[str, float]:
+    """Loss parts as floats for logging; a K-vector part becomes ``name_0`` .. ``name_{K-1}``."""
+    out: dict[str, float] = {}
+    for name, value in parts.items():
+        value = value.detach()
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            out |= {f"{name}_{k}": float(v) for k, v in enumerate(value.flatten().tolist())}
+    return out
 
 
 @torch.no_grad()

@@ -22,20 +22,24 @@ The teacher gives a class and a confidence per pixel, not a distribution, so Fre
 probability of class ``c`` is estimated as the mean of confidence · [label = c] over valid
 pixels. Statistics are sums over every worker's pixels (``Collective``) and live in the
 checkpointed SSL state, so they survive a resume.
+
+Distribution alignment (``ssl.distribution_alignment``, ReMixMatch, Berthelot et al. 2020)
+multiplies the EMA teacher's class probabilities by p_labelled(c) / p_teacher(c), the running
+class marginals of the labelled pixels and of the teacher's predictions, and renormalises: a
+teacher that under-predicts a class the labels hold is pushed back towards it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import Final
 
 import torch
 
 from semisup.collective import LOCAL, Collective
 from semisup.columns import IGNORE_INDEX
+from semisup.config import ThresholdMode
 
-ThresholdMode = Literal["fixed", "flexmatch", "freematch", "softmatch", "calibrated"]
-THRESHOLD_MODES: Final = get_args(ThresholdMode)
 SOFTMATCH_N_SIGMA: Final = 2.0  # SoftMatch's width: the Gaussian's sigma is sigma_t / n_sigma
 
 
@@ -60,6 +64,8 @@ def initial_statistics(
         "confidence_var": torch.tensor(1.0, device=device),
         "class_mass": torch.full((num_classes,), chance, device=device),
         "class_confident_share": torch.zeros(num_classes, device=device),
+        "labeled_marginal": torch.full((num_classes,), chance, device=device),
+        "teacher_marginal": torch.full((num_classes,), chance, device=device),
     }
 
 
@@ -142,3 +148,29 @@ def pixel_weights(
         cut = class_thresholds(statistics, settings)
         weight = (confidence.float() > cut[target.clamp(max=settings.num_classes - 1)]).float()
     return weight * has_target
+
+
+@torch.no_grad()
+def update_marginal(
+    marginal: torch.Tensor,
+    probabilities: torch.Tensor,
+    valid: torch.Tensor,
+    momentum: float,
+    collective: Collective = LOCAL,
+) -> None:
+    """EMA-update a class marginal (K) in place with the mean of ``probabilities`` (B×K×H×W,
+    or one-hot labels) over the ``valid`` pixels (B×H×W) of every worker."""
+    weights = probabilities.float() * valid[:, None]
+    sums = collective.sum(torch.cat([weights.sum((0, 2, 3)), valid.sum().float()[None]]))
+    if sums[-1] <= 0:
+        return
+    marginal.mul_(momentum).add_(sums[:-1] / sums[-1], alpha=1 - momentum)
+
+
+def align_distribution(
+    probabilities: torch.Tensor, labeled_marginal: torch.Tensor, teacher_marginal: torch.Tensor
+) -> torch.Tensor:
+    """B×K×H×W probabilities × labelled / teacher marginal (K each), renormalised per pixel."""
+    ratio = labeled_marginal / teacher_marginal.clamp(min=1e-6)
+    aligned = probabilities * ratio[None, :, None, None]
+    return aligned / aligned.sum(1, keepdim=True).clamp(min=1e-12)

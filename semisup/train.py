@@ -129,8 +129,29 @@ def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: s
     for split in (C.LABELED, C.VAL):
         if facts["tiles_per_split"].get(split, 0) == 0:
             raise ValueError(f"store {store}: the {split!r} split has no tiles")
+    calibrated = config.ssl.threshold_mode == "calibrated"
+    if config.ssl.enabled and calibrated and facts.get("calibrated_threshold") is None:
+        raise ConfigError(
+            f"ssl.threshold_mode='calibrated' needs the teacher's measured calibration in "
+            f"{store} (the confidence at which its pseudo-labels are 90 % right); choose "
+            "freematch, flexmatch, softmatch or fixed"
+        )
     if config.train.init_from is not None:
         check_warm_start(config, facts)
+
+
+def check_oracle(store: str, unlabeled_ids: Sequence[int]) -> None:
+    """``ssl.target=oracle`` needs ground truth on every unlabeled tile's source."""
+    index = read_tile_index(store).to_pandas().set_index(C.TILE_ID)
+    root = open_store(store)
+    sources = sorted(set(index.loc[list(unlabeled_ids), C.SOURCE]))
+    bare = [source for source in sources if C.LABEL not in root[source]]  # type: ignore[operator]
+    if bare:
+        raise ConfigError(
+            f"ssl.target='oracle' trains on the unlabeled tiles' ground truth, but source "
+            f"{bare[0]!r} of {store} has no labels; give the run explicit splits of labelled "
+            "tiles (as the label-efficiency experiment does)"
+        )
 
 
 def init_adapter(init_from: str) -> Path:
@@ -242,6 +263,8 @@ def run_training(
     num_workers = 0 if debug else config.train.num_workers
     use_unlabeled = config.ssl.enabled and facts["tiles_per_split"].get(C.UNLABELED, 0) > 0
     check_batches(config, facts["tiles_per_split"], max(num_workers, 1), use_unlabeled)
+    if use_unlabeled and config.ssl.target == "oracle":
+        check_oracle(store, tile_ids[C.UNLABELED])
     if num_workers and str(store).startswith("memory://"):
         raise ValueError(
             f"store {store}: a memory:// store exists only in this process; train on it with "

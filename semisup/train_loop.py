@@ -46,6 +46,7 @@ from semisup.sampling import (
     worker_seed,
 )
 from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_confusion
+from semisup.thresholds import initial_statistics
 from semisup.tile_reader import TileReader
 from semisup.train_state import (
     STATE_FILE,
@@ -60,7 +61,9 @@ LR_REFERENCE_BATCH = 8  # lr is given for this global batch; scaled linearly (Go
 VALIDATION_BATCH = 16  # tiles per validation forward pass
 SGD_MOMENTUM = 0.9
 LABELED_COLUMNS = (C.IMAGE, C.LABEL, C.VALID, C.SOURCE, C.TILE_ID)
-UNLABELED_COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID)
+# LABEL of unlabeled tiles: ground truth a split hides (an experiment's pool), IGNORE_INDEX
+# elsewhere; it measures the targets (pseudo_accuracy) and is the oracle's target, never trained on
+UNLABELED_COLUMNS = (C.IMAGE, C.VALID, C.LABEL, C.SOURCE, C.TILE_ID)
 PSEUDO_COLUMNS = (C.PSEUDO_LABEL, C.CONFIDENCE)
 BandScale = Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]]
 
@@ -271,6 +274,8 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
     model = build_model(config, facts, loop_config["init_adapter"]).to(device)
     teacher = make_ema_teacher(model) if loop_config["use_ema_teacher"] else None
     trainables = Trainables(model, build_optimizer(config, model), teacher)
+    if loop_config["use_unlabeled"]:  # the adaptive thresholds' statistics, checkpointed
+        trainables.ssl_state = initial_statistics(int(facts["num_classes"]), device)
     torch.manual_seed(worker_seed(train.seed, rank, "torch"))  # dropout, if the model has any
     if world > 1:
         # wraps the model in DistributedDataParallel (it is on its device already)
@@ -279,7 +284,8 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
         config=config, facts=facts, run_dir=Path(loop_config["run_dir"]), rank=rank, world=world,
         device=device, collective=current_collective(), model=model, trainables=trainables,
         feeds={}, val_reader=None, val_ids=np.asarray(loop_config["splits"][C.VAL], np.int64),
-        recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight),
+        recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight,
+                          facts.get("calibrated_threshold")),
         band_scale=band_scales(facts),
     )  # fmt: skip
     if loop_config["local_checkpoints"] is not None:
@@ -351,6 +357,7 @@ def run_epoch(run: WorkerRun, epoch: int) -> None:
             None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device),
             teacher=run.trainables.teacher, recipe=run.recipe, step=state.step,
             autocast_dtype=autocast, collective=run.collective,
+            ssl_state=run.trainables.ssl_state,
         )  # fmt: skip
         state.step += 1
         now = time.perf_counter()
@@ -380,6 +387,9 @@ def end_epoch(run: WorkerRun, epoch: int) -> bool:
         epoch=epoch, step=state.step, seconds=round(time.perf_counter() - run.started, 1)
     )
     metrics["train"] = {k: v / max(state.epoch_steps, 1) for k, v in state.epoch_sums.items()}
+    judged = metrics["train"].get("pseudo_judged", 0.0)
+    if judged > 0:  # the weight-weighted accuracy of the targets, where ground truth exists
+        metrics["train"]["pseudo_accuracy"] = metrics["train"]["pseudo_correct"] / judged
     # the median leaves out the first step's start-up and any stragglers
     median = float(np.median(state.step_seconds)) if state.step_seconds else 0.0
     metrics["train"]["step_seconds_median"] = median

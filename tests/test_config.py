@@ -100,3 +100,26 @@ def test_malformed_override_and_missing_file_are_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="'tile_size' is not a section"):
         merge_overrides({"tile_size": 3}, ["tile_size.x=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "replacement"),
+    [
+        ("ssl.class_balanced=true", "threshold_mode=freematch"),
+        ("stream.shuffle_buffer=64", "permutations"),
+    ],
+)
+def test_retired_keys_say_what_replaced_them(override: str, replacement: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"'{override.split('=')[0]}' is retired: .*{replacement}"
+    ):
+        load_config(overrides=[override])
+
+
+def test_ssl_settings_that_cannot_work_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="ssl.distribution_alignment.*offline pseudo-labels"):
+        load_config(overrides=["ssl.target=pseudo", "ssl.distribution_alignment=true"])
+    with pytest.raises(ConfigError, match="ssl.strong_views: got 3"):
+        load_config(overrides=["ssl.strong_views=3"])
+    with pytest.raises(ConfigError, match="ssl.threshold_mode: got 'adaptive'"):
+        load_config(overrides=["ssl.threshold_mode=adaptive"])

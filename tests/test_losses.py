@@ -9,8 +9,6 @@ from torch import nn
 from semisup.columns import IGNORE_INDEX
 from semisup.ema import ema_update, make_ema_teacher
 from semisup.losses import (
-    class_balanced_thresholds,
-    confidence_mask,
     consistency_loss,
     dice_loss,
     ramp_up,
@@ -22,28 +20,46 @@ def _logits_for(target: torch.Tensor, num_classes: int, scale: float = 30.0) -> 
     return torch.nn.functional.one_hot(target, num_classes).permute(0, 3, 1, 2).float() * scale
 
 
+ALL_VALID = torch.ones(2, 8, 8, dtype=torch.bool)
+
+
 def test_consistency_loss_is_zero_when_student_equals_target() -> None:
     target = torch.randint(0, 4, (2, 8, 8))
-    out = consistency_loss(_logits_for(target, 4), target, torch.ones(2, 8, 8), 0.95)
+    out = consistency_loss(_logits_for(target, 4), target, torch.ones(2, 8, 8), ALL_VALID)
     assert out["loss_cons"].item() == pytest.approx(0.0, abs=1e-6)
     assert out["mask_ratio"].item() == 1.0
+    assert out["mask_share"].sum().item() == pytest.approx(1.0)
 
 
 def test_fully_unconfident_target_contributes_nothing() -> None:
     target = torch.randint(0, 4, (2, 8, 8))
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
-    out = consistency_loss(logits, target, torch.full((2, 8, 8), 0.5), 0.95)
+    out = consistency_loss(logits, target, torch.zeros(2, 8, 8), ALL_VALID)
     assert out["loss_cons"].item() == 0.0 and out["mask_ratio"].item() == 0.0
     out["loss_cons"].backward()
     assert logits.grad is not None and (logits.grad == 0).all()
 
 
-def test_consistency_counts_only_confident_pixels() -> None:
-    target = torch.zeros(1, 1, 2, dtype=torch.int64)
-    logits = torch.zeros(1, 3, 1, 2)  # uniform prediction: CE = ln 3 per pixel
-    out = consistency_loss(logits, target, torch.tensor([[[0.99, 0.1]]]), 0.95)
-    assert out["mask_ratio"].item() == 0.5
-    assert out["loss_cons"].item() == pytest.approx(torch.log(torch.tensor(3.0)).item() / 2)
+def test_consistency_weighs_pixels_over_the_valid_ones_only() -> None:
+    target = torch.zeros(1, 1, 3, dtype=torch.int64)
+    logits = torch.zeros(1, 3, 1, 3)  # uniform prediction: CE = ln 3 per pixel
+    weight = torch.tensor([[[1.0, 0.5, 0.0]]])
+    valid = torch.tensor([[[True, True, False]]])  # the third pixel is nodata
+    out = consistency_loss(logits, target, weight, valid)
+    assert out["mask_ratio"].item() == pytest.approx(0.75)  # (1 + 0.5) / 2 valid pixels
+    assert out["loss_cons"].item() == pytest.approx(1.5 * torch.log(torch.tensor(3.0)).item() / 2)
+    assert out["mask_share"].tolist() == pytest.approx([0.75, 0.0, 0.0])
+
+
+def test_pseudo_accuracy_weighs_the_targets_against_the_truth() -> None:
+    target = torch.tensor([[[0, 1, 2, 2]]])
+    truth = torch.tensor([[[0, 2, 2, IGNORE_INDEX]]])
+    weight = torch.tensor([[[1.0, 1.0, 0.5, 1.0]]])
+    out = consistency_loss(
+        torch.zeros(1, 3, 1, 4), target, weight, torch.ones(1, 1, 4, dtype=torch.bool), truth=truth
+    )
+    # judged: pixels with a truth (weights 1 + 1 + 0.5); right: pixels 0 and 2 (1 + 0.5)
+    assert (out["pseudo_correct"] / out["pseudo_judged"]).item() == pytest.approx(1.5 / 2.5)
 
 
 def test_supervised_loss_ignores_unlabelled_pixels() -> None:
@@ -66,15 +82,6 @@ def test_dice_is_between_zero_and_one() -> None:
     target = torch.randint(0, 3, (2, 8, 8))
     value = dice_loss(torch.randn(2, 3, 8, 8), target).item()
     assert 0.0 < value < 1.0
-
-
-def test_per_class_thresholds_lower_for_less_confident_classes() -> None:
-    target = torch.tensor([[0, 0, 1, 1, IGNORE_INDEX]])
-    confidence = torch.tensor([[0.9, 0.9, 0.45, 0.45, 0.1]])
-    thresholds = class_balanced_thresholds(confidence, target, num_classes=3, base_threshold=0.8)
-    assert torch.allclose(thresholds, torch.tensor([0.8, 0.4, 0.8]))
-    mask = confidence_mask(confidence, target, thresholds)
-    assert mask.tolist() == [[True, True, True, True, False]]
 
 
 def test_ramp_up_is_monotone_and_reaches_one() -> None:

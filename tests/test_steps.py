@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from semisup.steps import (
 )
 from semisup.student import build_student
 from semisup.synthetic import generate_scene
+from semisup.thresholds import initial_statistics
 
 
 def test_prepare_batch_scales_bands_and_ignores_invalid_pixels() -> None:
@@ -95,3 +98,60 @@ def test_without_unlabeled_tiles_there_is_no_consistency_term() -> None:
         model, _scene_batch(), _scene_batch(), teacher=None, recipe=recipe, step=0
     )
     assert "loss_cons" not in parts and torch.equal(parts["loss"], parts["loss_sup"])
+
+
+def _real_tiles(
+    dubai_dir: Path, parts: tuple[str, ...], size: int = 128
+) -> dict[str, torch.Tensor]:
+    """Crops of real Dubai images with their labels, as a prepared batch."""
+    from PIL import Image
+
+    from semisup.datasets import DUBAI_COLOURS
+
+    images, labels = [], []
+    for part in parts:
+        rgb = np.asarray(Image.open(dubai_dir / "tile_1" / "images" / f"image_part_{part}.jpg"))
+        mask = np.asarray(
+            Image.open(dubai_dir / "tile_1" / "masks" / f"image_part_{part}.png").convert("RGB")
+        ).astype(np.int64)
+        codes = (mask[..., 0] << 16) | (mask[..., 1] << 8) | mask[..., 2]
+        label = np.full(codes.shape, C.IGNORE_INDEX, dtype=np.int64)
+        for colour, class_id in DUBAI_COLOURS.items():
+            label[codes == int(colour[1:], 16)] = class_id
+        images.append(rgb[:size, :size])
+        labels.append(label[:size, :size])
+    return {
+        C.IMAGE: torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255,
+        C.LABEL: torch.from_numpy(np.stack(labels)),
+        C.VALID: torch.ones(len(parts), size, size, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("mode", ["freematch", "flexmatch", "softmatch"])
+def test_on_real_tiles_an_adaptive_threshold_lets_a_weak_teacher_teach(
+    dubai_dir: Path, mode: str
+) -> None:
+    """A random-weight EMA teacher: a fixed 0.95 cut keeps nothing, an adaptive one keeps
+    pixels, and the consistency term then moves the student."""
+    torch.manual_seed(0)
+    model = build_student("tiny", 5, 128, mode="decoder")
+    teacher = make_ema_teacher(model)
+    labeled = _real_tiles(dubai_dir, ("001", "002"))
+    unlabeled = _real_tiles(dubai_dir, ("003", "004"))  # LABEL stays: it measures the targets
+    ratios = {}
+    for threshold_mode in ("fixed", mode):
+        ssl = SslConfig(target="ema", threshold_mode=threshold_mode, ramp_up_steps=0)  # type: ignore[arg-type]
+        recipe = StepRecipe(ssl, AugmentConfig(), 5)
+        state = initial_statistics(5)
+        for step in range(3):  # the statistics settle over a few steps
+            parts = compute_losses(model, labeled, unlabeled, teacher=teacher, recipe=recipe,
+                                   step=step, ssl_state=state)  # fmt: skip
+        ratios[threshold_mode] = float(parts["mask_ratio"])
+    assert ratios["fixed"] < 0.01 < ratios[mode]
+    assert 0 <= float(parts["pseudo_correct"]) <= float(parts["pseudo_judged"]) <= 1
+    model.zero_grad()
+    parts["loss_cons"].backward()
+    grads = [
+        p.grad.abs().sum() for p in model.parameters() if p.requires_grad and p.grad is not None
+    ]
+    assert grads and float(sum(grads)) > 0

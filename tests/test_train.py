@@ -168,3 +168,30 @@ def test_two_workers_on_real_dubai_tiles_learn_past_the_majority_class(
     floor = _majority_class_miou(dubai_store)
     assert 0.05 < floor < 0.2
     assert report["best_miou"] > floor + 0.02
+
+
+@pytest.mark.timeout(600)
+def test_a_semi_supervised_run_on_real_tiles_counts_unlabeled_pixels_and_measures_them(
+    dubai_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    """Dubai tile 1: three images labelled, the rest unlabeled (their ground truth only
+    measures the targets); FreeMatch thresholds on a student's own EMA teacher."""
+    from semisup import columns as C
+    from semisup.store import read_tile_index
+
+    index = read_tile_index(dubai_store).to_pandas()
+    pool = index[index[C.SPLIT] == C.LABELED]
+    sources = sorted(pool[C.SOURCE].unique())
+    labelled = pool[C.SOURCE].isin(sources[:3])
+    splits = {
+        C.LABELED: pool.loc[labelled, C.TILE_ID].tolist(),
+        C.UNLABELED: pool.loc[~labelled, C.TILE_ID].tolist(),
+        C.VAL: index.loc[index[C.SPLIT] == C.VAL, C.TILE_ID].tolist(),
+    }
+    config = _config("ssl.target=ema", "ssl.threshold_mode=freematch", "ssl.ramp_up_steps=4",
+                     "train.epochs=2", "train.steps_per_epoch=6")  # fmt: skip
+    report = run_training(dubai_store, config, tmp_path / "run", debug=True, splits=splits)
+    last = report["epochs"][-1]["train"]
+    assert last["mask_ratio"] > 0.05 and last["loss_cons"] > 0
+    assert sum(last[f"mask_share_{k}"] for k in range(5)) == pytest.approx(last["mask_ratio"])
+    assert 0 < last["pseudo_accuracy"] <= 1
