@@ -42,7 +42,10 @@ from semisup.config import (
 
 LABELS_ONLY, SEMI, FULL = "labels_only", "semi_supervised", "full_label"
 SEMI_WARM = "semi_supervised_warm"  # the semi-supervised student starts from its teacher
-SEMI_METHODS = {"scratch": SEMI, "teacher": SEMI_WARM}  # by LabelEfficiencySettings.semi_init
+# the consistency path given the unlabeled tiles' ground truth at confidence 1 (ssl.target
+# oracle): the most the machinery can recover; short of ~80 % of the gap, it is broken
+ORACLE = "oracle"
+SEMI_METHODS = {"scratch": SEMI, "teacher": SEMI_WARM, "oracle": ORACLE}  # by semi_init
 RANDOM, ACTIVE = "random", "active"
 
 
@@ -59,7 +62,8 @@ class LabelEfficiencySettings:
     al_diversity: float = 0.5
     pseudo_label_actors: int = 1
     # where semi-supervised students start: "scratch" (the base, as every other run) and/or
-    # "teacher" (a warm start from the labels-only run that made the pseudo-labels)
+    # "teacher" (a warm start from the labels-only run that made the pseudo-labels); "oracle"
+    # adds a run whose consistency targets are the ground truth (no teacher)
     semi_init: tuple[str, ...] = ("scratch",)
 
     def __post_init__(self) -> None:
@@ -151,11 +155,18 @@ class Runner:
         self.labelled_by: Path | None = None  # the teacher of the store's pseudo-labels
 
     def train(
-        self, name: str, labeled: np.ndarray, seed: int, semi: bool, init_from: Path | None = None
+        self,
+        name: str,
+        labeled: np.ndarray,
+        seed: int,
+        semi: bool,
+        init_from: Path | None = None,
+        oracle: bool = False,
     ) -> dict[str, Any]:
         """One student on ``labeled`` (+ the rest of the pool when ``semi``), scored on test.
 
-        ``init_from``: a run folder whose best adapter the student starts from.
+        ``init_from``: a run folder whose best adapter the student starts from. ``oracle``: the
+        consistency targets are the pool's ground truth (``ssl.target=oracle``).
         """
         from semisup.evaluate import evaluate_run
         from semisup.train import run_training
@@ -175,7 +186,9 @@ class Runner:
             train=dataclasses.replace(
                 config.train, seed=seed, init_from=None if init_from is None else str(init_from)
             ),
-            ssl=dataclasses.replace(config.ssl, enabled=semi),
+            ssl=dataclasses.replace(
+                config.ssl, enabled=semi, target="oracle" if oracle else config.ssl.target
+            ),
         )
         unlabeled = np.setdiff1d(self.tiles.pool, labeled) if semi else np.array([], np.int64)
         splits = {
@@ -198,6 +211,10 @@ class Runner:
             "seconds": round(time.perf_counter() - start, 1),
             "labeled_ids": labeled.tolist(),  # which tiles: a rerun reuses an active pick
         }
+        last = report["epochs"][-1]["train"] if report["epochs"] else {}
+        for key in ("mask_ratio", "pseudo_accuracy"):  # the consistency term, after ramp-up
+            if key in last:
+                result[key] = last[key]
         result_file.write_text(json.dumps(result, indent=2) + "\n")
         self.log(f"{name}: test mIoU {test['miou']:.4f} ({result['seconds']} s)")
         return result
@@ -262,6 +279,10 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
         rows.append({"method": LABELS_ONLY, "fraction": fraction, **only})
         teacher = runner.out / "runs" / f"labels_only_{tag}"
         for init in settings.semi_init:
+            if init == "oracle":
+                oracle = runner.train(f"oracle_{tag}", labeled, seed, semi=True, oracle=True)
+                rows.append({"method": ORACLE, "fraction": fraction, **oracle})
+                continue
             semi_name = f"semi_{tag}" if init == "scratch" else f"semi_warm_{tag}"
             if not (runner.out / "runs" / semi_name / "test.json").is_file():
                 runner.pseudo_label(teacher, seed)
@@ -513,7 +534,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {float(key):.4f} | {only['labeled_tiles']} | {LABELS_ONLY} | "
             f"{_stat(only['test_miou'])} | | | |"
         )
-        for method in (SEMI, SEMI_WARM):
+        for method in (SEMI, SEMI_WARM, ORACLE):
             if key not in curve.get(method, {}):
                 continue
             gain = report["ssl_gain"][method][key]
@@ -581,6 +602,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where semi-supervised students start, comma-separated: scratch (the base, like "
         "every other run) and/or teacher (a warm start from their labels-only teacher)",
     )  # fmt: skip
+    parser.add_argument(
+        "--oracle", action="store_true",
+        help="also train, at each fraction, a student whose consistency targets are the pool's "
+        "ground truth: the gap the consistency path can close at best",
+    )  # fmt: skip
     add_config_arguments(parser)
 
 
@@ -594,7 +620,8 @@ def run_cli(args: argparse.Namespace) -> int:
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
         al_rounds=args.al_rounds,
         al_measure=args.al_measure,
-        semi_init=tuple(init.strip() for init in args.semi_init.split(",")),
+        semi_init=tuple(init.strip() for init in args.semi_init.split(","))
+        + (("oracle",) if args.oracle else ()),
     )
     run_label_efficiency(args.store, args.out, config_from_arguments(args), settings)
     print(f"report: {args.out / 'report.md'}")

@@ -28,10 +28,9 @@ import torch
 # Each purpose draws from its own stream of the run's seed. Numbers, not hash(): Python salts
 # string hashes per process, and every worker must derive the same seeds.
 SeedPurpose = Literal[
-    "init", "torch", "labeled_order", "unlabeled_order", "labeled_samples", "unlabeled_samples"
+    "torch", "labeled_order", "unlabeled_order", "labeled_samples", "unlabeled_samples"
 ]
 PURPOSES: Final[dict[str, int]] = {
-    "init": 0,  # model initialisation: the same on every rank
     "torch": 1,  # the process-wide torch generator (dropout, if a model has any)
     "labeled_order": 2,  # the permutations of the labelled split
     "unlabeled_order": 3,
@@ -40,7 +39,7 @@ PURPOSES: Final[dict[str, int]] = {
 }
 WEAK_VIEW: Final = 0  # sub-keys of a sample key, one per view (derive_keys)
 STRONG_VIEW: Final = 1
-SHARED_RANK: Final = -1  # the rank of a seed every worker shares (orders, keys, initialisation)
+SHARED_RANK: Final = -1  # the rank of a seed every worker shares (orders, keys)
 
 
 def worker_seed(seed: int, rank: int, purpose: SeedPurpose) -> int:

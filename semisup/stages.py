@@ -202,10 +202,13 @@ def _train(context: RunContext, config: ExperimentConfig, run_dir: Path) -> dict
         shutil.rmtree(run_dir)
     report = run_training(str(context.store), config, run_dir, resume=resume, debug=context.debug)
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
+    last = report["epochs"][-1]["train"]  # the consistency term after its ramp-up
     return {
         "run_dir": str(run_dir),
         "mode": config.student.mode,
         "consistency": config.ssl.enabled,
+        "mask_ratio": last.get("mask_ratio"),
+        "pseudo_accuracy": last.get("pseudo_accuracy"),
         "best_miou": report["best_miou"],
         "best_epoch": report["best_epoch"],
         "iou_per_class": best["iou_per_class"],
@@ -254,19 +257,36 @@ def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                      "data": "labeled", "metric": "val mIoU",
                      "value": results["teacher"]["best_miou"]})  # fmt: skip
     if "student" in results:
-        rows.append({"model": "semi-supervised (student)", "fine_tuning": results["student"]["mode"],
+        student = results["student"]
+        rows.append({"model": "semi-supervised (student)", "fine_tuning": student["mode"],
                      "data": "labeled + unlabeled", "metric": "val mIoU",
-                     "value": results["student"]["best_miou"]})  # fmt: skip
+                     "value": student["best_miou"], "mask_ratio": student.get("mask_ratio"),
+                     "pseudo_accuracy": student.get("pseudo_accuracy")})  # fmt: skip
     return rows
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The rows of ``comparison_rows`` as Markdown table lines."""
-    lines = ["| model | fine-tuning | data | val score |", "|---|---|---|---|"]
+    """The rows of ``comparison_rows`` as Markdown table lines.
+
+    For the student: the share of valid unlabeled pixels its consistency term counted in its
+    last epoch (``mask_ratio``, the mean weight), and how often those pixels' targets were right
+    where the unlabeled tiles have ground truth.
+    """
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| model | fine-tuning | data | val score | unlabeled pixels used | their target accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        value = "–" if row["value"] is None else f"{row['value']:.3f}"
+        value = number(row["value"])
         score = value if row["metric"] == "val mIoU" else f"{row['metric']} {value}"
-        lines.append(f"| {row['model']} | {row['fine_tuning']} | {row['data']} | {score} |")
+        used, right = number(row.get("mask_ratio")), number(row.get("pseudo_accuracy"))
+        lines.append(
+            f"| {row['model']} | {row['fine_tuning']} | {row['data']} | {score} | {used} | {right} |"
+        )
     return lines
 
 

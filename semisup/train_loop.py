@@ -245,7 +245,10 @@ def build_model(
     from semisup.student import build_student, load_adapter
 
     student = config.student
-    torch.manual_seed(worker_seed(config.train.seed, SHARED_RANK, "init"))
+    # train.seed itself, not a derived seed: without a base checkpoint the frozen base is drawn
+    # from it, and every stage that rebuilds the student from an adapter (teacher, evaluate,
+    # predict, select) draws the same base the same way
+    torch.manual_seed(config.train.seed)
     model = build_student(
         student.model_type, int(facts["num_classes"]), int(facts["tile_size"]),
         checkpoint=student.checkpoint, mode=student.mode, lora_rank=student.lora_rank,

@@ -113,7 +113,7 @@ def test_experiment_runs_end_to_end_and_resumes(
     )  # fmt: skip
     settings = LabelEfficiencySettings(
         fractions=(0.125, 0.25), seeds=(0,), al_start_fraction=0.125, al_rounds=1,
-        al_round_fraction=0.125, semi_init=("scratch", "teacher"),
+        al_round_fraction=0.125, semi_init=("scratch", "teacher", "oracle"),
     )  # fmt: skip
     out = tmp_path / "le"
     report = run_label_efficiency(experiment_store, out, config, settings, log=None)
@@ -121,14 +121,19 @@ def test_experiment_runs_end_to_end_and_resumes(
         "labels_only",
         "semi_supervised",
         "semi_supervised_warm",
+        "oracle",
         "full_label",
     }
     assert set(report["learning_curve"]["labels_only"]) == {"0.1250", "0.2500"}
     curve = pd.read_csv(out / "learning_curve.csv")
     assert curve.groupby("method")["labeled_tiles"].apply(list).to_dict() == {
         "full_label": [36], "labels_only": [4, 9], "semi_supervised": [4, 9],
-        "semi_supervised_warm": [4, 9],
+        "semi_supervised_warm": [4, 9], "oracle": [4, 9],
     }  # fmt: skip
+    # the oracle's targets are the ground truth: every counted pixel is right
+    oracle = curve[curve["method"] == "oracle"]
+    assert (oracle["pseudo_accuracy"] == 1.0).all() and (oracle["mask_ratio"] > 0.5).all()
+    assert (curve.loc[curve["method"] == "semi_supervised", "pseudo_accuracy"] < 1.0).all()
     # the warm student started from its teacher; the others from the base
     warm_config = (out / "runs" / "semi_warm_f0.1250_s0" / "config.yaml").read_text()
     assert f"init_from: {out / 'runs' / 'labels_only_f0.1250_s0'}" in warm_config

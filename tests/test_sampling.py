@@ -63,7 +63,7 @@ def test_validation_shares_cover_every_tile_exactly_once(world: int) -> None:
 
 def test_seeds_differ_by_purpose_and_rank_but_not_by_process() -> None:
     seeds = {worker_seed(0, rank, purpose) for rank in (SHARED_RANK, 0, 1)
-             for purpose in ("init", "torch", "labeled_order")}  # fmt: skip
+             for purpose in ("torch", "labeled_order", "unlabeled_order")}  # fmt: skip
     assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
     assert worker_seed(3, 1, "torch") == worker_seed(3, 1, "torch")
     keys = sample_keys(0, "labeled_samples", step=4, count=6)

@@ -50,6 +50,16 @@ def test_debug_run_learns_and_writes_its_reports(
     assert len(epochs[0]["iou_per_class"]) == 5
     assert (tmp_path / "run" / "report.md").read_text().count("\n| ") == 4  # header + 3 epochs
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+    # the best adapter, rebuilt on its base as evaluate, predict, select and the teacher
+    # rebuild it, scores exactly what training measured on the same validation tiles
+    from semisup import columns as C
+    from semisup.evaluate import evaluate_run
+    from semisup.store import read_tile_index
+
+    index = read_tile_index(scene_store).to_pandas()
+    val = index.loc[(index[C.SPLIT] == C.VAL) & (index["valid_fraction"] > 0), C.TILE_ID]
+    rebuilt = evaluate_run(scene_store, tmp_path / "run", val.tolist())
+    assert rebuilt["miou"] == pytest.approx(report["best_miou"], abs=1e-9)
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(scene_store, config, tmp_path / "run", debug=True)
 
