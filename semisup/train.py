@@ -265,6 +265,9 @@ def run_training(
     check_batches(config, facts["tiles_per_split"], max(num_workers, 1), use_unlabeled)
     if use_unlabeled and config.ssl.target == "oracle":
         check_oracle(store, tile_ids[C.UNLABELED])
+    from semisup.pipeline import check_checkpoint
+
+    check_checkpoint(config)  # a base checkpoint that cannot be read fails here, not in a worker
     if num_workers and str(store).startswith("memory://"):
         raise ValueError(
             f"store {store}: a memory:// store exists only in this process; train on it with "

@@ -112,6 +112,13 @@ def test_bad_config_values_fail_before_any_worker_starts(
         assert status == 2
         assert key in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
+    # a base checkpoint that cannot be read: one line naming it, before the run folder exists
+    bad = tmp_path / "sam.pth"
+    bad.write_bytes(b"not a checkpoint")
+    status = main(["train", "--store", scene_store, "--out", str(tmp_path / "r"),
+                   "--set", f"student.checkpoint={bad}", "--set", "ssl.target=ema"])  # fmt: skip
+    assert status == 2 and str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.timeout(300)
