@@ -46,6 +46,10 @@ SEMI_WARM = "semi_supervised_warm"  # the semi-supervised student starts from it
 # oracle): the most the machinery can recover; short of ~80 % of the gap, it is broken
 ORACLE = "oracle"
 SEMI_METHODS = {"scratch": SEMI, "teacher": SEMI_WARM, "oracle": ORACLE}  # by semi_init
+# the semi-supervised student with the monitor half's images added to its unlabeled pool: a
+# user mapping a region they hold imagery of (never the test half's images)
+SEMI_TARGET_AREA = "semi_supervised_target_area"
+MIN_ROOM = 0.03  # full − labels-only below this (mIoU): no room for unlabeled tiles to show
 RANDOM, ACTIVE = "random", "active"
 
 
@@ -65,6 +69,7 @@ class LabelEfficiencySettings:
     # "teacher" (a warm start from the labels-only run that made the pseudo-labels); "oracle"
     # adds a run whose consistency targets are the ground truth (no teacher)
     semi_init: tuple[str, ...] = ("scratch",)
+    target_area: bool = False  # also a student whose unlabeled pool holds the monitor images
 
     def __post_init__(self) -> None:
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
@@ -162,11 +167,13 @@ class Runner:
         semi: bool,
         init_from: Path | None = None,
         oracle: bool = False,
+        extra_unlabeled: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """One student on ``labeled`` (+ the rest of the pool when ``semi``), scored on test.
 
         ``init_from``: a run folder whose best adapter the student starts from. ``oracle``: the
         consistency targets are the pool's ground truth (``ssl.target=oracle``).
+        ``extra_unlabeled``: more unlabeled tiles (the monitor half, for the target-area run).
         """
         from semisup.evaluate import evaluate_run
         from semisup.train import run_training
@@ -191,6 +198,8 @@ class Runner:
             ),
         )
         unlabeled = np.setdiff1d(self.tiles.pool, labeled) if semi else np.array([], np.int64)
+        if semi and extra_unlabeled is not None:
+            unlabeled = np.union1d(unlabeled, extra_unlabeled)
         splits = {
             C.LABELED: labeled.tolist(),
             C.UNLABELED: unlabeled.tolist(),
@@ -233,7 +242,8 @@ class Runner:
         run_pseudo_label(
             self.store, mode="semantic", model_type=self.config.student.model_type,
             checkpoint=str(teacher_run / "best"), base_checkpoint=self.config.student.checkpoint,
-            actors=self.settings.pseudo_label_actors, split=[C.LABELED, C.UNLABELED],
+            actors=self.settings.pseudo_label_actors,
+            split=[C.LABELED, C.UNLABELED] + ([C.VAL] if self.settings.target_area else []),
             overwrite=True, seed=seed, log=None,
         )  # fmt: skip
         self.labelled_by = teacher_run
@@ -289,6 +299,14 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
             warm = teacher if init == "teacher" else None
             semi = runner.train(semi_name, labeled, seed, semi=True, init_from=warm)
             rows.append({"method": SEMI_METHODS[init], "fraction": fraction, **semi})
+        if settings.target_area:
+            name = f"semi_target_area_{tag}"
+            if not (runner.out / "runs" / name / "test.json").is_file():
+                runner.pseudo_label(teacher, seed)
+            area = runner.train(
+                name, labeled, seed, semi=True, extra_unlabeled=runner.tiles.monitor
+            )
+            rows.append({"method": SEMI_TARGET_AREA, "fraction": fraction, **area})
     full = runner.train(f"full_s{seed}", pool, seed, semi=False)
     rows.append({"method": FULL, "fraction": 1.0, **full})
     return rows
@@ -339,7 +357,8 @@ def ssl_gains(curve: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
     full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
     only_runs = curve[curve["method"] == LABELS_ONLY].set_index(["fraction", "seed"])["test_miou"]
     gains: dict[str, dict[str, dict[str, Any]]] = {}
-    for (method, fraction), group in curve[curve["method"].isin(SEMI_METHODS.values())].groupby(
+    semi_methods = [*SEMI_METHODS.values(), SEMI_TARGET_AREA]
+    for (method, fraction), group in curve[curve["method"].isin(semi_methods)].groupby(
         ["method", "fraction"]
     ):
         only = only_runs.loc[fraction]
@@ -354,6 +373,17 @@ def ssl_gains(curve: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
     return gains
 
 
+def room(curve: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per label fraction: full-label minus labels-only test mIoU (seed means), the most
+    unlabeled tiles can add; below ``MIN_ROOM`` no gain could be told from the seed spread."""
+    full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
+    only = curve[curve["method"] == LABELS_ONLY].groupby("fraction")["test_miou"].mean()
+    return {
+        f"{fraction:.4f}": {"gap": float(full - value), "room": bool(full - value >= MIN_ROOM)}
+        for fraction, value in only.items()
+    }
+
+
 def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
     """Means and spreads over seeds, the gap closed, and the tiles each strategy needs."""
     result: dict[str, Any] = {"learning_curve": {}, "active_learning": {}}
@@ -366,6 +396,7 @@ def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
             entry["test_iou_per_class"] = class_means(group["test_iou_per_class"].tolist())
         result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = entry
     result["ssl_gain"] = ssl_gains(curve)
+    result["room"] = room(curve)
     needed: dict[str, list[int | None]] = {RANDOM: [], ACTIVE: []}
     for _seed, group in rounds.groupby("seed"):
         random_curve = group[group["strategy"] == RANDOM]
@@ -459,7 +490,7 @@ def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(5, 3.5))
-    for method in (LABELS_ONLY, SEMI, SEMI_WARM):
+    for method in (LABELS_ONLY, SEMI, SEMI_WARM, SEMI_TARGET_AREA, ORACLE):
         if not (curve["method"] == method).any():
             continue
         stats = curve[curve["method"] == method].groupby("labeled_tiles")["test_miou"]
@@ -526,15 +557,24 @@ def format_report(report: dict[str, Any]) -> str:
         "Gain: semi-supervised minus labels-only, per seed (the same labelled tiles), mean ± "
         "std. Gap closed: (semi − labels-only) / (full − labels-only) on the seed means.",
         "",
+        f"Room: full − labels-only on the seed means; below {MIN_ROOM} a fraction has no room "
+        "for unlabeled tiles to show a gain. The target-area student also has the monitor "
+        "half's images (never the test half's) in its unlabeled pool; the others are strictly "
+        "inductive.",
+        "",
         "| label fraction | labelled tiles | method | test mIoU | gain | gap closed | of full |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, only in curve.get(LABELS_ONLY, {}).items():
+        gap = report.get("room", {}).get(key)
+        room_note = (
+            "" if gap is None else f"room {gap['gap']:+.3f}{'' if gap['room'] else ' (no room)'}"
+        )
         lines.append(
             f"| {float(key):.4f} | {only['labeled_tiles']} | {LABELS_ONLY} | "
-            f"{_stat(only['test_miou'])} | | | |"
+            f"{_stat(only['test_miou'])} | {room_note} | | |"
         )
-        for method in (SEMI, SEMI_WARM, ORACLE):
+        for method in (SEMI, SEMI_WARM, SEMI_TARGET_AREA, ORACLE):
             if key not in curve.get(method, {}):
                 continue
             gain = report["ssl_gain"][method][key]
@@ -603,6 +643,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every other run) and/or teacher (a warm start from their labels-only teacher)",
     )  # fmt: skip
     parser.add_argument(
+        "--target-area", action="store_true",
+        help="also train a semi-supervised student with the monitor half's images in its "
+        "unlabeled pool (reported apart from the strictly inductive runs)",
+    )  # fmt: skip
+    parser.add_argument(
         "--oracle", action="store_true",
         help="also train, at each fraction, a student whose consistency targets are the pool's "
         "ground truth: the gap the consistency path can close at best",
@@ -622,6 +667,7 @@ def run_cli(args: argparse.Namespace) -> int:
         al_measure=args.al_measure,
         semi_init=tuple(init.strip() for init in args.semi_init.split(","))
         + (("oracle",) if args.oracle else ()),
+        target_area=args.target_area,
     )
     run_label_efficiency(args.store, args.out, config_from_arguments(args), settings)
     print(f"report: {args.out / 'report.md'}")

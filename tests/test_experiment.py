@@ -109,11 +109,11 @@ def test_experiment_runs_end_to_end_and_resumes(
     config = load_config(
         overrides=["student.model_type=tiny", "train.num_workers=0", "train.batch_size=4",
                    "train.epochs=2", "train.steps_per_epoch=4", "train.warmup_steps=1",
-                   "ssl.confidence_threshold=0.5", "stream.tiles_per_task=16"]
+                   "ssl.threshold_mode=freematch", "stream.tiles_per_task=16"]
     )  # fmt: skip
     settings = LabelEfficiencySettings(
         fractions=(0.125, 0.25), seeds=(0,), al_start_fraction=0.125, al_rounds=1,
-        al_round_fraction=0.125, semi_init=("scratch", "teacher", "oracle"),
+        al_round_fraction=0.125, semi_init=("scratch", "teacher", "oracle"), target_area=True,
     )  # fmt: skip
     out = tmp_path / "le"
     report = run_label_efficiency(experiment_store, out, config, settings, log=None)
@@ -121,6 +121,7 @@ def test_experiment_runs_end_to_end_and_resumes(
         "labels_only",
         "semi_supervised",
         "semi_supervised_warm",
+        "semi_supervised_target_area",
         "oracle",
         "full_label",
     }
@@ -128,8 +129,14 @@ def test_experiment_runs_end_to_end_and_resumes(
     curve = pd.read_csv(out / "learning_curve.csv")
     assert curve.groupby("method")["labeled_tiles"].apply(list).to_dict() == {
         "full_label": [36], "labels_only": [4, 9], "semi_supervised": [4, 9],
-        "semi_supervised_warm": [4, 9], "oracle": [4, 9],
+        "semi_supervised_warm": [4, 9], "oracle": [4, 9], "semi_supervised_target_area": [4, 9],
     }  # fmt: skip
+    # the target-area student also has the 9 monitor tiles unlabeled; never a test tile
+    area = curve[curve["method"] == "semi_supervised_target_area"]
+    assert (area["unlabeled_tiles"] == 36 - area["labeled_tiles"] + 9).all()
+    assert set(report["room"]) == {"0.1250", "0.2500"}
+    assert all(isinstance(entry["room"], bool) for entry in report["room"].values())
+    assert "room " in (out / "report.md").read_text()
     # the oracle's targets are the ground truth: every counted pixel is right
     oracle = curve[curve["method"] == "oracle"]
     assert (oracle["pseudo_accuracy"] == 1.0).all() and (oracle["mask_ratio"] > 0.5).all()
