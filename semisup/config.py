@@ -133,6 +133,9 @@ class StudentConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "qv"  # "qv" (as SAMed) or "qkv"
     hires_path: bool = True  # stride-4 conv path: a patch-16 ViT alone misses roads at 256 px
+    # Image-encoder attention kernel (semisup.sam_attention); no parameter depends on it.
+    # "sdpa" equals the "reference" matmuls within 1e-5 in fp32 (tests/test_sam_attention.py).
+    attention: Literal["reference", "sdpa", "flex"] = "sdpa"
 
     def __post_init__(self) -> None:
         _check(self.model_type in ("tiny", "vit_b", "vit_l", "vit_h"), "student.model_type",
@@ -153,6 +156,8 @@ class SslConfig:
     # "oracle": the unlabeled tiles' ground truth at confidence 1, a check of the machinery
     confidence_threshold: float = 0.95  # FixMatch/UniMatch threshold (fixed, flexmatch modes)
     threshold_mode: ThresholdMode = "fixed"  # how much each pixel counts: semisup.thresholds
+    calibration_run: str | None = None  # calibrated mode: the teacher's run folder; its best
+    # epoch measured on the validation tiles the confidence above which it was 90 % right
     threshold_momentum: float = 0.99  # EMA of the adaptive thresholds' statistics, per step
     # (FreeMatch uses 0.999 per image batch; a step here holds B×H×W pixels)
     distribution_alignment: bool = False  # EMA teacher's class marginal aligned to the

@@ -181,8 +181,17 @@ def pseudo_label(context: RunContext) -> dict[str, Any]:
 
 
 def student(context: RunContext) -> dict[str, Any]:
-    """The semi-supervised student: consistency training on labeled and unlabeled tiles."""
-    return _train(context, context.config, context.out / "student")
+    """The semi-supervised student: consistency training on labeled and unlabeled tiles.
+
+    With ``ssl.threshold_mode=calibrated`` and no ``ssl.calibration_run``, the cut is the one the
+    teacher stage measured on the validation tiles.
+    """
+    config = context.config
+    if config.ssl.threshold_mode == "calibrated" and config.ssl.calibration_run is None:
+        teacher_run = str(context.out / "teacher")
+        ssl = dataclasses.replace(config.ssl, calibration_run=teacher_run)
+        config = dataclasses.replace(config, ssl=ssl)
+    return _train(context, config, context.out / "student")
 
 
 def _train(context: RunContext, config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:

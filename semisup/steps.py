@@ -323,6 +323,27 @@ def validation_confusion(model: nn.Module, batch: Batch, num_classes: int) -> Te
     return confusion_matrix(prediction, batch[C.LABEL], num_classes)
 
 
+@torch.no_grad()
+def validation_counts(
+    model: nn.Module, batch: Batch, num_classes: int, bins: int
+) -> tuple[Tensor, Tensor]:
+    """One forward pass: the K×K confusion matrix of the argmax on valid, labelled pixels, and
+    3×``bins`` float64 calibration counts of the same pixels per confidence bin of [0, 1]:
+    pixels, correct pixels and the sum of their confidences (``semisup.calibration``)."""
+    model.eval()
+    confidence, prediction = model(batch[C.IMAGE]).float().softmax(1).max(1)
+    label = batch[C.LABEL]
+    labelled = label != C.IGNORE_INDEX
+    which = (confidence[labelled] * bins).long().clamp(max=bins - 1)
+    right = (prediction == label)[labelled].double()
+    counts = torch.stack([
+        torch.bincount(which, minlength=bins).double(),
+        torch.bincount(which, weights=right, minlength=bins),
+        torch.bincount(which, weights=confidence[labelled].double(), minlength=bins),
+    ])  # fmt: skip
+    return confusion_matrix(prediction, label, num_classes), counts
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the model itself)."""
     inner = getattr(model, "module", model)

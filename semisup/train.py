@@ -129,15 +129,32 @@ def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: s
     for split in (C.LABELED, C.VAL):
         if facts["tiles_per_split"].get(split, 0) == 0:
             raise ValueError(f"store {store}: the {split!r} split has no tiles")
-    calibrated = config.ssl.threshold_mode == "calibrated"
-    if config.ssl.enabled and calibrated and facts.get("calibrated_threshold") is None:
-        raise ConfigError(
-            f"ssl.threshold_mode='calibrated' needs the teacher's measured calibration in "
-            f"{store} (the confidence at which its pseudo-labels are 90 % right); choose "
-            "freematch, flexmatch, softmatch or fixed"
-        )
+    if config.ssl.enabled and config.ssl.threshold_mode == "calibrated":
+        calibrated_threshold(config.ssl.calibration_run)  # readable, and measured
     if config.train.init_from is not None:
         check_warm_start(config, facts)
+
+
+def calibrated_threshold(run: str | None) -> float:
+    """The confidence above which the teacher run ``run`` was 90 % right on its validation
+    tiles, as its best epoch measured it (``best/metrics.json``), or an error naming the key."""
+    key = "ssl.calibration_run"
+    if run is None:
+        raise ConfigError(
+            f"ssl.threshold_mode='calibrated' needs {key}: the teacher's run folder, whose "
+            "validation measured its calibration"
+        )
+    path = Path(run) / "best" / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}={run!r}: no {path} (expected a `semisup train` run folder)")
+    measured = json.loads(path.read_text()).get("calibration") or {}
+    if measured.get("threshold") is None:
+        raise ConfigError(
+            f"{key}={run!r}: its best epoch never reached {measured.get('target_accuracy', 0.9)} "
+            "accuracy at any confidence on the validation tiles; choose freematch, flexmatch, "
+            "softmatch or fixed"
+        )
+    return float(measured["threshold"])
 
 
 def check_oracle(store: str, unlabeled_ids: Sequence[int]) -> None:
@@ -260,6 +277,8 @@ def run_training(
     tile_ids = split_tile_ids(store, config, splits)
     facts["tiles_per_split"] = {name: len(ids) for name, ids in tile_ids.items()}
     check_store_for(config, facts, store)
+    if config.ssl.enabled and config.ssl.threshold_mode == "calibrated":
+        facts["calibrated_threshold"] = calibrated_threshold(config.ssl.calibration_run)
     num_workers = 0 if debug else config.train.num_workers
     use_unlabeled = config.ssl.enabled and facts["tiles_per_split"].get(C.UNLABELED, 0) > 0
     check_batches(config, facts["tiles_per_split"], max(num_workers, 1), use_unlabeled)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from semisup import columns as C
+from semisup.calibration import CALIBRATION_BINS, TARGET_ACCURACY, calibration
 from semisup.collective import Collective, current_collective
 from semisup.config import ExperimentConfig, from_dict
 from semisup.metrics import scores
@@ -45,7 +46,7 @@ from semisup.sampling import (
     validation_share,
     worker_seed,
 )
-from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_confusion
+from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_counts
 from semisup.thresholds import initial_statistics
 from semisup.tile_reader import TileReader
 from semisup.train_state import (
@@ -419,19 +420,35 @@ def end_epoch(run: WorkerRun, epoch: int) -> bool:
 
 
 def validate(run: WorkerRun) -> dict[str, Any]:
-    """mIoU, Dice and per-class IoU over the validation split: each rank its share, summed."""
+    """mIoU, Dice, per-class IoU and calibration over the validation split: each rank its
+    share, summed over ranks. ``calibration.threshold``: the lowest confidence above which the
+    model's labels were right 90 % of the time (None if none), what a student trained on this
+    run's pseudo-labels can cut at (``ssl.threshold_mode=calibrated``)."""
     num_classes = int(run.facts["num_classes"])
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=run.device)
+    counts = torch.zeros(3, CALIBRATION_BINS, dtype=torch.float64, device=run.device)
     assert run.val_reader is not None
     share = validation_share(run.val_ids, run.rank, run.world)
     for lo in range(0, len(share), VALIDATION_BATCH):
         batch = run.val_reader.read(share[lo : lo + VALIDATION_BATCH])
         tensors = prepare_batch(batch, run.band_scale, run.device)
-        confusion += validation_confusion(run.model, tensors, num_classes)
+        batch_confusion, batch_counts = validation_counts(
+            run.model, tensors, num_classes, CALIBRATION_BINS
+        )
+        confusion += batch_confusion
+        counts += batch_counts
     confusion = run.collective.sum(confusion)
+    bins = run.collective.sum(counts).cpu().numpy()  # 3×CALIBRATION_BINS
     result: dict[str, Any] = dict(scores(confusion.cpu()))
     for key in ("iou_per_class", "dice_per_class"):  # JSON has no NaN: absent classes are None
         result[key] = [None if math.isnan(v) else v for v in result[key]]
+    measured = calibration(bins[0], bins[1], bins[2], TARGET_ACCURACY)
+    result["calibration"] = {
+        "threshold": measured["suggested_threshold"],
+        "target_accuracy": TARGET_ACCURACY,
+        "kept_fraction": measured["kept_fraction"],
+        "expected_calibration_error": measured["expected_calibration_error"],
+    }
     return result
 
 
@@ -458,7 +475,8 @@ def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
 def build_report(run: WorkerRun) -> dict[str, Any]:
     """The run's report: metrics per epoch, the best epoch and its checkpoint (JSON-safe)."""
     state = run.state
-    keys = ("epoch", "step", "miou", "dice", "pixel_accuracy", "iou_per_class", "train", "seconds")
+    keys = ("epoch", "step", "miou", "dice", "pixel_accuracy", "iou_per_class", "calibration",
+            "train", "seconds")  # fmt: skip
     return {
         "class_names": run.facts["class_names"],
         "epochs": [{k: h[k] for k in keys} for h in state.history],

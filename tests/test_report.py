@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semisup.report import calibration, confidence_bins, per_class_table, pick_showcase_tiles
+from semisup.calibration import calibration, confidence_bins
+from semisup.report import per_class_table, pick_showcase_tiles
 
 
 def test_bins_count_pixels_correct_and_confidence() -> None:

@@ -212,3 +212,33 @@ def test_a_semi_supervised_run_on_real_tiles_counts_unlabeled_pixels_and_measure
     assert last["mask_ratio"] > 0.05 and last["loss_cons"] > 0
     assert sum(last[f"mask_share_{k}"] for k in range(5)) == pytest.approx(last["mask_ratio"])
     assert 0 < last["pseudo_accuracy"] <= 1
+
+
+@pytest.mark.timeout(300)
+def test_a_teacher_run_measures_its_calibration_and_a_student_cuts_at_it(
+    scene_store: str, tmp_path: Path, ray_session: None
+) -> None:
+    import json
+
+    teacher = run_training(scene_store, _config("ssl.enabled=false", "train.epochs=1",
+                           "train.steps_per_epoch=4"), tmp_path / "teacher", debug=True)  # fmt: skip
+    measured = teacher["epochs"][0]["calibration"]
+    assert measured["target_accuracy"] == 0.9 and 0 <= measured["kept_fraction"] <= 1
+    assert (measured["threshold"] is None) == (measured["kept_fraction"] == 0)
+    # a teacher whose best epoch was 90 % right above 0.6: the student's cut is 0.6
+    best = tmp_path / "teacher" / "best" / "metrics.json"
+    metrics = json.loads(best.read_text())
+    best.write_text(json.dumps({**metrics, "calibration": {**measured, "threshold": 0.6}}))
+    calibrated = ["ssl.target=ema", "ssl.threshold_mode=calibrated", "ssl.ramp_up_steps=0",
+                  "train.epochs=1", "train.steps_per_epoch=3"]  # fmt: skip
+    with pytest.raises(ConfigError, match="needs ssl.calibration_run"):
+        run_training(scene_store, _config(*calibrated), tmp_path / "none", debug=True)
+    student = run_training(
+        scene_store, _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
+        tmp_path / "student", debug=True,
+    )  # fmt: skip
+    assert 0 <= student["epochs"][0]["train"]["mask_ratio"] <= 1
+    best.write_text(json.dumps({**metrics, "calibration": {**measured, "threshold": None}}))
+    with pytest.raises(ConfigError, match="never reached 0.9"):
+        run_training(scene_store, _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
+                     tmp_path / "again", debug=True)  # fmt: skip
