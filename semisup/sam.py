@@ -44,6 +44,8 @@ from segment_anything.modeling import (
 )
 from torch import Tensor, nn
 
+from semisup.sam_attention import AttentionImplementation, set_attention
+
 log = logging.getLogger(__name__)
 
 
@@ -157,6 +159,7 @@ def build_sam(
     checkpoint: str | Path | None = None,
     window_size: int | None = None,
     cache_dir: str | Path | None = None,
+    attention: AttentionImplementation = "sdpa",
 ) -> Sam:
     """A ``segment_anything`` :class:`Sam` that takes ``image_size``×``image_size`` inputs.
 
@@ -166,7 +169,10 @@ def build_sam(
     size and give B×256×(S/16)×(S/16) image embeddings. ``window_size``: tokens, default
     :func:`choose_window_size`. ``checkpoint``: path or URL of a state dict, resized to this
     image size and window on load (see :func:`load_checkpoint`). Returned in eval mode on CPU,
-    as ``segment_anything.build_sam`` does.
+    as ``segment_anything.build_sam`` does. ``attention``: how the image encoder's attention
+    is computed (see :mod:`semisup.sam_attention`): ``"sdpa"`` (fused kernel, the bias as an
+    additive mask), ``"flex"`` (bias inside a compiled flex_attention kernel) or
+    ``"reference"`` (segment-anything's explicit matmuls); the parameters are the same for all.
     """
     spec = get_spec(model_type) if isinstance(model_type, str) else model_type
     if image_size <= 0 or image_size % spec.patch_size:
@@ -215,6 +221,7 @@ def build_sam(
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    set_attention(sam.image_encoder, attention)
     sam.eval()
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, model_type=_spec_name(spec), cache_dir=cache_dir)

@@ -47,6 +47,7 @@ from semisup.sam import (
     read_state_dict,
     resolve_checkpoint,
 )
+from semisup.sam_attention import AttentionImplementation
 
 MODES: Final = ("full", "decoder", "lora")
 LORA_TARGET_PRESETS: Final = ("qkv", "qv")
@@ -279,6 +280,7 @@ def build_student(
     lora_dropout: float = 0.0,
     lora_targets: str | tuple[str, ...] = "qkv",
     hires_path: bool = True,
+    attention: AttentionImplementation = "sdpa",
 ) -> SamSegmenter:
     """A :class:`SamSegmenter` for ``image_size`` px tiles, set up for fine-tuning ``mode``.
 
@@ -288,11 +290,17 @@ def build_student(
     (``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``) is used in ``lora``
     mode only; rank 8 and alpha 16 are peft's usual pair (scale alpha / rank = 2). Defaults to a
     randomly initialised model in train mode; seed torch for reproducible initialisation.
+    ``attention``: the image encoder's attention kernel (``semisup.sam.build_sam``); it changes
+    no parameter, so adapters and checkpoints move freely between settings.
     """
     _check_student_args(mode, num_classes, lora_rank, lora_alpha, lora_dropout, lora_targets)
     spec = get_spec(model_type)
     # One mask token per class: MaskDecoder makes num_multimask_outputs + 1 tokens.
-    sam = build_sam(replace(spec, num_multimask_outputs=num_classes - 1), image_size=image_size)
+    sam = build_sam(
+        replace(spec, num_multimask_outputs=num_classes - 1),
+        image_size=image_size,
+        attention=attention,
+    )
     sha = None if checkpoint is None else _load_base_weights(sam, checkpoint, model_type)
     model = _segmenter_from_sam(sam, hires_path=hires_path)
     model.train()

@@ -124,7 +124,8 @@ def _predict_box(sam: Sam, image: torch.Tensor, box: list[float]) -> dict[str, t
 def test_adapted_build_at_1024_matches_reference_build(tiny_weights, tiny_checkpoint):
     reference = _reference_tiny_sam()
     reference.load_state_dict(tiny_weights)
-    adapted = build_sam("tiny", image_size=1024, checkpoint=tiny_checkpoint)
+    # The reference attention path: the attention kernels are compared in test_sam_attention.py.
+    adapted = build_sam("tiny", image_size=1024, checkpoint=tiny_checkpoint, attention="reference")
     image = _image(1024)
     with torch.inference_mode():
         batch = torch.stack([reference.preprocess(image)])
@@ -148,7 +149,7 @@ def test_vit_b_adapted_build_at_1024_matches_official_builder():
     reference = sam_model_registry["vit_b"]()
     weights = _with_random_position_tables(reference)
     reference.load_state_dict(weights)
-    adapted = build_sam("vit_b", image_size=1024)
+    adapted = build_sam("vit_b", image_size=1024, attention="reference")
     load_sam_state_dict(adapted, weights, model_type="vit_b")
     batch = torch.stack([reference.preprocess(_image(1024))])
     with torch.inference_mode():
