@@ -255,6 +255,7 @@ def build_model(
         checkpoint=student.checkpoint, mode=student.mode, lora_rank=student.lora_rank,
         lora_alpha=student.lora_alpha, lora_dropout=student.lora_dropout,
         lora_targets=student.lora_targets, hires_path=student.hires_path,
+        attention=student.attention,
     )  # fmt: skip
     if init_adapter is not None:
         load_adapter(model, init_adapter)
