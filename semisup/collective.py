@@ -41,14 +41,6 @@ class Collective:
             return local
         return local + (self.sum(local) - local.detach())
 
-    def all_agree(self, flag: bool, device: torch.device | str = "cpu") -> bool:
-        """True only if ``flag`` is True on every worker."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
-
 
 LOCAL = Collective()  # one worker: every sum stays local
 

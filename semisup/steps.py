@@ -7,7 +7,7 @@ the model learns is here, as functions of tensors:
 - ``unlabeled_targets``: the consistency target (offline pseudo-label, EMA teacher, or both);
 - ``compute_losses``: supervised + confidence-masked consistency on the strong view;
 - ``train_step``: one optimiser step, then the EMA update; returns floats for logging;
-- ``validation_confusion``: a confusion matrix over valid, labelled validation pixels.
+- ``validation_counts``: the confusion matrix and calibration counts of validation pixels.
 
 Data parallelism is exact: losses and per-class statistics are normalised over the global batch
 through a ``Collective``, the loss is scaled by the worker count before ``backward`` (DDP then
@@ -313,14 +313,6 @@ def scalar_parts(parts: dict[str, Tensor]) -> dict[str, float]:
         else:
             out |= {f"{name}_{k}": float(v) for k, v in enumerate(value.flatten().tolist())}
     return out
-
-
-@torch.no_grad()
-def validation_confusion(model: nn.Module, batch: Batch, num_classes: int) -> Tensor:
-    """K×K confusion matrix of the model's argmax on valid, labelled pixels of ``batch``."""
-    model.eval()
-    prediction = model(batch[C.IMAGE]).argmax(1)
-    return confusion_matrix(prediction, batch[C.LABEL], num_classes)
 
 
 @torch.no_grad()

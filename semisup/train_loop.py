@@ -202,7 +202,7 @@ class WorkerRun:
     trainables: Trainables
     feeds: dict[str, SplitFeed]
     val_reader: TileReader | None
-    val_ids: np.ndarray
+    val_share: np.ndarray  # this rank's validation tile ids (semisup.sampling)
     recipe: StepRecipe
     band_scale: BandScale
     state: TrainState = field(default_factory=TrainState)
@@ -285,10 +285,12 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
     if world > 1:
         # wraps the model in DistributedDataParallel (it is on its device already)
         model = ray.train.torch.prepare_model(model, move_to_device=False)
+    val_ids = np.asarray(loop_config["splits"][C.VAL], np.int64)
     run = WorkerRun(
         config=config, facts=facts, run_dir=Path(loop_config["run_dir"]), rank=rank, world=world,
         device=device, collective=current_collective(), model=model, trainables=trainables,
-        feeds={}, val_reader=None, val_ids=np.asarray(loop_config["splits"][C.VAL], np.int64),
+        feeds={}, val_reader=None,
+        val_share=validation_share(val_ids, rank, world),
         recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight,
                           facts.get("calibrated_threshold")),
         band_scale=band_scales(facts),
@@ -322,9 +324,12 @@ def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
             name, reader, SplitOrder(np.sort(ids), global_batch, order_seed), config.train.seed,
             f"{kind}_samples", run.rank, run.world,  # type: ignore[arg-type]
         )  # fmt: skip
-    share = validation_share(run.val_ids, run.rank, run.world)
     run.val_reader = TileReader(
-        loop_config["store"], share, columns=LABELED_COLUMNS, cache_bytes=max(budget, 0), **read
+        loop_config["store"],
+        run.val_share,
+        columns=LABELED_COLUMNS,
+        cache_bytes=max(budget, 0),
+        **read,
     )
 
 
@@ -429,7 +434,7 @@ def validate(run: WorkerRun) -> dict[str, Any]:
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=run.device)
     counts = torch.zeros(3, CALIBRATION_BINS, dtype=torch.float64, device=run.device)
     assert run.val_reader is not None
-    share = validation_share(run.val_ids, run.rank, run.world)
+    share = run.val_share
     for lo in range(0, len(share), VALIDATION_BATCH):
         batch = run.val_reader.read(share[lo : lo + VALIDATION_BATCH])
         tensors = prepare_batch(batch, run.band_scale, run.device)
