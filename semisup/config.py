@@ -163,6 +163,9 @@ class SslConfig:
     distribution_alignment: bool = False  # EMA teacher's class marginal aligned to the
     # labelled one (ReMixMatch): p · p_labelled / p_teacher, renormalised
     strong_views: int = 1  # strong views per unlabeled tile, each with its own loss (UniMatch: 2)
+    feature_dropout: float = 0.0  # UniMatch's feature-perturbation stream: the weak view's
+    # encoder features through channel dropout at this rate (UniMatch: 0.5) against the same
+    # target; 0 turns the stream off. The consistency term is then half image views, half this
     unlabeled_weight: float = 1.0
     ramp_up_steps: int = 200  # steps until the unlabeled weight is reached
     ema_momentum: float = 0.999  # Mean Teacher / UniMatch default
@@ -179,6 +182,8 @@ class SslConfig:
         _check(0 <= self.threshold_momentum < 1, "ssl.threshold_momentum",
                self.threshold_momentum, "in [0, 1)")  # fmt: skip
         _check(self.strong_views in (1, 2), "ssl.strong_views", self.strong_views, "1 or 2")
+        _check(0 <= self.feature_dropout < 1, "ssl.feature_dropout", self.feature_dropout,
+               "in [0, 1)")  # fmt: skip
         _check(not self.distribution_alignment or self.target in ("ema", "both"),
                "ssl.distribution_alignment", self.distribution_alignment,
                "false unless ssl.target is 'ema' or 'both' (offline pseudo-labels carry no "

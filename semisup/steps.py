@@ -215,7 +215,9 @@ def compute_losses(
 
     Labeled tiles train through a weak view; unlabeled tiles get their target on the weak view
     and the student predicts ``ssl.strong_views`` strong views of the same tiles (geometry
-    moves the target too), each pixel weighted by ``ssl.threshold_mode``. ``ssl_state`` holds
+    moves the target too), each pixel weighted by ``ssl.threshold_mode``; with
+    ``ssl.feature_dropout`` the student also predicts the weak view from channel-dropped encoder
+    features (UniMatch's feature stream) against the same target. ``ssl_state`` holds
     the adaptive statistics (``semisup.thresholds.initial_statistics``), updated in place; None
     starts from the initial ones. Where the unlabeled tiles carry LABEL (ground truth the split
     hides), it is used only to measure the targets (``pseudo_correct``/``pseudo_judged``).
@@ -255,6 +257,18 @@ def compute_losses(
             )  # fmt: skip
         )
     cons = {name: torch.stack([v[name] for v in views]).mean(0) for name in views[0]}
+    if ssl.feature_dropout > 0:  # UniMatch: 0.5 × image views + 0.5 × the feature stream
+        weight = pixel_weights(weak[C.CONFIDENCE], weak[C.PSEUDO_LABEL], ssl_state, settings)
+        perturbed = consistency_loss(
+            model(weak[C.IMAGE], feature_dropout=ssl.feature_dropout),
+            weak[C.PSEUDO_LABEL],
+            weight,
+            weak[C.VALID],
+            collective,
+            truth=weak.get(C.LABEL),
+        )
+        cons["loss_cons"] = 0.5 * (cons["loss_cons"] + perturbed["loss_cons"])
+        cons["loss_feature"] = perturbed["loss_cons"]
     ramp = ramp_up(step, ssl.ramp_up_steps)
     loss = loss + ssl.unlabeled_weight * ramp * cons["loss_cons"]
     parts = {**parts, **cons, "unlabeled_weight": torch.tensor(ssl.unlabeled_weight * ramp)}

@@ -224,8 +224,12 @@ class SamSegmenter(nn.Module):
         self.register_buffer("pixel_std", pixel_std.reshape(-1, 1, 1), persistent=False)
         self.spec: StudentSpec | None = None  # set by build_student
 
-    def forward(self, image: Tensor) -> Tensor:
-        """``image``: B×3×S×S float in [0, 1], S = ``image_size`` -> B×K×S×S float logits."""
+    def forward(self, image: Tensor, feature_dropout: float = 0.0) -> Tensor:
+        """``image``: B×3×S×S float in [0, 1], S = ``image_size`` -> B×K×S×S float logits.
+
+        ``feature_dropout`` > 0 zeroes whole channels of the encoder's embeddings at that rate
+        (rescaling the rest) before decoding: UniMatch's feature perturbation, in training only.
+        """
         if image.ndim != 4 or image.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(
                 f"expected a B×3×{self.image_size}×{self.image_size} image batch, "
@@ -236,6 +240,8 @@ class SamSegmenter(nn.Module):
         encoder_trains = any(p.requires_grad for p in self.image_encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             embeddings = self.image_encoder(pixels)  # B×256×G×G, G = S/16
+        if feature_dropout > 0:
+            embeddings = F.dropout2d(embeddings, feature_dropout, training=self.training)
         mask_embedding, class_weights = self._decode(embeddings)
         if self.hires is not None:
             mask_embedding = self.hires(pixels, mask_embedding)

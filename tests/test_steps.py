@@ -155,3 +155,36 @@ def test_on_real_tiles_an_adaptive_threshold_lets_a_weak_teacher_teach(
         p.grad.abs().sum() for p in model.parameters() if p.requires_grad and p.grad is not None
     ]
     assert grads and float(sum(grads)) > 0
+
+
+def test_the_feature_stream_is_half_the_consistency_term_and_trains_the_decoder() -> None:
+    """UniMatch's feature perturbation: the weak view's encoder features, channel-dropped,
+    against the same target; the consistency term becomes half image views, half this."""
+    torch.manual_seed(0)
+    model = build_student("tiny", 5, 64, mode="decoder")
+    teacher = make_ema_teacher(model)
+    labeled, unlabeled = _scene_batch(), _scene_batch()
+    unlabeled.pop(C.LABEL)
+    losses = {}
+    for rate in (0.0, 0.5):
+        ssl = SslConfig(target="ema", threshold_mode="softmatch", feature_dropout=rate,
+                        ramp_up_steps=0)  # fmt: skip
+        torch.manual_seed(1)  # the same strong views in both runs
+        model.zero_grad()
+        losses[rate] = compute_losses(model, labeled, unlabeled, teacher=teacher,
+                                      recipe=StepRecipe(ssl, AugmentConfig(), 5), step=0)  # fmt: skip
+    views, both = losses[0.0], losses[0.5]
+    assert "loss_feature" not in views and float(both["loss_feature"].detach()) > 0
+    assert float(both["loss_cons"]) == pytest.approx(
+        0.5 * (float(views["loss_cons"]) + float(both["loss_feature"])), rel=1e-5
+    )
+    both["loss_feature"].backward()
+    decoder = [
+        p.grad for n, p in model.named_parameters() if "mask_decoder" in n and p.grad is not None
+    ]
+    assert decoder and float(sum(g.abs().sum() for g in decoder)) > 0
+    image = unlabeled[C.IMAGE]
+    model.eval()  # dropout is a training perturbation only
+    assert torch.equal(model(image, feature_dropout=0.5), model(image))
+    model.train()
+    assert not torch.allclose(model(image, feature_dropout=0.5), model(image))
