@@ -1,7 +1,8 @@
 """Box annotations (SAM box prompts) from CSV tables and Pascal-VOC XML.
 
-CSV columns are found by header name, in any order: ``image_path, xmin, ymin, xmax, ymax`` and
-an optional ``label`` (NEON's truth CSVs order them ``xmin, xmax, ymin, ymax``). One CSV may hold
+CSV columns are found by header name, in any order: ``image_path, xmin, ymin, xmax, ymax``, an
+optional ``label`` and, in prediction files, an optional ``score`` (NEON's truth CSVs order them
+``xmin, xmax, ymin, ymax``). One CSV may hold
 boxes of several images. VOC XML holds one image: ``<filename>`` and one ``<object>`` per box with
 ``<name>`` and ``<bndbox>``. Boxes are pixel x0, y0, x1, y1 of the image they annotate, which is
 found by file stem (``match_boxes``).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import csv
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -29,13 +30,15 @@ class BoxSet:
     """The boxes one annotation file gives for one image.
 
     ``image_ref``: the image as the file names it (a path or a file name); ``boxes``: N×4 float32
-    pixel x0, y0, x1, y1; ``labels``: N class names; ``path``: the annotation file.
+    pixel x0, y0, x1, y1; ``labels``: N class names; ``path``: the annotation file; ``scores``:
+    N float32 confidences where the file has a ``score`` column (predictions), else None.
     """
 
     image_ref: str
     boxes: np.ndarray
     labels: tuple[str, ...]
     path: Path
+    scores: np.ndarray | None = None
 
     @property
     def image_stem(self) -> str:
@@ -67,19 +70,28 @@ def read_box_csv(path: Path) -> list[BoxSet]:
                     f"box file {path}: missing column(s) {', '.join(missing)}; "
                     f"found {', '.join(header) or 'no header'}"
                 )
-            rows: dict[str, tuple[list[list[float]], list[str]]] = {}
+            scored = "score" in header
+            rows: dict[str, tuple[list[list[float]], list[str], list[float]]] = {}
             for line, raw in enumerate(reader, start=2):
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
                 box = [_number(row[c], path, line, c) for c in ("xmin", "ymin", "xmax", "ymax")]
                 _check_order(box, path, line)
-                boxes, labels = rows.setdefault(row["image_path"], ([], []))
+                boxes, labels, scores = rows.setdefault(row["image_path"], ([], [], []))
                 boxes.append(box)
                 labels.append(row.get("label") or DEFAULT_BOX_LABEL)
+                if scored:
+                    scores.append(_number(row["score"], path, line, "score"))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise PrepError(f"box file {path}: cannot read CSV ({err})") from err
     return [
-        BoxSet(ref, np.asarray(b, dtype=np.float32).reshape(-1, 4), tuple(labels), path)
-        for ref, (b, labels) in rows.items()
+        BoxSet(
+            ref,
+            np.asarray(b, dtype=np.float32).reshape(-1, 4),
+            tuple(labels),
+            path,
+            np.asarray(scores, dtype=np.float32) if scored else None,
+        )  # fmt: skip
+        for ref, (b, labels, scores) in rows.items()
     ]
 
 
@@ -106,6 +118,37 @@ def read_voc_xml(path: Path) -> BoxSet:
     return BoxSet(
         image_ref, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), tuple(labels), path
     )
+
+
+def parse_box_classes(specs: Sequence[str]) -> dict[str, str]:
+    """``["Tree,0,Alive,Dead=tree", ...]`` -> ``{"Tree": "tree", "0": "tree", ...}``.
+
+    Box files name one class in several ways (NEON alone has ``Tree``, ``0``, ``Alive`` and
+    ``Dead``); each spec lists the names a file may use, then ``=`` and the class they mean.
+    """
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        names, sep, target = spec.rpartition("=")
+        sources = [n.strip() for n in names.split(",") if n.strip()]
+        if not sep or not target.strip() or not sources:
+            raise PrepError(
+                f"--box-classes {spec!r}: expected NAME[,NAME...]=CLASS, e.g. 'Tree,0,Dead=tree'"
+            )
+        for name in sources:
+            if mapping.get(name, target.strip()) != target.strip():
+                raise PrepError(
+                    f"--box-classes: {name!r} is mapped to both {mapping[name]!r} and "
+                    f"{target.strip()!r}"
+                )
+            mapping[name] = target.strip()
+    return mapping
+
+
+def rename_box_labels(box_set: BoxSet, mapping: dict[str, str]) -> BoxSet:
+    """``box_set`` with its labels through ``mapping`` (names it does not list stay as they are)."""
+    if not mapping:
+        return box_set
+    return replace(box_set, labels=tuple(mapping.get(label, label) for label in box_set.labels))
 
 
 def encode_labels(labels: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:

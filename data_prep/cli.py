@@ -84,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="box files (CSV with image_path,xmin,ymin,xmax,ymax[,label] or Pascal-VOC XML)",
     )
     parser.add_argument(
+        "--box-classes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAMES=CLASS",
+        help="rename box labels: 'Tree,0,Alive,Dead=tree' stores the four names as 'tree' "
+        "(repeatable; names not listed stay as they are)",
+    )
+    parser.add_argument(
         "--tile-size",
         type=int,
         metavar="PX",
@@ -172,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             labels=args.labels,
             label_colors=colour_map(args.label_colors),
             boxes=args.boxes,
+            box_classes=args.box_classes,
             config=config_from_args(args),
             num_classes=args.num_classes,
             class_names=class_names,

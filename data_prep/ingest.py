@@ -24,7 +24,15 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from data_prep.boxes import BoxSet, clip_boxes, encode_labels, match_boxes, read_box_file
+from data_prep.boxes import (
+    BoxSet,
+    clip_boxes,
+    encode_labels,
+    match_boxes,
+    parse_box_classes,
+    read_box_file,
+    rename_box_labels,
+)
 from data_prep.errors import PrepError
 from data_prep.labels import (
     ColorMap,
@@ -87,6 +95,7 @@ def build_store(
     labels: Sequence[str | Path] = (),
     label_colors: str | Path | Mapping[str, int] | None = None,
     boxes: Sequence[str | Path] = (),
+    box_classes: Sequence[str] = (),
     config: PrepConfig | Mapping[str, Any] | None = None,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
@@ -99,7 +108,9 @@ def build_store(
     ``inputs``: raster files or folders (folders: their *.tif/*.tiff/*.png/*.jpg/*.jpeg/*.npy,
     not recursive). ``labels``: see ``data_prep.sources`` for the pairing. ``label_colors``: a
     JSON colour map file or mapping ``{"#RRGGBB": class_id}`` for colour-coded masks. ``boxes``:
-    CSV or Pascal-VOC XML files, matched to sources by image file stem. ``config``: PrepConfig or
+    CSV or Pascal-VOC XML files, matched to sources by image file stem. ``box_classes``: specs
+    ``NAME[,NAME...]=CLASS`` renaming box labels (``data_prep.boxes.parse_box_classes``).
+    ``config``: PrepConfig or
     a mapping of its keys (unknown keys are a ConfigError naming them).
 
     ``num_classes`` is, in order: the argument, ``len(class_names)``, the colour map's largest
@@ -124,7 +135,12 @@ def build_store(
     if color_map is not None and classes is not None:
         check_color_map_ids(color_map, classes, source=f"colour map {label_colors}")
     box_files = [Path(p) for p in boxes]
-    box_sets = match_boxes([s for f in box_files for s in read_box_file(f)], specs, progress.say)
+    box_map = parse_box_classes(box_classes)
+    box_sets = match_boxes(
+        [rename_box_labels(s, box_map) for f in box_files for s in read_box_file(f)],
+        specs,
+        progress.say,
+    )
 
     colors_file = None if isinstance(label_colors, Mapping | None) else Path(label_colors)
     files = [f for spec in specs for f in (spec.image_path, spec.label_path)]
@@ -135,6 +151,7 @@ def build_store(
         "class_names": names,
         "color_map": sorted(color_map.items()) if color_map is not None else None,
         "source_ids": [spec.source_id for spec in specs],
+        **({"box_classes": sorted(box_map.items())} if box_map else {}),
     }
     store_fingerprint = fingerprint([*files, colors_file, *box_files], options)
 

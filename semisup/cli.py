@@ -85,6 +85,15 @@ STAGES: dict[str, Stage] = {
         "rounds of active against random selection, on held-out test tiles over several seeds: "
         "OUT/report.json, report.md and PNG plots. Reruns reuse finished runs.",
     ),
+    "evaluate-boxes": Stage(
+        "score predicted boxes against true boxes: COCO AP, AP50, AP75, per class",
+        "semisup evaluate-boxes --pred crowns_pred.csv --truth OSBS_029.csv "
+        "--box-classes 'Tree,0,Alive,Dead=tree'",
+        "semisup.detection.box_ap", "add_arguments", "run_cli",
+        "COCO-style box average precision (pycocotools) of a prediction CSV "
+        "(image_path,xmin,ymin,xmax,ymax,label,score, pixels) against CSV or Pascal-VOC truth; "
+        "images are matched by file name. Prints one line per metric and class.",
+    ),
     "report": Stage(
         "gather a run's evaluation: zero-shot vs labels-only vs semi-supervised, pseudo-label quality",
         "semisup report --run demo_out",

@@ -394,6 +394,9 @@ def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
         }
         if "test_iou_per_class" in group:
             entry["test_iou_per_class"] = class_means(group["test_iou_per_class"].tolist())
+        for key in ("mask_ratio", "pseudo_accuracy"):  # the consistency term's last epoch
+            if key in group and group[key].notna().any():
+                entry[key] = summarise(group[key].dropna().tolist())
         result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = entry
     result["ssl_gain"] = ssl_gains(curve)
     result["room"] = room(curve)
@@ -562,8 +565,13 @@ def format_report(report: dict[str, Any]) -> str:
         "half's images (never the test half's) in its unlabeled pool; the others are strictly "
         "inductive.",
         "",
-        "| label fraction | labelled tiles | method | test mIoU | gain | gap closed | of full |",
-        "|---|---|---|---|---|---|---|",
+        "Unlabeled pixels used: the consistency term's mean weight over valid unlabeled pixels "
+        "(`mask_ratio`) in the last epoch; their accuracy: the weight-weighted accuracy of its "
+        "targets against the pool's ground truth (`pseudo_accuracy`).",
+        "",
+        "| label fraction | labelled tiles | method | test mIoU | gain | gap closed | of full "
+        "| unlabeled pixels used | their accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, only in curve.get(LABELS_ONLY, {}).items():
         gap = report.get("room", {}).get(key)
@@ -572,23 +580,24 @@ def format_report(report: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {float(key):.4f} | {only['labeled_tiles']} | {LABELS_ONLY} | "
-            f"{_stat(only['test_miou'])} | {room_note} | | |"
+            f"{_stat(only['test_miou'])} | {room_note} | | | | |"
         )
         for method in (SEMI, SEMI_WARM, SEMI_TARGET_AREA, ORACLE):
             if key not in curve.get(method, {}):
                 continue
-            gain = report["ssl_gain"][method][key]
+            gain, entry = report["ssl_gain"][method][key], curve[method][key]
             closed, share = gain["gap_closed"], gain["semi_over_full"]
             lines.append(
                 f"| {float(key):.4f} | {only['labeled_tiles']} | {method} | "
-                f"{_stat(curve[method][key]['test_miou'])} | {_stat(gain['paired_gain'], '+')} | "
+                f"{_stat(entry['test_miou'])} | {_stat(gain['paired_gain'], '+')} | "
                 f"{'–' if closed is None else f'{closed:.2f}'} | "
-                f"{'–' if share is None else f'{share:.0%}'} |"
+                f"{'–' if share is None else f'{share:.0%}'} | "
+                f"{_stat(entry.get('mask_ratio'))} | {_stat(entry.get('pseudo_accuracy'))} |"
             )
     for key, full in curve.get(FULL, {}).items():
         lines.append(
             f"| {float(key):.4f} | {full['labeled_tiles']} | {FULL} | {_stat(full['test_miou'])} "
-            "| | | |"
+            "| | | | | |"
         )
     lines += ["", "![learning curve](learning_curve.png)", ""]
     lines += per_class_table(curve, report.get("class_names") or [])

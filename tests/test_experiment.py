@@ -48,7 +48,8 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
             {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20,
              "seed": 1, "test_iou_per_class": [0.3, None, None]},
             {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8,
-             "test_miou": 0.26, "seed": 0, "test_iou_per_class": [0.2, None, 0.4]},
+             "test_miou": 0.26, "seed": 0, "test_iou_per_class": [0.2, None, 0.4],
+             "mask_ratio": 0.5, "pseudo_accuracy": 0.8},
             {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30,
              "seed": 0, "test_iou_per_class": [0.3, None, 0.5]},
         ]
@@ -72,6 +73,10 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     assert reach["label_saving"]["mean"] == pytest.approx(1 - 8 / 12)
     assert reach["on_mean_curves"] == {"random": 12, "active": 8}
     # per-class IoU: the mean over the seeds where the class was present, None where never
+    # the consistency term's measures: for the runs that have one
+    semi = result["learning_curve"]["semi_supervised"]["0.1250"]
+    assert semi["mask_ratio"]["mean"] == 0.5 and semi["pseudo_accuracy"]["mean"] == 0.8
+    assert "mask_ratio" not in result["learning_curve"]["labels_only"]["0.1250"]
     per_class = result["learning_curve"]["labels_only"]["0.1250"]["test_iou_per_class"]
     assert per_class == [pytest.approx(0.2), None, pytest.approx(0.3)]
     table = "\n".join(per_class_table(result["learning_curve"], ["a", "b", "c"]))
@@ -137,6 +142,11 @@ def test_experiment_runs_end_to_end_and_resumes(
     assert set(report["room"]) == {"0.1250", "0.2500"}
     assert all(isinstance(entry["room"], bool) for entry in report["room"].values())
     assert "room " in (out / "report.md").read_text()
+    # each consistency student's row shows the share of unlabeled pixels used and their accuracy
+    oracle_row = next(
+        line for line in (out / "report.md").read_text().splitlines() if "| oracle |" in line
+    )
+    assert oracle_row.endswith("| 1.000 ± 0.000 |")
     # the oracle's targets are the ground truth: every counted pixel is right
     oracle = curve[curve["method"] == "oracle"]
     assert (oracle["pseudo_accuracy"] == 1.0).all() and (oracle["mask_ratio"] > 0.5).all()

@@ -233,3 +233,15 @@ def test_tile_index_schema_and_overlap_grid(geo_store: PrepResult) -> None:
     frame: pd.DataFrame = index.to_pandas()
     vegas = frame[frame[C.SOURCE] == VEGAS]
     assert sorted(set(vegas[C.Y0])) == list(range(0, 900 - 128 + 96, 96))  # stride 128 - 32
+
+
+def test_box_classes_merge_the_names_box_files_use(shared_data: Path, tmp_path: Path) -> None:
+    neon = shared_data / "neon_trees"
+    result = build_store(
+        [neon / "SOAP_061.png"], tmp_path / "soap.zarr", boxes=[neon / "SOAP_061.xml"],
+        box_classes=["Alive,Dead=tree"], config=PrepConfig(tile_size=128), quiet=True,
+    )  # fmt: skip
+    root = open_store(str(result.path))
+    (source_id,) = [name for name, _ in root.groups()]
+    assert read_source_meta(root, source_id).box_label_names == ("tree",)
+    assert (root[source_id][BOX_LABEL][:] == 0).all() and root[source_id][BOXES].shape[0] == 37
