@@ -50,6 +50,7 @@ from semisup.masks import (
     refine_with_segments,
 )
 from semisup.sam import build_sam
+from semisup.tile_boxes import boxes_in_tile, source_boxes
 
 TeacherMode = Literal["automatic", "prompted", "semantic"]
 PromptKind = Literal["box", "point", "box+point"]
@@ -96,25 +97,6 @@ def teacher_image(
     return to_three_bands(scaled, bands)
 
 
-def boxes_in_tile(
-    boxes_xyxy: np.ndarray, y0: int, x0: int, size: int, min_side_px: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes of a source shifted into a tile's frame, clipped, and those overlapping it.
-
-    ``boxes_xyxy``: N×4 float pixel x0, y0, x1, y1 in the source raster; (``y0``, ``x0``): the
-    raster pixel at the tile's top-left corner (negative with a halo at the border); ``size``:
-    the tile side in pixels. A box is kept when its clipped part is at least ``min_side_px`` wide
-    and high. Returns (M×4 float32 tile-frame boxes clipped to [0, size], M int64 indices into
-    ``boxes_xyxy``), in the order of ``boxes_xyxy``.
-    """
-    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
-    clipped = np.clip(shifted, 0.0, float(size))
-    width, height = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
-    keep = np.flatnonzero((width >= min_side_px) & (height >= min_side_px))
-    return clipped[keep], keep.astype(np.int64)
-
-
 def box_centres(boxes_xyxy: torch.Tensor) -> torch.Tensor:
     """N×4 boxes -> N×2 (x, y) centres, the point prompt derived from a box."""
     return (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
@@ -147,10 +129,7 @@ def restrict_to_boxes(
 
 def read_source_boxes(root: Any, source_id: str) -> np.ndarray:
     """N×4 float32 pixel xyxy box prompts of a source group of the store (0×4 when none)."""
-    group = root[source_id]
-    if tile_store.BOXES not in group:
-        return np.zeros((0, 4), dtype=np.float32)
-    boxes = np.asarray(group[tile_store.BOXES][...], dtype=np.float32).reshape(-1, 4)
+    boxes = source_boxes(root, source_id).boxes
     if len(boxes) >= INSTANCE_IGNORE:  # ids are box index + 1 in a uint16 map
         raise ValueError(f"source {source_id} has {len(boxes)} boxes; at most 65534 fit")
     return boxes

@@ -21,12 +21,12 @@ from semisup.teacher import (
     NUM_MASKS,
     SamTeacher,
     automatic_masks,
-    boxes_in_tile,
     label_encoding,
     point_grid,
     restrict_to_boxes,
     teacher_image,
 )
+from semisup.tile_boxes import boxes_in_tile
 
 TILE = 64  # px; tiny SAM and the scripted decoder both run at this size
 LENIENT = MaskFilter(min_predicted_iou=-1e9, min_stability=0.0, min_area_px=4)
@@ -62,6 +62,9 @@ def test_boxes_are_shifted_into_the_tile_clipped_and_filtered() -> None:
     assert shifted.dtype == np.float32
     empty, none = boxes_in_tile(np.zeros((0, 4)), 0, 0, 64)
     assert empty.shape == (0, 4) and none.shape == (0,)
+    # detection targets also drop boxes mostly outside: box 1 shows 10×14 of its 20×30 px
+    assert boxes_in_tile(boxes, y0=100, x0=200, size=64, min_visible=0.23)[1].tolist() == [0, 1]
+    assert boxes_in_tile(boxes, y0=100, x0=200, size=64, min_visible=0.24)[1].tolist() == [0]
 
 
 def test_restricted_logits_stay_inside_the_padded_box() -> None:
