@@ -68,9 +68,7 @@ def sample_uniforms(keys: torch.Tensor | None, count: int, size: int) -> torch.T
 def weak_view(batch: Batch, config: AugmentConfig, keys: torch.Tensor | None = None) -> Batch:
     """Random flips and 90° rotations: exact pixel permutations, no interpolation."""
     size = batch[C.IMAGE].shape[0]
-    draws = sample_uniforms(keys, 2, size)
-    flips = (draws[:, 0] < 0.5) & config.weak_flip
-    turns = (draws[:, 1] * 4).long().clamp(max=3) * int(config.weak_rot90)
+    flips, turns = weak_draws(config, keys, size)
     out = {}
     for name, value in batch.items():
         if name not in _SPATIAL_COLUMNS:
@@ -82,6 +80,22 @@ def weak_view(batch: Batch, config: AugmentConfig, keys: torch.Tensor | None = N
             views.append(torch.rot90(view, int(turns[i]), dims=(-2, -1)))
         out[name] = torch.stack(views) if views else value
     return out
+
+
+def weak_draws(
+    config: AugmentConfig, keys: torch.Tensor | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weak view's B flips (bool: mirror left-right first) and B quarter turns (0-3,
+    counter-clockwise as ``torch.rot90``), from the samples' keys."""
+    draws = sample_uniforms(keys, 2, size)
+    flips = (draws[:, 0] < 0.5) & config.weak_flip
+    turns = (draws[:, 1] * 4).long().clamp(max=3) * int(config.weak_rot90)
+    return flips, turns
+
+
+def strong_draws(keys: torch.Tensor | None, size: int) -> torch.Tensor:
+    """The strong view's B×13 uniforms (rotation, scale, CutMix, photometric), from the keys."""
+    return sample_uniforms(keys, _STRONG_DRAWS, size)
 
 
 def rotation_scale_matrices(
@@ -214,7 +228,7 @@ def photometric(
 def strong_view(batch: Batch, config: AugmentConfig, keys: torch.Tensor | None = None) -> Batch:
     """Rotation and scale first, then CutMix, then photometric changes to the image only."""
     size, _, height, width = batch[C.IMAGE].shape
-    draws = sample_uniforms(keys, _STRONG_DRAWS, size)
+    draws = strong_draws(keys, size)
     out = apply_affine(batch, rotation_scale_matrices(draws, height, width, config))
     out = cutmix(out, config.cutmix_prob, draws=draws)
     out[C.IMAGE] = photometric(out[C.IMAGE], config, draws=draws)
