@@ -1,0 +1,91 @@
+"""The detection student's step on real NEON crown tiles: it learns the labeled boxes, and on
+unlabeled tiles learns only classification from the EMA teacher's pseudo-boxes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from semisup.detection.model import build_detector
+from semisup.detection.steps import (
+    BoxBatch,
+    DetectionRecipe,
+    detection_losses,
+    detection_step,
+    pseudo_boxes,
+)
+from semisup.ema import make_ema_teacher
+from semisup.tile_boxes import boxes_in_tile
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def crowns(shared_data: Path) -> BoxBatch:
+    """Two 128 px tiles of OSBS_029.tif with their crowns (one class, id 1)."""
+    import rasterio
+
+    neon = shared_data / "neon_trees"
+    with rasterio.open(neon / "OSBS_029.tif") as src:
+        raster = src.read((1, 2, 3)).astype(np.float32) / 255
+    rows = list(csv.DictReader((neon / "OSBS_029.csv").open()))
+    boxes = np.array([[float(r[c]) for c in ("xmin", "ymin", "xmax", "ymax")] for r in rows])
+    images, tile_boxes = [], []
+    for y0, x0 in ((0, 0), (128, 128)):
+        images.append(raster[:, y0 : y0 + SIZE, x0 : x0 + SIZE])
+        tile_boxes.append(torch.from_numpy(boxes_in_tile(boxes, y0, x0, SIZE, 2, 0.5)[0]))
+    assert all(len(b) for b in tile_boxes)
+    return BoxBatch(
+        torch.from_numpy(np.stack(images)), tile_boxes,
+        [torch.ones(len(b), dtype=torch.int64) for b in tile_boxes],
+    )  # fmt: skip
+
+
+def test_steps_learn_the_crowns_and_move_the_teacher(crowns: BoxBatch) -> None:
+    torch.manual_seed(0)
+    model = build_detector(1, arch="fasterrcnn_mobilenet_v3_large_fpn", finetune="full",
+                           tile_size=SIZE)  # fmt: skip
+    teacher = make_ema_teacher(model)
+    before = teacher.roi_heads.box_predictor.cls_score.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    recipe = DetectionRecipe(ema_momentum=0.9)
+    losses = [
+        detection_step(model, optimizer, crowns, None, teacher=teacher, recipe=recipe,
+                       step=step)["loss_classifier"]
+        for step in range(8)
+    ]  # fmt: skip
+    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+    assert not torch.equal(teacher.roi_heads.box_predictor.cls_score.weight, before)
+
+
+def test_pseudo_boxes_teach_classification_only(crowns: BoxBatch) -> None:
+    torch.manual_seed(0)
+    model = build_detector(1, arch="fasterrcnn_mobilenet_v3_large_fpn", finetune="full",
+                           tile_size=SIZE, score_threshold=0.0)  # fmt: skip
+    teacher = make_ema_teacher(model)
+    boxes, labels, scores = pseudo_boxes(teacher, crowns.images, 0.0)
+    assert sum(len(b) for b in boxes) > 0 and all((s >= 0).all() for s in scores)
+    cut = float(torch.cat(scores).max())
+    _, _, kept = pseudo_boxes(teacher, crowns.images, cut)
+    assert 0 < sum(len(k) for k in kept) == int((torch.cat(scores) >= cut).sum())
+    recipe = DetectionRecipe(pseudo_score=0.0, ramp_up_steps=0)
+    parts = detection_losses(model, crowns, crowns.images, teacher=teacher, recipe=recipe, step=0)
+    assert "loss_box_reg_unlabeled" not in parts and float(parts["pseudo_boxes"]) > 0
+    model.zero_grad()
+    (parts["loss_classifier_unlabeled"] + parts["loss_objectness_unlabeled"]).backward()
+    predictor = model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.grad.abs().sum() > 0
+    assert (
+        predictor.bbox_pred.weight.grad is None or predictor.bbox_pred.weight.grad.abs().sum() == 0
+    )
+    value = {name: float(part.detach()) for name, part in parts.items()}
+    supervised = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+    assert value["loss"] == pytest.approx(
+        sum(value[k] for k in supervised)
+        + 4.0 * (value["loss_classifier_unlabeled"] + value["loss_objectness_unlabeled"]),
+        rel=1e-5,
+    )
