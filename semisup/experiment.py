@@ -313,8 +313,11 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
 
 
 def active_learning(runner: Runner, seed: int) -> list[dict[str, Any]]:
-    """Rounds of random and uncertainty selection from one shared seed set."""
+    """Rounds of random and uncertainty selection from one shared seed set (none without
+    rounds: ``al_rounds`` 0 measures the learning curve only)."""
     pool, settings = runner.tiles.pool, runner.settings
+    if settings.al_rounds == 0:
+        return []
     rng = np.random.default_rng(10_000 + seed)
     start = np.sort(rng.permutation(pool)[: subset_size(settings.al_start_fraction, len(pool))])
     step = subset_size(settings.al_round_fraction, len(pool))
@@ -400,6 +403,8 @@ def analyse(curve: pd.DataFrame, rounds: pd.DataFrame) -> dict[str, Any]:
         result["learning_curve"].setdefault(method, {})[f"{fraction:.4f}"] = entry
     result["ssl_gain"] = ssl_gains(curve)
     result["room"] = room(curve)
+    if rounds.empty:
+        return result
     needed: dict[str, list[int | None]] = {RANDOM: [], ACTIVE: []}
     for _seed, group in rounds.groupby("seed"):
         random_curve = group[group["strategy"] == RANDOM]
@@ -461,9 +466,10 @@ def run_label_efficiency(
     curve.drop(columns="labeled_ids", errors="ignore").to_csv(
         out / "learning_curve.csv", index=False
     )
-    rounds.drop(columns="labeled_ids", errors="ignore").to_csv(
-        out / "active_learning.csv", index=False
-    )
+    if not rounds.empty:
+        rounds.drop(columns="labeled_ids", errors="ignore").to_csv(
+            out / "active_learning.csv", index=False
+        )
     report = {
         "store": store,
         "class_names": list(class_names(store)),
@@ -506,6 +512,8 @@ def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out / "learning_curve.png", dpi=100)
     plt.close(figure)
+    if rounds.empty:
+        return
     figure, ax = plt.subplots(figsize=(5, 3.5))
     for strategy in (RANDOM, ACTIVE):
         stats = rounds[rounds["strategy"] == strategy].groupby("labeled_tiles")["test_miou"]
@@ -601,6 +609,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines += ["", "![learning curve](learning_curve.png)", ""]
     lines += per_class_table(curve, report.get("class_names") or [])
+    if not report["active_learning"]:
+        return "\n".join(lines)
     lines += ["## Active learning (test mIoU)", ""]
     lines += ["| round | strategy | labelled tiles | test mIoU |", "|---|---|---|---|"]
     for strategy, by_round in report["active_learning"].items():

@@ -15,6 +15,7 @@ from semisup.config import ConfigError, load_config
 from semisup.experiment import (
     LabelEfficiencySettings,
     analyse,
+    format_report,
     gap_closed,
     partition,
     per_class_table,
@@ -79,6 +80,13 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     assert "mask_ratio" not in result["learning_curve"]["labels_only"]["0.1250"]
     per_class = result["learning_curve"]["labels_only"]["0.1250"]["test_iou_per_class"]
     assert per_class == [pytest.approx(0.2), None, pytest.approx(0.3)]
+    # without active-learning rounds: the learning curve alone, no empty sections
+    alone = analyse(curve, pd.DataFrame())
+    assert alone["active_learning"] == {} and "tiles_to_reach_random_final" not in alone
+    text = format_report({"store": "s.zarr", "tiles": {"pool": 64, "monitor": 8, "test": 8},
+                          "settings": {"seeds": [0, 1]}, "class_names": ["a", "b", "c"], **alone})  # fmt: skip
+    assert "| 0.1250 | 8 | semi_supervised | 0.260 ± 0.000 |" in text
+    assert "| 0.500 ± 0.000 | 0.800 ± 0.000 |" in text and "Active learning" not in text
     table = "\n".join(per_class_table(result["learning_curve"], ["a", "b", "c"]))
     assert "| method | label fraction | a | b | c |" in table
     assert "| labels_only | 0.1250 | 0.200 | – | 0.300 |" in table
