@@ -175,8 +175,9 @@ def test_the_feature_stream_is_half_the_consistency_term_and_trains_the_decoder(
                                       recipe=StepRecipe(ssl, AugmentConfig(), 5), step=0)  # fmt: skip
     views, both = losses[0.0], losses[0.5]
     assert "loss_feature" not in views and float(both["loss_feature"].detach()) > 0
-    assert float(both["loss_cons"]) == pytest.approx(
-        0.5 * (float(views["loss_cons"]) + float(both["loss_feature"])), rel=1e-5
+    value = {name: float(both[name].detach()) for name in ("loss_cons", "loss_feature")}
+    assert value["loss_cons"] == pytest.approx(
+        0.5 * (float(views["loss_cons"].detach()) + value["loss_feature"]), rel=1e-5
     )
     both["loss_feature"].backward()
     decoder = [
