@@ -2,8 +2,7 @@
 
 CSV columns are found by header name, in any order: ``image_path, xmin, ymin, xmax, ymax``, an
 optional ``label`` and, in prediction files, an optional ``score`` (NEON's truth CSVs order them
-``xmin, xmax, ymin, ymax``). One CSV may hold
-boxes of several images. VOC XML holds one image: ``<filename>`` and one ``<object>`` per box with
+``xmin, xmax, ymin, ymax``). One CSV may hold boxes of several images. VOC XML holds one image: ``<filename>`` and one ``<object>`` per box with
 ``<name>`` and ``<bndbox>``. Boxes are pixel x0, y0, x1, y1 of the image they annotate, which is
 found by file stem (``match_boxes``).
 """
@@ -41,8 +40,13 @@ class BoxSet:
     scores: np.ndarray | None = None
 
     @property
+    def image_name(self) -> str:
+        """The image's file name (``a/b/c.tif`` and ``c.tif`` name the same image)."""
+        return PurePath(self.image_ref.replace("\\", "/")).name
+
+    @property
     def image_stem(self) -> str:
-        return PurePath(self.image_ref.replace("\\", "/")).stem
+        return PurePath(self.image_name).stem
 
 
 def read_box_file(path: str | Path) -> list[BoxSet]:

@@ -110,8 +110,7 @@ def build_store(
     JSON colour map file or mapping ``{"#RRGGBB": class_id}`` for colour-coded masks. ``boxes``:
     CSV or Pascal-VOC XML files, matched to sources by image file stem. ``box_classes``: specs
     ``NAME[,NAME...]=CLASS`` renaming box labels (``data_prep.boxes.parse_box_classes``).
-    ``config``: PrepConfig or
-    a mapping of its keys (unknown keys are a ConfigError naming them).
+    ``config``: PrepConfig or a mapping of its keys (unknown keys are a ConfigError naming them).
 
     ``num_classes`` is, in order: the argument, ``len(class_names)``, the colour map's largest
     class id + 1, else the largest label id found + 1. Label ids must be < num_classes or 255.

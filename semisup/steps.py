@@ -265,7 +265,6 @@ def compute_losses(
             weight,
             weak[C.VALID],
             collective,
-            truth=weak.get(C.LABEL),
         )
         cons["loss_cons"] = 0.5 * (cons["loss_cons"] + perturbed["loss_cons"])
         cons["loss_feature"] = perturbed["loss_cons"]

@@ -60,9 +60,22 @@ def boxes_in_tile(
     """
     boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
     shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
-    clipped = np.clip(shifted, 0.0, float(size))
+    clipped, kept = visible_part(shifted, size, min_side_px, min_visible)
+    keep = np.flatnonzero(kept)
+    return clipped[keep], keep.astype(np.int64)
+
+
+def visible_part(
+    boxes: Any, size: float, min_side_px: float, min_visible: float = 0.0
+) -> tuple[Any, Any]:
+    """N×4 xyxy boxes in a tile's frame -> (clipped to [0, size], bool N: kept).
+
+    A box is kept when its clipped part is at least ``min_side_px`` wide and high and holds at
+    least ``min_visible`` of its area. ``boxes``: a NumPy array or a torch tensor (the same
+    rule serves store tiles and augmented views); the results are of its kind.
+    """
+    clipped = boxes.clip(0, size)
     width, height = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    visible = width * height >= min_visible * area
-    keep = np.flatnonzero((width >= min_side_px) & (height >= min_side_px) & visible)
-    return clipped[keep], keep.astype(np.int64)
+    kept = (width >= min_side_px) & (height >= min_side_px) & (width * height >= min_visible * area)
+    return clipped, kept

@@ -15,11 +15,11 @@ from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 from semisup.config import AugmentConfig
 from semisup.detection.box_augment import (
     affine_boxes,
-    keep_visible,
     strong_box_view,
     turn_boxes,
     weak_box_view,
 )
+from semisup.tile_boxes import visible_part
 
 SIZE = 128
 
@@ -107,5 +107,7 @@ def test_strong_view_clips_and_drops_boxes_turned_out_of_the_tile(
         assert len(moved) == len(kept) and ((moved >= 0) & (moved <= SIZE)).all()
         assert len(set(kept.tolist())) == len(kept)  # each crown at most once
     assert sum(len(b) for b in view.boxes) < 16 * len(boxes)  # zoomed in: some crowns leave
-    clipped, kept = keep_visible(torch.tensor([[-30.0, 0, 10, 10], [-5, 0, 15, 10]]), SIZE, 0.5, 2)
+    clipped, kept = visible_part(
+        torch.tensor([[-30.0, 0, 10, 10], [-5, 0, 15, 10]]), SIZE, min_side_px=2, min_visible=0.5
+    )
     assert kept.tolist() == [False, True] and clipped[1].tolist() == [0, 0, 15, 10]

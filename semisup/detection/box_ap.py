@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,11 +69,6 @@ class BoxScores:
         return asdict(self)
 
 
-def image_key(box_set: BoxSet) -> str:
-    """The file name an annotation names its image by (``a/b/c.tif`` and ``c.tif`` match)."""
-    return PurePath(box_set.image_ref.replace("\\", "/")).name
-
-
 def box_average_precision(predictions: Sequence[BoxSet], truths: Sequence[BoxSet]) -> BoxScores:
     """AP of ``predictions`` (each with ``scores``) against ``truths``, matched by image name.
 
@@ -107,7 +102,7 @@ def box_average_precision(predictions: Sequence[BoxSet], truths: Sequence[BoxSet
     truth_json = _coco_dataset(images, classes, truth_by_image, with_scores=False)
     pred_json = _coco_dataset(images, classes, pred_by_image, with_scores=True)
     per_image = np.bincount([a["image_id"] for a in pred_json["annotations"]] or [0])
-    most = max(COCO_MAX_DETECTIONS, int(per_image.max()) if per_image.size else 0)
+    most = max(COCO_MAX_DETECTIONS, int(per_image.max()))
     evaluation = _evaluate(truth_json, pred_json, most)
     precision = evaluation.eval["precision"][:, :, :, 0, -1]  # T×R×K, area all, most dets
     per_class = {
@@ -132,7 +127,7 @@ def box_average_precision(predictions: Sequence[BoxSet], truths: Sequence[BoxSet
 def _by_image(box_sets: Sequence[BoxSet]) -> dict[str, list[BoxSet]]:
     out: dict[str, list[BoxSet]] = {}
     for box_set in box_sets:
-        out.setdefault(image_key(box_set), []).append(box_set)
+        out.setdefault(box_set.image_name, []).append(box_set)
     return out
 
 

@@ -21,6 +21,7 @@ from kornia.geometry.transform import warp_affine
 
 from semisup.augment import photometric, rotation_scale_matrices, strong_draws, weak_draws
 from semisup.config import AugmentConfig
+from semisup.tile_boxes import visible_part
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,6 @@ def affine_boxes(boxes: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     centred = corners - 0.5  # kornia's frame: the first pixel's centre is 0
     moved = centred @ matrix[:, :2].T.to(boxes.dtype) + matrix[:, 2].to(boxes.dtype) + 0.5
     return torch.cat([moved.min(1).values, moved.max(1).values], 1)
-
-
-def keep_visible(
-    boxes: torch.Tensor, size: int, min_visible: float, min_side_px: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(boxes clipped to [0, size], bool N: kept)."""
-    clipped = boxes.clamp(0, size)
-    width, height = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    kept = (width >= min_side_px) & (height >= min_side_px) & (width * height >= min_visible * area)
-    return clipped, kept
 
 
 def weak_box_view(
@@ -102,8 +92,8 @@ def strong_box_view(
     warped = warp_affine(images, matrices.to(images.device), (size, size), mode="bilinear")
     out_boxes, out_labels = [], []
     for i in range(images.shape[0]):
-        moved, kept = keep_visible(
-            affine_boxes(boxes[i], matrices[i]), size, min_visible, min_side_px
+        moved, kept = visible_part(
+            affine_boxes(boxes[i], matrices[i]), size, min_side_px, min_visible
         )
         out_boxes.append(moved[kept])
         out_labels.append(labels[i][kept])

@@ -97,7 +97,6 @@ def detection_losses(
                            keys[1])  # fmt: skip
     boxes, labels, _ = pseudo_boxes(teacher, weak_u.images, recipe.pseudo_score)
     strong = strong_box_view(weak_u.images, boxes, labels, recipe.augment, keys[2])
-    train_mode(model)
     unsup = model(list(strong.images), targets(strong))
     loss_u = torch.stack([unsup[name] for name in UNLABELED_LOSSES]).sum()
     weight = recipe.unlabeled_weight * ramp_up(step, recipe.ramp_up_steps)

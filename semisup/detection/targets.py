@@ -35,7 +35,7 @@ class BoxTargets:
 
     def __init__(self, root: Any, store: str, min_visible: float = DEFAULT_MIN_VISIBLE) -> None:
         meta = tile_store.read_store_meta(root)
-        self._root, self.tile_size, self.min_visible = root, meta.tile_size, min_visible
+        self.tile_size, self.min_visible = meta.tile_size, min_visible
         self._sources: dict[str, SourceBoxes] = {
             source_id: source_boxes(root, source_id) for source_id in meta.sources
         }
@@ -48,6 +48,11 @@ class BoxTargets:
         self.class_names: tuple[str, ...] = tuple(
             sorted({name for s in with_boxes for name in s.names})
         )
+        self._class_of = {  # a source's box label index -> class id
+            source_id: np.array([self.class_names.index(n) for n in s.names], np.int64)
+            for source_id, s in self._sources.items()
+            if len(s.boxes)
+        }
 
     def tile(self, source_id: str, y0: int, x0: int) -> TileBoxes:
         """Targets of the tile whose top-left raster pixel is (``y0``, ``x0``)."""
@@ -55,6 +60,7 @@ class BoxTargets:
         boxes, index = boxes_in_tile(
             source.boxes, y0, x0, self.tile_size, min_visible=self.min_visible
         )
-        class_of = np.array([self.class_names.index(name) for name in source.names], dtype=np.int64)
-        labels = class_of[source.labels[index]] if len(index) else np.zeros(0, np.int64)
+        labels = (
+            self._class_of[source_id][source.labels[index]] if len(index) else np.zeros(0, np.int64)
+        )
         return TileBoxes(boxes, labels)
