@@ -78,15 +78,20 @@ class StreamConfig:
         _check(self.read_cpus > 0, "stream.read_cpus", self.read_cpus, "> 0")
 
 
+Placement = Literal["pack", "spread"]
+
+
 @dataclass(frozen=True)
 class RayConfig:
-    """How a local Ray is started when no cluster address is given."""
+    """How a local Ray is started when no cluster address is given, and how work is placed."""
 
     address: str | None = None  # None: $RAY_ADDRESS (set inside `ray job submit`), else local
     num_cpus: int | None = None  # local Ray only; None = all cores
     num_gpus: int | None = None  # local Ray only; None = every visible GPU
     object_store_mb: int = 512  # local Ray only
     dashboard: bool = False  # local Ray only; bound to 127.0.0.1
+    placement: Placement = "pack"  # Train workers and actor pools: pack onto as few nodes as
+    # fit (Ray's PACK / default scheduling), or spread over the nodes (SPREAD)
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ class SslConfig:
     feature_dropout: float = 0.0  # UniMatch's feature-perturbation stream: the weak view's
     # encoder features through channel dropout at this rate (UniMatch: 0.5) against the same
     # target; 0 turns the stream off. The consistency term is then half image views, half this
+    dice_weight: float = 0.0  # soft Dice on the consistency targets too, weighted per pixel
+    # and scaled by the share used (semisup.losses.consistency_loss); 0: cross-entropy only
     unlabeled_weight: float = 1.0
     ramp_up_steps: int = 200  # steps until the unlabeled weight is reached
     ema_momentum: float = 0.999  # Mean Teacher / UniMatch default
@@ -175,6 +182,7 @@ class SslConfig:
         _check(0 <= self.confidence_threshold <= 1, "ssl.confidence_threshold",
                self.confidence_threshold, "in [0, 1]")  # fmt: skip
         _check(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", self.unlabeled_weight, ">= 0")
+        _check(self.dice_weight >= 0, "ssl.dice_weight", self.dice_weight, ">= 0")
         _check(self.ramp_up_steps >= 0, "ssl.ramp_up_steps", self.ramp_up_steps, ">= 0")
         _check(0 <= self.ema_momentum <= 1, "ssl.ema_momentum", self.ema_momentum, "in [0, 1]")
         _check(self.unlabeled_batch_ratio >= 1, "ssl.unlabeled_batch_ratio",
@@ -212,6 +220,8 @@ class TrainConfig:
     early_stop_patience: int = 4  # epochs without a better validation mIoU before stopping
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    node_wait_s: float = 300.0  # after a node is lost, how long a run waits for the nodes to
+    # host its workers again before it fails naming the node and the checkpoint to resume from
     storage: str | None = None  # where Ray Train keeps checkpoints: a path or a URL Ray accepts
     # (s3://, gs://, ...); None = RUN_DIR/ray
     bf16: bool = True  # autocast on GPU only
@@ -236,6 +246,7 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.torch_threads >= 0, "train.torch_threads", self.torch_threads, ">= 0")
         _check(self.cache_mb >= 0, "train.cache_mb", self.cache_mb, ">= 0")
+        _check(self.node_wait_s > 0, "train.node_wait_s", self.node_wait_s, "> 0")
 
 
 @dataclass(frozen=True)
@@ -281,11 +292,48 @@ class PipelineConfig:
         _check(self.tune_samples >= 1, "pipeline.tune_samples", self.tune_samples, ">= 1")
 
 
+DetectorArch = Literal["fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"]
+DetectorFinetune = Literal["full", "head", "backbone_layers"]
+Task = Literal["segmentation", "detection"]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detection student (``task: detection``): torchvision Faster R-CNN.
+
+    Training reuses ``train.*`` (epochs, batch, lr, seed, patience, storage, failures) and
+    ``ssl.*`` (``enabled``, ``unlabeled_weight``, ``ramp_up_steps``, ``ema_momentum``,
+    ``unlabeled_batch_ratio``); Unbiased Teacher (Liu et al., 2021) used 4.0 and 0.9996.
+    """
+
+    arch: DetectorArch = "fasterrcnn_resnet50_fpn_v2"  # mobilenet_v3_large_fpn: edge devices
+    finetune: DetectorFinetune = "head"  # the backbone frozen: the first thing to try
+    trainable_backbone_layers: int = 3  # backbone_layers mode: body stages trained, last first
+    # (torchvision's count: 0-5 for ResNet-50, 0-6 for MobileNetV3)
+    checkpoint: str | None = None  # torchvision-format state dict; None = random weights
+    score_threshold: float = 0.05  # detections kept for validation and prediction (torchvision)
+    nms_iou: float = 0.5  # torchvision's per-class NMS IoU
+    detections_per_tile: int = 300  # above COCO's 100: a tile can hold more tree crowns
+    pseudo_score: float = 0.7  # Unbiased Teacher: teacher detections this confident are targets
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.trainable_backbone_layers <= 6, "detector.trainable_backbone_layers",
+               self.trainable_backbone_layers, "an integer in 0..6")  # fmt: skip
+        _check(0 <= self.score_threshold < 1, "detector.score_threshold", self.score_threshold,
+               "in [0, 1)")  # fmt: skip
+        _check(0 < self.nms_iou <= 1, "detector.nms_iou", self.nms_iou, "in (0, 1]")
+        _check(self.detections_per_tile >= 1, "detector.detections_per_tile",
+               self.detections_per_tile, ">= 1")  # fmt: skip
+        _check(0 <= self.pseudo_score <= 1, "detector.pseudo_score", self.pseudo_score,
+               "in [0, 1]")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every component's config, composed."""
 
     name: str = "semisup"
+    task: Task = "segmentation"  # detection: the box student of `detector` (semisup.detection)
     prep: PrepConfig = field(default_factory=PrepConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -294,6 +342,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -24,21 +24,27 @@ def dice_loss(
     target: torch.Tensor,
     eps: float = 1.0,
     collective: Collective = LOCAL,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft multi-class Dice loss over labelled pixels, averaged over classes.
 
     Intersections and sizes are summed over the global batch before the ratio is taken.
+    ``weight`` (B×H×W in [0, 1]) scales each pixel's part in both sums: a consistency target's
+    per-pixel weight, so a pixel half-trusted counts half; None counts every labelled pixel once.
 
     Classes absent from both target and prediction would give 0/0; ``eps`` (1.0, the usual
     Laplace smoothing of V-Net-style Dice) keeps them at a loss of 0.
     """
     num_classes = logits.shape[1]
-    labelled = (target != IGNORE_INDEX).unsqueeze(1)  # B×1×H×W
-    probs = logits.float().softmax(1) * labelled
+    labelled = (target != IGNORE_INDEX).float()  # B×H×W
+    if weight is not None:
+        labelled = labelled * weight.float()
+    labelled = labelled.unsqueeze(1)  # B×1×H×W
+    probs = logits.float().softmax(1)
     one_hot = F.one_hot(target.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2)
-    one_hot = one_hot.float() * labelled  # B×K×H×W
-    intersection = collective.global_sum((probs * one_hot).sum((0, 2, 3)))  # K
-    sizes = collective.global_sum(probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3)))  # K
+    one_hot = one_hot.float()  # B×K×H×W
+    intersection = collective.global_sum((labelled * probs * one_hot).sum((0, 2, 3)))  # K
+    sizes = collective.global_sum((labelled * (probs + one_hot)).sum((0, 2, 3)))  # K
     return 1.0 - ((2 * intersection + eps) / (sizes + eps)).mean()
 
 
@@ -66,6 +72,7 @@ def consistency_loss(
     valid: torch.Tensor,
     collective: Collective = LOCAL,
     truth: torch.Tensor | None = None,
+    dice_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Cross-entropy of the student against a target, each pixel weighted by ``weight``.
 
@@ -73,6 +80,11 @@ def consistency_loss(
     ``semisup.thresholds.pixel_weights``. The sum is divided by the valid pixels of the global
     batch (``valid``: not nodata, not rotated in from outside the tile), so a batch with few
     confident pixels contributes little (FixMatch's convention, without counting nodata).
+
+    ``dice_weight`` > 0 adds the pixel-weighted soft Dice of the target (``dice_loss``), as the
+    labelled term has: Dice weighs a rare class like a common one, which cross-entropy does
+    not. It is scaled by ``mask_ratio`` (no gradient through it), so that it too shrinks with
+    the share of pixels used instead of taking full strength from a handful of them.
 
     Returns ``loss_cons``; ``mask_ratio``, the mean weight over valid pixels; ``mask_share``
     (K), the part of it per target class; and, where ``truth`` (the tiles' ground truth,
@@ -93,6 +105,10 @@ def consistency_loss(
         "mask_ratio": collective.sum(weight.sum()) / pixels,
         "mask_share": collective.sum(shares[:num_classes]) / pixels,
     }
+    if dice_weight > 0:
+        dice = dice_loss(student_logits, safe_target, collective=collective, weight=weight)
+        parts["loss_cons_dice"] = dice
+        parts["loss_cons"] = parts["loss_cons"] + dice_weight * parts["mask_ratio"].detach() * dice
     if truth is not None:
         judged = weight * (truth != IGNORE_INDEX)
         correct = judged * (truth == target)

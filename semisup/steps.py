@@ -254,6 +254,7 @@ def compute_losses(
                 strong[C.VALID],
                 collective,
                 truth=strong.get(C.LABEL),
+                dice_weight=ssl.dice_weight,
             )  # fmt: skip
         )
     cons = {name: torch.stack([v[name] for v in views]).mean(0) for name in views[0]}
@@ -265,6 +266,7 @@ def compute_losses(
             weight,
             weak[C.VALID],
             collective,
+            dice_weight=ssl.dice_weight,
         )
         cons["loss_cons"] = 0.5 * (cons["loss_cons"] + perturbed["loss_cons"])
         cons["loss_feature"] = perturbed["loss_cons"]

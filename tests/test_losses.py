@@ -51,6 +51,38 @@ def test_consistency_weighs_pixels_over_the_valid_ones_only() -> None:
     assert out["mask_share"].tolist() == pytest.approx([0.75, 0.0, 0.0])
 
 
+def test_consistency_dice_weighs_pixels_and_scales_with_the_share_used() -> None:
+    target = torch.tensor([[[0, 0, 0, 1]]])  # class 1 is rare
+    logits = torch.zeros(1, 2, 1, 4)  # uniform prediction: p = 0.5 everywhere
+    weight = torch.tensor([[[1.0, 1.0, 0.0, 0.5]]])
+    valid = torch.ones(1, 1, 4, dtype=torch.bool)
+    plain = consistency_loss(logits, target, weight, valid)
+    out = consistency_loss(logits, target, weight, valid, dice_weight=2.0)
+    # weighted sums: class 0 has p·y = 0.5 + 0.5, sizes (0.5 + 1)·2 + 0.5·0.5; class 1
+    # p·y = 0.25, sizes 0.5·2 + (0.5 + 1)·0.5; the third pixel (weight 0) is left out
+    dice = 1 - ((2 * 1.0 + 1) / (3.25 + 1) + (2 * 0.25 + 1) / (1.75 + 1)) / 2
+    assert out["loss_cons_dice"].item() == pytest.approx(dice)
+    assert out["mask_ratio"].item() == pytest.approx(2.5 / 4)
+    expected = plain["loss_cons"].item() + 2.0 * (2.5 / 4) * dice
+    assert out["loss_cons"].item() == pytest.approx(expected)
+    assert "loss_cons_dice" not in plain  # off by default: cross-entropy only
+
+
+def test_consistency_dice_pulls_a_rare_class_harder_than_cross_entropy() -> None:
+    target = torch.zeros(1, 1, 64, dtype=torch.int64)
+    target[..., 0] = 1  # one pixel of class 1 in 64
+    weight, valid = torch.ones(1, 1, 64), torch.ones(1, 1, 64, dtype=torch.bool)
+    grads = []
+    for dice_weight in (0.0, 1.0):
+        logits = torch.zeros(1, 2, 1, 64, requires_grad=True)
+        consistency_loss(logits, target, weight, valid, dice_weight=dice_weight)[
+            "loss_cons"
+        ].backward()
+        assert logits.grad is not None
+        grads.append(-logits.grad[0, 1, 0, 0].item())  # pull towards class 1 on its pixel
+    assert grads[1] > 2 * grads[0] > 0
+
+
 def test_pseudo_accuracy_weighs_the_targets_against_the_truth() -> None:
     target = torch.tensor([[[0, 1, 2, 2]]])
     truth = torch.tensor([[[0, 2, 2, IGNORE_INDEX]]])
