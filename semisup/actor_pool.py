@@ -12,9 +12,17 @@ import argparse
 import warnings
 from typing import Any
 
+SCHEDULING_STRATEGY = {"pack": "DEFAULT", "spread": "SPREAD"}  # ray.placement -> actors;
+# DEFAULT is Ray's own policy: it fills the node it is asked on before using others
 
-def map_with_pool(dataset: Any, fn_cls: type, *, actors: int, **options: Any) -> Any:
+
+def map_with_pool(
+    dataset: Any, fn_cls: type, *, actors: int, placement: str | None = None, **options: Any
+) -> Any:
     """``dataset.map_batches(fn_cls, ...)`` on a fixed pool of ``actors`` actors.
+
+    ``placement`` (``ray.placement``): ``spread`` puts the actors on different nodes where they
+    fit, ``pack`` on as few as Ray's default policy does; None keeps Ray Data's choice (spread).
 
     The actors are not restarted when they die: the dataset fails instead, and the caller
     decides (``run_pseudo_label`` starts a new pool for the tiles not yet recorded; predict and
@@ -28,6 +36,8 @@ def map_with_pool(dataset: Any, fn_cls: type, *, actors: int, **options: Any) ->
     """
     import ray
 
+    if placement is not None:
+        options["scheduling_strategy"] = SCHEDULING_STRATEGY[placement]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return dataset.map_batches(

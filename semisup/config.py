@@ -220,7 +220,7 @@ class TrainConfig:
     early_stop_patience: int = 4  # epochs without a better validation mIoU before stopping
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
-    node_wait_s: float = 300.0  # after a node is lost, how long a run waits for the nodes to
+    node_wait_s: float = 900.0  # after a node is lost, how long a run waits for the nodes to
     # host its workers again before it fails naming the node and the checkpoint to resume from
     storage: str | None = None  # where Ray Train keeps checkpoints: a path or a URL Ray accepts
     # (s3://, gs://, ...); None = RUN_DIR/ray

@@ -368,6 +368,7 @@ def run_pseudo_label(
     seed: int = 0,
     teacher_cls: type[SamTeacher] = SamTeacher,
     storage_options: Mapping[str, Any] | None = None,
+    placement: str | None = None,
     log: TextIO | None = sys.stderr,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -393,6 +394,8 @@ def run_pseudo_label(
             seed: teacher options (see ``SamTeacher``); recorded with the run.
         teacher_cls: ``SamTeacher`` or a subclass with the same constructor.
         storage_options: fsspec options for ``store``.
+        placement: ``pack`` or ``spread`` the teacher actors over the nodes (``ray.placement``);
+            None keeps Ray Data's default.
         log: progress lines (tiles done / total, tiles/s); None for silence.
         on_progress: called with (tiles done, tiles total) after each batch is written.
 
@@ -466,7 +469,7 @@ def run_pseudo_label(
             encoding=label_encoding(mode, output), teacher_cls=teacher_cls,
             teacher_kwargs=teacher_kwargs, actors=actors, gpus_per_actor=gpus_per_actor,
             cpus_per_actor=actor_cpus(actors, cpus_per_actor), batch_size=batch_size,
-            storage_options=storage_options,
+            storage_options=storage_options, placement=placement,
         )  # fmt: skip
 
     def advance(rows: int) -> None:
@@ -620,6 +623,7 @@ def _pipeline(
     cpus_per_actor: float,
     batch_size: int,
     storage_options: Mapping[str, Any] | None,
+    placement: str | None = None,
 ) -> Any:
     """An iterator over the manifest rows of each written batch, as the pipeline runs."""
     _, ignore, background = encoding
@@ -637,6 +641,7 @@ def _pipeline(
         tiles,
         teacher_cls,
         actors=actors,
+        placement=placement,
         fn_constructor_kwargs=teacher_kwargs,
         batch_size=batch_size,
         num_cpus=cpus_per_actor,
@@ -801,6 +806,11 @@ def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
         help="discard the store's pseudo-labels first (needed to change mode, model or checkpoint)",
     )
     parser.add_argument(
+        "--placement", choices=("pack", "spread"),
+        help="pack the teacher actors onto few nodes or spread them over the nodes "
+        "(default: Ray Data's, which spreads)",
+    )  # fmt: skip
+    parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
     )
 
@@ -830,6 +840,7 @@ def run_pseudo_label_cli(args: argparse.Namespace) -> int:
             prompt=args.prompt,
             output=args.output,
             refine=args.refine,
+            placement=args.placement,
         )
     print(json.dumps(summary, indent=2))
     return 0

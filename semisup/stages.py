@@ -174,6 +174,7 @@ def pseudo_label(context: RunContext) -> dict[str, Any]:
         halo=config.stream.halo,
         seed=config.train.seed,
         overwrite=not context.resume,  # a new teacher's labels replace the old ones
+        placement=config.ray.placement,
         log=context.log,
     )
     result = {key: value for key, value in summary.items() if isinstance(value, int | float | str)}

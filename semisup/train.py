@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ from semisup.train_loop import (
 
 __all__ = [
     "ADAPTER_FILE",
+    "NodeLostError",
     "band_scales",
     "check_store_for",
     "run_training",
@@ -62,6 +66,14 @@ __all__ = [
 ]
 
 RAY_RUN_NAME = "train"  # fixed: Ray resumes a run by its name and storage path
+PLACEMENT_STRATEGY = {"pack": "PACK", "spread": "SPREAD"}  # ray.placement -> placement group
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per group start
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's default for START_TIMEOUT_ENV
+
+
+class NodeLostError(RuntimeError):
+    """Training lost a node and no node took its place in time; the message names the node and
+    the checkpoint a rerun resumes from."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,24 +331,117 @@ def run_training(
             resources_per_worker=None
             if config.train.use_gpu
             else {"CPU": config.train.cpus_per_worker},
+            # the workers' placement group: on as few nodes as fit, or one node each
+            placement_strategy=PLACEMENT_STRATEGY[config.ray.placement],
         ),
         # a fixed name under the run folder: rerunning with it resumes from the latest checkpoint
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
             storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            failure_config=failure_config(config.train.max_failures, config.train.node_wait_s),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
     )
     print(f"[train] {num_workers or 'in-process'} worker(s), lr {scaled_lr(config):.2e}, "
           f"run folder {run_dir}", file=sys.stderr)  # fmt: skip
-    result = trainer.fit()
+    result = fit_or_name_lost_nodes(trainer, storage, config.train.node_wait_s)
     report = getattr(result, "return_value", None)  # rank 0's value (Ray Train V2)
     if not isinstance(report, dict):
         return json.loads((run_dir / "report.json").read_text())
     write_report_files(run_dir, report)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Lost nodes
+
+
+def failure_config(max_failures: int, node_wait_s: float) -> Any:
+    """Ray Train's failure handling: ``max_failures`` restarts of a failed worker group, and
+    group starts retried for about ``node_wait_s`` seconds.
+
+    A worker group whose node is lost fails (one of ``max_failures``); its replacement waits for
+    resources, and each start that times out (``START_TIMEOUT_ENV`` seconds) is a controller
+    failure, which Ray Train retries without end unless limited: the limit makes a cluster that
+    never gets a node back fail instead of waiting forever.
+    """
+    import ray.train
+
+    start_timeout_s = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    # Train V2's FailureConfig at run time; type checkers see the older one without the limit
+    return ray.train.FailureConfig(  # type: ignore[call-arg]
+        max_failures=max_failures,
+        controller_failure_limit=max(1, math.ceil(node_wait_s / start_timeout_s)),
+    )
+
+
+def alive_nodes() -> dict[str, dict[str, Any]]:
+    """The cluster's alive nodes by id: address and the resources they offered."""
+    import ray
+
+    return {
+        node["NodeID"]: {"address": node["NodeManagerAddress"], "resources": node["Resources"]}
+        for node in ray.nodes()
+        if node["Alive"]
+    }
+
+
+def latest_checkpoint(storage: str) -> str | None:
+    """The newest Ray Train checkpoint of the run in ``storage`` (a path or URL), or None."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    selector = pyarrow.fs.FileSelector(f"{root.rstrip('/')}/{RAY_RUN_NAME}", allow_not_found=True)
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )  # Ray names them checkpoint_<timestamp>: the last sorts last
+    if not names:
+        return None
+    # shown without the URL's query and credentials (an endpoint, keys)
+    url = urllib.parse.urlsplit(storage)
+    where = storage if not url.scheme else f"{url.scheme}://{url.hostname or ''}{url.path}"
+    return f"{where.rstrip('/')}/{RAY_RUN_NAME}/{names[-1]}"
+
+
+def describe_node(node_id: str, node: Mapping[str, Any]) -> str:
+    """``node ID (ADDRESS, custom resources ...)``: what an operator finds the node by."""
+    labels = sorted(
+        name
+        for name in node["resources"]
+        if name not in ("CPU", "GPU", "memory", "object_store_memory")
+        and not name.startswith("node:")
+    )
+    extra = f", resources {', '.join(labels)}" if labels else ""
+    return f"node {node_id} ({node['address']}{extra})"
+
+
+def fit_or_name_lost_nodes(trainer: Any, storage: str, node_wait_s: float) -> Any:
+    """``trainer.fit()``; when it fails after a node of the cluster died, a ``NodeLostError``
+    naming the node(s) and the latest checkpoint instead of Ray Train's own error."""
+    import ray.train
+
+    before = alive_nodes()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        lost = {node_id: node for node_id, node in before.items() if node_id not in alive_nodes()}
+        if not lost:
+            raise
+        checkpoint = latest_checkpoint(storage)
+        resume = (
+            f"the latest checkpoint, {checkpoint}, is kept: rerun the same command (semisup "
+            "run, or semisup train --resume) to continue from it"
+            if checkpoint
+            else f"no checkpoint had been written to {storage}: a rerun starts over"
+        )
+        raise NodeLostError(
+            f"training lost {'; '.join(describe_node(i, n) for i, n in lost.items())} and the "
+            f"remaining nodes could not host its workers within train.node_wait_s={node_wait_s:g} "
+            f"s; {resume}"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------------------
