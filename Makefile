@@ -15,7 +15,7 @@ $(BIN)/semisup: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# (grep hides pip's notes about absent local mirrors; pipefail keeps pip's own status)
 	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -c "import semisup, data_prep, tune_spaces, ray, torch, torchvision, zarr"
+	$(BIN)/python -c "import semisup, data_prep, tune_spaces, ray, torch, torchvision, zarr, onnx, onnxruntime, onnxscript"
 	touch $@
 
 demo: $(BIN)/semisup

@@ -110,6 +110,15 @@ STAGES: dict[str, Stage] = {
         "Blends overlapping windows into one seamless class map with a confidence band, in "
         "the input's CRS; memory stays bounded however large the raster; reruns resume.",
     ),
+    "export": Stage(
+        "ship a run's student as one ONNX model (adapter merged into its base), fp32 or int8",
+        "semisup export --run runs/student --format onnx --out student.onnx --quantize int8",
+        "semisup.export", "add_arguments", "run_cli",
+        "Folds the run's best adapter into its base and exports the student's class "
+        "probabilities through torch's exporter (ONNX opset 18, batch axis dynamic), checked "
+        "with onnx.checker; tile size and band scaling are in the model's metadata. "
+        "`semisup predict --model student.onnx` runs it without PyTorch's SAM stack.",
+    ),
     "run": Stage(
         "run the whole pipeline a config enables as one resumable job (skips what is done)",
         "semisup run --config cluster/smoke.yaml --out runs/smoke --local",

@@ -42,7 +42,13 @@ from semisup import blend
 from semisup.actor_pool import add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
-from semisup.predictor import PredictModel, WindowPredictor, resolve_model
+from semisup.predictor import (
+    ONNX,
+    PredictModel,
+    WindowPredictor,
+    check_swappable,
+    resolve_model,
+)
 from semisup.raster_windows import RasterSource, open_sources
 from semisup.stitch import Job, Stitcher, plan_jobs
 
@@ -106,7 +112,7 @@ class _Progress:
 
 def run_predict(
     rasters: Sequence[str | Path],
-    model: str,
+    model: str | Sequence[str],
     out: str | Path,
     *,
     vector: str | Path | None = None,
@@ -134,10 +140,14 @@ def run_predict(
 
     Args:
         rasters: GeoTIFF/COG files, folders of them, or Zarr tile stores (every source).
-        model: a ``semisup train`` run directory, an adapter file, or a built-in model name
-            (``tiny``, ``vit_b``, ...: random-init, for tests); see ``resolve_model``.
+        model: a ``semisup train`` run directory, an adapter file, an ONNX model written by
+            ``semisup export``, or a built-in model name (``tiny``, ``vit_b``, ...:
+            random-init, for tests); see ``resolve_model``. Several adapters of one base
+            (``check_swappable``) are predicted in one job: each actor loads the base once
+            and swaps the adapters' weights in.
         out: the output GeoTIFF for one raster; for several, a folder (``<name>.tif`` inside)
-            or a path with ``{name}`` (the raster's file stem or the store's source id).
+            or a path with ``{name}`` (the raster's file stem or the store's source id). With
+            several models ``out`` holds ``{adapter}``, replaced by each model's file stem.
         vector: optional GeoJSON polygons per class, named like ``out`` (``.geojson``).
         min_area: polygons smaller than this (CRS units², m² for metric CRSs) are dropped.
         tile_size: window side in px; an adapter's own size (default), or 256 for built-ins.
@@ -173,17 +183,32 @@ def run_predict(
     sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
     try:
-        resolved = resolve_model(
-            model, workdir=workdir, base_checkpoint=base_checkpoint, seed=seed,
-            num_classes=num_classes, tile_size=tile_size,
-        )  # fmt: skip
+        models = [
+            resolve_model(
+                name, workdir=workdir, base_checkpoint=base_checkpoint, seed=seed,
+                num_classes=num_classes, tile_size=tile_size,
+            )
+            for name in ([model] if isinstance(model, str) else model)
+        ]  # fmt: skip
+        check_swappable(models)
+        resolved = models[0]
         tile = resolved.image_size
         overlap = tile // 4 if overlap is None else overlap
         _check_numbers(tile, overlap, batch_size, actors, gpus_per_actor, stripe_width)
-        outputs, vectors = _prepare_outputs(
-            sources, out, vector, resolved, tile, overlap, weight_floor, stripe_width, cog,
-            overwrite,
-        )  # fmt: skip
+        if resolved.kind == ONNX and gpus_per_actor > 0:
+            raise ValueError(
+                f"--model {resolved.name}: exported models run on onnxruntime's CPU provider; "
+                "--gpus-per-actor must be 0"
+            )
+        outputs, vectors, output_models = [], [], []
+        for index, (model_out, model_vector) in enumerate(_model_paths(models, out, vector)):
+            model_outputs, model_vectors = _prepare_outputs(
+                sources, model_out, model_vector, models[index], tile, overlap, weight_floor,
+                stripe_width, cog, overwrite,
+            )  # fmt: skip
+            outputs += model_outputs
+            vectors += model_vectors
+            output_models += [index] * len(model_outputs)
         jobs = plan_jobs(outputs, tile, overlap)
         pixels = sum(
             (source.height - done) * (x1 - x0)
@@ -198,7 +223,7 @@ def run_predict(
 
             # a local Ray unless one is up or an address is given; shut down after if started here
             with ray_runtime(ray_config or RayConfig()):
-                peak = _predict_jobs(jobs, outputs, sources, resolved, progress, on_progress, {
+                peak = _predict_jobs(jobs, outputs, models, output_models, progress, on_progress, {
                     "tile": tile, "overlap": overlap, "weight_floor": weight_floor,
                     "batch_size": batch_size, "actors": actors, "gpus_per_actor": gpus_per_actor,
                     "cpus_per_actor": cpus_per_actor, "torch_threads": torch_threads,
@@ -211,14 +236,15 @@ def run_predict(
         polygons = _write_vectors(outputs, vectors, min_area, overwrite)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _summary(outputs, vectors, polygons, pixels, windows, started, peak, resolved)
+    labels = [models[index].label for index in output_models] if len(models) > 1 else None
+    return _summary(outputs, vectors, polygons, pixels, windows, started, peak, resolved, labels)
 
 
 def _predict_jobs(
     jobs: Sequence[Job],
     outputs: Sequence[tuple[RasterSource, MapWriter]],
-    sources: Sequence[RasterSource],
-    model: PredictModel,
+    models: Sequence[PredictModel],
+    output_models: Sequence[int],
     progress: _Progress,
     on_progress: Callable[[int, int], None] | None,
     settings: dict[str, Any],
@@ -234,11 +260,11 @@ def _predict_jobs(
         weights = blend.window_weights(
             settings["tile"], settings["overlap"], settings["weight_floor"]
         )
-        stitcher = Stitcher(jobs, outputs, model.num_classes, weights)
+        stitcher = Stitcher(jobs, outputs, models[0].num_classes, weights)
         pipeline_settings = {
             k: v for k, v in settings.items() if k not in ("weight_floor", "measure_memory")
         }
-        for batch in _pipeline(jobs, sources, model, **pipeline_settings):
+        for batch in _pipeline(jobs, outputs, models, output_models, **pipeline_settings):
             progress.advance(stitcher.add(batch))
             if on_progress is not None:
                 on_progress(progress.done, progress.total)
@@ -246,6 +272,29 @@ def _predict_jobs(
                 outputs[index][1].finish()
             stitcher.finished.clear()
     return peak
+
+
+def _model_paths(
+    models: Sequence[PredictModel], out: Path, vector: str | Path | None
+) -> list[tuple[Path, Path | None]]:
+    """Each model's ``out`` and ``vector``, ``{adapter}`` replaced by its label; ``ValueError``
+    when several models would share them (no ``{adapter}``, or two models of one label)."""
+    labels = [model.label for model in models]
+    paths = {"--out": str(out)} | ({} if vector is None else {"--vector": str(vector)})
+    if len(models) > 1:
+        for flag, text in paths.items():
+            if "{adapter}" not in text:
+                raise ValueError(
+                    f"{flag} {text}: several --model need {{adapter}} in it (one output each)"
+                )
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"two --model share the name {repeated[0]!r}; rename one file")
+    return [
+        (Path(str(out).replace("{adapter}", label)),
+         None if vector is None else Path(str(vector).replace("{adapter}", label)))
+        for label in labels
+    ]  # fmt: skip
 
 
 def _existing_parent(out: Path) -> Path:
@@ -331,8 +380,9 @@ def _input_identity(source: RasterSource) -> dict[str, Any]:
 
 def _pipeline(
     jobs: Sequence[Job],
-    sources: Sequence[RasterSource],
-    model: PredictModel,
+    outputs: Sequence[tuple[RasterSource, MapWriter]],
+    models: Sequence[PredictModel],
+    output_models: Sequence[int],
     *,
     tile: int,
     overlap: int,
@@ -361,8 +411,9 @@ def _pipeline(
         WindowPredictor,
         actors=actors,
         fn_constructor_kwargs={
-            "model": asdict(model),
-            "sources": list(sources),
+            "models": [asdict(model) for model in models],
+            "sources": [source for source, _ in outputs],
+            "output_models": list(output_models),
             "tile": tile,
             "overlap": overlap,
             "batch_size": batch_size,
@@ -403,6 +454,7 @@ def _summary(
     started: float,
     peak: Any,
     model: PredictModel,
+    labels: Sequence[str] | None,
 ) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     status = {"new": "written", "resume": "resumed", "done": "already complete"}
@@ -420,13 +472,17 @@ def _summary(
             for (source, writer), vector, count in zip(outputs, vectors, polygons, strict=True)
         ],
         "model": {"name": model.name, "model_type": model.model_type,
-                  "num_classes": model.num_classes, "tile_size": model.image_size},
+                  "num_classes": model.num_classes, "tile_size": model.image_size,
+                  "kind": model.kind},
         "pixels": pixels,
         "windows": windows,
         "seconds": round(seconds, 3),
         "pixels_per_s": round(pixels / max(seconds, 1e-9), 1),
         "windows_per_s": round(windows / max(seconds, 1e-9), 3),
     }  # fmt: skip
+    if labels is not None:  # several adapters swapped on one base: which made each output
+        for entry, label in zip(summary["outputs"], labels, strict=True):
+            entry["adapter"] = label
     if peak is not None:  # MiB; PSS of the driver and every Ray process on this machine, and
         # USS of the driver and the predictor actors
         summary["peak_memory_mb"] = round(peak.peak_bytes / 2**20, 1)
@@ -453,6 +509,9 @@ examples:
       --base-checkpoint sam_vit_b_01ec64.pth --out maps/ --actors 2 --batch-size 4
   semisup predict ../shared/data/spacenet_vegas/sample_geotiff.tif --model tiny \\
       --num-classes 2 --out /tmp/vegas_classes.tif
+  semisup predict ortho.tif --model student.onnx --out ortho_classes.tif
+  semisup predict ortho.tif --model region_a.safetensors --model region_b.safetensors \\
+      --base-checkpoint sam_vit_b_01ec64.pth --out maps/ortho_{adapter}.tif
 """
 
 
@@ -470,16 +529,18 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
+        action="append",
         metavar="RUN_OR_ADAPTER_OR_NAME",
-        help="a `semisup train` run folder, an adapter (.safetensors or its folder), or a "
-        "built-in random-init model (tiny, vit_b, ...) for tests",
+        help="a `semisup train` run folder, an adapter (.safetensors or its folder), an ONNX "
+        "model from `semisup export` (.onnx), or a built-in random-init model (tiny, vit_b, "
+        "...) for tests; repeat it for adapters of one base, with {adapter} in --out",
     )
     parser.add_argument(
         "--out",
         required=True,
         type=Path,
         help="output GeoTIFF; with several rasters a folder (NAME.tif inside) or a path "
-        "with {name}",
+        "with {name}; with several --model a path with {adapter} (the adapter's file stem)",
     )
     parser.add_argument(
         "--vector",

@@ -25,30 +25,49 @@ PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, ad
 JOB: Final = "job"  # per-window int64: the job (window row of a stripe) it came from
 DEFAULT_TILE: Final = 256  # px, built-in models only: an adapter runs at its training size
 GDAL_CACHE_MB: Final = 64  # per actor; GDAL's default is 5% of the machine's RAM
+ADAPTER: Final = "adapter"  # PredictModel.kind: a student adapter on its base
+ONNX: Final = "onnx"  # PredictModel.kind: a model written by `semisup export`
 
 
 @dataclass(frozen=True)
 class PredictModel:
-    """The student the actors load: an adapter file on its base (checkpoint or seed)."""
+    """The student the actors load: an adapter file on its base (checkpoint or seed), or an
+    exported ONNX model (``semisup export``), which carries its base merged in."""
 
-    adapter: str  # student adapter (.safetensors)
+    file: str  # student adapter (.safetensors), or the .onnx model for kind "onnx"
     model_type: str
     num_classes: int
     image_size: int  # px, the window side
     base_checkpoint: str | None  # official SAM weights the adapter was trained on
     seed: int  # draws the frozen base when there is no base checkpoint
     name: str  # what --model said
+    kind: str = ADAPTER  # ADAPTER or ONNX
 
     def identity(self) -> dict[str, Any]:
+        """What decides the predictions (recorded beside each output, compared on resume)."""
+        if self.kind == ONNX:
+            from semisup.onnx_student import read_metadata
+
+            metadata = read_metadata(self.file)
+            return {
+                "model": ONNX, "adapter_sha256": metadata.adapter_sha256,
+                "precision": metadata.precision, "model_type": self.model_type,
+                "num_classes": self.num_classes, "seed": metadata.seed,
+            }  # fmt: skip
         from semisup.sam import checkpoint_sha256
 
         return {
             "model": self.name if self.name in _builtin_names() else "adapter",
-            "adapter_sha256": checkpoint_sha256(Path(self.adapter)),
+            "adapter_sha256": checkpoint_sha256(Path(self.file)),
             "model_type": self.model_type,
             "num_classes": self.num_classes,
             "seed": self.seed if self.base_checkpoint is None else None,
         }
+
+    @property
+    def label(self) -> str:
+        """Short name for ``{adapter}`` in output paths: the file's or run folder's stem."""
+        return Path(self.name).stem
 
 
 def _builtin_names() -> tuple[str, ...]:
@@ -75,10 +94,16 @@ def resolve_model(
       ``tile_size`` px, its decoder drawn from ``seed`` (for tests and benchmarks), saved as an
       adapter into ``workdir`` so that every actor loads the same weights.
 
+    - an ONNX model written by ``semisup export`` (``.onnx``): run by onnxruntime, without
+      PyTorch's SAM stack (``resolve_onnx``).
+
     Raises ``FileNotFoundError`` when ``model`` is none of these, ``student.AdapterError`` when
     the adapter was trained on another base (checkpoint hash, or none), ``ValueError`` when
     ``tile_size`` contradicts the adapter's size.
     """
+    if Path(model).suffix.lower() == ".onnx":
+        return resolve_onnx(model, base_checkpoint=base_checkpoint, seed=seed,
+                            tile_size=tile_size)  # fmt: skip
     from semisup import student
     from semisup.config import load_config
     from semisup.teacher import adapter_file
@@ -123,6 +148,34 @@ def resolve_model(
     )  # fmt: skip
 
 
+def resolve_onnx(
+    model: str, *, base_checkpoint: str | None, seed: int | None, tile_size: int | None
+) -> PredictModel:
+    """The exported model at ``model``, read from its metadata; ``ValueError`` when a flag
+    that describes an adapter's base is given (the export carries its base) or ``tile_size``
+    is not the exported one. Imports neither peft nor segment_anything."""
+    from semisup.onnx_student import read_metadata
+
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {model}: no such ONNX model")
+    metadata = read_metadata(path)
+    if base_checkpoint is not None or seed is not None:
+        raise ValueError(
+            f"--model {model} is an exported model with its base merged in; "
+            "--base-checkpoint and --seed do not apply to it"
+        )
+    if tile_size is not None and tile_size != metadata.tile_size:
+        raise ValueError(
+            f"{path} was exported for {metadata.tile_size} px windows; --tile-size {tile_size} "
+            "cannot be used with it"
+        )
+    return PredictModel(
+        str(path), metadata.model_type, metadata.num_classes, metadata.tile_size, None,
+        metadata.seed or 0, model, kind=ONNX,
+    )  # fmt: skip
+
+
 def check_adapter_base(path: Path, spec: Any, base_checkpoint: str | None) -> None:
     """``AdapterError`` unless the adapter at ``path`` loads onto ``base_checkpoint``: an
     unmerged student adapter trained on exactly that checkpoint (by hash), or on none."""
@@ -147,7 +200,7 @@ def load_model(model: PredictModel) -> Any:
     from semisup.teacher import load_student_teacher
 
     semantic, _ = load_student_teacher(
-        model.adapter,
+        model.file,
         model_type=model.model_type,
         image_size=model.image_size,
         base_checkpoint=model.base_checkpoint,
@@ -165,20 +218,24 @@ class WindowPredictor:
     time; windows without a valid pixel are not run (probabilities 0, ignored by the blender).
     Reading here rather than in separate tasks keeps one window row per actor in flight,
     whatever the raster's size, and no extra worker processes.
+
+    ``models``: ``PredictModel`` fields of one exported model, or of adapters of one base
+    (``check_swappable``); ``sources[i]`` is output i's raster and ``output_models[i]`` its
+    model (default: the first). The base is loaded once; a job of another adapter swaps only
+    the adapter's weights in (``student.load_adapter``).
     """
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        models: Sequence[Mapping[str, Any]],
         sources: Sequence[RasterSource],
         tile: int,
         overlap: int,
         batch_size: int = 8,
         device: str = "cpu",
         torch_threads: int | None = None,
+        output_models: Sequence[int] | None = None,
     ) -> None:
-        from semisup.teacher import select_device
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
         # GDAL keeps decoded blocks of open rasters up to 5% of RAM by default; each window row
@@ -187,9 +244,23 @@ class WindowPredictor:
         self.sources, self.tile, self.overlap = list(sources), tile, overlap
         self.batch_size = batch_size
         self._opened: dict[int, tuple[Any, Any]] = {}  # source index -> open image/valid arrays
+        self.models = [PredictModel(**model) for model in models]
+        self.output_models = list(output_models or [0] * len(self.sources))
+        self.num_classes = self.models[0].num_classes
+        self.current = 0  # index into models of the adapter loaded now
+        if self.models[0].kind == ONNX:
+            from semisup.onnx_student import OnnxStudent
+
+            self.network: Any = OnnxStudent(self.models[0].file, threads=torch_threads)
+            return
+        from semisup.student import load_student
+        from semisup.teacher import select_device
+
+        first = self.models[0]
         self.device = select_device(device)
-        self.num_classes = int(model["num_classes"])
-        self.model = load_model(PredictModel(**model)).to(self.device)
+        self.network = load_student(
+            first.file, base_checkpoint=first.base_checkpoint, seed=first.seed
+        ).to(self.device)
 
     def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         windows = read_job_windows(
@@ -198,19 +269,66 @@ class WindowPredictor:
         images = windows.pop(C.IMAGE)
         valid = windows[C.VALID]
         probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
+        output_of_job = dict(zip(jobs["seq"].tolist(), jobs["output"].tolist(), strict=True))
+        model_of_window = np.array(
+            [self.output_models[output_of_job[seq]] for seq in windows[JOB].tolist()], np.int64
+        )
         todo = np.flatnonzero(valid.reshape(len(valid), -1).any(1))
-        for start in range(0, len(todo), self.batch_size):
-            chosen = todo[start : start + self.batch_size]
-            probabilities[chosen] = self.predict(images[chosen])
+        for model in np.unique(model_of_window[todo]).tolist():
+            self._use(model)
+            mine = todo[model_of_window[todo] == model]
+            for start in range(0, len(mine), self.batch_size):
+                chosen = mine[start : start + self.batch_size]
+                probabilities[chosen] = self.predict(images[chosen])
         return {**windows, PROBABILITIES: probabilities}
+
+    def _use(self, model: int) -> None:
+        """Swap adapter ``model``'s weights into the loaded base (the base stays as it is)."""
+        if model != self.current:
+            from semisup.student import load_adapter
+
+            load_adapter(self.network, self.models[model].file)
+            self.current = model
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """B×3×T×T float32 in [0, 1] -> B×K×T×T float16 class probabilities."""
-        pixels = torch.from_numpy(images).to(self.device) * 255.0  # the teacher's input range
+        if self.models[0].kind == ONNX:
+            return self.network(images).astype(np.float16)
+        pixels = torch.from_numpy(images).to(self.device)
         bf16 = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            probabilities = self.model(pixels).float().softmax(1)
+            probabilities = self.network(pixels).float().softmax(1)
         return probabilities.cpu().numpy().astype(np.float16)
+
+
+def check_swappable(models: Sequence[PredictModel]) -> None:
+    """``ValueError`` naming the first of several ``models`` that cannot share one loaded base
+    with the first: an exported model, or an adapter of another base (type, classes, tile size,
+    checkpoint or seed) or layout (mode, LoRA targets, rank, alpha, hires path)."""
+    if len(models) < 2:
+        return
+    from semisup.student import read_adapter_spec
+
+    first = models[0]
+    for model in models:
+        if model.kind != ADAPTER:
+            raise ValueError(
+                f"--model {model.name}: several --model swap adapters on one base; an exported "
+                "model is run alone"
+            )
+        spec, first_spec = read_adapter_spec(model.file), read_adapter_spec(first.file)
+        differences = {
+            "base": (spec.base(), first_spec.base()),
+            "adapter layout": (spec.adapter_layout(), first_spec.adapter_layout()),
+            "base checkpoint": (model.base_checkpoint, first.base_checkpoint),
+            "seed of the random-init base": (model.seed, first.seed),
+        }
+        for what, (own, wanted) in differences.items():
+            if own != wanted:
+                raise ValueError(
+                    f"--model {model.name}: its {what} ({own}) differs from that of "
+                    f"{first.name} ({wanted}); swapped adapters share one base and layout"
+                )
 
 
 def read_job_windows(

@@ -562,6 +562,38 @@ def load_adapter(model: SamSegmenter, path: str | Path) -> None:
             wanted[name].copy_(tensors[name])
 
 
+def load_student(
+    path: str | Path, *, base_checkpoint: str | Path | None = None, seed: int = 0
+) -> SamSegmenter:
+    """The student an adapter file describes, rebuilt on its base and in eval mode, on CPU.
+
+    The model is built from the spec in the file's metadata on ``base_checkpoint`` (the official
+    SAM weights it was fine-tuned from; :func:`load_adapter` checks the hash), then the adapter
+    is loaded onto it. A base built without a checkpoint takes its frozen weights from ``seed``,
+    so such a student is only reproducible as a ``full`` adapter or with its training seed.
+    Further adapters of the same base and layout can be swapped in with :func:`load_adapter`.
+    """
+    spec = read_adapter_spec(path)
+    if spec.mode not in MODES:
+        raise AdapterError(f"{path} has mode {spec.mode!r}; expected an unmerged adapter")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_student(
+            spec.model_type,
+            spec.num_classes,
+            spec.image_size,
+            checkpoint=base_checkpoint,
+            mode=spec.mode,
+            lora_rank=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            lora_targets=spec.lora_targets,
+            hires_path=spec.hires_path,
+        )
+    load_adapter(model, path)
+    return model.eval()
+
+
 def merge_adapter(model: SamSegmenter) -> SamSegmenter:
     """A copy of ``model`` with every LoRA update folded into its base Linear, for deployment.
 

@@ -289,24 +289,7 @@ def load_student_teacher(
             f"student {path} is a {spec.model_type} at {spec.image_size} px; the teacher was "
             f"asked for {model_type} at {image_size} px (the store's tile size)"
         )
-    if spec.mode not in student.MODES:
-        raise ValueError(f"student {path} has mode {spec.mode!r}; expected an unmerged adapter")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = student.build_student(
-            spec.model_type,
-            spec.num_classes,
-            spec.image_size,
-            checkpoint=base_checkpoint,
-            mode=spec.mode,
-            lora_rank=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            lora_targets=spec.lora_targets,
-            hires_path=spec.hires_path,
-        )
-    student.load_adapter(model, path)
-    model.eval()
+    model = student.load_student(path, base_checkpoint=base_checkpoint, seed=seed)
     return _ScaledInput(model), spec.num_classes
 
 
