@@ -4,6 +4,7 @@ without seams, resumable, memory-bounded, with vectors; bad input refused before
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
 from semisup.memory import wait_for_exit
 from semisup.predict import output_path, run_predict
-from semisup.predictor import JOB, PROBABILITIES, load_model, resolve_model
+from semisup.predictor import JOB, PROBABILITIES, WindowPredictor, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
 from semisup.sam import build_sam
 from semisup.stitch import Stitcher, plan_jobs
@@ -413,3 +414,75 @@ def test_peak_memory_stays_flat_as_the_raster_grows(
     small, large = (_peak_above_baseline(tmp_path, size) for size in sizes)
     whole_raster_mb = sizes[1] ** 2 * 7 * 4 / 2**20
     assert large - small < max(100.0, 0.25 * whole_raster_mb), (small, large)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters of one base, swapped
+
+
+def _region_adapters(tmp_path: Path) -> list[Path]:
+    """Two decoder adapters of the random-init tiny base drawn by seed 0, decoders apart."""
+    adapters = []
+    for index, name in enumerate(("region_a", "region_b")):
+        torch.manual_seed(0)  # the base resolve_model rebuilds with --seed 0
+        model = build_student("tiny", 3, 64, mode="decoder")
+        generator = torch.Generator().manual_seed(10 + index)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        adapters.append(save_adapter(model, tmp_path / f"{name}.safetensors"))
+    return adapters
+
+
+def test_actor_loads_the_base_once_and_swaps_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One predictor, jobs of two adapters in turn (a, b, a): each job's windows as a predictor
+    of that adapter alone gives them, bit for bit, and the base was built once."""
+    import semisup.student
+
+    raster = _write_geotiff(tmp_path / "in.tif", np.random.default_rng(0).integers(
+        0, 255, (100, 100, 3), dtype=np.uint8))  # fmt: skip
+    models = [asdict(resolve_model(str(path), workdir=tmp_path))
+              for path in _region_adapters(tmp_path)]  # fmt: skip
+    sources = open_sources([raster]) * 2  # output 0 by adapter a, output 1 by adapter b
+    builds = []
+    build = semisup.student.build_student
+    monkeypatch.setattr(semisup.student, "build_student",
+                        lambda *a, **k: builds.append(1) or build(*a, **k))  # fmt: skip
+    swapping = WindowPredictor(models, sources, 64, 16, output_models=[0, 1])
+    alone = [WindowPredictor([model], sources, 64, 16) for model in models]
+    for output in (0, 1, 0):
+        job = {"seq": np.array([output]), "output": np.array([output]), "y0": np.array([0]),
+               "first_col": np.array([0]), "last_col": np.array([2])}  # fmt: skip
+        got = swapping(job)[PROBABILITIES]
+        np.testing.assert_array_equal(got, alone[output](job)[PROBABILITIES])
+        assert got.any()
+    assert not np.array_equal(alone[0](job)[PROBABILITIES], alone[1](job)[PROBABILITIES])
+    assert len(builds) == 3  # once for the swapping predictor, once for each alone
+
+
+@pytest.mark.slow  # three Ray runs; the test above checks the actor without Ray
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_swapped_adapters_write_the_maps_of_separately_loaded_models(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raster = _write_large_raster(tmp_path / "scene.tif", 256, rows=256)
+    adapters = _region_adapters(tmp_path)
+    argv = ["predict", str(raster), "--model", str(adapters[0]), "--model", str(adapters[1]),
+            "--seed", "0", "--out", str(tmp_path / "maps" / "{adapter}.tif"),
+            "--torch-threads", "1"]  # fmt: skip
+    assert semisup_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [o["adapter"] for o in summary["outputs"]] == ["region_a", "region_b"]
+    for adapter in adapters:
+        alone = tmp_path / f"alone_{adapter.stem}.tif"
+        run_predict([raster], str(adapter), alone, seed=0, **FAST)
+        for got, want in zip(_read(tmp_path / "maps" / f"{adapter.stem}.tif"), _read(alone),
+                             strict=True):  # fmt: skip
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(*(_read(tmp_path / "maps" / f"{a.stem}.tif")[0] for a in adapters))
+    with pytest.raises(ValueError, match=r"several --model need \{adapter\}"):
+        run_predict([raster], [str(a) for a in adapters], tmp_path / "x.tif", seed=0, **FAST)
