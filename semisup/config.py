@@ -317,8 +317,9 @@ class DetectorConfig:
     pseudo_score: float = 0.7  # Unbiased Teacher: teacher detections this confident are targets
 
     def __post_init__(self) -> None:
-        _check(0 <= self.trainable_backbone_layers <= 6, "detector.trainable_backbone_layers",
-               self.trainable_backbone_layers, "an integer in 0..6")  # fmt: skip
+        stages = 5 if self.arch == "fasterrcnn_resnet50_fpn_v2" else 6
+        _check(0 <= self.trainable_backbone_layers <= stages, "detector.trainable_backbone_layers",
+               self.trainable_backbone_layers, f"an integer in 0..{stages} for {self.arch}")  # fmt: skip
         _check(0 <= self.score_threshold < 1, "detector.score_threshold", self.score_threshold,
                "in [0, 1)")  # fmt: skip
         _check(0 < self.nms_iou <= 1, "detector.nms_iou", self.nms_iou, "in (0, 1]")

@@ -3,7 +3,8 @@
 This is the driver side: it checks the config against the store, fixes each split's tile ids and
 starts the workers. The per-worker loop is ``semisup.train_loop``; what a step optimises is
 ``semisup.steps``; which tiles a step sees is ``semisup.sampling``; what a checkpoint holds is
-``semisup.train_state``.
+``semisup.train_state``. ``task: detection`` trains the box student the same way; its checks
+and hooks are ``semisup.detection.train_task``.
 
 Three promises, each tested: the same seed gives bit-identical weights (1 worker, N workers or
 ``--debug``); a run restarted from a checkpoint, by Ray Train after a lost worker or by
@@ -19,7 +20,8 @@ Run folder layout (``--out RUN_DIR``)::
     RUN_DIR/report.json          validation metrics per epoch, best epoch, best checkpoint path
     RUN_DIR/report.md            the same as a table
     RUN_DIR/tensorboard/         TensorBoard event files (loss parts, mIoU, per-class IoU)
-    RUN_DIR/best/                adapter.safetensors + metrics.json of the best validation epoch
+    RUN_DIR/best/                adapter.safetensors (detection: detector.pt) + metrics.json of
+                                 the best validation epoch
     RUN_DIR/ray/train/           Ray Train checkpoints (latest two), used to resume; elsewhere
                                  with train.storage (a path or a storage URL Ray accepts)
 """
@@ -217,6 +219,23 @@ def check_warm_start(config: ExperimentConfig, facts: Mapping[str, Any]) -> None
         raise ConfigError(f"train.init_from={init_from!r}: the adapter has {what}")
 
 
+def segmentation_facts(
+    store: str, config: ExperimentConfig, splits: Mapping[str, Sequence[int]] | None
+) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """``store_facts`` and each split's tile ids for the SAM student, checked against
+    ``config`` (``check_store_for``, the base checkpoint); or an error naming what is wrong."""
+    from semisup.pipeline import check_checkpoint
+
+    facts = store_facts(store)
+    tile_ids = split_tile_ids(store, config, splits)
+    facts["tiles_per_split"] = {name: len(ids) for name, ids in tile_ids.items()}
+    check_store_for(config, facts, store)
+    if config.ssl.enabled and config.ssl.threshold_mode == "calibrated":
+        facts["calibrated_threshold"] = calibrated_threshold(config.ssl.calibration_run)
+    check_checkpoint(config)  # a base checkpoint that cannot be read fails here, not in a worker
+    return facts, tile_ids
+
+
 def split_tile_ids(
     store: str, config: ExperimentConfig, splits: Mapping[str, Sequence[int]] | None
 ) -> dict[str, list[int]]:
@@ -251,7 +270,8 @@ def check_batches(
                 f"global batch of {global_batch}; lower {key}"
             )
     per_worker = train.batch_size * ssl.unlabeled_batch_ratio // workers
-    if use_unlabeled and config.augment.cutmix_prob > 0 and workers > 1 and per_worker % 2:
+    cutmix = config.task == "segmentation" and config.augment.cutmix_prob > 0  # not on boxes
+    if use_unlabeled and cutmix and workers > 1 and per_worker % 2:
         raise ConfigError(
             f"augment.cutmix_prob={config.augment.cutmix_prob}: CutMix pairs neighbouring "
             f"samples of the global batch, so each worker needs an even unlabeled batch, got "
@@ -285,20 +305,17 @@ def run_training(
 
     run_dir = run_dir.resolve()
     check_run_dir(run_dir, resume)
-    facts = store_facts(store)
-    tile_ids = split_tile_ids(store, config, splits)
-    facts["tiles_per_split"] = {name: len(ids) for name, ids in tile_ids.items()}
-    check_store_for(config, facts, store)
-    if config.ssl.enabled and config.ssl.threshold_mode == "calibrated":
-        facts["calibrated_threshold"] = calibrated_threshold(config.ssl.calibration_run)
     num_workers = 0 if debug else config.train.num_workers
+    if config.task == "detection":
+        from semisup.detection.train_task import detection_facts
+
+        facts, tile_ids = detection_facts(store, config, splits)  # refuses a store without boxes
+    else:
+        facts, tile_ids = segmentation_facts(store, config, splits)
     use_unlabeled = config.ssl.enabled and facts["tiles_per_split"].get(C.UNLABELED, 0) > 0
     check_batches(config, facts["tiles_per_split"], max(num_workers, 1), use_unlabeled)
-    if use_unlabeled and config.ssl.target == "oracle":
+    if use_unlabeled and config.task == "segmentation" and config.ssl.target == "oracle":
         check_oracle(store, tile_ids[C.UNLABELED])
-    from semisup.pipeline import check_checkpoint
-
-    check_checkpoint(config)  # a base checkpoint that cannot be read fails here, not in a worker
     if num_workers and str(store).startswith("memory://"):
         raise ValueError(
             f"store {store}: a memory:// store exists only in this process; train on it with "
@@ -318,8 +335,11 @@ def run_training(
             "storage_options": None,
             "splits": tile_ids,
             "use_unlabeled": use_unlabeled,
-            "use_ema_teacher": use_unlabeled and config.ssl.target in ("ema", "both"),
-            "read_pseudo_labels": config.ssl.target in ("pseudo", "both"),
+            # Unbiased Teacher's pseudo-boxes come from an EMA teacher: detection always has one
+            "use_ema_teacher": use_unlabeled
+            and (config.task == "detection" or config.ssl.target in ("ema", "both")),
+            "read_pseudo_labels": config.task == "segmentation"
+            and config.ssl.target in ("pseudo", "both"),
             "init_adapter": None if init is None else str(init_adapter(init)),
             # Ray Train's in-process mode keeps no checkpoint: the loop writes them there itself
             "local_checkpoints": None if num_workers else f"{storage.rstrip('/')}/{RAY_RUN_NAME}",
@@ -472,6 +492,7 @@ def run_cli(args: argparse.Namespace) -> int:
     config = config_from_arguments(args)
     with ray_runtime(config.ray):
         report = run_training(args.store, config, args.out, resume=args.resume, debug=args.debug)
-    print(f"best validation mIoU {report['best_miou']:.4f} at epoch {report['best_epoch']}; "
+    score, name = ("best_ap", "box AP") if config.task == "detection" else ("best_miou", "mIoU")
+    print(f"best validation {name} {report[score]:.4f} at epoch {report['best_epoch']}; "
           f"report in {args.out / 'report.md'}")  # fmt: skip
     return 0

@@ -5,6 +5,11 @@ Ray Train starts ``train_loop_per_worker`` in every worker (or in the driver wit
 ``semisup.steps``, which tiles each step sees in ``semisup.sampling``, and what a checkpoint
 holds in ``semisup.train_state``.
 
+Both tasks run this loop: run folder, seeded feeds, checkpoints and resumption, early stopping
+and report files are shared. What differs is a ``TaskHooks`` object: its model, the columns it
+reads, its step, its validation score and its best-epoch weights (``SegmentationTask`` here,
+``semisup.detection.train_task.DetectionTask`` for boxes).
+
 Why the loop reads its tiles by id instead of taking Ray Data's streaming split: the split hands
 blocks to workers as they ask and drops rows to equalise them, so which tiles a worker sees
 depends on task timing and on the worker count. Here every pass is a seeded permutation of the
@@ -27,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -203,8 +208,8 @@ class WorkerRun:
     feeds: dict[str, SplitFeed]
     val_reader: TileReader | None
     val_share: np.ndarray  # this rank's validation tile ids (semisup.sampling)
-    recipe: StepRecipe
     band_scale: BandScale
+    task: TaskHooks
     state: TrainState = field(default_factory=TrainState)
     writer: Any = None
     local_checkpoints: LocalCheckpoints | None = None  # --debug: Ray keeps none in local mode
@@ -218,6 +223,124 @@ class WorkerRun:
         return {name: feed.order.position(step) for name, feed in self.feeds.items()}
 
 
+class TaskHooks(Protocol):
+    """What a task adds to the shared loop: its model, columns, step, score and best weights."""
+
+    score: str  # the validation figure the best epoch and early stopping follow ("miou", "ap")
+    epoch_keys: tuple[str, ...]  # validation figures an epoch of the report keeps
+    best_file: str  # the best epoch's weights, in RUN_DIR/best
+    halo: int  # pixels read around each tile
+
+    def build(
+        self, config: ExperimentConfig, facts: Mapping[str, Any], loop_config: dict[str, Any],
+        device: torch.device,
+    ) -> Trainables:  # fmt: skip
+        """The model (on ``device``, same on every worker), its optimiser, teacher, state."""
+        ...
+
+    def columns(
+        self, loop_config: dict[str, Any]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """The columns read of labeled, unlabeled and validation tiles."""
+        ...
+
+    def step(
+        self,
+        run: WorkerRun,
+        labeled: dict[str, np.ndarray],
+        unlabeled: dict[str, np.ndarray] | None,
+    ) -> dict[str, float]:
+        """One optimiser step on this rank's batches; the loss and its parts."""
+        ...
+
+    def validate(self, run: WorkerRun) -> dict[str, Any]:
+        """Validation figures over every rank's share (equal on every rank)."""
+        ...
+
+    def save_weights(self, model: torch.nn.Module, path: Path) -> None: ...
+
+    def log_validation(self, writer: Any, metrics: dict[str, Any], step: int) -> None: ...
+
+    def describe(self, config: ExperimentConfig) -> dict[str, Any]:
+        """The model's description in the report."""
+        ...
+
+
+class SegmentationTask:
+    """The SAM student: class maps, mIoU, adapters (``semisup.steps``, ``semisup.student``)."""
+
+    score = "miou"
+    epoch_keys: tuple[str, ...] = ("miou", "dice", "pixel_accuracy", "iou_per_class", "calibration")
+    best_file = ADAPTER_FILE
+
+    def __init__(self, config: ExperimentConfig, loop_config: dict[str, Any]) -> None:
+        facts = loop_config["facts"]
+        self.halo = config.stream.halo
+        self.class_names = list(facts["class_names"])
+        self.recipe = StepRecipe(
+            config.ssl, config.augment, int(facts["num_classes"]), config.train.dice_weight,
+            facts.get("calibrated_threshold"),
+        )  # fmt: skip
+
+    def build(
+        self, config: ExperimentConfig, facts: Mapping[str, Any], loop_config: dict[str, Any],
+        device: torch.device,
+    ) -> Trainables:  # fmt: skip
+        from semisup.ema import make_ema_teacher
+
+        model = build_model(config, facts, loop_config["init_adapter"]).to(device)
+        teacher = make_ema_teacher(model) if loop_config["use_ema_teacher"] else None
+        trainables = Trainables(model, build_optimizer(config, model), teacher)
+        if loop_config["use_unlabeled"]:  # the adaptive thresholds' statistics, checkpointed
+            trainables.ssl_state = initial_statistics(int(facts["num_classes"]), device)
+        return trainables
+
+    def columns(
+        self, loop_config: dict[str, Any]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        pseudo = PSEUDO_COLUMNS if loop_config["read_pseudo_labels"] else ()
+        return LABELED_COLUMNS, UNLABELED_COLUMNS + pseudo, LABELED_COLUMNS
+
+    def step(
+        self,
+        run: WorkerRun,
+        labeled: dict[str, np.ndarray],
+        unlabeled: dict[str, np.ndarray] | None,
+    ) -> dict[str, float]:
+        train = run.config.train
+        autocast = torch.bfloat16 if (train.bf16 and run.device.type == "cuda") else None
+        return train_step(
+            run.model, run.trainables.optimizer, prepare_batch(labeled, run.band_scale, run.device),
+            None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device),
+            teacher=run.trainables.teacher, recipe=self.recipe, step=run.state.step,
+            autocast_dtype=autocast, collective=run.collective,
+            ssl_state=run.trainables.ssl_state,
+        )  # fmt: skip
+
+    def validate(self, run: WorkerRun) -> dict[str, Any]:
+        return validate(run)
+
+    def save_weights(self, model: torch.nn.Module, path: Path) -> None:
+        from semisup.student import save_adapter
+
+        save_adapter(model, path)  # type: ignore[arg-type]
+
+    def log_validation(self, writer: Any, metrics: dict[str, Any], step: int) -> None:
+        _log_segmentation(writer, metrics, self.class_names, step)
+
+    def describe(self, config: ExperimentConfig) -> dict[str, Any]:
+        return {"mode": config.student.mode, "model_type": config.student.model_type}
+
+
+def task_hooks(config: ExperimentConfig, loop_config: dict[str, Any]) -> TaskHooks:
+    """The hooks of ``config.task``."""
+    if config.task == "detection":
+        from semisup.detection.train_task import DetectionTask
+
+        return DetectionTask(config, loop_config)
+    return SegmentationTask(config, loop_config)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function: build, restore, loop, validate, stop early, report."""
     import ray.train
@@ -225,8 +348,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     run = build_worker_run(loop_config)
     restore(run, ray.train.get_checkpoint())
     if run.state.initial is None:  # the baseline early stopping must beat
-        run.state.initial = validate(run)
-        run.state.reference_miou = run.state.initial["miou"]
+        run.state.initial = run.task.validate(run)
+        run.state.reference_score = run.state.initial[run.task.score]
     epochs = range(run.state.epoch, 0 if run.state.stopped_early else run.config.train.epochs)
     for epoch in epochs:
         run_epoch(run, epoch)
@@ -267,8 +390,6 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
     import ray.train
     import ray.train.torch
 
-    from semisup.ema import make_ema_teacher
-
     config = from_dict(ExperimentConfig, loop_config["experiment"])
     facts, train = loop_config["facts"], config.train
     context = ray.train.get_context()
@@ -276,11 +397,9 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
     if train.torch_threads:
         torch.set_num_threads(train.torch_threads)
     device = ray.train.torch.get_device() if train.use_gpu else torch.device("cpu")
-    model = build_model(config, facts, loop_config["init_adapter"]).to(device)
-    teacher = make_ema_teacher(model) if loop_config["use_ema_teacher"] else None
-    trainables = Trainables(model, build_optimizer(config, model), teacher)
-    if loop_config["use_unlabeled"]:  # the adaptive thresholds' statistics, checkpointed
-        trainables.ssl_state = initial_statistics(int(facts["num_classes"]), device)
+    task = task_hooks(config, loop_config)
+    trainables = task.build(config, facts, loop_config, device)
+    model = trainables.model
     torch.manual_seed(worker_seed(train.seed, rank, "torch"))  # dropout, if the model has any
     if world > 1:
         # wraps the model in DistributedDataParallel (it is on its device already)
@@ -290,10 +409,7 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
         config=config, facts=facts, run_dir=Path(loop_config["run_dir"]), rank=rank, world=world,
         device=device, collective=current_collective(), model=model, trainables=trainables,
         feeds={}, val_reader=None,
-        val_share=validation_share(val_ids, rank, world),
-        recipe=StepRecipe(config.ssl, config.augment, int(facts["num_classes"]), train.dice_weight,
-                          facts.get("calibrated_threshold")),
-        band_scale=band_scales(facts),
+        val_share=validation_share(val_ids, rank, world), band_scale=band_scales(facts), task=task,
     )  # fmt: skip
     if loop_config["local_checkpoints"] is not None:
         run.local_checkpoints = LocalCheckpoints(loop_config["local_checkpoints"])
@@ -307,14 +423,14 @@ def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
     """This rank's readers: the training splits in their seeded orders, its validation share."""
     config, splits = run.config, loop_config["splits"]
     budget = config.train.cache_mb * 1024**2
-    read = {"storage_options": loop_config["storage_options"], "halo": config.stream.halo}
+    read = {"storage_options": loop_config["storage_options"], "halo": run.task.halo}
     batch = config.train.batch_size
-    wanted: list[tuple[str, tuple[str, ...], int, str]] = [
-        (C.LABELED, LABELED_COLUMNS, batch, "labeled")
-    ]
+    labeled, unlabeled, val = run.task.columns(loop_config)
+    wanted: list[tuple[str, tuple[str, ...], int, str]] = [(C.LABELED, labeled, batch, "labeled")]
     if loop_config["use_unlabeled"]:
-        columns = UNLABELED_COLUMNS + (PSEUDO_COLUMNS if loop_config["read_pseudo_labels"] else ())
-        wanted.append((C.UNLABELED, columns, batch * config.ssl.unlabeled_batch_ratio, "unlabeled"))
+        wanted.append(
+            (C.UNLABELED, unlabeled, batch * config.ssl.unlabeled_batch_ratio, "unlabeled")
+        )
     for name, columns, global_batch, kind in wanted:
         ids = np.asarray(splits[name], np.int64)
         reader = TileReader(loop_config["store"], ids, columns=columns, cache_bytes=budget, **read)
@@ -327,7 +443,7 @@ def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
     run.val_reader = TileReader(
         loop_config["store"],
         run.val_share,
-        columns=LABELED_COLUMNS,
+        columns=val,
         cache_bytes=max(budget, 0),
         **read,
     )
@@ -356,19 +472,12 @@ def run_epoch(run: WorkerRun, epoch: int) -> None:
     lr = scaled_lr(run.config)
     feeds = [run.feeds[C.LABELED], run.feeds.get(C.UNLABELED)]
     last = (epoch + 1) * train.steps_per_epoch
-    autocast = torch.bfloat16 if (train.bf16 and run.device.type == "cuda") else None
     step_start = time.perf_counter()
     for labeled, unlabeled in prefetched(feeds, state.step, last):
         assert labeled is not None  # every step has a labelled batch
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(state.step, train.warmup_steps, run.total_steps)
-        parts = train_step(
-            run.model, optimizer, prepare_batch(labeled, run.band_scale, run.device),
-            None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device),
-            teacher=run.trainables.teacher, recipe=run.recipe, step=state.step,
-            autocast_dtype=autocast, collective=run.collective,
-            ssl_state=run.trainables.ssl_state,
-        )  # fmt: skip
+        parts = run.task.step(run, labeled, unlabeled)
         state.step += 1
         now = time.perf_counter()
         parts["step_seconds"] = now - step_start  # data wait included: the cost a user sees
@@ -387,12 +496,12 @@ def run_epoch(run: WorkerRun, epoch: int) -> None:
 def end_epoch(run: WorkerRun, epoch: int) -> bool:
     """Validate, track the best epoch and early stopping, write reports, checkpoint.
 
-    Returns whether to stop. An epoch improves when its mIoU beats every earlier one *and* the
-    validation before training, so a run that never improves stops after exactly
-    ``early_stop_patience`` epochs.
+    Returns whether to stop. An epoch improves when its score (the task's: mIoU, box AP) beats
+    every earlier one *and* the validation before training, so a run that never improves stops
+    after exactly ``early_stop_patience`` epochs.
     """
-    state, train = run.state, run.config.train
-    metrics = validate(run)
+    state, train, task = run.state, run.config.train, run.task
+    metrics = task.validate(run)
     metrics.update(
         epoch=epoch, step=state.step, seconds=round(time.perf_counter() - run.started, 1)
     )
@@ -404,12 +513,13 @@ def end_epoch(run: WorkerRun, epoch: int) -> bool:
     median = float(np.median(state.step_seconds)) if state.step_seconds else 0.0
     metrics["train"]["step_seconds_median"] = median
     state.history.append(metrics)
-    if metrics["miou"] > state.best_miou:
-        state.best_miou, state.best_epoch = metrics["miou"], epoch
+    score = metrics[task.score]
+    if score > state.best_score:
+        state.best_score, state.best_epoch = score, epoch
         if run.rank == 0:
-            _save_best(run.run_dir, unwrap(run.model), metrics)
-    if metrics["miou"] > state.reference_miou:
-        state.reference_miou, state.stale_epochs = metrics["miou"], 0
+            _save_best(run.run_dir, task, unwrap(run.model), metrics)
+    if score > state.reference_score:
+        state.reference_score, state.stale_epochs = score, 0
     else:
         state.stale_epochs += 1
     state.epoch = epoch + 1
@@ -418,8 +528,8 @@ def end_epoch(run: WorkerRun, epoch: int) -> bool:
     if run.rank == 0:
         write_report_files(run.run_dir, build_report(run))
         if run.writer is not None:
-            _log_validation(run.writer, metrics, run.facts["class_names"], state.step)
-    epoch_metrics = {"miou": metrics["miou"], "epoch": epoch, "epochs_done": epoch + 1,
+            task.log_validation(run.writer, metrics, state.step)
+    epoch_metrics = {task.score: score, "epoch": epoch, "epochs_done": epoch + 1,
                      "train_loss": metrics["train"].get("loss", 0.0)}  # fmt: skip
     report_checkpoint(run, epoch_metrics)
     return state.stopped_early
@@ -464,7 +574,7 @@ def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
 
     trainables = Trainables(
         unwrap(run.model), run.trainables.optimizer, run.trainables.teacher,
-        run.trainables.ssl_state,
+        run.trainables.ssl_state, run.trainables.weights_of,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
@@ -480,23 +590,22 @@ def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
 
 def build_report(run: WorkerRun) -> dict[str, Any]:
     """The run's report: metrics per epoch, the best epoch and its checkpoint (JSON-safe)."""
-    state = run.state
-    keys = ("epoch", "step", "miou", "dice", "pixel_accuracy", "iou_per_class", "calibration",
-            "train", "seconds")  # fmt: skip
+    state, task = run.state, run.task
+    keys = ("epoch", "step", *task.epoch_keys, "train", "seconds")
     return {
+        "task": run.config.task,
         "class_names": run.facts["class_names"],
         "epochs": [{k: h[k] for k in keys} for h in state.history],
         "initial": state.initial,
         "best_epoch": state.best_epoch,
-        "best_miou": state.best_miou,
+        f"best_{task.score}": state.best_score,
         "best_checkpoint": (
-            str(run.run_dir / "best" / ADAPTER_FILE) if state.best_epoch >= 0 else None
+            str(run.run_dir / "best" / task.best_file) if state.best_epoch >= 0 else None
         ),
         "stopped_early": state.stopped_early,
         "resumed_at": state.resumed_at,
         "steps": state.step,
-        "mode": run.config.student.mode,
-        "model_type": run.config.student.model_type,
+        **task.describe(run.config),
     }
 
 
@@ -505,15 +614,15 @@ def band_scales(facts: Mapping[str, Any]) -> dict[str, tuple[tuple[float, ...], 
     return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
 
 
-def _save_best(run_dir: Path, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
-    """RUN_DIR/best: the adapter and metrics of the best epoch, replaced only once complete."""
-    from semisup.student import save_adapter
-
+def _save_best(
+    run_dir: Path, task: TaskHooks, model: torch.nn.Module, metrics: dict[str, Any]
+) -> None:
+    """RUN_DIR/best: the weights and metrics of the best epoch, replaced only once complete."""
     best = run_dir / "best"
     staging = run_dir / "best.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_adapter(model, staging / ADAPTER_FILE)  # type: ignore[arg-type]
+    task.save_weights(model, staging / task.best_file)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     shutil.rmtree(best, ignore_errors=True)
     staging.rename(best)
@@ -525,7 +634,7 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _log_validation(
+def _log_segmentation(
     writer: Any, metrics: dict[str, Any], class_names: list[str], step: int
 ) -> None:
     writer.add_scalar("val/miou", metrics["miou"], step)
@@ -541,6 +650,11 @@ def write_report_files(run_dir: Path, report: dict[str, Any]) -> None:
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(run_dir / "report.json")
+    if report.get("task") == "detection":
+        from semisup.detection.train_task import report_markdown
+
+        (run_dir / "report.md").write_text(report_markdown(report))
+        return
     names = report["class_names"]
     lines = [
         f"# Training report ({report['model_type']}, {report['mode']})",

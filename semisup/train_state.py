@@ -4,7 +4,9 @@ A checkpoint holds everything that decides the future of a run, so a resumed run
 steps an uninterrupted one takes:
 
 - ``model``: the student's trainable weights (adapter, decoder, head; the whole model in
-  ``full`` mode). The frozen base is rebuilt from its checkpoint or from the run's seed;
+  ``full`` mode). The frozen base is rebuilt from its checkpoint or from the run's seed. The
+  detection student keeps its whole state dict (``Trainables.weights_of``): its batch norms'
+  running statistics move while it trains;
 - ``optimizer``: the optimiser's state (AdamW moments, or SGD momentum);
 - ``teacher``: the EMA teacher's trainable weights, when the run has one;
 - ``ssl``: state of the consistency term that evolves with training (adaptive thresholds,
@@ -50,11 +52,13 @@ class TrainState:
 
     step: int = 0  # optimiser steps taken (global: every worker takes each step)
     epoch: int = 0  # epochs completed
-    best_miou: float = -1.0  # best validation mIoU of a trained epoch, and its epoch
+    # the validation score (mIoU of segmentation, box AP of detection) of the best trained
+    # epoch, and its epoch
+    best_score: float = -1.0
     best_epoch: int = -1
     initial: dict[str, Any] | None = None  # validation metrics before the first step
-    reference_miou: float = -1.0  # best of the initial and every epoch's mIoU: to improve on
-    stale_epochs: int = 0  # epochs in a row that did not improve on reference_miou
+    reference_score: float = -1.0  # best of the initial and every epoch's score: to improve on
+    stale_epochs: int = 0  # epochs in a row that did not improve on reference_score
     stopped_early: bool = False
     resumed_at: list[int] = field(default_factory=list)  # steps this run was restored at
     history: list[dict[str, Any]] = field(default_factory=list)  # validation metrics per epoch
@@ -67,7 +71,14 @@ class TrainState:
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
-        return cls(**json.loads(text))
+        saved = json.loads(text)
+        for old, new in _RENAMED.items():  # checkpoints written while only mIoU was scored
+            if old in saved:
+                saved[new] = saved.pop(old)
+        return cls(**saved)
+
+
+_RENAMED = {"best_miou": "best_score", "reference_miou": "reference_score"}
 
 
 @dataclass
@@ -78,6 +89,12 @@ class Trainables:
     optimizer: torch.optim.Optimizer
     teacher: nn.Module | None = None  # the EMA teacher
     ssl_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the weights a checkpoint holds of the model (and of its teacher, by the same names);
+    # None: its trainable parameters (``trainable_state``)
+    weights_of: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return (self.weights_of or trainable_state)(self.model)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,7 +125,7 @@ def save_checkpoint(
     positions: dict[str, DataPosition],
 ) -> Path:
     """Write ``folder/state.pt``; returns its path."""
-    weights = trainable_state(trainables.model)
+    weights = trainables.weights()
     saved = {
         "format": CHECKPOINT_FORMAT,
         "model": weights,
@@ -147,7 +164,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: checkpoint format {saved['format']}, expected {CHECKPOINT_FORMAT}"
         )
-    expected = trainable_state(trainables.model)
+    expected = trainables.weights()
     _load_exact(path, "model", trainables.model, saved["model"], expected)
     if (saved["teacher"] is None) != (trainables.teacher is None):
         has = "has no" if saved["teacher"] is None else "has an"

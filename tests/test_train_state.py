@@ -41,7 +41,7 @@ def _trainables(seed: int, steps: int) -> Trainables:
 
 def _save(tmp_path: Path) -> tuple[Trainables, TrainState]:
     saved = _trainables(seed=0, steps=2)
-    state = TrainState(step=13, epoch=1, best_miou=0.4, best_epoch=0, stale_epochs=1,
+    state = TrainState(step=13, epoch=1, best_score=0.4, best_epoch=0, stale_epochs=1,
                        history=[{"epoch": 0, "miou": 0.4}], epoch_sums={"loss": 3.0},
                        epoch_steps=3)  # fmt: skip
     torch.manual_seed(123)
@@ -58,6 +58,8 @@ def test_a_checkpoint_restores_weights_optimiser_teacher_ssl_rng_and_progress(
     before = {k: v.clone() for k, v in trainable_state(fresh.model).items()}
     restored = load_checkpoint(tmp_path, fresh, lambda step: POSITIONS)
     assert restored == state
+    legacy = TrainState.from_json('{"best_miou": 0.3, "reference_miou": 0.2}')  # older runs
+    assert legacy == TrainState(best_score=0.3, reference_score=0.2)
     assert torch.equal(torch.rand(4), expected_draw)
     for name, value in trainable_state(saved.model).items():
         assert torch.equal(trainable_state(fresh.model)[name], value), name

@@ -18,7 +18,7 @@ Fine-tuning modes parallel the SAM student's:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, TypeVar
 
 import torch
 from torch import nn
@@ -28,13 +28,14 @@ from torchvision.models.detection import (
     fasterrcnn_resnet50_fpn_v2,
 )
 
-DetectorArch = Literal["fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"]
-DetectorFinetune = Literal["full", "head", "backbone_layers"]
+from semisup.config import DetectorArch, DetectorFinetune
+
 ARCHS: Final = {
     "fasterrcnn_resnet50_fpn_v2": fasterrcnn_resnet50_fpn_v2,
     "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
 }
 PREDICTOR: Final = "roi_heads.box_predictor."
+ModelT = TypeVar("ModelT", bound=nn.Module)  # a detector, or DistributedDataParallel around one
 _RESNET_STAGES: Final = ("layer4", "layer3", "layer2", "layer1", "conv1")  # last first
 
 
@@ -146,7 +147,7 @@ def load_detector_checkpoint(model: FasterRCNN, path: str | Path) -> None:
         )
 
 
-def train_mode(model: FasterRCNN) -> FasterRCNN:
+def train_mode(model: ModelT) -> ModelT:
     """``model.train()``, with the batch norms of frozen parts kept in eval mode.
 
     A frozen stage must stay what the checkpoint made it: in train mode its batch norms would

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
 
 from semisup.config import AugmentConfig
 from semisup.detection.box_augment import BoxView, strong_box_view, weak_box_view
@@ -74,7 +73,7 @@ def pseudo_boxes(
 
 
 def detection_losses(
-    model: FasterRCNN,
+    model: nn.Module,
     labeled: BoxBatch,
     unlabeled: torch.Tensor | None,
     *,
@@ -110,7 +109,7 @@ def detection_losses(
 
 
 def detection_step(
-    model: FasterRCNN,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     labeled: BoxBatch,
     unlabeled: torch.Tensor | None,
@@ -118,12 +117,17 @@ def detection_step(
     teacher: nn.Module | None,
     recipe: DetectionRecipe,
     step: int,
+    keys: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None,) * 3,
 ) -> dict[str, float]:
-    """One optimiser step and EMA update; the loss and its parts as floats."""
+    """One optimiser step and EMA update; the loss and its parts as floats. ``model`` may be
+    wrapped in DistributedDataParallel (the teacher follows the module inside); ``keys`` as
+    ``detection_losses`` takes them."""
     optimizer.zero_grad(set_to_none=True)
-    parts = detection_losses(model, labeled, unlabeled, teacher=teacher, recipe=recipe, step=step)
+    parts = detection_losses(
+        model, labeled, unlabeled, teacher=teacher, recipe=recipe, step=step, keys=keys
+    )
     parts["loss"].backward()
     optimizer.step()
     if teacher is not None:
-        ema_update(teacher, model, recipe.ema_momentum)
+        ema_update(teacher, getattr(model, "module", model), recipe.ema_momentum)
     return {name: float(value.detach()) for name, value in parts.items()}

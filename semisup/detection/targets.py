@@ -54,6 +54,11 @@ class BoxTargets:
             if len(s.boxes)
         }
 
+    @property
+    def sources_with_boxes(self) -> set[str]:
+        """The ids of the store's sources that hold at least one box."""
+        return set(self._class_of)
+
     def tile(self, source_id: str, y0: int, x0: int) -> TileBoxes:
         """Targets of the tile whose top-left raster pixel is (``y0``, ``x0``)."""
         source = self._sources[source_id]
