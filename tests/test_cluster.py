@@ -146,11 +146,41 @@ def test_runtime_env_example_matches_what_semisup_submit_sends() -> None:
     assert merged["env_vars"] == {**DEFAULT_ENV_VARS, "A": "1"}
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "dubai.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "smoke_two_nodes.yaml", "dubai.yaml"])
 def test_experiment_configs_load_strictly(name: str) -> None:
     config = load_config(CLUSTER / name)
     assert config.name and config.pipeline.out
     assert not config.pipeline.stages or set(config.pipeline.stages) <= set(STAGES)
+
+
+def test_placement_and_the_wait_for_lost_nodes_are_strict_and_reach_ray_train(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from semisup.config import ConfigError
+    from semisup.train import PLACEMENT_STRATEGY, describe_node, failure_config, latest_checkpoint
+
+    two_nodes = load_config(CLUSTER / "smoke_two_nodes.yaml")
+    assert two_nodes.ray.placement == "spread" and PLACEMENT_STRATEGY["spread"] == "SPREAD"
+    assert two_nodes.train.num_workers == two_nodes.pipeline.pseudo_label_actors == 2
+    assert load_config().ray.placement == "pack"
+    with pytest.raises(ConfigError, match="ray.placement: got 'scatter'"):
+        load_config(overrides=["ray.placement=scatter"])
+    with pytest.raises(ConfigError, match="train.node_wait_s"):
+        load_config(overrides=["train.node_wait_s=0"])
+    # startups time out every START_TIMEOUT s: node_wait_s allows this many of them
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+    config = failure_config(max_failures=2, node_wait_s=50)
+    assert (config.max_failures, config.controller_failure_limit) == (2, 3)
+    # the message's checkpoint: the newest, without the URL's credentials
+    assert latest_checkpoint(str(tmp_path)) is None
+    for name in ("checkpoint_2026-01-02_00-00-00.000001", "checkpoint_2026-01-01_23-59-59.0"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert (
+        latest_checkpoint(str(tmp_path))
+        == f"{tmp_path}/train/checkpoint_2026-01-02_00-00-00.000001"
+    )
+    node = {"address": "10.0.0.7", "resources": {"CPU": 8.0, "gpu_worker": 1.0, "node:10.0.0.7": 1}}
+    assert describe_node("ab12", node) == "node ab12 (10.0.0.7, resources gpu_worker)"
 
 
 def test_local_runs_start_their_own_ray_and_jobs_join_theirs(
