@@ -28,6 +28,7 @@ from semisup.student import build_student, load_student, save_adapter
 
 TILE = 128  # px: small windows keep the export and the parity checks within seconds
 SEED = 3  # the run's train.seed: draws the frozen random-init base
+STEPS = 12  # enough for predictions that are not noise (int8 agreement 0.9999 after 24)
 
 
 def dubai_crops(dubai_dir: Path, tile: str, parts: tuple[str, ...]) -> tuple[Tensor, Tensor]:
@@ -60,7 +61,7 @@ def run(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(SEED)  # as train does before build_student
         model = build_student("tiny", 5, TILE, mode="lora", lora_targets="qkv")
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 3e-3)
-        for step in range(24):
+        for step in range(STEPS):
             chosen = torch.arange(4) + 4 * (step % 4)
             loss = torch.nn.functional.cross_entropy(
                 model(images[chosen]), labels[chosen], ignore_index=C.IGNORE_INDEX
@@ -179,3 +180,27 @@ def test_predict_with_onnx_imports_no_sam_stack(
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"status": 0, "imported": []}
     assert (tmp_path / "map.tif").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_predict_with_onnx_writes_the_run_s_map(
+    ray_session: None, run: Path, exported: dict[str, Path], dubai_dir: Path, tmp_path: Path
+) -> None:
+    """`semisup predict --model student.onnx`: the windows, blending and outputs of predicting
+    with the run itself (probabilities within 1e-4, so classes differ only on near-ties)."""
+    import rasterio
+
+    from semisup.predict import run_predict
+
+    raster = dubai_dir / "tile_3" / "images" / "image_part_002.jpg"
+    maps = {}
+    for name, model in (("run", run), ("onnx", exported["fp32"])):
+        summary = run_predict([raster], str(model), tmp_path / f"{name}.tif", actors=1,
+                              torch_threads=1, log=None)  # fmt: skip
+        assert summary["windows"] > 20 and summary["model"]["tile_size"] == TILE
+        with rasterio.open(tmp_path / f"{name}.tif") as ds:
+            maps[name] = ds.read().astype(np.int64)  # class, confidence_percent
+    assert summary["model"]["kind"] == "onnx"
+    assert (maps["onnx"][0] == maps["run"][0]).mean() >= 0.999
+    assert np.abs(maps["onnx"][1] - maps["run"][1]).max() <= 1
