@@ -79,7 +79,8 @@ def test_two_workers_learn_the_crowns_with_the_unbiased_teacher(
           f"{first['train']['loss_classifier']:.3f} -> {last['train']['loss_classifier']:.3f}), "
           f"AP {report['initial']['ap']:.3f} -> {last['ap']:.3f}")  # fmt: skip
     assert report["steps"] == 4 and report["task"] == "detection"
-    assert _supervised(last) < _supervised(first)
+    # measured: 1.320 -> 1.159; without optimiser steps 1.545 -> 1.553
+    assert _supervised(last) < 0.95 * _supervised(first)
     assert first["train"]["pseudo_boxes"] > 0  # the teacher's boxes were learnt from
     assert "loss_classifier_unlabeled" in first["train"]
     assert set(last["per_class"]) == {"tree"} and last["truth_boxes"] > 0

@@ -52,7 +52,8 @@ def affine_boxes(boxes: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         [torch.stack(p, -1) for p in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))], 1
     )  # N×4×2, pixel edges
     centred = corners - 0.5  # kornia's frame: the first pixel's centre is 0
-    moved = centred @ matrix[:, :2].T.to(boxes.dtype) + matrix[:, 2].to(boxes.dtype) + 0.5
+    # .to(boxes): the matrix is drawn on the CPU, a teacher's boxes may be on the GPU
+    moved = centred @ matrix[:, :2].T.to(boxes) + matrix[:, 2].to(boxes) + 0.5
     return torch.cat([moved.min(1).values, moved.max(1).values], 1)
 
 
