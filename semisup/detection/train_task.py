@@ -80,16 +80,8 @@ def detection_facts(
     )
     for split in (C.LABELED, C.VAL):
         if not tile_ids[split]:
-            raise ValueError(f"store {store}: the {split!r} split has no tiles with boxes")
-    where = index.set_index(C.TILE_ID)
-    val_boxes = sum(
-        len(
-            targets.tile(
-                where.at[i, C.SOURCE], int(where.at[i, C.Y0]), int(where.at[i, C.X0])
-            ).boxes
-        )
-        for i in tile_ids[C.VAL]
-    )
+            raise ValueError(f"store {store}: the {split!r} split has no tiles (detection)")
+    val_boxes = sum(len(truth.boxes) for truth in val_truths(store, targets, tile_ids[C.VAL]))
     if val_boxes == 0:
         raise ValueError(
             f"store {store}: the validation tiles hold no box; box AP needs truth to score against"
@@ -248,7 +240,8 @@ class DetectionTask:
             with torch.inference_mode():
                 found = model(list(images))
             for tile_id, d in zip(batch[C.TILE_ID], found, strict=True):
-                predicted.append((int(tile_id), *(d[k].cpu().numpy() for k in ("boxes", "labels", "scores"))))  # fmt: skip
+                boxes, labels, scores = (d[k].cpu().numpy() for k in ("boxes", "labels", "scores"))
+                predicted.append((int(tile_id), boxes, labels, scores))
         everything = gather(predicted, run.collective.world_size)
         return score_boxes(everything, self.truths, self.class_names)
 
