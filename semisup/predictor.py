@@ -316,7 +316,9 @@ def check_swappable(models: Sequence[PredictModel]) -> None:
                 f"--model {model.name}: several --model swap adapters on one base; an exported "
                 "model is run alone"
             )
-        spec, first_spec = read_adapter_spec(model.file), read_adapter_spec(first.file)
+    first_spec = read_adapter_spec(first.file)
+    for model in models[1:]:
+        spec = read_adapter_spec(model.file)
         differences = {
             "base": (spec.base(), first_spec.base()),
             "adapter layout": (spec.adapter_layout(), first_spec.adapter_layout()),

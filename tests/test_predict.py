@@ -463,6 +463,20 @@ def test_actor_loads_the_base_once_and_swaps_adapters(
     assert len(builds) == 3  # once for the swapping predictor, once for each alone
 
 
+def test_adapters_of_another_base_or_layout_are_not_swapped(tmp_path: Path) -> None:
+    raster = _write_geotiff(tmp_path / "in.tif", np.zeros((64, 64, 3), np.uint8))
+    region_a, _ = _region_adapters(tmp_path)
+    torch.manual_seed(0)
+    lora = save_adapter(build_student("tiny", 3, 64, mode="lora"), tmp_path / "lora.safetensors")
+    out = tmp_path / "maps" / "{adapter}.tif"
+    with pytest.raises(ValueError, match="--model .*lora.safetensors: its adapter layout"):
+        run_predict([raster], [str(region_a), str(lora)], out, seed=0, log=None)
+    four = save_adapter(build_student("tiny", 4, 64, mode="decoder"), tmp_path / "four.safetensors")
+    with pytest.raises(ValueError, match=r"--model .*four.safetensors: its base \(tiny/4 classes"):
+        run_predict([raster], [str(region_a), str(four)], out, seed=0, log=None)
+    assert not (tmp_path / "maps").exists()
+
+
 @pytest.mark.slow  # three Ray runs; the test above checks the actor without Ray
 @pytest.mark.ray
 @pytest.mark.timeout(300)
