@@ -346,6 +346,17 @@ class ExperimentConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
+def require_segmentation(config: ExperimentConfig, command: str) -> None:
+    """ConfigError, before any work, when ``command`` (run, tune: SAM teacher, student, mIoU)
+    is given a ``task: detection`` config."""
+    if config.task == "detection":
+        raise ConfigError(
+            f"task: detection: semisup {command} runs the segmentation pipeline (SAM teacher and "
+            "student, scored by mIoU); train a detector with `semisup train` (its --set "
+            "task=detection) and predict boxes with `semisup predict --run RUN --out OUT.csv`"
+        )
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")

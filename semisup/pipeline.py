@@ -38,6 +38,7 @@ from semisup.config import (
     ExperimentConfig,
     add_config_arguments,
     config_from_arguments,
+    require_segmentation,
     save_config,
     to_dict,
 )
@@ -224,6 +225,7 @@ def run_pipeline(
     ``debug``: train in this process. Returns ``out``, ``config``, ``stages`` (each stage's
     result, skipped ones from the manifest), ``ran`` and ``skipped``.
     """
+    require_segmentation(config, "run")
     out = run_folder(config)
     names = enabled_stages(config, table)
     check_checkpoint(config)

@@ -393,9 +393,37 @@ def _pipeline(
     torch_threads: int | None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
+    from semisup.actor_pool import actor_threads
+
+    constructor = {
+        "models": [asdict(model) for model in models],
+        "sources": [source for source, _ in outputs],
+        "output_models": list(output_models),
+        "tile": tile,
+        "overlap": overlap,
+        "batch_size": batch_size,
+        "device": "auto" if gpus_per_actor > 0 else "cpu",
+        "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
+    }
+    yield from stream_jobs(jobs, WindowPredictor, constructor, actors=actors,
+                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+
+
+def stream_jobs(
+    jobs: Sequence[Job],
+    predictor: type,
+    constructor: dict[str, Any],
+    *,
+    actors: int,
+    gpus_per_actor: float,
+    cpus_per_actor: float | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``jobs`` through a fixed pool of ``predictor`` actors (a Ray Data callable class built
+    with ``constructor`` that reads its jobs' windows); the rows it returns, as they finish.
+    Shared by the class maps (``WindowPredictor``) and the boxes (``detection.predict``)."""
     import ray
 
-    from semisup.actor_pool import actor_cpus, actor_threads, map_with_pool
+    from semisup.actor_pool import actor_cpus, map_with_pool
 
     items = [
         {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
@@ -404,22 +432,13 @@ def _pipeline(
     ]  # fmt: skip
     # one block per job: a job is the unit handed to an actor
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    # a fixed pool of predictor actors, each loading the student once and reading its jobs'
+    # a fixed pool of predictor actors, each loading its model once and reading its jobs'
     # windows; an actor that dies fails the run, which a rerun resumes (map_with_pool)
     predicted = map_with_pool(
         dataset,
-        WindowPredictor,
+        predictor,
         actors=actors,
-        fn_constructor_kwargs={
-            "models": [asdict(model) for model in models],
-            "sources": [source for source, _ in outputs],
-            "output_models": list(output_models),
-            "tile": tile,
-            "overlap": overlap,
-            "batch_size": batch_size,
-            "device": "auto" if gpus_per_actor > 0 else "cpu",
-            "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
-        },
+        fn_constructor_kwargs=constructor,
         batch_size=1,
         num_cpus=actor_cpus(actors, cpus_per_actor),
         num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
@@ -512,6 +531,7 @@ examples:
   semisup predict ortho.tif --model student.onnx --out ortho_classes.tif
   semisup predict ortho.tif --model region_a.safetensors --model region_b.safetensors \\
       --base-checkpoint sam_vit_b_01ec64.pth --out maps/ortho_{adapter}.tif
+  semisup predict ortho.tif --run runs/crowns --out crowns.csv --vector crowns.geojson
 """
 
 
@@ -528,12 +548,15 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
+        "--run",
+        dest="model",
         required=True,
         action="append",
         metavar="RUN_OR_ADAPTER_OR_NAME",
         help="a `semisup train` run folder, an adapter (.safetensors or its folder), an ONNX "
         "model from `semisup export` (.onnx), or a built-in random-init model (tiny, vit_b, "
-        "...) for tests; repeat it for adapters of one base, with {adapter} in --out",
+        "...) for tests; repeat it for adapters of one base, with {adapter} in --out. A run "
+        "of task: detection writes boxes: --out OUT.csv (see semisup.detection.predict)",
     )
     parser.add_argument(
         "--out",
@@ -610,12 +633,25 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace outputs of other runs and discard their interrupted partial files",
     )
     parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help="detection runs only: drop boxes scoring below S (default: the run's "
+        "detector.score_threshold)",
+    )
+    parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
     )  # fmt: skip
 
 
 def run_predict_cli(args: argparse.Namespace) -> int:
-    """Run ``semisup predict``; prints the summary as JSON; returns the exit status."""
+    """Run ``semisup predict``; prints the summary as JSON; returns the exit status. A
+    detection run (``task: detection``) writes boxes instead (``detection.predict.run_cli``)."""
+    from semisup.detection import predict as boxes
+
+    if any(boxes.is_detection_run(model) for model in args.model):
+        return boxes.run_cli(args)
+    boxes.refuse_detection_flags(args)
     summary = run_predict(
         args.rasters, args.model, args.out, vector=args.vector, min_area=args.min_area,
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,

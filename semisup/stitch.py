@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -34,8 +35,19 @@ class Job:
     first_of_stripe: bool
 
 
+class Stripes(Protocol):
+    """What ``plan_jobs`` reads of an output: its stripes and the rows of each already done
+    (a ``MapWriter``; detection, which writes boxes, has its own)."""
+
+    @property
+    def stripes(self) -> list[tuple[int, int]]: ...  # [x0, x1) px per vertical stripe
+
+    @property
+    def rows_done(self) -> list[int]: ...  # rows of each stripe already written
+
+
 def plan_jobs(
-    outputs: Sequence[tuple[RasterSource, MapWriter]], tile: int, overlap: int
+    outputs: Sequence[tuple[RasterSource, Stripes]], tile: int, overlap: int
 ) -> list[Job]:
     """Jobs for every row not yet written, output by output, stripe by stripe, top to bottom."""
     jobs: list[Job] = []

@@ -47,6 +47,7 @@ from semisup.config import (
     config_from_arguments,
     from_dict,
     merge_overrides,
+    require_segmentation,
     to_dict,
 )
 from semisup.runtime import API_SERVER_VARIABLE, ray_runtime
@@ -217,6 +218,7 @@ def _first_difference(given: Any, saved: Any, key: str = "") -> str:
 
 
 def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> None:
+    require_segmentation(config, "tune")
     if config.train.num_workers < 1:
         raise ConfigError(
             "train.num_workers: got 0 (the loop in this process), but Tune trials need >= 1: "

@@ -180,6 +180,7 @@ class DetectionTask:
         store = loop_config["store"]
         self.targets = BoxTargets(tile_store.open_store(store), store)
         self.class_names = list(loop_config["facts"]["class_names"])
+        self.tile_size = int(loop_config["facts"]["tile_size"])  # px; predict's default window
         self.truths = val_truths(store, self.targets, loop_config["splits"][C.VAL])
         ssl = config.ssl
         self.recipe = DetectionRecipe(
@@ -258,7 +259,7 @@ class DetectionTask:
 
     def describe(self, config: ExperimentConfig) -> dict[str, Any]:
         detector = config.detector
-        return {"arch": detector.arch, "finetune": detector.finetune}
+        return {"arch": detector.arch, "finetune": detector.finetune, "tile_size": self.tile_size}
 
 
 def val_truths(store: str, targets: BoxTargets, tile_ids: Sequence[int]) -> list[BoxSet]:
