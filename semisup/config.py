@@ -91,7 +91,8 @@ class RayConfig:
     object_store_mb: int = 512  # local Ray only
     dashboard: bool = False  # local Ray only; bound to 127.0.0.1
     placement: Placement = "pack"  # Train workers and actor pools: pack onto as few nodes as
-    # fit (Ray's PACK / default scheduling), or spread over the nodes (SPREAD)
+    # fit (Ray's PACK / default scheduling), or spread: one Train worker per node
+    # (STRICT_SPREAD) and the actors over the nodes (SPREAD)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,9 @@ __all__ = [
 ]
 
 RAY_RUN_NAME = "train"  # fixed: Ray resumes a run by its name and storage path
-PLACEMENT_STRATEGY = {"pack": "PACK", "spread": "SPREAD"}  # ray.placement -> placement group
+# ray.placement -> the workers' placement group. Spread is strict, one worker per node: Ray's
+# soft SPREAD put both workers of a two-worker group on one of two nodes (Ray 2.60, measured)
+PLACEMENT_STRATEGY = {"pack": "PACK", "spread": "STRICT_SPREAD"}
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait per group start
 DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's default for START_TIMEOUT_ENV
 
@@ -351,7 +353,8 @@ def run_training(
             resources_per_worker=None
             if config.train.use_gpu
             else {"CPU": config.train.cpus_per_worker},
-            # the workers' placement group: on as few nodes as fit, or one node each
+            # the workers' placement group: on as few nodes as fit, or one node each (a group
+            # larger than the cluster waits for nodes, then fails after train.node_wait_s)
             placement_strategy=PLACEMENT_STRATEGY[config.ray.placement],
         ),
         # a fixed name under the run folder: rerunning with it resumes from the latest checkpoint

@@ -160,7 +160,7 @@ def test_placement_and_the_wait_for_lost_nodes_are_strict_and_reach_ray_train(
     from semisup.train import PLACEMENT_STRATEGY, describe_node, failure_config, latest_checkpoint
 
     two_nodes = load_config(CLUSTER / "smoke_two_nodes.yaml")
-    assert two_nodes.ray.placement == "spread" and PLACEMENT_STRATEGY["spread"] == "SPREAD"
+    assert two_nodes.ray.placement == "spread" and PLACEMENT_STRATEGY["spread"] == "STRICT_SPREAD"
     assert two_nodes.train.num_workers == two_nodes.pipeline.pseudo_label_actors == 2
     assert load_config().ray.placement == "pack"
     with pytest.raises(ConfigError, match="ray.placement: got 'scatter'"):

@@ -172,7 +172,7 @@ def pseudo_labels(store: Path) -> tuple[Any, dict[str, np.ndarray]]:
     from semisup.pseudo_label import read_manifest as read_label_manifest
 
     manifest = read_label_manifest(str(store)).to_pandas().sort_values("tile_id")
-    root = zarr.open_group(str(store), mode="r")
+    root: Any = zarr.open_group(str(store), mode="r")
     arrays = {}
     for source in sorted(set(manifest["source"])):
         for name in ("pseudo_label", "confidence"):
@@ -223,15 +223,17 @@ def test_spread_runs_on_both_nodes_with_the_outputs_of_one_node(
     out = tmp_path / "run"
     job_id = submit(head, tmp_path, run_command(out, f"train.storage=s3://{BUCKET}/two"), s3_env)
     assert job_status(head, job_id) == "SUCCEEDED"
-    # where Ray placed the work, from its state API: a Train worker and a teacher actor on each
-    heads, workers = node_ids(head, "node_head"), node_ids(head, "node_worker")
+    # where Ray placed the work, from its state API: in each worker group (teacher, student; a
+    # placement group each) and in the teacher actor pool, one on each node
+    nodes = {*node_ids(head, "node_head"), *node_ids(head, "node_worker")}
     actors = state(head, "actors")
-    job_hex = {a["job_id"] for a in actors if a["class_name"] == "RayTrainWorker"}
-    assert job_hex, "no Train worker in the state API"
-    train_nodes = {a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"}
-    teacher_nodes = {a["node_id"] for a in actors if "SamTeacher" in (a.get("repr_name") or "")}
-    assert train_nodes & workers and train_nodes & heads
-    assert teacher_nodes & workers and teacher_nodes & heads
+    groups: dict[str, set[str]] = {}
+    for actor in actors:
+        if actor["class_name"] == "RayTrainWorker":
+            groups.setdefault(actor["placement_group_id"], set()).add(actor["node_id"])
+    assert len(groups) == 2 and all(group == nodes for group in groups.values()), groups
+    teachers = [a["node_id"] for a in actors if "SamTeacher" in (a.get("repr_name") or "")]
+    assert len(teachers) == 2 and set(teachers) == nodes, teachers
     # checkpoints went to object storage, none to the run folder
     for run in ("teacher", "student"):
         assert any("/train/checkpoint_" in key for key in s3_objects(s3_env, f"two/{run}-"))
