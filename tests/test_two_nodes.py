@@ -6,7 +6,7 @@ temp dir and one CPU, all on 127.0.0.1 (tests/ray_head.py). Checkpoints go to an
 Losing a node is killing the worker node's raylet (and that node's processes only).
 
 What is compared between a two-node run and a single-node run of the same config (both with two
-Train workers and two teacher actors), all of it deterministic for a fixed seed: the tile index
+Train workers and two teacher actors; the single node packs them), all of it deterministic for a fixed seed: the tile index
 of the store (tile ids, sources, rows, columns, splits); the pseudo-label manifest (tile ids,
 sources, rows, columns, mean confidence, coverage) and the stored pseudo-label and confidence
 arrays, bit for bit; the teacher's and the student's best adapters, byte for byte, and their
@@ -199,14 +199,14 @@ def assert_same_pseudo_labels(store: Path, reference: Path) -> None:
 def single_node_run(
     tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]
 ) -> Iterator[Path]:
-    """cluster/smoke_two_nodes.yaml on one node of two CPUs (its own head, stopped after)."""
+    """cluster/smoke_two_nodes.yaml on one node of two CPUs (its own head, stopped after), with
+    ray.placement=pack: one node cannot hold a worker per node."""
     folder = tmp_path_factory.mktemp("single")
     out = folder / "run"
     started = time.monotonic()
     with ray_head(num_cpus=2) as alone:
-        job_id = submit(
-            alone, folder, run_command(out, f"train.storage=s3://{BUCKET}/single"), s3_env
-        )
+        command = run_command(out, f"train.storage=s3://{BUCKET}/single", "ray.placement=pack")
+        job_id = submit(alone, folder, command, s3_env)
         assert job_status(alone, job_id) == "SUCCEEDED"
     print(f"single-node run: {time.monotonic() - started:.0f} s")
     yield out
@@ -376,7 +376,15 @@ def test_pseudo_labelling_labels_every_tile_once_across_a_lost_node(
     first = submit(head, tmp_path, pseudo_label_command(uninterrupted, teacher), {})
     assert job_status(head, first) == "SUCCEEDED"
     job_id = submit(head, tmp_path, pseudo_label_command(interrupted, teacher), {}, wait=False)
-    wait_until(lambda: parts(interrupted) >= 1, "recorded batch", timeout_s=600)
+    (worker_node,) = node_ids(head, "node_worker") - dead_nodes(head)
+
+    def labelling_on_both_nodes() -> bool:
+        """A batch is recorded and a teacher actor of this job runs on the worker node."""
+        alive = [a for a in state(head, "actors") if a["state"] == "ALIVE"]
+        teachers = {a["node_id"] for a in alive if "SamTeacher" in (a.get("repr_name") or "")}
+        return parts(interrupted) >= 1 and worker_node in teachers
+
+    wait_until(labelling_on_both_nodes, "teacher actor on the worker node", timeout_s=600)
     worker.kill()
     recorded_before = parts(interrupted)
     assert recorded_before < tiles, "the run ended before the node was lost"
