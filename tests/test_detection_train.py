@@ -112,6 +112,7 @@ def test_a_resumed_run_continues_from_its_checkpoint(
     config = _config("train.epochs=2", "train.steps_per_epoch=3", "ssl.enabled=false")
     whole = run_training(store, config, tmp_path / "whole", splits=splits, debug=True)
     assert whole["steps"] == 6 and whole["resumed_at"] == []
+    assert whole["tile_size"] == SIZE  # semisup predict's default window for the run
     shutil.copytree(tmp_path / "whole", tmp_path / "run")
     first, last = _checkpoints(tmp_path / "run")
     shutil.rmtree(last.parent)

@@ -188,13 +188,14 @@ class RasterBoxes:
     class indices N, scores N)."""
 
     source: RasterSource
+    stripe_width: int = DEFAULT_STRIPE
     windows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
         default_factory=dict
     )
 
     @property
     def stripes(self) -> list[tuple[int, int]]:  # for stitch.plan_jobs: bounds an actor's reads
-        return blend.stripe_bounds(self.source.width, DEFAULT_STRIPE)
+        return blend.stripe_bounds(self.source.width, self.stripe_width)
 
     @property
     def rows_done(self) -> list[int]:  # nothing is written before the end
@@ -244,6 +245,7 @@ def run_detection_predict(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float | None = None,
     torch_threads: int | None = None,
+    stripe_width: int = DEFAULT_STRIPE,
     overwrite: bool = False,
     ray_config: RayConfig | None = None,
     log: TextIO | None = sys.stderr,
@@ -263,6 +265,7 @@ def run_detection_predict(
         min_score: drop boxes below this score (default ``detector.score_threshold``).
         batch_size, actors, gpus_per_actor, cpus_per_actor, torch_threads: the actor pool,
             as for class maps.
+        stripe_width: px per vertical stripe: bounds the rows an actor reads at a time.
         overwrite: replace existing outputs; without it an existing one is refused.
         ray_config: how to reach Ray (see ``predict.run_predict``).
         log: progress lines; None for silence.
@@ -282,11 +285,15 @@ def run_detection_predict(
     tile = run.tile_size
     overlap = tile // 4 if overlap is None else overlap
     _check_numbers(tile, overlap, batch_size, actors, gpus_per_actor, DEFAULT_STRIPE)
+    if stripe_width < tile:  # no GeoTIFF blocks to align with: any width that holds a window
+        raise ValueError(
+            f"predict stripe_width: got {stripe_width}, expected >= the window ({tile} px)"
+        )
     vectors = _vector_paths(sources, vector, output_path)
     for path in [out, *(v for v in vectors if v is not None)]:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    found = [RasterBoxes(source) for source in sources]
+    found = [RasterBoxes(source, stripe_width) for source in sources]
     jobs = plan_jobs([(b.source, b) for b in found], tile, overlap)
     progress = _Progress(log, sum(job.last_col - job.first_col for job in jobs), tile)
     from semisup.actor_pool import actor_threads
@@ -454,7 +461,8 @@ def run_cli(args: argparse.Namespace) -> int:
         overlap=args.overlap, min_score=args.min_score, batch_size=args.batch_size,
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
-        overwrite=args.overwrite, ray_config=RayConfig(address=args.address),
+        stripe_width=args.stripe_width, overwrite=args.overwrite,
+        ray_config=RayConfig(address=args.address),
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
