@@ -273,7 +273,9 @@ def run_detection_predict(
     Bad input (a missing run or weights, an output that exists, a raster without CRS when
     ``vector`` is asked for) raises before any actor starts or anything is written.
     """
-    from semisup.predict import _check_numbers, _Progress, output_path, stream_jobs
+    from semisup.actor_pool import actor_threads
+    from semisup.predict import _check_numbers, _Progress, stream_jobs
+    from semisup.runtime import ray_runtime
     from semisup.stitch import plan_jobs
 
     started = time.perf_counter()
@@ -289,16 +291,13 @@ def run_detection_predict(
         raise ValueError(
             f"predict stripe_width: got {stripe_width}, expected >= the window ({tile} px)"
         )
-    vectors = _vector_paths(sources, vector, output_path)
+    vectors = _vector_paths(sources, vector)
     for path in [out, *(v for v in vectors if v is not None)]:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     found = [RasterBoxes(source, stripe_width) for source in sources]
     jobs = plan_jobs([(b.source, b) for b in found], tile, overlap)
     progress = _Progress(log, sum(job.last_col - job.first_col for job in jobs), tile)
-    from semisup.actor_pool import actor_threads
-    from semisup.runtime import ray_runtime
-
     # a local Ray unless one is up or an address is given; shut down after if started here
     with ray_runtime(ray_config or RayConfig()):
         constructor = {
@@ -332,12 +331,16 @@ def run_detection_predict(
     }  # fmt: skip
 
 
-def _vector_paths(
-    sources: Sequence[RasterSource], vector: str | Path | None, output_path: Any
-) -> list[Path | None]:
+def _vector_paths(sources: Sequence[RasterSource], vector: str | Path | None) -> list[Path | None]:
+    """Each raster's GeoJSON (named as class-map vectors are); ``ValueError`` for a raster
+    without CRS or two rasters that would share a file."""
+    from semisup.predict import output_path
+
     if vector is None:
         return [None] * len(sources)
-    paths = [output_path(Path(vector), s, len(sources), ".geojson") for s in sources]
+    paths: list[Path | None] = [
+        output_path(Path(vector), s, len(sources), ".geojson") for s in sources
+    ]
     for source in sources:
         if source.crs is None:
             raise ValueError(
