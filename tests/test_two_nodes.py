@@ -388,15 +388,17 @@ def test_pseudo_labelling_labels_every_tile_once_across_a_lost_node(
     worker.kill()
     recorded_before = parts(interrupted)
     assert recorded_before < tiles, "the run ended before the node was lost"
-    # the dead actor's pool is replaced by one on the head, for the tiles not yet recorded
+    # Two recoveries were seen: Ray Data carries on with the actor left (the lost node's tasks
+    # retried), or the dead actor fails the pipeline and a new pool labels the tiles not yet
+    # recorded (semisup.pseudo_label). Either way the job ends with every tile labelled.
     assert wait_for_job(head, job_id, timeout_s=900) == "SUCCEEDED"
     logs = job_logs(head, job_id)
     retried = re.search(r"a new pool labels the (\d+) tiles not yet recorded", logs)
-    assert retried, logs[-3000:]
-    assert recorded_before <= tiles - int(retried.group(1)) < tiles
+    if retried:
+        assert recorded_before <= tiles - int(retried.group(1)) < tiles
     summary = json.loads(logs[logs.index('{\n  "store"') : logs.rindex("}") + 1])
-    # every tile labelled once: one manifest row per tile, no tile counted by both pools
+    # every tile labelled once: one manifest row per tile, no tile counted twice
     assert summary["tiles_remaining"] == 0 and summary["tiles_processed"] <= tiles
-    print(f"recorded before the loss: {recorded_before} of {tiles} tiles; the new pool "
-          f"labelled {retried.group(1)}")  # fmt: skip
+    print(f"recorded before the loss: {recorded_before} of {tiles} tiles; "
+          + (f"a new pool labelled {retried.group(1)}" if retried else "Ray Data carried on"))  # fmt: skip
     assert_same_pseudo_labels(interrupted, uninterrupted)
