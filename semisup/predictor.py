@@ -137,15 +137,19 @@ def resolve_model(
         )
     spec = student.read_adapter_spec(path)
     check_adapter_base(path, spec, base_checkpoint)
-    if tile_size is not None and tile_size != spec.image_size:
-        raise ValueError(
-            f"{path} was trained on {spec.image_size} px windows; --tile-size {tile_size} "
-            "cannot be used with it"
-        )
+    check_tile_size(path, "trained on", spec.image_size, tile_size)
     return PredictModel(
         str(path), spec.model_type, spec.num_classes, spec.image_size, base_checkpoint,
         seed or 0, model,
     )  # fmt: skip
+
+
+def check_tile_size(path: Path, made: str, size: int, tile_size: int | None) -> None:
+    """``ValueError`` when ``--tile-size`` is given and is not the model's own ``size``."""
+    if tile_size is not None and tile_size != size:
+        raise ValueError(
+            f"{path} was {made} {size} px windows; --tile-size {tile_size} cannot be used with it"
+        )
 
 
 def resolve_onnx(
@@ -165,11 +169,7 @@ def resolve_onnx(
             f"--model {model} is an exported model with its base merged in; "
             "--base-checkpoint and --seed do not apply to it"
         )
-    if tile_size is not None and tile_size != metadata.tile_size:
-        raise ValueError(
-            f"{path} was exported for {metadata.tile_size} px windows; --tile-size {tile_size} "
-            "cannot be used with it"
-        )
+    check_tile_size(path, "exported for", metadata.tile_size, tile_size)
     return PredictModel(
         str(path), metadata.model_type, metadata.num_classes, metadata.tile_size, None,
         metadata.seed or 0, model, kind=ONNX,
