@@ -94,6 +94,15 @@ STAGES: dict[str, Stage] = {
         "(image_path,xmin,ymin,xmax,ymax,label,score, pixels) against CSV or Pascal-VOC truth; "
         "images are matched by file name. Prints one line per metric and class.",
     ),
+    "compare": Stage(
+        "the SAM segmentation student against the Faster R-CNN student on the same box tiles",
+        "semisup compare --runs demo_out/student demo_out/detect/run "
+        "--store demo_out/detect/store.zarr --out demo_out/compare",
+        "semisup.detection.compare", "add_arguments", "run_cli",
+        "Box AP/AP50/AP75 (the SAM student's class-map components as boxes), images/s of both "
+        "in one process with load and CPU seconds, parameters, weights on disk and training "
+        "time, on the detection store's validation tiles: OUT/compare.json and compare.md.",
+    ),
     "report": Stage(
         "gather a run's evaluation: zero-shot vs labels-only vs semi-supervised, pseudo-label quality",
         "semisup report --run demo_out",

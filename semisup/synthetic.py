@@ -3,7 +3,9 @@
 A scene is land with roads, rectangular buildings, vegetation blobs and a water body, with the
 classes of ``semisup.datasets.CLASS_NAMES``. Scenes are written as georeferenced GeoTIFFs
 (UTM 40N, 0.5 m pixels, like the Dubai imagery) with class-id PNG masks, and a nodata corner,
-so that the demo exercises the same ingestion path as real rasters.
+so that the demo exercises the same ingestion path as real rasters. Each building (a connected
+component of the building class) is also a box, in one CSV of the layout ``semisup prep
+--boxes`` reads, for the detection student.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from PIL import Image
 from semisup.datasets import CLASS_NAMES
 
 BUILDING, LAND, ROAD, VEGETATION, WATER = range(len(CLASS_NAMES))
+BOXES_FILE = "boxes.csv"  # the scenes' building boxes, beside images/ and masks/
+MIN_BOX_PIXELS = 64  # a building cut by the nodata corner down to a sliver is no box
 
 # Mean RGB per class, roughly as in the Dubai imagery.
 _CLASS_RGB = np.array(
@@ -66,7 +70,8 @@ def write_scenes(folder: Path, count: int = 4, size: int = 768, seed: int = 0) -
     """Write ``count`` scenes as ``images/scene_i.tif`` and ``masks/scene_i.png`` under ``folder``.
 
     Each GeoTIFF has EPSG:32640 and 0.5 m pixels, and a nodata triangle (value 0, all bands) in
-    its top-left corner whose mask pixels are 255 (ignore). Returns (images dir, masks dir).
+    its top-left corner whose mask pixels are 255 (ignore). The buildings' boxes go to
+    ``folder/boxes.csv`` (``write_scene_boxes``). Returns (images dir, masks dir).
     """
     import rasterio
     from rasterio.transform import from_origin
@@ -88,4 +93,26 @@ def write_scenes(folder: Path, count: int = 4, size: int = 768, seed: int = 0) -
         with rasterio.open(images / f"scene_{i}.tif", "w", **profile) as dst:
             dst.write(image.transpose(2, 0, 1))
         Image.fromarray(label).save(masks / f"scene_{i}.png")
+    write_scene_boxes(masks, folder / BOXES_FILE)
     return images, masks
+
+
+def write_scene_boxes(masks: Path, out: Path) -> Path:
+    """Every building of the masks ``masks/scene_*.png`` as a box: ``out`` is a CSV
+    ``image_path,xmin,ymin,xmax,ymax,label`` (pixel edges, label ``building``, image_path the
+    scene's GeoTIFF name), one row per 4-connected building component of at least
+    ``MIN_BOX_PIXELS`` pixels."""
+    import csv
+
+    from semisup.detection.compare import component_boxes
+
+    rows = []
+    for mask in sorted(masks.glob("scene_*.png")):
+        label = np.asarray(Image.open(mask))
+        boxes, _, _ = component_boxes(label, None, [BUILDING], min_pixels=MIN_BOX_PIXELS)
+        rows += [[f"{mask.stem}.tif", *map(int, box), CLASS_NAMES[BUILDING]] for box in boxes]
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_path", "xmin", "ymin", "xmax", "ymax", "label"])
+        writer.writerows(rows)
+    return out
