@@ -77,6 +77,14 @@ STAGES: dict[str, Stage] = {
         "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
         "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png.",
     ),
+    "label": Stage(
+        "import new ground truth into a store as a new label version (label import)",
+        "semisup label import --store dubai.zarr new_masks/ --label-colors dubai",
+        "semisup.label_import", "add_arguments", "run_cli",
+        "semisup label import adds masks, polygons or a Label Studio export to an existing "
+        "local store: imported tiles move from unlabeled to labeled, atomically, as a new "
+        "label version; the same inputs imported again change nothing.",
+    ),
     "experiment": Stage(
         "measure label efficiency: learning curves and active vs random selection, over seeds",
         "semisup experiment label-efficiency --store dubai.zarr --out runs/label_efficiency",

@@ -167,7 +167,8 @@ def _open(
     try:
         root = tile_store.open_store(store, "r", storage_options)
         meta = tile_store.read_store_meta(root)
-        index = tile_store.read_tile_index(store, storage_options)
+        # the index of the label version this root names (source_layouts reads the same)
+        index = tile_store.read_tile_index(store, storage_options, tile_store.current_labels(root))
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ValueError(
             f"{store!r} is not a semisup tile store (expected a Zarr group with "

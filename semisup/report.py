@@ -50,7 +50,14 @@ def pseudo_label_quality(
     pseudo-labels or no pseudo-labelled tile has ground truth.
     """
     from semisup.pseudo_label import read_manifest
-    from semisup.store import open_store, read_store_meta, read_tile_index, read_window
+    from semisup.store import (
+        current_labels,
+        label_array,
+        open_store,
+        read_store_meta,
+        read_tile_index,
+        read_window,
+    )
 
     root = open_store(store)
     teacher = root.attrs.get("semisup_pseudo_label") or {}
@@ -58,15 +65,17 @@ def pseudo_label_quality(
         return None
     size = read_store_meta(root).tile_size
     done = set(read_manifest(store).column(C.TILE_ID).to_pylist())
-    index = read_tile_index(store).to_pandas()
+    labels = current_labels(root)
+    index = read_tile_index(store, labels=labels).to_pandas()
     index = index[index[C.TILE_ID].isin(done) & (index["label_coverage"] > 0)]
     totals = {k: np.zeros(bins) for k in ("pixels", "correct", "confidence_sum")}
     for row in index.itertuples():
         group: Any = root[str(row.source)]
-        if C.LABEL not in group:
+        truth = label_array(group, labels)
+        if truth is None:
             continue
         y0, x0 = int(row.y0), int(row.x0)  # type: ignore[call-overload]
-        label = read_window(group[C.LABEL], y0, x0, size, size, C.IGNORE_INDEX)
+        label = read_window(truth, y0, x0, size, size, C.IGNORE_INDEX)
         pseudo = read_window(group[C.PSEUDO_LABEL], y0, x0, size, size, C.IGNORE_INDEX)
         confidence = read_window(group[C.CONFIDENCE], y0, x0, size, size, 0.0)
         keep = (label != C.IGNORE_INDEX) & (pseudo != C.IGNORE_INDEX)
@@ -151,19 +160,30 @@ def pick_showcase_tiles(
 def showcase_val_tiles(store: str, count: int) -> list[dict[str, Any]]:
     """Up to ``count`` labelled validation tiles for the overlays (``pick_showcase_tiles``),
     judged by their padded window's ``valid`` mask, not the tile index's clipped window."""
-    from semisup.store import open_store, read_store_meta, read_tile_index, read_window
+    from semisup.store import (
+        current_labels,
+        label_array,
+        open_store,
+        read_store_meta,
+        read_tile_index,
+        read_window,
+    )
 
     root = open_store(store)
     meta = read_store_meta(root)
-    index = read_tile_index(store).to_pandas()
+    labels = current_labels(root)
+    index = read_tile_index(store, labels=labels).to_pandas()
     rows = index[(index[C.SPLIT] == C.VAL) & (index["label_coverage"] > 0)]
     size, classes = meta.tile_size, max(meta.num_classes or 1, 1)
     valid_share, class_share = [], []
     for row in rows.itertuples():
         group: Any = root[str(row.source)]
         y0, x0 = int(row.y0), int(row.x0)  # type: ignore[call-overload]
+        truth = label_array(group, labels)
+        if truth is None:  # a val tile always has labels; a damaged store shows none of it
+            continue
         valid = read_window(group[C.VALID], y0, x0, size, size, False)
-        label = read_window(group[C.LABEL], y0, x0, size, size, C.IGNORE_INDEX)
+        label = read_window(truth, y0, x0, size, size, C.IGNORE_INDEX)
         labelled = label[valid & (label != C.IGNORE_INDEX)]
         valid_share.append(float(valid.mean()))
         class_share.append(np.bincount(labelled, minlength=classes)[:classes] / label.size)

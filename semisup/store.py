@@ -4,9 +4,11 @@ The layout is a public contract (documented in the README) that every stage read
 
     STORE.zarr/                      Zarr v3 group; attrs["semisup"] holds StoreMeta
       tiles.parquet                  tile index, one row per tile (see TILE_INDEX_COLUMNS)
+      tiles.v<N>.parquet             tile index of label version N (after ``semisup label import``)
       <source_id>/                   one group per source raster; attrs hold SourceMeta
         image   H×W×C  source dtype  chunks tile×tile×C
         label   H×W    uint8         chunks tile×tile (class ids, IGNORE_INDEX = unlabelled)
+        label_v<N>  H×W uint8        the source's labels as of label version N (same layout)
         valid   H×W    bool          chunks tile×tile (False = nodata)
         boxes   N×4    float32       box prompts, pixel x0, y0, x1, y1 (optional)
         box_label N    int32         index into SourceMeta.box_label_names (optional)
@@ -15,15 +17,25 @@ Tiles sit on a grid with stride ``tile_size - overlap`` starting at the raster o
 the right or bottom edge may be smaller than ``tile_size``; readers pad it (``read_window``) with
 ``valid`` False and ``label`` IGNORE_INDEX so that every tile read has the same shape.
 
+Label versions: ``semisup label import`` never rewrites ``label`` or ``tiles.parquet``. It writes
+a new version N beside them (``label_v<N>`` for the sources it changes, ``tiles.v<N>.parquet``) and
+then names it in ``StoreMeta.label_versions`` with one atomic replace of the root ``zarr.json``.
+Readers find the tile index and each source's label array through ``current_labels``; a store
+with no version recorded (version 0) reads ``tiles.parquet`` and ``label``.
+
 This module is Ray-free: it is used by data_prep, by the Ray datasource and by the tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -37,6 +49,7 @@ from semisup import columns as C
 STORE_FORMAT_VERSION = 1
 META_KEY = "semisup"
 TILE_INDEX_FILE = "tiles.parquet"
+ROOT_METADATA_FILE = "zarr.json"  # Zarr v3 group metadata; its attributes hold StoreMeta
 BOXES = "boxes"
 BOX_LABEL = "box_label"
 
@@ -111,9 +124,16 @@ class StoreMeta:
     fingerprint: str = ""
     split: dict[str, Any] = field(default_factory=dict)
     version: int = STORE_FORMAT_VERSION
+    # One record per ``semisup label import``, oldest first (see ``LabelVersion``); the last
+    # is current. Left out of the attrs while empty, so stores without imports read as before.
+    label_versions: tuple[dict[str, Any], ...] = ()
 
     def to_attrs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        attrs = dataclasses.asdict(self)
+        attrs["label_versions"] = [dict(record) for record in self.label_versions]
+        if not self.label_versions:
+            del attrs["label_versions"]
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreMeta:
@@ -128,7 +148,91 @@ class StoreMeta:
         raw["sources"] = tuple(raw["sources"])
         if raw.get("class_names") is not None:
             raw["class_names"] = tuple(raw["class_names"])
+        raw["label_versions"] = tuple(dict(record) for record in raw.get("label_versions", ()))
         return cls(**raw)
+
+
+@dataclass(frozen=True)
+class LabelVersion:
+    """The ground truth readers see: the tile index file and each source's label array.
+
+    ``version`` 0 is the store as prep wrote it (``tiles.parquet``, arrays ``label``). Version N
+    (``semisup label import``) records ``index_file`` ``tiles.v<N>.parquet``, ``label_arrays``
+    (every labelled source -> its array name, ``label`` or ``label_v<M>`` with M <= N), the
+    ``inputs`` imported (``{"path", "sha256"}``), ``tiles`` (ids whose labels or split changed),
+    ``created`` (ISO 8601 UTC) and the import's colour map (sha256) and ``include_val``.
+    """
+
+    version: int = 0
+    index_file: str = TILE_INDEX_FILE
+    label_arrays: Mapping[str, str] = field(default_factory=dict)
+    inputs: tuple[Mapping[str, str], ...] = ()
+    tiles: tuple[int, ...] = ()
+    created: str = ""
+    label_colors_sha256: str | None = None
+    include_val: bool = False  # whether the import also labelled val tiles
+
+    def array_name(self, source: zarr.Group) -> str | None:
+        """Name of ``source``'s label array in this version, None when it has no labels."""
+        name = self.label_arrays.get(source.basename, C.LABEL)
+        return name if name in source else None
+
+    def to_record(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["label_arrays"] = dict(self.label_arrays)
+        record["inputs"] = [dict(item) for item in self.inputs]
+        record["tiles"] = list(self.tiles)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> LabelVersion:
+        return cls(
+            version=int(record["version"]),
+            index_file=str(record["index_file"]),
+            label_arrays=dict(record["label_arrays"]),
+            inputs=tuple(dict(item) for item in record.get("inputs", ())),
+            tiles=tuple(int(tile) for tile in record.get("tiles", ())),
+            created=str(record.get("created", "")),
+            label_colors_sha256=record.get("label_colors_sha256"),
+            include_val=bool(record.get("include_val", False)),
+        )
+
+
+def current_labels(root: zarr.Group | Mapping[str, Any]) -> LabelVersion:
+    """The current label version of a store, from its root group or the root's attrs.
+
+    Every reader of labels or of the tile index goes through here (``read_tile_index``,
+    ``label_array_name``, ``read_tile``), so all of them honour ``semisup label import``.
+    """
+    attrs: Mapping[str, Any] = root.attrs.asdict() if isinstance(root, zarr.Group) else root
+    records = dict(attrs.get(META_KEY) or {}).get("label_versions") or ()
+    if not records:
+        return LabelVersion()
+    return LabelVersion.from_record(max(records, key=lambda record: int(record["version"])))
+
+
+def label_version(url: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """The store's current label version: 0 until ``semisup label import`` adds one."""
+    return current_labels(open_store(url, "r", storage_options)).version
+
+
+def label_array_name(source: zarr.Group, labels: LabelVersion | None = None) -> str | None:
+    """Name of the source group's current label array; None when the source has no labels.
+
+    ``labels`` is the store's ``current_labels``; without it the root is read from the group's
+    store (about half a millisecond locally), so a loop over tiles passes it once.
+    """
+    if labels is None:
+        labels = current_labels(zarr.open_group(store=source.store, path="", mode="r"))
+    return labels.array_name(source)
+
+
+def label_array(source: zarr.Group, labels: LabelVersion | None = None) -> zarr.Array | None:
+    """The source group's current label array (H×W uint8), None when it has no labels."""
+    name = label_array_name(source, labels)
+    array = None if name is None else source[name]
+    assert array is None or isinstance(array, zarr.Array), f"{name} is not an array"
+    return array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,28 +269,72 @@ def read_source_meta(group: zarr.Group, source_id: str) -> SourceMeta:
     return SourceMeta.from_attrs(group[source_id].attrs.asdict())
 
 
-def _index_location(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+def _index_location(
+    url: str, storage_options: Mapping[str, Any] | None, name: str = TILE_INDEX_FILE
+) -> tuple[Any, str]:
     fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
-    return fs, f"{root.rstrip('/')}/{TILE_INDEX_FILE}"
+    return fs, f"{root.rstrip('/')}/{name}"
 
 
-def read_tile_index(url: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """The tile index of the store at ``url`` as a pyarrow Table (TILE_INDEX_SCHEMA)."""
-    fs, path = _index_location(url, storage_options)
+def _stored_labels(url: str, storage_options: Mapping[str, Any] | None) -> LabelVersion:
+    """``current_labels`` of the store at ``url``; version 0 when it is no Zarr group (yet)."""
+    try:
+        root = open_store(url, "r", storage_options)
+    except (FileNotFoundError, ValueError):  # no zarr.json: read_tile_index names the problem
+        return LabelVersion()
+    return current_labels(root)
+
+
+def read_tile_index(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    labels: LabelVersion | None = None,
+) -> pa.Table:
+    """The tile index of the store at ``url`` as a pyarrow Table (TILE_INDEX_SCHEMA).
+
+    It is the index of ``labels`` (default: the store's current label version).
+    """
+    labels = labels if labels is not None else _stored_labels(url, storage_options)
+    fs, path = _index_location(url, storage_options, labels.index_file)
     if not fs.exists(path):
         raise FileNotFoundError(
-            f"{url}: no tile index {TILE_INDEX_FILE!r}; is this a semisup store?"
+            f"{url}: no tile index {labels.index_file!r}; is this a semisup store?"
         )
     with fs.open(path, "rb") as fh:
         return pq.read_table(fh)
 
 
 def write_tile_index(
-    url: str, table: pa.Table, storage_options: Mapping[str, Any] | None = None
+    url: str,
+    table: pa.Table,
+    storage_options: Mapping[str, Any] | None = None,
+    name: str = TILE_INDEX_FILE,
 ) -> None:
-    fs, path = _index_location(url, storage_options)
+    """Write ``table`` as the store's tile index file ``name`` (prep: ``tiles.parquet``)."""
+    fs, path = _index_location(url, storage_options, name)
     with fs.open(path, "wb") as fh:
         pq.write_table(table.cast(TILE_INDEX_SCHEMA), fh)
+
+
+def replace_store_meta(path: str | Path, meta: StoreMeta) -> None:
+    """Make ``meta`` the root metadata of the local store at ``path`` in one atomic step.
+
+    The root ``zarr.json`` is written whole to a temporary file beside it, flushed to disk and
+    renamed over the old one (``os.replace``), so a reader or a crash sees either the old
+    metadata or the new, never a mix. Local stores only.
+    """
+    target = Path(path) / ROOT_METADATA_FILE
+    document = json.loads(target.read_text())
+    document.setdefault("attributes", {})[META_KEY] = meta.to_attrs()
+    staging = target.with_name(f".{ROOT_METADATA_FILE}.{uuid.uuid4().hex[:8]}")
+    try:
+        with staging.open("w") as fh:
+            json.dump(document, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,12 +467,18 @@ def unreadable_chunk(
 
 
 def read_tile(
-    group: zarr.Group, y0: int, x0: int, size: int, halo: int = 0
+    group: zarr.Group,
+    y0: int,
+    x0: int,
+    size: int,
+    halo: int = 0,
+    labels: LabelVersion | None = None,
 ) -> dict[str, np.ndarray]:
     """One tile with ``halo`` pixels of context on each side, padded at raster borders.
 
     Returns IMAGE (S×S×C source dtype), VALID (S×S bool) and, when the source is labelled,
-    LABEL (S×S uint8), with S = size + 2·halo. Padding is 0 / False / IGNORE_INDEX.
+    LABEL (S×S uint8, from the current label version or ``labels``), with S = size + 2·halo.
+    Padding is 0 / False / IGNORE_INDEX.
     """
     span = size + 2 * halo
     ty, tx = y0 - halo, x0 - halo
@@ -332,8 +486,9 @@ def read_tile(
         C.IMAGE: read_window(group[C.IMAGE], ty, tx, span, span, 0),
         C.VALID: read_window(group[C.VALID], ty, tx, span, span, False),
     }
-    if C.LABEL in group:
-        out[C.LABEL] = read_window(group[C.LABEL], ty, tx, span, span, C.IGNORE_INDEX)
+    label = label_array(group, labels)
+    if label is not None:
+        out[C.LABEL] = read_window(label, ty, tx, span, span, C.IGNORE_INDEX)
     return out
 
 

@@ -52,6 +52,12 @@ class SourceLayout:
     dtype: str
     labeled: bool
     pseudo_dtype: str | None = None  # dtype of the teacher's pseudo_label array, None if absent
+    # The array LABEL is read from: the store's current label version (store.current_labels).
+    label_array: str = C.LABEL
+
+    def array_name(self, name: str) -> str:
+        """The zarr array that holds pixel column ``name`` in this source's group."""
+        return self.label_array if name == C.LABEL else name
 
     def pixel_dtype(self, name: str) -> str:
         """The dtype of pixel column ``name`` in this source's rows."""
@@ -190,7 +196,8 @@ def read_tile_group(
         width = int(group.x0[tiles].max()) - halo - left + span
         for name in stored:
             fill = pixel_fill(name, layout.pixel_dtype(name))
-            window = tile_store.read_window(source[name], top, left, height, width, fill)
+            array = source[layout.array_name(name)]
+            window = tile_store.read_window(array, top, left, height, width, fill)
             for i in tiles:
                 dy, dx = int(group.y0[i]) - halo - top, int(group.x0[i]) - halo - left
                 batch[name][i] = window[dy : dy + span, dx : dx + span]
@@ -224,19 +231,30 @@ def row_nbytes(tile_size: int, halo: int, columns: Sequence[str], layout: Source
 
 
 def source_layouts(
-    store: str, root: Any, index: pa.Table, columns: Sequence[str]
+    store: str,
+    root: Any,
+    index: pa.Table,
+    columns: Sequence[str],
+    labels: tile_store.LabelVersion | None = None,
 ) -> dict[str, SourceLayout]:
-    """Layout of every source in ``index``; image bands and dtype must agree for uniform rows."""
+    """Layout of every source in ``index``; image bands and dtype must agree for uniform rows.
+
+    Labels come from ``labels``, the label version ``index`` was read with (default: the
+    store's current one).
+    """
+    labels = labels if labels is not None else tile_store.current_labels(root)
     layouts = {}
     for source_id in index.column(C.SOURCE).unique().to_pylist():
         meta = tile_store.read_source_meta(root, source_id)
         group = root[source_id]
         pseudo = group.get(C.PSEUDO_LABEL)
+        label_name = labels.array_name(group)
         layouts[source_id] = SourceLayout(
             bands=meta.bands,
             dtype=meta.dtype,
-            labeled=C.LABEL in group,
+            labeled=label_name is not None,
             pseudo_dtype=None if pseudo is None else str(pseudo.dtype),
+            label_array=label_name or C.LABEL,
         )
     kinds = {(layout.bands, layout.dtype) for layout in layouts.values()}
     if C.IMAGE in columns and len(kinds) > 1:

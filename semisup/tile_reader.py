@@ -61,7 +61,8 @@ class TileReader:
         root = tile_store.open_store(self.store, "r", self._storage_options)
         self.tile_size = tile_store.read_store_meta(root).tile_size
         wanted = np.unique(np.asarray(tile_ids, np.int64))
-        index = tile_store.read_tile_index(self.store, self._storage_options)
+        labels = tile_store.current_labels(root)  # one label version for index and arrays
+        index = tile_store.read_tile_index(self.store, self._storage_options, labels)
         index = index.filter(pc.is_in(index.column(C.TILE_ID), pa.array(wanted, pa.int64())))
         found = index.column(C.TILE_ID).to_numpy()
         missing = np.setdiff1d(wanted, found)
@@ -70,7 +71,7 @@ class TileReader:
                 f"{self.store}: tile id {int(missing[0])} is not in the store's tile index "
                 f"({len(missing)} of {len(wanted)} requested ids are missing)"
             )
-        self._layouts = source_layouts(self.store, root, index, self.columns)
+        self._layouts = source_layouts(self.store, root, index, self.columns, labels)
         self._sources = {name: root[name] for name in self._layouts}
         self._where = {  # tile id -> (source, grid row, grid column, y0, x0, split)
             int(row[C.TILE_ID]): row for row in index.select(list(_POSITION_COLUMNS)).to_pylist()

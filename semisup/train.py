@@ -47,7 +47,13 @@ from semisup.config import (
     save_config,
     to_dict,
 )
-from semisup.store import open_store, read_source_meta, read_store_meta, read_tile_index
+from semisup.store import (
+    current_labels,
+    open_store,
+    read_source_meta,
+    read_store_meta,
+    read_tile_index,
+)
 from semisup.train_loop import (
     ADAPTER_FILE,
     band_scales,
@@ -178,7 +184,8 @@ def check_oracle(store: str, unlabeled_ids: Sequence[int]) -> None:
     index = read_tile_index(store).to_pandas().set_index(C.TILE_ID)
     root = open_store(store)
     sources = sorted(set(index.loc[list(unlabeled_ids), C.SOURCE]))
-    bare = [source for source in sources if C.LABEL not in root[source]]  # type: ignore[operator]
+    labels = current_labels(root)
+    bare = [source for source in sources if labels.array_name(root[source]) is None]  # type: ignore[arg-type]
     if bare:
         raise ConfigError(
             f"ssl.target='oracle' trains on the unlabeled tiles' ground truth, but source "

@@ -402,8 +402,9 @@ def _local_tiles(
     storage_options: Mapping[str, Any] | None,
 ) -> Iterator[dict[str, Any]]:
     root: Any = tile_store.open_store(store, "r", storage_options)
+    labels = tile_store.current_labels(root)
     for row in tiles:
-        tile = tile_store.read_tile(root[row[C.SOURCE]], row[C.Y0], row[C.X0], tile_size)
+        tile = tile_store.read_tile(root[row[C.SOURCE]], row[C.Y0], row[C.X0], tile_size, 0, labels)
         if C.LABEL not in tile:
             continue
         yield {**tile, C.SOURCE: row[C.SOURCE], C.TILE_ID: row[C.TILE_ID]}
