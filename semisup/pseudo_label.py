@@ -7,6 +7,9 @@
       attrs["semisup_pseudo_label"]   the teacher run that wrote them (mode, model, checkpoint...)
       pseudo_labels.parquet           one row per labelled tile (MANIFEST_SCHEMA)
       pseudo_labels.parts/            per-batch manifest parts of a run in progress
+      pseudo_instances.parquet        automatic/prompted instance maps: one row per instance
+                                      (INSTANCE_SCHEMA)
+      pseudo_instances.parts/         per-batch instance parts of a run in progress
       <source_id>/
         pseudo_label  H×W  uint16 instance ids (automatic, prompted; 0 background, 65535 not
                            valid) or uint8 (semantic class ids, foreground 0/1; 255 not valid)
@@ -25,6 +28,17 @@ the tiles not in them; a retried writer finds its part and skips. An interrupted
 again with the same content, since the teacher is deterministic (fixed weights, no sampling).
 Actors that die are restarted by Ray Data and their batches retried. At the end the parts are
 compacted into ``pseudo_labels.parquet``.
+
+The instance table (``pseudo_instances.parquet``) holds one row per mask the teacher painted
+into an instance map: source, tile id, instance id (the id in ``pseudo_label``), the box x0, y0,
+x1, y1 in source-raster pixel edges of the *whole* mask before painting (overlapping masks lose
+pixels in the painted map, not in the table), predicted IoU, stability score and area in pixels
+(``teacher.instance_rows``). A mask with no pixel has no row. With overlapping tiles the rows of
+a tile describe its whole input, so an instance near a tile border can have a row in each tile
+that sees it. The table follows the manifest: a batch's instance part (the same file name as
+its manifest part) is written before the manifest part, and a part counts only once its
+manifest part exists; each tile's rows come from one part only, so a rerun never duplicates
+rows. Compaction writes the table before the manifest and deletes the instance parts first.
 """
 
 from __future__ import annotations
@@ -65,6 +79,8 @@ from semisup.masks import MaskFilter
 from semisup.runtime import ensure_ray
 from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
+    INSTANCE_FIELDS,
+    INSTANCES,
     MODES,
     NUM_MASKS,
     OutputKind,
@@ -78,6 +94,8 @@ from semisup.teacher import (
 
 MANIFEST_FILE: Final = "pseudo_labels.parquet"
 PARTS_DIR: Final = "pseudo_labels.parts"
+INSTANCES_FILE: Final = "pseudo_instances.parquet"
+INSTANCE_PARTS_DIR: Final = "pseudo_instances.parts"
 RUN_ATTR: Final = "semisup_pseudo_label"
 RUN_FORMAT_VERSION: Final = 1
 MEAN_CONFIDENCE: Final = "mean_confidence"
@@ -95,6 +113,21 @@ MANIFEST_SCHEMA: Final = pa.schema(
         ("mode", pa.string()),
         ("model_type", pa.string()),
         ("checkpoint_hash", pa.string()),
+    ]
+)
+INSTANCE_ID: Final = INSTANCE_FIELDS[0]
+INSTANCE_SCHEMA: Final = pa.schema(
+    [
+        (C.SOURCE, pa.string()),
+        (C.TILE_ID, pa.int64()),
+        (INSTANCE_ID, pa.int32()),  # the id painted in pseudo_label
+        ("x0", pa.float32()),  # box of the whole mask, source-raster pixel edges
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),  # exclusive
+        ("y1", pa.float32()),
+        ("predicted_iou", pa.float32()),
+        ("stability", pa.float32()),
+        ("area", pa.int64()),  # pixels of the mask in the teacher's input
     ]
 )
 _TEACHER_INPUT = (C.IMAGE, C.VALID, C.TILE_ID, C.SOURCE, C.ROW, C.COL, C.Y0, C.X0)
@@ -153,6 +186,28 @@ def tile_stats(
     return mean_confidence, float(covered.mean()) if label.size else 0.0
 
 
+def instance_table(tile_ids: np.ndarray, sources: Any, rows: Any) -> pa.Table:
+    """The instance rows of a batch of tiles as an INSTANCE_SCHEMA table.
+
+    ``tile_ids``: B int; ``sources``: B source ids; ``rows``: B arrays K×8 of
+    ``teacher.INSTANCE_FIELDS`` (the teacher's ``INSTANCES`` column), K per tile.
+    """
+    per_tile = [np.asarray(r, dtype=np.float64).reshape(-1, len(INSTANCE_FIELDS)) for r in rows]
+    counts = [len(r) for r in per_tile]
+    stacked = np.concatenate([np.zeros((0, len(INSTANCE_FIELDS))), *per_tile])  # ΣK×8
+    columns: dict[str, Any] = {
+        C.SOURCE: np.repeat(np.asarray([str(s) for s in sources], dtype=object), counts),
+        C.TILE_ID: np.repeat(np.asarray(tile_ids, dtype=np.int64), counts),
+    }
+    for i, name in enumerate(INSTANCE_FIELDS):
+        columns[name] = stacked[:, i]
+    return pa.Table.from_pydict(
+        {name: pa.array(columns[name]).cast(INSTANCE_SCHEMA.field(name).type)
+         for name in INSTANCE_SCHEMA.names},
+        schema=INSTANCE_SCHEMA,
+    )  # fmt: skip
+
+
 def part_name(tile_ids: np.ndarray) -> str:
     """Manifest part file name of a batch: the same tiles always give the same name."""
     ids = np.sort(np.asarray(tile_ids, dtype=np.int64))
@@ -192,8 +247,7 @@ def read_manifest(store: str, storage_options: Mapping[str, Any] | None = None) 
     if fs.exists(manifest):
         tables.append(_read_table(fs, manifest))
     parts = f"{root}/{PARTS_DIR}"
-    if fs.exists(parts):
-        tables += [_read_table(fs, p) for p in sorted(fs.ls(parts, detail=False)) if _is_part(p)]
+    tables += [_read_table(fs, p) for p in _part_paths(fs, parts)]
     if not tables:
         return MANIFEST_SCHEMA.empty_table()
     frame = pa.concat_tables(tables).to_pandas()
@@ -201,9 +255,46 @@ def read_manifest(store: str, storage_options: Mapping[str, Any] | None = None) 
     return pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
 
 
-def _read_table(fs: Any, path: str) -> pa.Table:
+def _read_table(fs: Any, path: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     with fs.open(path, "rb") as fh:
-        return pq.read_table(fh).cast(MANIFEST_SCHEMA)
+        return pq.read_table(fh).cast(schema)
+
+
+def _part_paths(fs: Any, folder: str) -> list[str]:
+    """The part files of a parts folder, sorted by name (none when it does not exist)."""
+    if not fs.exists(folder):
+        return []
+    return sorted(p for p in fs.ls(folder, detail=False) if _is_part(p))
+
+
+def read_instances(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+    """Every instance recorded so far (INSTANCE_SCHEMA): ``pseudo_instances.parquet`` plus the
+    parts of recorded batches (their manifest part exists). A tile's rows come from the first
+    of these that holds the tile (the file, then parts by name), as the manifest keeps a tile's
+    first row: rows are never duplicated."""
+    fs, root = _fs(store, storage_options)
+    tables = []
+    if fs.exists(f"{root}/{INSTANCES_FILE}"):
+        tables.append(_read_table(fs, f"{root}/{INSTANCES_FILE}", INSTANCE_SCHEMA))
+    recorded = {Path(p).name for p in _part_paths(fs, f"{root}/{PARTS_DIR}")}
+    for path in _part_paths(fs, f"{root}/{INSTANCE_PARTS_DIR}"):
+        if Path(path).name in recorded:  # an unrecorded part is a batch that is labelled again
+            tables.append(_read_table(fs, path, INSTANCE_SCHEMA))
+    seen: set[int] = set()
+    kept = []
+    for table in tables:
+        ids = table.column(C.TILE_ID).to_numpy()
+        kept.append(table.filter(pa.array(~np.isin(ids, list(seen)))))
+        seen.update(ids.tolist())
+    if not kept:
+        return INSTANCE_SCHEMA.empty_table()
+    return pa.concat_tables(kept).sort_by([(C.TILE_ID, "ascending"), (INSTANCE_ID, "ascending")])
+
+
+def has_instance_table(store: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a finished teacher run wrote the instance table (``pseudo_instances.parquet``)."""
+    fs, root = _fs(store, storage_options)
+    return bool(fs.exists(f"{root}/{INSTANCES_FILE}"))
 
 
 def _is_part(path: str) -> bool:
@@ -211,14 +302,21 @@ def _is_part(path: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet")
 
 
-def compact_manifest(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """Fold the parts into ``pseudo_labels.parquet`` (written first), then delete the parts."""
-    table = read_manifest(store, storage_options)
+def compact_manifest(
+    store: str, storage_options: Mapping[str, Any] | None = None, *, instances: bool = False
+) -> pa.Table:
+    """Fold the parts into ``pseudo_labels.parquet`` (written first), then delete the parts.
+
+    With ``instances``, the instance parts are folded into ``pseudo_instances.parquet`` first
+    and deleted before the manifest parts, which say which instance parts count."""
     fs, root = _fs(store, storage_options)
+    if instances:
+        _write_table_atomic(fs, f"{root}/{INSTANCES_FILE}", read_instances(store, storage_options))
+    table = read_manifest(store, storage_options)
     _write_table_atomic(fs, f"{root}/{MANIFEST_FILE}", table)
-    parts = f"{root}/{PARTS_DIR}"
-    if fs.exists(parts):
-        fs.rm(parts, recursive=True)
+    for name in (INSTANCE_PARTS_DIR, PARTS_DIR):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
     return table
 
 
@@ -241,8 +339,9 @@ def write_tiles(
     """Write a batch of teacher outputs into the store, then record it; returns its manifest rows.
 
     Each tile writes only the pixels it owns (``owned_window``) into its source's
-    ``pseudo_label`` and ``confidence`` arrays; then the batch's manifest part is written
-    atomically. A batch whose part already exists (a retried task) is not written again.
+    ``pseudo_label`` and ``confidence`` arrays; then the batch's instance part (when the batch
+    has ``INSTANCES``) and its manifest part are written atomically, in that order. A batch
+    whose manifest part already exists (a retried task) is not written again.
     """
     fs, root_path = _fs(store, storage_options)
     part = f"{root_path}/{PARTS_DIR}/{part_name(batch[C.TILE_ID])}"
@@ -279,6 +378,10 @@ def write_tiles(
         },
         schema=MANIFEST_SCHEMA,
     )
+    if INSTANCES in batch:  # before the manifest part, which records the batch
+        fs.makedirs(f"{root_path}/{INSTANCE_PARTS_DIR}", exist_ok=True)
+        instances = instance_table(batch[C.TILE_ID], batch[C.SOURCE], batch[INSTANCES])
+        _write_table_atomic(fs, f"{root_path}/{INSTANCE_PARTS_DIR}/{Path(part).name}", instances)
     fs.makedirs(f"{root_path}/{PARTS_DIR}", exist_ok=True)
     _write_table_atomic(fs, part, table)
     return _numpy_columns(table)
@@ -484,7 +587,8 @@ def run_pseudo_label(
             _clear(store, root, storage_options)  # nothing was labelled: leave no trace
         raise
     progress.finish()
-    manifest = compact_manifest(store, storage_options)
+    writes_instances = mode != "semantic" and output == "instances"
+    manifest = compact_manifest(store, storage_options, instances=writes_instances)
     root.attrs[STATE_ATTR] = "complete"
     return _summary(store, manifest, selected, identity, progress, already)
 
@@ -599,7 +703,7 @@ def _clear(store: str, root: Any, storage_options: Mapping[str, Any] | None) -> 
             if name in group:
                 del group[name]
     fs, path = _fs(store, storage_options)
-    for name in (MANIFEST_FILE, PARTS_DIR):
+    for name in (MANIFEST_FILE, PARTS_DIR, INSTANCES_FILE, INSTANCE_PARTS_DIR):
         if fs.exists(f"{path}/{name}"):
             fs.rm(f"{path}/{name}", recursive=True)
     for name in (RUN_ATTR, STATE_ATTR):

@@ -20,6 +20,12 @@ Encodings of ``PSEUDO_LABEL`` (S×S per tile, S = model input size):
 ``CONFIDENCE`` is S×S float32 in [0, 1], 0 where not valid. ``NUM_MASKS`` counts the masks
 painted (automatic, prompted) or the refining segments (semantic).
 
+Instance maps come with ``INSTANCES``: per tile a K×8 float64 array, one row per non-empty mask
+(``INSTANCE_FIELDS``: the id painted in ``PSEUDO_LABEL``, the box x0, y0, x1, y1 in source-raster
+pixel edges from the *whole* mask before painting, predicted IoU, stability score, area in
+pixels). Overlapping masks lose pixels to higher-scoring ones in the painted map; the rows keep
+each mask's own extent, so they are the instances as SAM returned them.
+
 Everything except ``SamTeacher`` is a plain function of tensors or arrays, usable without Ray.
 """
 
@@ -35,7 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_point_grid,
+    calculate_stability_score,
+)
 from torchvision.ops import batched_nms
 
 from semisup import columns as C
@@ -58,6 +68,10 @@ OutputKind = Literal["instances", "foreground"]
 MODES: Final[tuple[str, ...]] = get_args(TeacherMode)
 
 NUM_MASKS: Final = "num_masks"  # per-tile int32 column added by the teacher
+INSTANCES: Final = "instances"  # per-tile K×8 float64 column: one INSTANCE_FIELDS row per mask
+INSTANCE_FIELDS: Final = (
+    "instance_id", "x0", "y0", "x1", "y1", "predicted_iou", "stability", "area",
+)  # fmt: skip
 INSTANCE_DTYPE: Final = np.uint16
 INSTANCE_IGNORE: Final = 65535  # instance maps: pixel not valid (nodata, padding)
 BACKGROUND: Final = 0
@@ -238,6 +252,38 @@ def automatic_masks(
     if max_masks is not None:
         order = order[:max_masks]
     return logits[order], scores[order]
+
+
+def instance_rows(
+    logits: torch.Tensor,
+    predicted_iou: torch.Tensor,
+    instance_ids: torch.Tensor,
+    *,
+    top: int,
+    left: int,
+    stability_offset: float = 1.0,
+) -> np.ndarray:
+    """One ``INSTANCE_FIELDS`` row per non-empty mask: K×8 float64, in the order of the masks.
+
+    ``logits``: N×S×S mask logits (threshold 0) of one tile, before painting; ``predicted_iou``:
+    N; ``instance_ids``: N, the id each mask is painted with; (``top``, ``left``): the source
+    raster pixel at the tile's (halo's) top-left corner. Boxes are pixel edges (x1, y1
+    exclusive) of each whole mask in the source raster; the stability score is SAM's at
+    ``stability_offset`` (``MaskFilter.stability_offset``); area counts the mask's pixels.
+    """
+    if len(logits) == 0:
+        return np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
+    masks = logits > 0
+    area = masks.flatten(1).sum(1).double()  # N
+    stability = calculate_stability_score(logits.float(), 0.0, stability_offset).double()
+    boxes = batched_mask_to_box(masks).double()  # N×4, x1/y1 the last pixel (inclusive)
+    edges = boxes + torch.tensor([left, top, left + 1, top + 1], dtype=torch.float64,
+                                 device=boxes.device)  # fmt: skip
+    rows = torch.cat(
+        [instance_ids.double()[:, None], edges, predicted_iou.double()[:, None],
+         stability[:, None], area[:, None]], dim=1,
+    )  # fmt: skip
+    return rows[area > 0].cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,10 +529,15 @@ class SamTeacher:
         stacked = torch.from_numpy(np.stack(tiles)).to(self.device)  # B×S×S×3 uint8
         return stacked.permute(0, 3, 1, 2).float()  # B×3×S×S
 
+    @property
+    def writes_instances(self) -> bool:
+        """Whether batches get ``INSTANCES``: automatic and prompted modes with instance maps."""
+        return self.mode != "semantic" and self.output == "instances"
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._autocast():
             images = self._images(batch)
-            labels, confidences, counts = zip(*self._label_tiles(images, batch), strict=True)
+            labels, confidences, counts, rows = zip(*self._label_tiles(images, batch), strict=True)
         dtype, ignore, _ = label_encoding(self.mode, self.output)
         label = np.stack(labels).astype(dtype)  # B×S×S
         confidence = np.stack(confidences).astype(np.float32)  # B×S×S
@@ -498,33 +549,45 @@ class SamTeacher:
         out[C.PSEUDO_LABEL] = label
         out[C.CONFIDENCE] = np.clip(confidence, 0.0, 1.0)
         out[NUM_MASKS] = np.asarray(counts, dtype=np.int32)
+        if self.writes_instances:
+            ragged = np.empty(len(rows), dtype=object)  # B arrays of K×8, K per tile
+            ragged[:] = list(rows)
+            out[INSTANCES] = ragged
         return out
 
     def _label_tiles(
         self, images: torch.Tensor, batch: Mapping[str, np.ndarray]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(S×S label, S×S confidence, mask count) per tile, as NumPy on the CPU."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+        """(S×S label, S×S confidence, mask count, K×8 instance rows) per tile, as NumPy on the
+        CPU; instance rows are 0×8 in semantic mode."""
         if self.mode == "semantic":
-            yield from self._semantic(images)
+            no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
+            yield from ((*tile, no_rows) for tile in self._semantic(images))
             return
         assert self.sam is not None
         embeddings = encode_images(self.sam, images)  # B×256×g×g, the encoder batched
         for i in range(len(images)):
             embedding = embeddings[i : i + 1]
+            top = int(batch[C.Y0][i]) - self.halo  # the raster pixel at the input's corner
+            left = int(batch[C.X0][i]) - self.halo
             if self.mode == "automatic":
-                instances, confidence = self._automatic(embedding)
+                logits, scores = self._automatic_masks(embedding)
+                ids = torch.arange(1, len(scores) + 1, device=scores.device)  # paint_instances'
+                instances, confidence = paint_instances(logits, scores, self.background_confidence)
             else:
-                source_id = str(batch[C.SOURCE][i])
-                top = int(batch[C.Y0][i]) - self.halo
-                left = int(batch[C.X0][i]) - self.halo
-                instances, confidence = self._prompted(embedding, source_id, top, left)
+                logits, scores, ids = self._prompted_masks(embedding, str(batch[C.SOURCE][i]),
+                                                           top, left)  # fmt: skip
+                instances, confidence = self._paint_prompted(logits, scores, ids)
+            rows = instance_rows(logits, scores, ids, top=top, left=left,
+                                 stability_offset=self.mask_filter.stability_offset)  # fmt: skip
             count = int(instances.unique().gt(0).sum())
             label = foreground(instances) if self.output == "foreground" else instances
-            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count
+            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, rows
 
-    def _automatic(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _automatic_masks(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits N×S×S, predicted IoU N) of the kept automatic masks, best first."""
         assert self.sam is not None
-        logits, scores = automatic_masks(
+        return automatic_masks(
             self.sam,
             embedding,
             self.grid,
@@ -533,21 +596,23 @@ class SamTeacher:
             points_per_batch=self.points_per_batch,
             max_masks=self.max_masks,
         )
-        return paint_instances(logits, scores, self.background_confidence)
 
-    def _prompted(
+    def _automatic(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return paint_instances(*self._automatic_masks(embedding), self.background_confidence)
+
+    def _prompted_masks(
         self, embedding: torch.Tensor, source_id: str, top: int, left: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Instance ids = index of the box in the source's ``boxes`` array + 1."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits P×S×S restricted to their boxes, predicted IoU P, instance ids P) of the
+        source's boxes in this input; ids = index of the box in the source's ``boxes`` + 1."""
         assert self.sam is not None
         boxes_np, box_index = boxes_in_tile(
             self.source_boxes(source_id), top, left, self.image_size
         )
+        ids = torch.from_numpy(box_index + 1).to(self.device)
         if len(box_index) == 0:
             empty = torch.zeros(0, self.image_size, self.image_size, device=self.device)
-            return paint_instances(
-                empty, torch.zeros(0, device=self.device), self.background_confidence
-            )
+            return empty, torch.zeros(0, device=self.device), ids
         boxes = torch.from_numpy(boxes_np).to(self.device)
         coords = labels = None
         if "point" in self.prompt:
@@ -562,9 +627,15 @@ class SamTeacher:
             multimask=self.multimask,
         )
         logits, iou = best_mask(logits, iou)  # P×S×S, P
-        logits = restrict_to_boxes(logits, boxes, self.box_margin)
-        painted, confidence = paint_instances(logits, iou, self.background_confidence)
-        ids = torch.from_numpy(box_index + 1).to(self.device)  # painted k -> box index + 1
+        return restrict_to_boxes(logits, boxes, self.box_margin), iou, ids
+
+    def _paint_prompted(
+        self, logits: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paint prompted masks, then renumber painted k -> ``ids[k - 1]``."""
+        painted, confidence = paint_instances(logits, scores, self.background_confidence)
+        if len(ids) == 0:
+            return painted, confidence
         instances = torch.where(painted > 0, ids[(painted - 1).clamp(min=0)], painted)
         return instances, confidence
 

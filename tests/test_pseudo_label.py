@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zarr
 
@@ -20,13 +22,19 @@ from semisup.cli import main as semisup_main
 from semisup.datasets import DUBAI_COLOURS
 from semisup.masks import MaskFilter
 from semisup.pseudo_label import (
+    INSTANCE_PARTS_DIR,
+    INSTANCE_SCHEMA,
+    INSTANCES_FILE,
     MANIFEST_FILE,
+    MANIFEST_SCHEMA,
     PARTS_DIR,
     PseudoLabelMismatch,
     add_pseudo_label_arguments,
+    instance_table,
     owned_window,
     part_name,
     pseudo_label_chunks,
+    read_instances,
     read_manifest,
     run_pseudo_label,
     teacher_identity,
@@ -86,6 +94,26 @@ def test_tile_stats_count_background_and_ignore() -> None:
 def test_part_names_depend_on_the_tiles_only() -> None:
     assert part_name(np.array([5, 3, 9])) == part_name(np.array([9, 5, 3]))
     assert part_name(np.array([5, 3, 9])) != part_name(np.array([5, 3]))
+
+
+def test_instance_rows_count_once_and_only_when_their_batch_is_recorded(tmp_path: Path) -> None:
+    def rows(tile_ids: list[int], instance_id: int) -> pa.Table:
+        fields = [[instance_id, 0, 0, 4, 4, 0.9, 0.95, 16]] * len(tile_ids)
+        return instance_table(np.array(tile_ids), ["s"] * len(tile_ids),
+                              [np.array([f]) for f in fields])  # fmt: skip
+
+    store = tmp_path / "s.zarr"
+    (store / PARTS_DIR).mkdir(parents=True)
+    (store / INSTANCE_PARTS_DIR).mkdir()
+    pq.write_table(rows([1], 1), store / INSTANCES_FILE)  # compacted by an earlier run
+    recorded, unrecorded = part_name(np.array([1, 2])), part_name(np.array([3]))
+    pq.write_table(rows([1, 2], 2), store / INSTANCE_PARTS_DIR / recorded)  # tile 1 again
+    manifest_rows = MANIFEST_SCHEMA.empty_table()  # its presence records the batch
+    pq.write_table(manifest_rows, store / PARTS_DIR / recorded)
+    pq.write_table(rows([3], 3), store / INSTANCE_PARTS_DIR / unrecorded)  # writer died here
+    table = read_instances(str(store)).to_pandas()
+    assert table[[C.TILE_ID, "instance_id"]].values.tolist() == [[1, 1], [2, 2]]
+    assert table["x1"].tolist() == [4.0, 4.0] and table[C.SOURCE].tolist() == ["s", "s"]
 
 
 def test_teacher_identity_is_json_plain_and_mode_specific() -> None:
@@ -201,13 +229,38 @@ def test_actor_pool_labels_every_tile_exactly_once(clean_run: tuple[str, dict]) 
         # every valid pixel of every tile window was written; nodata stays not valid
         assert np.all(label[valid] != INSTANCE_IGNORE) and np.all(label[~valid] == INSTANCE_IGNORE)
         assert confidence.min() >= 0 and confidence.max() <= 1 and np.all(confidence[~valid] == 0)
+    instances = _check_instance_table(url, manifest)
     # rerunning finds nothing to do; another teacher needs overwrite
     again = run_pseudo_label(url, actors=2, **RUN)
     assert again["tiles_processed"] == 0 and again["tiles_already_done"] == 36
+    assert read_instances(url).equals(instances)  # the rerun added no row
     with pytest.raises(PseudoLabelMismatch, match="mode: store 'automatic' vs 'prompted'"):
         run_pseudo_label(url, **{**RUN, "mode": "prompted"})
     with pytest.raises(PseudoLabelMismatch, match="points_per_side"):
         run_pseudo_label(url, **{**RUN, "points_per_side": 8})
+
+
+def _check_instance_table(url: str, manifest: pd.DataFrame) -> pa.Table:
+    """The compacted instance table: one row per (tile, instance), every painted id has one,
+    and each tile has at least as many rows as instances painted; returns the table."""
+    assert (Path(url) / INSTANCES_FILE).exists() and not (Path(url) / INSTANCE_PARTS_DIR).exists()
+    table = read_instances(url)
+    assert table.schema.equals(INSTANCE_SCHEMA) and table.num_rows > 0
+    frame = table.to_pandas()
+    assert not frame.duplicated([C.TILE_ID, "instance_id"]).any()
+    assert (frame["x1"] > frame["x0"]).all() and (frame["y1"] > frame["y0"]).all()
+    rows_per_tile = frame.groupby(C.TILE_ID).size()
+    painted = manifest.set_index(C.TILE_ID)["num_masks"]
+    assert (rows_per_tile.reindex(painted.index, fill_value=0) >= painted).all()
+    root = zarr.open_group(url, mode="r")
+    index = tile_store.read_tile_index(url).to_pandas()
+    for row in index.itertuples():  # tiles do not overlap: a tile's window is its own
+        label = root[row.source][C.PSEUDO_LABEL][row.y0 : row.y0 + 256, row.x0 : row.x0 + 256]
+        ids = set(np.unique(label).tolist()) - {0, INSTANCE_IGNORE}
+        mine = frame[frame[C.TILE_ID] == row.tile_id]
+        assert ids <= set(mine["instance_id"]), row.tile_id
+        assert (mine["x0"] >= row.x0).all() and (mine["x1"] <= row.x0 + 256).all()
+    return table
 
 
 def _crash_once_teacher(marker: Path) -> type[SamTeacher]:
@@ -232,7 +285,17 @@ def test_interrupted_run_resumes_and_a_killed_actor_is_retried(
     url = _copy(real_store, tmp_path)
     first = run_pseudo_label(url, actors=1, max_tiles=10, **RUN)  # stops after 10 tiles
     assert first["tiles_processed"] == 10 and first["tiles_remaining"] == 26
-    assert read_manifest(url).num_rows == 10
+    assert read_manifest(url).num_rows == 10 and read_instances(url).num_rows > 0
+    # A batch whose instance part was written but not its manifest part (a writer that died
+    # between the two): its rows must not count, and its tiles are labelled again.
+    todo = np.setdiff1d(
+        tile_store.read_tile_index(url).column(C.TILE_ID).to_numpy(),
+        read_manifest(url).column(C.TILE_ID).to_numpy(),
+    )[:2]
+    orphan = read_instances(url).slice(0, 3).to_pandas().assign(tile_id=todo[0], instance_id=999)
+    (Path(url) / INSTANCE_PARTS_DIR).mkdir()
+    pq.write_table(pa.Table.from_pandas(orphan, schema=INSTANCE_SCHEMA, preserve_index=False),
+                   Path(url) / INSTANCE_PARTS_DIR / part_name(todo))  # fmt: skip
     # The rerun skips the 10 recorded tiles; its only actor dies on its first batch, is
     # restarted by Ray, and the batch is retried.
     marker = tmp_path / "crashed"
@@ -244,6 +307,10 @@ def test_interrupted_run_resumes_and_a_killed_actor_is_retried(
     assert len(manifest) == _tile_count(url) and manifest[C.TILE_ID].is_unique
     # same content as one uninterrupted run: no tile was written with other content
     _assert_same_content(url, clean_run[0])
+    # and the same instance table: no row twice, none of the unrecorded part
+    ours, theirs = read_instances(url).to_pandas(), read_instances(clean_run[0]).to_pandas()
+    assert 999 not in set(ours["instance_id"])
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=False, atol=1e-4)
 
 
 @pytest.mark.ray

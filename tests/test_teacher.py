@@ -15,12 +15,15 @@ from torch import nn
 
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup.masks import MaskFilter
+from semisup.masks import MaskFilter, paint_instances
 from semisup.teacher import (
+    INSTANCE_FIELDS,
     INSTANCE_IGNORE,
+    INSTANCES,
     NUM_MASKS,
     SamTeacher,
     automatic_masks,
+    instance_rows,
     label_encoding,
     point_grid,
     restrict_to_boxes,
@@ -244,6 +247,61 @@ def test_prompted_masks_carry_their_box_index_and_stay_in_their_box(box_store: s
     assert np.all(label[4][~inside_b] == INSTANCE_IGNORE)  # padding is not valid
     # nodata pixels of source a (rows 0-7, cols 120-127, in tile (0, 64))
     assert np.all(label[1][:8, 56:] == INSTANCE_IGNORE) and np.all(confidence[1][:8, 56:] == 0)
+
+
+def _painted_boxes(label: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """Pixel-edge bounding box of each instance id painted in an S×S map (tile frame)."""
+    boxes = {}
+    for k in np.unique(label):
+        if 0 < k < INSTANCE_IGNORE:
+            boxes[int(k)] = _bbox(torch.from_numpy(label == k))
+    return boxes
+
+
+def test_instance_rows_are_the_whole_masks_before_painting() -> None:
+    logits = torch.full((2, 16, 16), -5.0)
+    logits[0, 2:10, 3:12] = 5.0  # the stronger mask
+    logits[1, 4:14, 5:8] = 5.0  # overlaps it: keeps only rows 10-13 when painted
+    scores = torch.tensor([0.9, 0.8])
+    rows = instance_rows(logits, scores, torch.tensor([7, 9]), top=100, left=40)
+    assert rows.shape == (2, len(INSTANCE_FIELDS)) and rows.dtype == np.float64
+    field = {name: rows[:, i] for i, name in enumerate(INSTANCE_FIELDS)}
+    np.testing.assert_array_equal(field["instance_id"], [7, 9])
+    boxes = np.stack([field[k] for k in ("x0", "y0", "x1", "y1")], 1)
+    np.testing.assert_array_equal(boxes, [[43, 102, 52, 110], [45, 104, 48, 114]])
+    np.testing.assert_array_equal(field["area"], [72, 30])
+    np.testing.assert_allclose(field["predicted_iou"], [0.9, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(field["stability"], [1.0, 1.0])  # ±5 logits: no pixel moves
+    painted = paint_instances(logits, scores)[0].numpy()
+    assert _painted_boxes(painted)[2] == (5, 10, 8, 14)  # painting cut the weaker mask
+    empty = instance_rows(torch.full((1, 16, 16), -1.0), scores[:1], torch.tensor([1]), top=0,
+                          left=0)  # fmt: skip
+    assert empty.shape == (0, len(INSTANCE_FIELDS))  # an empty mask is no instance
+
+
+@pytest.mark.parametrize("mode", ["automatic", "prompted"])
+def test_instance_rows_are_the_bounding_boxes_of_the_teacher_masks(
+    box_store: str, mode: str
+) -> None:
+    teacher = SamTeacher(box_store, mode=mode, model_type="tiny", box_margin=0.1,
+                         points_per_side=8, mask_filter=MaskFilter(min_area_px=16))  # fmt: skip
+    teacher.sam = ScriptedSam()  # objects of OBJECTS under points; boxes grown by 8 px
+    tiles = [("a", 0, 0), ("a", 64, 64)]
+    out = teacher(_batch(box_store, tiles))
+    assert [len(rows) for rows in out[INSTANCES]] == out[NUM_MASKS].tolist()
+    for (_, y0, x0), label, rows in zip(tiles, out[C.PSEUDO_LABEL], out[INSTANCES], strict=True):
+        assert len(rows) > 0
+        ids = rows[:, 0].astype(int).tolist()
+        in_tile = rows[:, 1:5] - [x0, y0, x0, y0]  # source raster -> tile frame
+        # the scripted masks do not overlap: each row's box is its painted instance's box
+        painted = _painted_boxes(label)
+        assert sorted(painted) == sorted(ids)
+        for k, box in zip(ids, in_tile, strict=True):
+            assert tuple(box) == painted[k]
+        if mode == "automatic":
+            assert sorted(map(tuple, in_tile)) == sorted(OBJECTS)
+    foreground = SamTeacher(box_store, mode=mode, model_type="tiny", output="foreground")
+    assert INSTANCES not in foreground(_batch(box_store, tiles[:1]))
 
 
 def test_tiny_sam_automatic_is_batch_invariant(box_store: str) -> None:
