@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -131,8 +132,8 @@ def import_labels(
     )
     tile_store.replace_store_meta(path, _next_meta(meta, record, new_index))  # the switch
     say(
-        f"{path}: label version {version}: {len(touched)} tile(s) changed, {len(moved)} moved "
-        f"to {C.LABELED}"
+        f"{path}: label version {version}: {len(touched)} tile(s) updated ({len(moved)} moved "
+        f"to {C.LABELED}, {len(changed)} with new labels)"
     )
     return ImportResult(version, tuple(touched), tuple(moved), tuple(skipped_val))
 
@@ -165,7 +166,7 @@ def _expand(inputs: Sequence[str | Path]) -> list[Path]:
         raise PrepError("no label inputs: give label files or folders")
     files: list[Path] = []
     for item in inputs:
-        path = Path(item).absolute()
+        path = Path(os.path.abspath(item))
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in LABEL_SUFFIXES)
             if not found:

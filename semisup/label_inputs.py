@@ -430,7 +430,12 @@ def label_studio_labels(path: Path, view: StoreView) -> list[TileLabel]:
     """Tile labels from a Label Studio export, through ``semisup.labelstudio.export_masks``."""
     from semisup.labelstudio import export_masks  # only Label Studio inputs need it
 
-    masks = export_masks(path, view.class_names())
+    try:
+        masks = export_masks(path, view.class_names())
+    except PrepError:
+        raise
+    except ValueError as err:  # an unknown label or unreadable region, named by task
+        raise PrepError(str(err)) from err
     labels = []
     for name, mask in sorted(masks.items()):
         match = TILE_NAME.match(name)

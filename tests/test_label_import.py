@@ -12,8 +12,6 @@ import io
 import json
 import shutil
 import sqlite3
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -257,29 +255,33 @@ def test_geopackage_polygons_match_rasterio(store: Path, tmp_path: Path) -> None
 # Label Studio
 
 
-def test_label_studio_export(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The export is handed to semisup.labelstudio.export_masks (a stand-in where it is absent)."""
+def test_label_studio_export(store: Path, tmp_path: Path) -> None:
+    """A Label Studio export goes through semisup.labelstudio.export_masks (brush regions)."""
+    from semisup.labelstudio import mask_results
+
+    names = ["ground", "roof", "tree", "water"]
     mask = np.full((16, 16), 255, np.uint8)
     mask[2:9, 3:12] = 3
-    calls: list[tuple[Path, tuple[str, ...]]] = []
-
-    def export_masks(path: Path, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        calls.append((Path(path), tuple(class_names)))
-        return {f"{B}__r1_c0": mask}
-
-    module = types.ModuleType("semisup.labelstudio")
-    module.export_masks = export_masks  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "semisup.labelstudio", module)
+    mask[10:, :5] = 1
+    data = {C.SOURCE: B, C.ROW: 1, C.COL: 0, C.HEIGHT: 16, C.WIDTH: 16, "image": "x.png"}
+    annotation: dict[str, Any] = {
+        "id": 1,
+        "updated_at": "2026-12-01T10:00:00Z",
+        "result": mask_results(mask, names),
+    }
     export = tmp_path / "project.json"
-    export.write_text(json.dumps([{"id": 1, "annotations": [], "data": {"image": "x.png"}}]))
+    export.write_text(json.dumps([{"id": 7, "data": data, "annotations": [annotation]}]))
 
     result = import_labels(store, [export], log=_quiet())
 
-    assert calls == [(export.absolute(), ("ground", "roof", "tree", "water"))]
     labels = _labels(store, B)
     assert labels is not None
     np.testing.assert_array_equal(labels[16:32, :16], mask)
     assert result.moved == (int(_tile(store, B, 1, 0).name),)
+    annotation["result"][0]["value"]["brushlabels"] = ["lava"]
+    export.write_text(json.dumps([{"id": 7, "data": data, "annotations": [annotation]}]))
+    with pytest.raises(PrepError, match=r"task 7 .*\['lava'\] is not one of the classes"):
+        import_labels(store, [export], log=_quiet())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +290,8 @@ def test_label_studio_export(store: Path, tmp_path: Path, monkeypatch: pytest.Mo
 
 def _state(store: Path) -> tuple[Any, ...]:
     root = tile_store.open_store(str(store))
-    tiles = [tile_store.read_tile(root[s], y, x, TILE) for s, y, x in ((A, 0, 16), (B, 0, 0))]  # type: ignore[index]
+    groups: Any = {s: root[s] for s in (A, B)}
+    tiles = [tile_store.read_tile(groups[s], y, x, TILE) for s, y, x in ((A, 0, 16), (B, 0, 0))]
     return (
         _index(store).to_dict(),
         root.attrs.asdict(),
@@ -334,7 +337,8 @@ def test_rerun_is_a_no_op_and_old_versions_stay(store: Path, tmp_path: Path) -> 
     import_labels(store, [second], log=_quiet())
     assert tile_store.label_version(str(store)) == 2
     root = tile_store.open_store(str(store))
-    v1 = np.asarray(root[B]["label_v1"][...])  # type: ignore[index]
+    group: Any = root[B]
+    v1 = np.asarray(group["label_v1"][...])
     v2 = _labels(store, B)
     assert v2 is not None
     assert (v1[:16, 16:32] == 255).all() and (v2[:16, 16:32] == 2).all()
