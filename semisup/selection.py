@@ -37,8 +37,10 @@ from semisup.active import (
 from semisup.actor_pool import cluster_cpus, map_with_pool, share_cpus, share_threads
 from semisup.config import ConfigError, load_config
 from semisup.evaluate import run_predictor
+from semisup.labelstudio import DEFAULT_IMAGE_ROOT, write_tasks
 
 SCORE_PREFIX = "score_"
+FORMATS = ("csv", "labelstudio")  # csv: selection.csv/geojson only; labelstudio: also tasks
 
 
 class TileScorer:
@@ -242,13 +244,8 @@ def contact_sheet(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from semisup.store import (
-        open_store,
-        read_store_meta,
-        read_tile,
-        read_window,
-        scale_to_uint8,
-    )
+    from semisup.labelstudio import tile_rgb
+    from semisup.store import open_store, read_store_meta, read_tile, read_window
     from semisup.train import band_scales, store_facts
 
     root = open_store(store)
@@ -270,9 +267,7 @@ def contact_sheet(
             batch = {k: v[None] for k, v in tile.items()}
             batch[C.SOURCE] = np.array([row.source])
             maps, _ = uncertainty_maps(predict, batch, band_scale, (measure,))
-            low, high = band_scale[row.source]
-            image = scale_to_uint8(tile[C.IMAGE], low, high)
-            image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]
+            image = tile_rgb(tile[C.IMAGE], *band_scale[row.source])
             ax_image, ax_map = axes.flat[2 * i], axes.flat[2 * i + 1]
             ax_image.imshow(image)
             ax_image.set_title(f"#{row.rank} tile {row.tile_id}", fontsize=7)
@@ -284,6 +279,35 @@ def contact_sheet(
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+@torch.inference_mode()
+def predicted_classes(
+    chosen: pd.DataFrame, store: str, run: Path, batch_size: int = 8
+) -> dict[int, np.ndarray]:
+    """Tile id -> HEIGHT×WIDTH uint8 argmax class map of the run's student over the tile's
+    window (the padded tile is predicted, then cropped), ``IGNORE_INDEX`` at nodata."""
+    from semisup.steps import prepare_batch
+    from semisup.store import open_store, read_store_meta, read_tile
+    from semisup.train import band_scales, store_facts
+
+    root = open_store(store)
+    size = read_store_meta(root).tile_size
+    band_scale = band_scales(store_facts(store))
+    predict = run_predictor(run, size)
+    rows = list(chosen.itertuples())
+    classes: dict[int, np.ndarray] = {}
+    for start in range(0, len(rows), batch_size):
+        group = rows[start : start + batch_size]
+        tiles = [read_tile(root[str(r.source)], int(r.y0), int(r.x0), size) for r in group]  # type: ignore[arg-type, call-overload]
+        batch = {key: np.stack([t[key] for t in tiles]) for key in (C.IMAGE, C.VALID)}
+        batch[C.SOURCE] = np.array([str(r.source) for r in group])
+        tensors = prepare_batch(batch, band_scale)
+        argmax = predict(tensors[C.IMAGE]).argmax(1).to(torch.uint8).numpy()  # B×S×S
+        argmax[~batch[C.VALID]] = C.IGNORE_INDEX
+        for r, prediction in zip(group, argmax, strict=True):
+            classes[int(r.tile_id)] = prediction[: int(r.height), : int(r.width)].copy()  # type: ignore[call-overload]
+    return classes
 
 
 def run_select(
@@ -298,13 +322,21 @@ def run_select(
     top_fraction: float = 1.0,
     actors: int = 1,
     sheet: bool = True,
+    output_format: str = "csv",
+    image_root: str = DEFAULT_IMAGE_ROOT,
     log: Any = sys.stderr,
 ) -> dict[str, Any]:
-    """Score the unlabeled tiles, pick ``budget`` of them and write the proposals to ``out``."""
+    """Score the unlabeled tiles, pick ``budget`` of them and write the proposals to ``out``.
+
+    ``output_format`` "labelstudio" also writes ``out``/labelstudio (``labelstudio.write_tasks``):
+    the chosen tiles as Label Studio tasks with the student's class maps as pre-annotations.
+    """
     from semisup.store import open_store, read_store_meta, read_tile_index
 
     if measure not in U.MEASURES:
         raise ValueError(f"measure: got {measure!r}, expected one of {', '.join(U.MEASURES)}")
+    if output_format not in FORMATS:
+        raise ValueError(f"format: got {output_format!r}, expected one of {', '.join(FORMATS)}")
     if not (run / "best").is_dir() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(
             f"run {run}: expected a `semisup train` run folder with config.yaml and best/"
@@ -336,6 +368,12 @@ def run_select(
         paths["contact_sheet"] = contact_sheet(
             chosen, store, run, measure, out / "contact_sheet.png"
         )
+    if output_format == "labelstudio":
+        tasks = write_tasks(
+            store, chosen, out / "labelstudio", image_root=image_root, model_version=run.name,
+            predictions=predicted_classes(chosen, store, run),
+        )  # fmt: skip
+        paths["labelstudio"] = tasks["tasks"]
     summary = {
         "candidates": len(scores),
         "selected": len(chosen),
@@ -397,6 +435,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--actors", type=int, default=1, help="scoring actors")
     parser.add_argument("--no-sheet", action="store_true", help="skip the PNG contact sheet")
+    parser.add_argument(
+        "--format", default="csv", choices=FORMATS,
+        help="csv: selection.csv and selection.geojson; labelstudio: also OUT/labelstudio/ "
+        "(tile PNGs, tasks.json with the student's prediction as pre-annotation, "
+        "label_config.xml) for Label Studio",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image-root", default=DEFAULT_IMAGE_ROOT,
+        help="prefix of each task's image URL, before the PNG's name (default: Label Studio "
+        "local files with LOCAL_FILES_DOCUMENT_ROOT=OUT/labelstudio)",
+    )  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -413,7 +462,8 @@ def run_cli(args: argparse.Namespace) -> int:
         summary = run_select(
             store, args.run, args.budget, args.out, measure=args.measure,
             diversity=args.diversity, radius_px=args.radius_px, top_fraction=args.top_fraction,
-            actors=args.actors, sheet=not args.no_sheet,
+            actors=args.actors, sheet=not args.no_sheet, output_format=args.format,
+            image_root=args.image_root,
         )  # fmt: skip
     print(f"proposed {summary['selected']} tiles (mean {summary['measure']} "
           f"{summary['mean_score_selected']:.3f} against {summary['mean_score_all']:.3f} over all "

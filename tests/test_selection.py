@@ -58,6 +58,7 @@ def test_selection_respects_the_budget_and_spreads_over_sources(
     assert values.between(0, 1).all() and values.std() > 0  # a real model, not a constant
     assert summary["mean_score_selected"] >= summary["mean_score_all"]
     assert (tmp_path / "sel" / "contact_sheet.png").stat().st_size > 5000
+    assert not (tmp_path / "sel" / "labelstudio").exists()  # only with --format labelstudio
 
     # footprints: the store's geo bounds, which are the source transform applied to the window
     geojson = json.loads((tmp_path / "sel" / "selection.geojson").read_text())
@@ -105,6 +106,49 @@ def test_select_cli_with_tta_and_clear_errors(
     assert main(["select", "--run", str(tmp_path), "--store", store, "--budget", "3",
                  "--out", str(tmp_path / "e")]) == 2  # fmt: skip
     assert "run folder" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(400)
+def test_labelstudio_format_attaches_the_students_class_maps(
+    trained: tuple[str, Path], tmp_path: Path
+) -> None:
+    from semisup.data import read_tiles
+    from semisup.evaluate import run_predictor
+    from semisup.labelstudio import export_masks, tile_name
+    from semisup.steps import prepare_batch
+    from semisup.train import band_scales, store_facts
+
+    store, run = trained
+    out = tmp_path / "ls"
+    argv = ["select", "--run", str(run), "--store", store, "--budget", "3", "--out", str(out),
+            "--no-sheet", "--format", "labelstudio", "--image-root", "http://tiles.example/"]  # fmt: skip
+    assert main(argv) == 0
+    chosen = pd.read_csv(out / "selection.csv").set_index(C.TILE_ID)
+    tasks = json.loads((out / "labelstudio" / "tasks.json").read_text())
+    assert [task["data"][C.TILE_ID] for task in tasks] == chosen.index.tolist()
+    assert tasks[0]["data"]["image"].startswith("http://tiles.example/")
+    # the student's argmax on each tile, read as scoring reads tiles (Ray Data, padded), cropped
+    facts = store_facts(store)
+    predict = run_predictor(run, int(facts["tile_size"]))
+    expected = {}
+    tiles = read_tiles(store, columns=[C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID],
+                       tile_ids=chosen.index.tolist())  # fmt: skip
+    for batch in tiles.iter_batches(batch_size=None, batch_format="numpy"):
+        argmax = predict(prepare_batch(batch, band_scales(facts))[C.IMAGE]).argmax(1).numpy()
+        argmax[~batch[C.VALID]] = C.IGNORE_INDEX
+        for tile_id, classes in zip(batch[C.TILE_ID], argmax, strict=True):
+            tile = chosen.loc[tile_id]
+            name = tile_name(tile[C.SOURCE], tile[C.ROW], tile[C.COL])
+            expected[name] = classes[: tile[C.HEIGHT], : tile[C.WIDTH]]
+    accepted = [
+        {**task, "annotations": [{"id": 1, "result": task["predictions"][0]["result"]}]}
+        for task in tasks
+    ]
+    (tmp_path / "export.json").write_text(json.dumps(accepted))
+    masks = export_masks(tmp_path / "export.json", facts["class_names"])
+    assert masks.keys() == expected.keys()
+    for name, classes in expected.items():
+        assert np.array_equal(masks[name], classes), name
 
 
 def test_a_sliver_of_imagery_scores_by_its_area() -> None:
