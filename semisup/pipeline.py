@@ -66,6 +66,7 @@ class Stage:
     uses: tuple[str, ...] = ()
     uses_ray: bool = True
     default: bool = True
+    reads_labels: bool = False
 
 
 _INPUTS = ("pipeline.images", "pipeline.labels", "pipeline.label_colors", "pipeline.class_names",
@@ -78,10 +79,11 @@ STAGES: dict[str, Stage] = {
     "zero-shot": Stage(stages.zero_shot,
                        ("student.model_type", "student.checkpoint", "pipeline.zero_shot_tiles"),
                        needs=("prep",)),
-    "teacher": Stage(stages.teacher, _MODEL, needs=("prep",)),
+    "teacher": Stage(stages.teacher, _MODEL, needs=("prep",), reads_labels=True),
     "pseudo-label": Stage(stages.pseudo_label, ("pipeline.pseudo_label_gpus",),
                           needs=("prep", "teacher")),
-    "student": Stage(stages.student, (*_MODEL, "ssl"), needs=("prep",), uses=("pseudo-label",)),
+    "student": Stage(stages.student, (*_MODEL, "ssl"), needs=("prep",), uses=("pseudo-label",),
+                     reads_labels=True),
     "evaluate": Stage(stages.evaluate, (), uses=("zero-shot", "teacher", "student"),
                       uses_ray=False),
     "report": Stage(stages.report, (), needs=("teacher", "student"),
@@ -91,7 +93,7 @@ STAGES: dict[str, Stage] = {
     "predict": Stage(stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"),
                      needs=("student",)),
     "tune": Stage(stages.tune, ("pipeline.tune_space", "pipeline.tune_samples", *_MODEL, "ssl"),
-                  needs=("prep",), uses=("pseudo-label",), default=False),
+                  needs=("prep",), uses=("pseudo-label",), default=False, reads_labels=True),
 }  # fmt: skip
 
 
@@ -110,8 +112,13 @@ def enabled_stages(config: ExperimentConfig, table: Mapping[str, Stage] = STAGES
     return [name for name in table if name in wanted]
 
 
-def stage_keys(config: ExperimentConfig, table: Mapping[str, Stage] = STAGES) -> dict[str, str]:
-    """Every stage's key: sha256 of its config sections and of its upstream stages' keys."""
+def stage_keys(
+    config: ExperimentConfig, table: Mapping[str, Stage] = STAGES, label_version: int = 0
+) -> dict[str, str]:
+    """Every stage's key: sha256 of its config sections and of its upstream stages' keys, and
+    for a stage that ``reads_labels``, of the store's ``label_version`` (0: as prep wrote it;
+    the version is left out of the key then, so runs from before label versions stay current).
+    """
     plain = to_dict(config)
     keys: dict[str, str] = {}
     for name, stage in table.items():
@@ -124,6 +131,8 @@ def stage_keys(config: ExperimentConfig, table: Mapping[str, Stage] = STAGES) ->
             "config": {section: _lookup(plain, section) for section in stage.sections},
             "upstream": {n: keys[n] for n in upstream},
         }
+        if stage.reads_labels and label_version:
+            identity["label_version"] = label_version
         text = json.dumps(identity, sort_keys=True, default=str)
         keys[name] = hashlib.sha256(text.encode()).hexdigest()
     return keys
@@ -231,9 +240,10 @@ def run_pipeline(
     check_checkpoint(config)
     if "tune" in names:  # Train inside Tune frees stopped trials through the dashboard's API
         config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, dashboard=True))
-    keys = stage_keys(config, table)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
+    version = current_label_version(config, out, manifest, stage_keys(config, table))
+    keys = stage_keys(config, table, version)
     manifest["name"] = config.name
     records: dict[str, dict[str, Any]] = manifest["stages"]
     say = _RunLog(out, log)
@@ -280,6 +290,20 @@ def run_pipeline(
         "ran": ran,
         "skipped": skipped,
     }
+
+
+def current_label_version(
+    config: ExperimentConfig, out: Path, manifest: Mapping[str, Any], keys: Mapping[str, str]
+) -> int:
+    """The label version of the run's store (``semisup label import`` raises it), read when the
+    run starts; 0 when prep has not written the store yet or will write it again."""
+    store = RunContext(config=config, out=out).store
+    prep = manifest.get("stages", {}).get("prep", {})
+    if "prep" not in keys or not _is_current(prep, keys["prep"]) or not store.is_dir():
+        return 0
+    from semisup.store import label_version
+
+    return label_version(str(store))
 
 
 def check_checkpoint(config: ExperimentConfig) -> None:

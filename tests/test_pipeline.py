@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
+from store_factory import SourceSpec, build_store
 
+from semisup import columns as C
 from semisup.config import ConfigError, ExperimentConfig, PipelineConfig, load_config
+from semisup.label_import import import_labels
 from semisup.pipeline import STAGES, Stage, enabled_stages, read_manifest, run_pipeline, stage_keys
 from semisup.stages import RunContext
+from semisup.store import label_array, open_store, read_tile_index
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,3 +213,64 @@ def test_pipeline_table_keys_follow_the_stages_that_read_each_other() -> None:
     }  # fmt: skip
     assert changed(prep={"tile_size": 128}) == set(STAGES)
     assert changed(pipeline={"out": "elsewhere", "stages": ("prep",)}) == set()
+
+
+def test_a_label_import_reruns_the_stages_that_read_labels(tmp_path: Path) -> None:
+    """After ``semisup label import`` raises the store's label version, a rerun rebuilds the
+    stages that train on labels and those downstream of them, and skips the rest."""
+
+    def prep(context: RunContext) -> dict[str, Any]:
+        build_store(str(context.store), [SourceSpec("scene", 64, 64, split=C.UNLABELED)])
+        return {"outputs": [str(context.store)]}
+
+    def reader(context: RunContext) -> dict[str, Any]:
+        index = read_tile_index(str(context.store)).to_pandas()
+        return {"labeled": int((index[C.SPLIT] == C.LABELED).sum())}
+
+    table = {
+        "prep": Stage(prep, ("prep.seed",), uses_ray=False),
+        "zero": Stage(stage_a, ("prep.seed",), needs=("prep",), uses_ray=False),
+        "train": Stage(reader, (), needs=("prep",), uses_ray=False, reads_labels=True),
+        "after": Stage(stage_c, (), uses=("train",), uses_ray=False),
+    }
+    config = toy_config(tmp_path / "run")
+    first = run_pipeline(config, log=None, table=table)
+    assert first["ran"] == ["prep", "zero", "train", "after"]
+    assert first["stages"]["train"]["labeled"] == 0
+    assert run_pipeline(config, log=None, table=table)["ran"] == []
+
+    # an annotator's mask for one tile: the ground truth the store already holds, hidden by the
+    # split, so the import only moves the tile to labeled
+    store = tmp_path / "run" / "store.zarr"
+    tile = read_tile_index(str(store)).to_pandas().iloc[0]
+    labels = label_array(open_store(str(store))["scene"])
+    assert labels is not None
+    window = (
+        slice(tile["y0"], tile["y0"] + tile["height"]),
+        slice(tile["x0"], tile["x0"] + tile["width"]),
+    )
+    mask = tmp_path / f"scene__r{tile['row']}_c{tile['col']}.png"
+    Image.fromarray(labels[window]).save(mask)
+    import_labels(store, [mask], log=None)
+
+    again = run_pipeline(config, log=None, table=table)
+    assert again["skipped"] == ["prep", "zero"] and again["ran"] == ["train", "after"]
+    assert again["stages"]["train"]["labeled"] == 1
+    assert run_pipeline(config, log=None, table=table)["ran"] == []
+
+
+def test_the_label_version_is_in_the_keys_of_the_stages_that_train_on_labels() -> None:
+    base = load_config(REPO_ROOT / "cluster" / "smoke.yaml")
+    keys, imported = stage_keys(base), stage_keys(base, label_version=2)
+    changed = {name for name in keys if imported[name] != keys[name]}
+    untouched = {"prep", "stream", "zero-shot", "detect"} & set(STAGES)
+    assert changed == set(STAGES) - untouched
+    assert {
+        "teacher",
+        "pseudo-label",
+        "student",
+        "evaluate",
+        "report",
+        "select",
+        "predict",
+    } <= changed
