@@ -164,36 +164,46 @@ def raster_labels(path: Path, view: StoreView) -> list[TileLabel]:
                 f"{rows} rows x {cols} columns)"
             )
     source = _source_named(path, view)
-    label = LabelRaster(path, view.color_map, view.meta.num_classes)
-    try:
-        _check_georeference(path, label, source, 0, 0)
-        if (label.height, label.width) != (source.height, source.width):
-            raise PrepError(
-                f"{path}: size {label.width}x{label.height} (WxH) does not match source "
-                f"{source.source_id} ({source.width}x{source.height})"
-            )
-        ids = label.read_ids(0, 0, source.height, source.width)  # H×W uint8
-    finally:
-        label.close()
+    window = (0, 0, source.height, source.width)
+    what = f"source {source.source_id} ({source.width}x{source.height})"
+    ids = _read_mask(path, view, source, window, [window[2:]], what)  # H×W uint8
     return cut_tiles(ids, view.tiles_of(source.source_id), str(path))
 
 
 def _tile_mask(path: Path, tile: TileSlot, view: StoreView) -> TileLabel:
     """One tile's mask: h×w as in the index, or tile_size² for an edge tile (cropped)."""
+    size = view.meta.tile_size
+    window = (tile.y0, tile.x0, tile.height, tile.width)
+    what = f"tile {tile.name} ({tile.width}x{tile.height}, or {size}x{size} padded)"
+    source = view.sources[tile.source_id]
+    ids = _read_mask(path, view, source, window, [window[2:], (size, size)], what)  # h×w uint8
+    return TileLabel(tile.tile_id, tile.source_id, ids, f"{path}")
+
+
+def _read_mask(
+    path: Path,
+    view: StoreView,
+    source: SourceMeta,
+    window: tuple[int, int, int, int],
+    sizes: Sequence[tuple[int, ...]],
+    what: str,
+) -> np.ndarray:
+    """Class ids of a mask of ``window`` (y0, x0, h, w) of ``source``: h×w uint8.
+
+    The mask's (height, width) must be one of ``sizes`` (``what`` names the expected size) and,
+    when georeferenced, its CRS and origin those of the window.
+    """
+    y0, x0, height, width = window
     label = LabelRaster(path, view.color_map, view.meta.num_classes)
     try:
-        source = view.sources[tile.source_id]
-        _check_georeference(path, label, source, tile.y0, tile.x0)
-        size = view.meta.tile_size
-        if (label.height, label.width) not in ((tile.height, tile.width), (size, size)):
+        _check_georeference(path, label, source, y0, x0)
+        if (label.height, label.width) not in sizes:
             raise PrepError(
-                f"{path}: size {label.width}x{label.height} (WxH) does not match tile "
-                f"{tile.name} ({tile.width}x{tile.height}, or {size}x{size} padded)"
+                f"{path}: size {label.width}x{label.height} (WxH) does not match {what}"
             )
-        ids = label.read_ids(0, 0, tile.height, tile.width)  # h×w uint8
+        return label.read_ids(0, 0, height, width)
     finally:
         label.close()
-    return TileLabel(tile.tile_id, tile.source_id, ids, f"{path}")
 
 
 def _source_named(path: Path, view: StoreView) -> SourceMeta:
@@ -418,7 +428,10 @@ def _gpkg_geometry(path: Path, number: int, blob: bytes | None) -> shapely.Geome
     if not blob or blob[:2] != b"GP":
         raise PrepError(f"{path}: feature {number} has no GeoPackage geometry")
     flags = blob[3]  # bit 0: byte order; bits 1-3: envelope kind (none, xy, xyz, xym, xyzm)
-    envelope_bytes = (0, 32, 48, 48, 64)[(flags >> 1) & 0b111]
+    kind = (flags >> 1) & 0b111
+    if kind > 4:
+        raise PrepError(f"{path}: feature {number} has an invalid GeoPackage envelope ({kind})")
+    envelope_bytes = (0, 32, 48, 48, 64)[kind]
     return shapely.wkb.loads(bytes(blob[8 + envelope_bytes :]))
 
 
