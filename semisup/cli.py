@@ -75,7 +75,8 @@ STAGES: dict[str, Stage] = {
         "semisup.selection", "add_arguments", "run_cli",
         "Scores every unlabeled tile with a trained run's student (entropy, margin, teacher "
         "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
-        "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png.",
+        "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png; "
+        "--format labelstudio adds Label Studio tasks with the student's prediction.",
     ),
     "label": Stage(
         "import new ground truth into a store as a new label version (label import)",
