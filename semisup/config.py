@@ -295,6 +295,7 @@ class PipelineConfig:
 
 DetectorArch = Literal["fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"]
 DetectorFinetune = Literal["full", "head", "backbone_layers"]
+DetectorTarget = Literal["ema", "pseudo", "both"]
 Task = Literal["segmentation", "detection"]
 
 
@@ -316,6 +317,13 @@ class DetectorConfig:
     nms_iou: float = 0.5  # torchvision's per-class NMS IoU
     detections_per_tile: int = 300  # above COCO's 100: a tile can hold more tree crowns
     pseudo_score: float = 0.7  # Unbiased Teacher: teacher detections this confident are targets
+    # Pseudo-boxes of unlabeled tiles (with ssl.enabled), as ssl.target for masks: "ema" the EMA
+    # teacher's detections; "pseudo" the boxes of the store's SAM instances (`semisup
+    # pseudo-label --mode automatic`, its pseudo_instances.parquet); "both" their union,
+    # then class-wise NMS at nms_iou
+    target: DetectorTarget = "ema"
+    sam_min_predicted_iou: float = 0.88  # SAM instances kept as pseudo-boxes: SAM's automatic
+    sam_min_stability: float = 0.95  # generator's pred_iou_thresh and stability_score_thresh
 
     def __post_init__(self) -> None:
         stages = 5 if self.arch == "fasterrcnn_resnet50_fpn_v2" else 6
@@ -328,6 +336,8 @@ class DetectorConfig:
                self.detections_per_tile, ">= 1")  # fmt: skip
         _check(0 <= self.pseudo_score <= 1, "detector.pseudo_score", self.pseudo_score,
                "in [0, 1]")  # fmt: skip
+        _check(0 <= self.sam_min_stability <= 1, "detector.sam_min_stability",
+               self.sam_min_stability, "in [0, 1]")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from semisup.detection.steps import (
     detection_losses,
     detection_step,
     pseudo_boxes,
+    union_nms,
 )
 from semisup.ema import make_ema_teacher
 from semisup.tile_boxes import boxes_in_tile
@@ -89,3 +90,47 @@ def test_pseudo_boxes_teach_classification_only(crowns: BoxBatch) -> None:
         + 4.0 * (value["loss_classifier_unlabeled"] + value["loss_objectness_unlabeled"]),
         rel=1e-5,
     )
+
+
+def test_sam_pseudo_boxes_teach_classification_without_a_teacher(crowns: BoxBatch) -> None:
+    """``target: pseudo``: the unlabeled tiles' boxes are SAM's (here the crowns themselves,
+    scored 0.9), learnt by classification only, with no EMA teacher at all."""
+    torch.manual_seed(0)
+    model = build_detector(1, arch="fasterrcnn_mobilenet_v3_large_fpn", finetune="full",
+                           tile_size=SIZE)  # fmt: skip
+    sam = BoxBatch(crowns.images, crowns.boxes, crowns.labels,
+                   [torch.full((len(b),), 0.9) for b in crowns.boxes])  # fmt: skip
+    recipe = DetectionRecipe(target="pseudo", ramp_up_steps=0)
+    parts = detection_losses(model, crowns, sam, teacher=None, recipe=recipe, step=0)
+    assert torch.isfinite(parts["loss"]) and float(parts["loss_classifier_unlabeled"].detach()) > 0
+    # every crown box survives the weak view, and most the strong one
+    total = sum(len(b) for b in crowns.boxes)
+    assert 0.5 * total / 2 <= float(parts["pseudo_boxes"]) <= total / 2
+    model.zero_grad()
+    (parts["loss_classifier_unlabeled"] + parts["loss_objectness_unlabeled"]).backward()
+    predictor = model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.grad.abs().sum() > 0
+    assert (
+        predictor.bbox_pred.weight.grad is None or predictor.bbox_pred.weight.grad.abs().sum() == 0
+    )
+    empty = BoxBatch(crowns.images, [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2,
+                     [torch.zeros(0)] * 2)  # fmt: skip
+    none = detection_losses(model, crowns, empty, teacher=None, recipe=recipe, step=0)
+    assert float(none["pseudo_boxes"]) == 0  # no SAM box, no pseudo-box: nothing invented
+    both = DetectionRecipe(target="both", ramp_up_steps=0, pseudo_score=0.0)
+    joined = detection_losses(model, crowns, sam, teacher=make_ema_teacher(model), recipe=both,
+                              step=0)  # fmt: skip
+    assert torch.isfinite(joined["loss"]) and float(joined["pseudo_boxes"]) > 0
+
+
+def test_both_keeps_the_union_of_sam_and_teacher_boxes_once() -> None:
+    sam = (torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), torch.tensor([1, 1]),
+           torch.tensor([0.9, 0.8]))  # fmt: skip
+    teacher = (torch.tensor([[1.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([1, 1]),
+               torch.tensor([0.95, 0.7]))  # fmt: skip
+    boxes, labels = union_nms(sam, teacher, 0.5)
+    # the two near-equal boxes are one (the teacher's, higher score); the others stay
+    assert boxes.tolist() == [[1, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]]
+    assert labels.tolist() == [1, 1, 1]
+    other_class = (teacher[0], torch.tensor([2, 2]), teacher[2])
+    assert len(union_nms(sam, other_class, 0.5)[0]) == 4  # NMS is class-wise

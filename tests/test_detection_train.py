@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,5 +153,31 @@ def test_bad_input_fails_in_the_driver_before_any_worker_starts(
         run_training(store, _config(f"detector.checkpoint={broken}"), tmp_path / "b",
                      splits=splits, debug=True)  # fmt: skip
     assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match=f"^detector.target='pseudo' .* store {store} has no "
+                       "finished instance table"):  # fmt: skip
+        run_training(store, _config("detector.target=pseudo"), tmp_path / "c", splits=splits,
+                     debug=True)  # fmt: skip
+    assert not (tmp_path / "c").exists()
     with pytest.raises(ConfigError, match="detector.trainable_backbone_layers"):
         _config("detector.arch=fasterrcnn_resnet50_fpn_v2", "detector.trainable_backbone_layers=6")
+
+
+@pytest.mark.timeout(240)
+def test_sam_pseudo_boxes_train_the_unlabeled_tiles(
+    crowns: tuple[str, dict], tmp_path: Path, ray_session: None
+) -> None:
+    """``detector.target=pseudo`` on a store the automatic teacher labelled: the unlabeled
+    tiles' targets are its instances' boxes, learnt by classification."""
+    from test_detection_targets import _label_in_process
+
+    store, splits = crowns
+    labelled = str(tmp_path / "labelled.zarr")
+    shutil.copytree(store, labelled)
+    rows = _label_in_process(labelled, "automatic", splits[C.UNLABELED])
+    config = _config("detector.target=pseudo", "detector.sam_min_predicted_iou=-1e9",
+                     "detector.sam_min_stability=0", "train.epochs=1", "train.steps_per_epoch=2")  # fmt: skip
+    report = run_training(labelled, config, tmp_path / "run", splits=splits, debug=True)
+    train = report["epochs"][0]["train"]
+    print(f"SAM pseudo-boxes per tile {train['pseudo_boxes']:.2f} ({len(rows)} instances)")
+    assert train["pseudo_boxes"] > 0 and np.isfinite(train["loss"])
+    assert train["loss_classifier_unlabeled"] > 0

@@ -9,6 +9,10 @@ follow Unbiased Teacher (Liu et al., 2021):
 - only the classification losses (the RPN's objectness and the box head's classifier) learn
   from pseudo-boxes: a detector's score says nothing about how well a box fits, so regressing to
   pseudo-box coordinates would teach the teacher's localisation errors.
+
+The pseudo-boxes may instead come offline, from SAM's instances (``DetectionRecipe.target``, as
+``ssl.target`` for masks): ``pseudo`` trains on them alone, ``both`` on their union with the EMA
+teacher's, reduced by class-wise NMS (SAM boxes scored by their predicted IoU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.ops import batched_nms
 
 from semisup.config import AugmentConfig
 from semisup.detection.box_augment import BoxView, strong_box_view, weak_box_view
@@ -37,16 +42,20 @@ class DetectionRecipe:
     unlabeled_weight: float = 4.0  # Unbiased Teacher's λ_u
     ramp_up_steps: int = 200
     ema_momentum: float = 0.9996  # Unbiased Teacher's teacher momentum
+    target: str = "ema"  # pseudo-boxes: "ema" teacher, "pseudo" SAM's, "both" (module doc)
+    nms_iou: float = 0.5  # "both": class-wise NMS of the union (torchvision's detector NMS)
 
 
 @dataclass(frozen=True)
 class BoxBatch:
     """Tiles with their boxes: ``images`` B×3×S×S in [0, 1]; per tile ``boxes`` N×4 pixel-edge
-    xyxy and ``labels`` N class ids ≥ 1 (0 is Faster R-CNN's background)."""
+    xyxy and ``labels`` N class ids ≥ 1 (0 is Faster R-CNN's background); ``scores`` N in [0, 1]
+    per tile for pseudo-boxes (None for the truth)."""
 
     images: torch.Tensor
     boxes: Sequence[torch.Tensor]
     labels: Sequence[torch.Tensor]
+    scores: Sequence[torch.Tensor] | None = None
 
 
 def targets(view: BoxView | BoxBatch) -> list[dict[str, torch.Tensor]]:
@@ -72,29 +81,69 @@ def pseudo_boxes(
     )
 
 
+def union_nms(
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    iou: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile's two sets of (boxes N×4, labels N, scores N) joined, then class-wise NMS at
+    ``iou``: (boxes M×4, labels M), highest score first."""
+    boxes, labels, scores = (torch.cat([a.to(b), b]) for a, b in zip(first, second, strict=True))
+    keep = batched_nms(boxes.float(), scores.float(), labels, iou)
+    return boxes[keep], labels[keep]
+
+
+def unlabeled_targets(
+    teacher: nn.Module | None, weak: BoxView, sam_scores: Sequence[torch.Tensor] | None,
+    recipe: DetectionRecipe,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """Pseudo-boxes and labels per tile of the unlabeled weak view, by ``recipe.target``: the
+    view's own boxes (SAM's, ``pseudo``), the EMA teacher's detections (``ema``) or both."""
+    if recipe.target == "pseudo":
+        return list(weak.boxes), list(weak.labels)
+    assert teacher is not None, f"target {recipe.target!r} needs the EMA teacher"
+    boxes, labels, scores = pseudo_boxes(teacher, weak.images, recipe.pseudo_score)
+    if recipe.target == "ema":
+        return boxes, labels
+    assert sam_scores is not None, "target 'both' needs SAM's boxes with their scores"
+    merged = [
+        union_nms(sam, found, recipe.nms_iou)
+        for sam, found in zip(
+            zip(weak.boxes, weak.labels, sam_scores, strict=True),
+            zip(boxes, labels, scores, strict=True),
+            strict=True,
+        )
+    ]
+    return [b for b, _ in merged], [label for _, label in merged]
+
+
 def detection_losses(
     model: nn.Module,
     labeled: BoxBatch,
-    unlabeled: torch.Tensor | None,
+    unlabeled: torch.Tensor | BoxBatch | None,
     *,
     teacher: nn.Module | None,
     recipe: DetectionRecipe,
     step: int,
     keys: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None,) * 3,
 ) -> dict[str, torch.Tensor]:
-    """``loss`` (with graph) and its parts. ``keys``: the per-sample augmentation keys of the
-    labeled weak view, the unlabeled weak view and the unlabeled strong view (None: torch's RNG).
-    Parts of the unlabeled term are ``{name}_unlabeled``, with ``pseudo_boxes`` per tile."""
+    """``loss`` (with graph) and its parts. ``unlabeled``: B×3×S×S images, or (targets
+    ``pseudo`` and ``both``) a BoxBatch of them with SAM's pseudo-boxes and scores. ``keys``:
+    the per-sample augmentation keys of the labeled weak view, the unlabeled weak view and the
+    unlabeled strong view (None: torch's RNG). Parts of the unlabeled term are
+    ``{name}_unlabeled``, with ``pseudo_boxes`` per tile."""
     train_mode(model)
     weak = weak_box_view(labeled.images, labeled.boxes, labeled.labels, recipe.augment, keys[0])
     parts = model(list(weak.images), targets(weak))
     loss = torch.stack(list(parts.values())).sum()
-    if unlabeled is None or teacher is None:
+    if unlabeled is None or (teacher is None and recipe.target != "pseudo"):
         return {"loss": loss, **parts}
-    empty = [torch.zeros(0, 4)] * len(unlabeled)
-    weak_u = weak_box_view(unlabeled, empty, [torch.zeros(0)] * len(unlabeled), recipe.augment,
+    if isinstance(unlabeled, torch.Tensor):
+        empty = [torch.zeros(0, 4)] * len(unlabeled)
+        unlabeled = BoxBatch(unlabeled, empty, [torch.zeros(0, dtype=torch.int64)] * len(empty))
+    weak_u = weak_box_view(unlabeled.images, unlabeled.boxes, unlabeled.labels, recipe.augment,
                            keys[1])  # fmt: skip
-    boxes, labels, _ = pseudo_boxes(teacher, weak_u.images, recipe.pseudo_score)
+    boxes, labels = unlabeled_targets(teacher, weak_u, unlabeled.scores, recipe)
     strong = strong_box_view(weak_u.images, boxes, labels, recipe.augment, keys[2])
     unsup = model(list(strong.images), targets(strong))
     loss_u = torch.stack([unsup[name] for name in UNLABELED_LOSSES]).sum()
@@ -103,7 +152,7 @@ def detection_losses(
         "loss": loss + weight * loss_u,
         **parts,
         **{f"{name}_unlabeled": unsup[name] for name in UNLABELED_LOSSES},
-        "pseudo_boxes": torch.tensor(sum(len(b) for b in strong.boxes) / len(unlabeled)),
+        "pseudo_boxes": torch.tensor(sum(len(b) for b in strong.boxes) / len(unlabeled.images)),
         "unlabeled_weight": torch.tensor(weight),
     }
 
@@ -112,7 +161,7 @@ def detection_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     labeled: BoxBatch,
-    unlabeled: torch.Tensor | None,
+    unlabeled: torch.Tensor | BoxBatch | None,
     *,
     teacher: nn.Module | None,
     recipe: DetectionRecipe,

@@ -8,7 +8,8 @@ run's; here are only what differs:
   was split with (``data_prep.splits``, its recorded split_by, fractions and seed); tiles of
   sources without boxes stay unlabeled;
 - the step: ``semisup.detection.steps`` on the store's box targets of labeled tiles, and with
-  ``ssl.enabled`` the Unbiased-Teacher term on unlabeled tiles (always an EMA teacher);
+  ``ssl.enabled`` the Unbiased-Teacher term on unlabeled tiles, whose pseudo-boxes come from the
+  EMA teacher, from the store's SAM instances or both (``detector.target``);
 - the score: COCO box AP over the validation tiles (``box_ap``, the code of
   ``semisup evaluate-boxes``), each rank predicting its share, every rank scoring all of them;
 - the best weights: the detector's state dict, ``RUN_DIR/best/detector.pt``, which
@@ -32,7 +33,7 @@ from semisup.config import ConfigError, ExperimentConfig
 from semisup.detection.box_ap import box_average_precision
 from semisup.detection.model import DetectorCheckpointError, build_detector
 from semisup.detection.steps import BoxBatch, DetectionRecipe, detection_step
-from semisup.detection.targets import BoxTargets
+from semisup.detection.targets import BoxTargets, SamPseudoBoxes, check_sam_pseudo_boxes
 from semisup.sampling import STRONG_VIEW, WEAK_VIEW, derive_keys
 from semisup.steps import prepare_batch, unwrap
 from semisup.train_state import Trainables
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 DETECTOR_FILE = "detector.pt"
 VALIDATION_BATCH = 8  # tiles per validation forward pass
 LABELED_COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID, C.Y0, C.X0)
-UNLABELED_COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID)
+UNLABELED_COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID, C.Y0, C.X0)
 AP_KEYS = ("ap", "ap50", "ap75")
 
 
@@ -61,7 +62,8 @@ def detection_facts(
 
     Raises:
         NoBoxesError: the store holds no boxes.
-        ConfigError: a key that cannot work with this store (``detector.checkpoint``, ...).
+        ConfigError: a key that cannot work with this store (``detector.checkpoint``, SAM
+            pseudo-boxes of ``detector.target`` the store cannot give, ...).
         ValueError: a split without tiles, or validation tiles without a box.
     """
     if config.train.init_from is not None:
@@ -88,6 +90,9 @@ def detection_facts(
         )
     classes = list(targets.class_names)
     check_detector(config, len(classes))
+    if config.ssl.enabled and config.detector.target != "ema" and tile_ids[C.UNLABELED]:
+        key = f"detector.target={config.detector.target!r}"
+        check_sam_pseudo_boxes(store, classes, tile_ids[C.UNLABELED], key)
     band_scale = {}
     for source_id in meta.sources:
         source = tile_store.read_source_meta(root, source_id)
@@ -162,6 +167,24 @@ def box_batch(
     return BoxBatch(images, boxes, labels)
 
 
+def sam_box_batch(
+    batch: Mapping[str, Any],
+    images: torch.Tensor,
+    sam_boxes: SamPseudoBoxes,
+    device: torch.device,
+) -> BoxBatch:
+    """Unlabeled tiles (TILE_ID, Y0, X0 columns; ``images`` B×3×S×S in [0, 1]) with their SAM
+    pseudo-boxes (N×4 pixel-edge xyxy), labels (N int64, all 1: the store's one box class) and
+    scores (N float32 predicted IoU)."""
+    boxes, labels, scores = [], [], []
+    for tile_id, y0, x0 in zip(batch[C.TILE_ID], batch[C.Y0], batch[C.X0], strict=True):
+        tile, iou = sam_boxes.tile(int(tile_id), int(y0), int(x0))
+        boxes.append(torch.from_numpy(tile.boxes).to(device))
+        labels.append(torch.from_numpy(tile.labels + 1).to(device))
+        scores.append(torch.from_numpy(iou).to(device))
+    return BoxBatch(images, boxes, labels, scores)
+
+
 def _keys(batch: Mapping[str, Any] | None, view: int) -> torch.Tensor | None:
     if batch is None or C.SAMPLE_KEY not in batch:
         return None
@@ -182,11 +205,17 @@ class DetectionTask:
         self.class_names = list(loop_config["facts"]["class_names"])
         self.tile_size = int(loop_config["facts"]["tile_size"])  # px; predict's default window
         self.truths = val_truths(store, self.targets, loop_config["splits"][C.VAL])
-        ssl = config.ssl
+        ssl, detector = config.ssl, config.detector
         self.recipe = DetectionRecipe(
-            augment=config.augment, pseudo_score=config.detector.pseudo_score,
+            augment=config.augment, pseudo_score=detector.pseudo_score,
             unlabeled_weight=ssl.unlabeled_weight, ramp_up_steps=ssl.ramp_up_steps,
-            ema_momentum=ssl.ema_momentum,
+            ema_momentum=ssl.ema_momentum, target=detector.target, nms_iou=detector.nms_iou,
+        )  # fmt: skip
+        self.sam_boxes = (
+            SamPseudoBoxes(store, self.tile_size, min_predicted_iou=detector.sam_min_predicted_iou,
+                           min_stability=detector.sam_min_stability)
+            if loop_config["use_unlabeled"] and detector.target != "ema"
+            else None
         )  # fmt: skip
 
     def build(
@@ -220,10 +249,13 @@ class DetectionTask:
         unlabeled: dict[str, np.ndarray] | None,
     ) -> dict[str, float]:
         batch = box_batch(labeled, self.targets, run.band_scale, run.device)
-        images = None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device)
+        images: torch.Tensor | BoxBatch | None = None
+        if unlabeled is not None:
+            images = prepare_batch(unlabeled, run.band_scale, run.device)[C.IMAGE]
+            if self.sam_boxes is not None:
+                images = sam_box_batch(unlabeled, images, self.sam_boxes, run.device)
         return detection_step(
-            run.model, run.trainables.optimizer, batch,
-            None if images is None else images[C.IMAGE], teacher=run.trainables.teacher,
+            run.model, run.trainables.optimizer, batch, images, teacher=run.trainables.teacher,
             recipe=self.recipe, step=run.state.step,
             keys=(_keys(labeled, WEAK_VIEW), _keys(unlabeled, WEAK_VIEW),
                   _keys(unlabeled, STRONG_VIEW)),
