@@ -55,6 +55,7 @@ from semisup.stitch import Job, Stitcher, plan_jobs
 DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
 PROGRESS_EVERY_S: Final = 2.0
 IDENTITY_VERSION: Final = 1
+BUILT_IN_CLASSES: Final = 2  # classes of a random-init built-in model (``--model tiny``)
 
 
 def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Path:
@@ -127,7 +128,7 @@ def run_predict(
     torch_threads: int | None = None,
     base_checkpoint: str | None = None,
     seed: int | None = None,
-    num_classes: int = 2,
+    num_classes: int = BUILT_IN_CLASSES,
     stripe_width: int = DEFAULT_STRIPE,
     cog: bool = False,
     overwrite: bool = False,
@@ -179,6 +180,7 @@ def run_predict(
     another base, a band count the band rule cannot feed) raises before anything is written.
     """
     started = time.perf_counter()
+    refuse_detection_runs([model] if isinstance(model, str) else model)
     out = Path(out)
     sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
@@ -610,9 +612,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-classes",
         type=int,
-        default=2,
         metavar="K",
-        help="built-in models only: number of classes (default 2)",
+        help=f"built-in models only: number of classes (default {BUILT_IN_CLASSES})",
     )
     parser.add_argument(
         "--stripe-width",
@@ -644,6 +645,19 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def refuse_detection_runs(models: Sequence[str | Path]) -> None:
+    """``ValueError`` naming a detection run among ``models``: its boxes come from
+    ``semisup.detection.predict.run_detection_predict`` (``semisup predict`` picks it)."""
+    from semisup.detection.predict import is_detection_run
+
+    for model in models:
+        if is_detection_run(model):
+            raise ValueError(
+                f"{model} is a detection run (task: detection); it predicts boxes with "
+                "semisup.detection.predict.run_detection_predict, not class maps"
+            )
+
+
 def run_predict_cli(args: argparse.Namespace) -> int:
     """Run ``semisup predict``; prints the summary as JSON; returns the exit status. A
     detection run (``task: detection``) writes boxes instead (``detection.predict.run_cli``)."""
@@ -657,7 +671,8 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
-        base_checkpoint=args.base_checkpoint, seed=args.seed, num_classes=args.num_classes,
+        base_checkpoint=args.base_checkpoint, seed=args.seed,
+        num_classes=BUILT_IN_CLASSES if args.num_classes is None else args.num_classes,
         stripe_width=args.stripe_width, cog=args.cog, overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
     )  # fmt: skip

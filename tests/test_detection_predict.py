@@ -145,6 +145,8 @@ def test_bad_input_is_refused_in_one_line_before_any_actor(
         "--min-area applies to class maps; --model .* is a detection run": [
             "--run", str(run), "--out", str(out), "--min-area", "5"],
         "--cog applies to class maps": ["--run", str(run), "--out", str(out), "--cog"],
+        "--num-classes applies to class maps": [
+            "--run", str(run), "--out", str(out), "--num-classes", "2"],
         "--min-score applies to detection runs .*predicts class maps": [
             "--model", "tiny", "--out", str(tmp_path / "map.tif"), "--min-score", "0.5"],
         "a detection run writes its boxes to one CSV": [
@@ -163,6 +165,9 @@ def test_bad_input_is_refused_in_one_line_before_any_actor(
         error = capsys.readouterr().err.strip()
         assert "\n" not in error and re.search(message, error), (message, error)
     assert not out.exists() and out_exists.read_text() == "x\n"
+    assert not (tmp_path / "map.tif").exists()
+    with pytest.raises(ValueError, match="is a detection run .* not class maps"):
+        semisup.predict.run_predict([raster], str(run), tmp_path / "map.tif")
     assert not (tmp_path / "map.tif").exists()
 
 

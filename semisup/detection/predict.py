@@ -434,7 +434,7 @@ SEGMENTATION_ONLY: Final = {  # flag -> (argparse dest, its default): class maps
     "--min-area": ("min_area", 0.0),
     "--base-checkpoint": ("base_checkpoint", None),
     "--seed": ("seed", None),
-    "--num-classes": ("num_classes", 2),
+    "--num-classes": ("num_classes", None),
     "--cog": ("cog", False),
 }
 DETECTION_ONLY: Final = {"--min-score": ("min_score", None)}
