@@ -5,9 +5,20 @@ truth instance. SAM is prompted with the component's bounding box, and separatel
 point inside it; each prompted mask is scored by IoU against the component. SAM's automatic mode
 is scored by coverage: the fraction of valid pixels that some kept mask covers.
 
+A store with boxes (``semisup prep --boxes``; with or without masks) is also scored as a
+detector, by COCO box AP (``semisup.detection.box_ap``, the code of ``semisup evaluate-boxes``)
+against each tile's boxes as detection training sees them (``detection.targets.BoxTargets``):
+
+- ``box_ap.prompted``: SAM prompted with the truth boxes themselves, each mask turned back into
+  its bounding box (scored by predicted IoU, the truth box's class): how much a box is lost by
+  going through a mask;
+- ``box_ap.automatic``: SAM's automatic instances as boxes, class-agnostic (every box, truth and
+  predicted, one class ``object``): the honest zero-shot detector figure.
+
 ``run_zero_shot`` writes into ``out_dir``:
 
-- ``zero_shot.json``: overall and per-class box/point IoU, automatic coverage, settings;
+- ``zero_shot.json``: overall and per-class box/point IoU, automatic coverage, ``box_ap``
+  (None for a store without boxes), settings;
 - ``zero_shot.md``: the same as Markdown tables;
 - ``zero_shot_examples.png``: a few tiles: image, ground truth, box-prompted masks, automatic
   masks.
@@ -36,8 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from data_prep.boxes import BoxSet
 from semisup import columns as C
 from semisup import store as tile_store
+from semisup.detection.box_ap import box_average_precision
+from semisup.detection.targets import BoxTargets, NoBoxesError
 from semisup.masks import MaskFilter, paint_instances
 from semisup.sam import SAM_SPECS, build_sam, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
@@ -45,6 +59,7 @@ from semisup.teacher import (
     best_mask,
     decode_masks,
     encode_images,
+    instance_rows,
     point_grid,
     select_device,
     teacher_image,
@@ -58,6 +73,7 @@ RANDOM_WEIGHTS_NOTE: Final = (
     "--checkpoint PATH_OR_URL loads official weights"
 )
 MIN_COMPONENT_PX: Final = 16  # smaller components are label noise at 256 px tiles
+AGNOSTIC: Final = "object"  # the one class of the class-agnostic automatic box AP
 # 4-connectivity, as scipy.ndimage.label's default structuring element
 _NEIGHBOURS: Final = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -262,6 +278,74 @@ def score_tile(
     )
 
 
+def mask_boxes(
+    logits: torch.Tensor, scores: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bounding box of each non-empty mask: (K×4 float32 pixel-edge xyxy, K float32
+    scores, K int64 indices into the N masks). ``logits``: N×S×S; ``scores``: N."""
+    ids = torch.arange(1, len(scores) + 1, device=scores.device)
+    rows = instance_rows(logits, scores, ids, top=0, left=0)  # K×8, empty masks dropped
+    return (
+        rows[:, 1:5].astype(np.float32),
+        rows[:, 5].astype(np.float32),
+        rows[:, 0].astype(np.int64) - 1,
+    )
+
+
+@dataclass(frozen=True)
+class BoxTileResult:
+    """One tile as a detector: the truth, the box-prompted masks' boxes (the truth's classes)
+    and the automatic masks' boxes (class ``AGNOSTIC``), each a BoxSet named by the tile."""
+
+    truth: BoxSet
+    prompted: BoxSet
+    automatic: BoxSet
+
+
+def score_box_tile(
+    model: Any,
+    image: np.ndarray,
+    truth_boxes: np.ndarray,
+    truth_names: Sequence[str],
+    *,
+    tile_id: int,
+    grid_xy: torch.Tensor,
+    mask_filter: MaskFilter,
+) -> BoxTileResult:
+    """SAM's masks on one S×S×3 uint8 tile turned into boxes: prompted by ``truth_boxes`` (M×4
+    pixel-edge xyxy in the tile, classes ``truth_names``), and automatic."""
+    device = next(model.parameters()).device
+    pixels = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()  # 1×3×S×S
+    embedding = encode_images(model, pixels)
+    name, where = f"tile_{tile_id}", Path("zero-shot")
+    prompted = BoxSet(name, np.zeros((0, 4), np.float32), (), where, np.zeros(0, np.float32))
+    if len(truth_boxes):
+        prompts = torch.as_tensor(truth_boxes, dtype=torch.float32, device=device)
+        logits, iou = best_mask(*decode_masks(model, embedding, boxes=prompts))  # M×S×S, M
+        boxes, scores, index = mask_boxes(logits, iou)
+        prompted = BoxSet(name, boxes, tuple(truth_names[i] for i in index), where, scores)
+    logits, iou = automatic_masks(model, embedding, grid_xy, rules=mask_filter)
+    boxes, scores, _ = mask_boxes(logits, iou)
+    automatic = BoxSet(name, boxes, (AGNOSTIC,) * len(boxes), where, scores)
+    truth = BoxSet(name, np.asarray(truth_boxes, np.float32), tuple(truth_names), Path("truth"))
+    return BoxTileResult(truth, prompted, automatic)
+
+
+def summarise_boxes(results: Sequence[BoxTileResult]) -> dict[str, Any] | None:
+    """``box_ap`` of zero_shot.json: tiles, truth boxes, and the box AP (``BoxScores``) of the
+    prompted and the class-agnostic automatic boxes; None without tiles."""
+    if not results:
+        return None
+    truths = [r.truth for r in results]
+    agnostic = [dataclasses.replace(t, labels=(AGNOSTIC,) * len(t.labels)) for t in truths]
+    return {
+        "tiles": len(results),
+        "truth_boxes": sum(len(t.boxes) for t in truths),
+        "prompted": box_average_precision([r.prompted for r in results], truths).to_json(),
+        "automatic": box_average_precision([r.automatic for r in results], agnostic).to_json(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -309,7 +393,13 @@ def run_zero_shot(
     out = Path(out_dir)
     root = tile_store.open_store(store, "r", storage_options)
     meta = tile_store.read_store_meta(root)
-    tiles = _labelled_tiles(store, split, max_tiles, storage_options)
+    tiles = _spaced(_labelled_tiles(store, split, storage_options), max_tiles)
+    box_tiles, targets = _box_tiles(store, root, split, max_tiles, storage_options)
+    if not tiles and not box_tiles:
+        raise ValueError(
+            f"{store}: nothing to measure: no labelled tiles (label_coverage > 0) and no tiles "
+            "with boxes"
+        )
     torch_device = select_device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -324,19 +414,15 @@ def run_zero_shot(
         else contextlib.nullcontext()
     )
     results: list[TileResult] = []
-    sources: dict[str, tile_store.SourceMeta] = {}
+    box_results: list[BoxTileResult] = []
+    sources = _SourceImages(root, bands)
     reader = _ray_tiles if use_ray else _local_tiles
     with torch.inference_mode(), autocast:
-        for row in reader(store, tiles, meta.tile_size, storage_options):
-            source_id = str(row[C.SOURCE])
-            if source_id not in sources:
-                sources[source_id] = tile_store.read_source_meta(root, source_id)
-            source = sources[source_id]
-            image = teacher_image(row[C.IMAGE], source.band_low, source.band_high, bands)
+        for row in reader(store, tiles, meta.tile_size, storage_options) if tiles else ():
             results.append(
                 score_tile(
                     model,
-                    image,
+                    sources.image(row),
                     row[C.LABEL],
                     row[C.VALID],
                     tile_id=int(row[C.TILE_ID]),
@@ -348,7 +434,14 @@ def run_zero_shot(
             )
             if log is not None:
                 print(f"zero-shot: {len(results)}/{len(tiles)} tiles", file=log, flush=True)
+        for row in box_tiles:
+            assert targets is not None
+            box_results.append(_score_box_row(model, root, row, targets, sources, grid, rules))
+            if log is not None:
+                print(f"zero-shot boxes: {len(box_results)}/{len(box_tiles)} tiles", file=log,
+                      flush=True)  # fmt: skip
     summary = summarise(results, meta.class_names)
+    summary["box_ap"] = summarise_boxes(box_results)
     summary.update(
         store=str(store),
         model_type=model_type,
@@ -375,24 +468,75 @@ def run_zero_shot(
 
 
 def _labelled_tiles(
-    store: str,
-    split: str | Sequence[str] | None,
-    max_tiles: int | None,
-    storage_options: Mapping[str, Any] | None,
+    store: str, split: str | Sequence[str] | None, storage_options: Mapping[str, Any] | None
 ) -> list[dict[str, Any]]:
-    """Index rows of tiles with labels, evenly spaced down to ``max_tiles``, in id order."""
+    """Index rows of tiles with labels (of ``split``), in id order."""
     index = tile_store.read_tile_index(store, storage_options)
     index = index.filter(pc.greater(index.column("label_coverage"), 0))
+    return _in_split(index, split)
+
+
+def _in_split(index: pa.Table, split: str | Sequence[str] | None) -> list[dict[str, Any]]:
     if split is not None:
         wanted = [split] if isinstance(split, str) else list(split)
         index = index.filter(pc.is_in(index.column(C.SPLIT), pa.array(wanted, pa.string())))
-    rows = sorted(index.to_pylist(), key=lambda row: row[C.TILE_ID])
-    if not rows:
-        raise ValueError(f"{store}: no labelled tiles to measure (label_coverage > 0)")
+    return sorted(index.to_pylist(), key=lambda row: row[C.TILE_ID])
+
+
+def _spaced(rows: list[dict[str, Any]], max_tiles: int | None) -> list[dict[str, Any]]:
+    """``rows`` evenly spaced down to ``max_tiles`` (None: all)."""
     if max_tiles is not None and len(rows) > max_tiles:
         picks = np.linspace(0, len(rows) - 1, max_tiles).round().astype(int)
         rows = [rows[i] for i in picks]
     return rows
+
+
+def _box_tiles(
+    store: str,
+    root: Any,
+    split: str | Sequence[str] | None,
+    max_tiles: int | None,
+    storage_options: Mapping[str, Any] | None,
+) -> tuple[list[dict[str, Any]], BoxTargets | None]:
+    """Index rows of tiles holding at least one box as detection sees them (of ``split``,
+    evenly spaced down to ``max_tiles``), and the store's box targets (None without boxes)."""
+    try:
+        targets = BoxTargets(root, store)
+    except NoBoxesError:
+        return [], None
+    rows = _in_split(tile_store.read_tile_index(store, storage_options), split)
+    rows = [r for r in rows if len(targets.tile(r[C.SOURCE], r[C.Y0], r[C.X0]).boxes)]
+    return _spaced(rows, max_tiles), targets
+
+
+class _SourceImages:
+    """Tiles as the teacher sees them, each source's band range read once."""
+
+    def __init__(self, root: Any, bands: Sequence[int] | str) -> None:
+        self.root, self.bands = root, bands
+        self.sources: dict[str, tile_store.SourceMeta] = {}
+
+    def image(self, row: Mapping[str, Any]) -> np.ndarray:
+        """S×S×3 uint8 of a tile row holding ``IMAGE`` and ``SOURCE``."""
+        source_id = str(row[C.SOURCE])
+        if source_id not in self.sources:
+            self.sources[source_id] = tile_store.read_source_meta(self.root, source_id)
+        source = self.sources[source_id]
+        return teacher_image(row[C.IMAGE], source.band_low, source.band_high, self.bands)
+
+
+def _score_box_row(
+    model: Any, root: Any, row: Mapping[str, Any], targets: BoxTargets, sources: _SourceImages,
+    grid: torch.Tensor, rules: MaskFilter,
+) -> BoxTileResult:  # fmt: skip
+    """``score_box_tile`` on the tile of an index row, read here, against its box targets."""
+    size = targets.tile_size
+    tile = tile_store.read_tile(root[row[C.SOURCE]], row[C.Y0], row[C.X0], size)
+    truth = targets.tile(row[C.SOURCE], row[C.Y0], row[C.X0])
+    names = [targets.class_names[k] for k in truth.labels]
+    image = sources.image({**tile, C.SOURCE: row[C.SOURCE]})
+    return score_box_tile(model, image, truth.boxes, names, tile_id=int(row[C.TILE_ID]),
+                          grid_xy=grid, mask_filter=rules)  # fmt: skip
 
 
 def _local_tiles(
@@ -507,7 +651,43 @@ def to_markdown(summary: Mapping[str, Any]) -> str:
             f"| {row['name']} | {row['components']} | {_fmt(row['box_iou'])} "
             f"| {_fmt(row['point_iou'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + box_lines(summary.get("box_ap"))) + "\n"
+
+
+def box_lines(box_ap: Mapping[str, Any] | None) -> list[str]:
+    """The Markdown table of ``box_ap`` (none without it)."""
+    if not box_ap:
+        return []
+    lines = [
+        "",
+        f"Box AP on {box_ap['tiles']} tiles with {box_ap['truth_boxes']} boxes:",
+        "",
+        "| SAM as a detector | AP | AP50 | AP75 | boxes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, title in (("prompted", "prompted by the truth boxes"),
+                       ("automatic", "automatic (class-agnostic)")):  # fmt: skip
+        ap = box_ap[key]
+        lines.append(f"| {title} | {ap['ap']:.3f} | {ap['ap50']:.3f} | {ap['ap75']:.3f} "
+                     f"| {ap['predicted_boxes']} |")  # fmt: skip
+    return lines
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """The headline numbers of a zero-shot summary, in one line."""
+    line = (
+        f"box IoU {_fmt(summary['box_iou']['mean'])}, point IoU "
+        f"{_fmt(summary['point_iou']['mean'])}, automatic coverage "
+        f"{_fmt(summary['automatic_coverage'])} on {summary['tiles']} tiles"
+    )
+    box_ap = summary.get("box_ap")
+    if box_ap:
+        line += (
+            f"; box AP {box_ap['prompted']['ap']:.3f} prompted by the truth boxes, "
+            f"{box_ap['automatic']['ap']:.3f} automatic (class-agnostic) on {box_ap['tiles']} "
+            "tiles"
+        )
+    return line
 
 
 def example_tiles(
@@ -566,8 +746,9 @@ def plot_examples(results: Sequence[TileResult], path: Path, note: str | None = 
 
 CLI_DESCRIPTION = (
     "Measure SAM before any training on the labelled tiles of a store: box- and point-prompted "
-    "mask IoU against ground-truth components, automatic-mode coverage, per class. Writes "
-    "zero_shot.json, zero_shot.md and zero_shot_examples.png."
+    "mask IoU against ground-truth components, automatic-mode coverage, per class; on a store "
+    "with boxes, box AP of SAM's masks as boxes (prompted by the truth boxes, and automatic). "
+    "Writes zero_shot.json, zero_shot.md and zero_shot_examples.png."
 )
 CLI_EPILOG = """\
 example:
@@ -643,9 +824,5 @@ def run_zero_shot_cli(args: argparse.Namespace) -> int:
             summary = run_zero_shot(args.store, use_ray=True, **options)
     else:
         summary = run_zero_shot(args.store, **options)
-    print(
-        f"zero-shot {args.model}: box IoU {_fmt(summary['box_iou']['mean'])}, point IoU "
-        f"{_fmt(summary['point_iou']['mean'])}, automatic coverage "
-        f"{_fmt(summary['automatic_coverage'])} on {summary['tiles']} tiles -> {args.out}"
-    )
+    print(f"zero-shot {args.model}: {summary_line(summary)} -> {args.out}")
     return 0

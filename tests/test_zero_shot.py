@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from semisup.cli import main as semisup_main
 from semisup.datasets import DUBAI_COLOURS
+from semisup.masks import MaskFilter
+from semisup.teacher import best_mask, decode_masks, point_grid
 from semisup.zero_shot import (
+    AGNOSTIC,
     EXAMPLES_FILE,
     JSON_FILE,
     MARKDOWN_FILE,
@@ -26,6 +30,8 @@ from semisup.zero_shot import (
     mask_iou,
     run_zero_shot,
     run_zero_shot_cli,
+    score_box_tile,
+    summary_line,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -162,3 +168,64 @@ def test_cli_runs_and_reports(
     assert run_zero_shot_cli(args) == 0
     assert "box IoU" in capsys.readouterr().out
     assert json.loads((tmp_path / JSON_FILE).read_text())["tiles"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM as a detector on a store with boxes
+
+
+def _mask_box(mask: torch.Tensor) -> list[float]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]
+
+
+def test_box_predictions_are_the_bounding_boxes_of_sams_masks() -> None:
+    from test_teacher import OBJECTS, TILE, ScriptedSam  # its masks: each box grown by 8 px
+
+    sam = ScriptedSam()
+    truth = np.array([[12, 12, 28, 32], [40, 0, 64, 20], [0, 60, 4, 64]], np.float32)
+    result = score_box_tile(
+        sam, np.zeros((TILE, TILE, 3), np.uint8), truth, ["tree", "dead", "tree"], tile_id=7,
+        grid_xy=point_grid(8, TILE), mask_filter=MaskFilter(min_area_px=16),
+    )  # fmt: skip
+    with torch.inference_mode():
+        logits, iou = best_mask(*decode_masks(sam, torch.zeros(1, 256, 4, 4),
+                                              boxes=torch.from_numpy(truth)))  # fmt: skip
+    expected = [_mask_box(mask > 0) for mask in logits]
+    assert result.prompted.boxes.tolist() == expected  # the masks' boxes, not the prompts
+    assert expected[0] == [4, 4, 36, 40] and expected[2] == [0, 52, 12, 64]  # grown and clipped
+    assert result.prompted.labels == ("tree", "dead", "tree")
+    np.testing.assert_allclose(result.prompted.scores, iou.numpy())
+    assert sorted(map(tuple, result.automatic.boxes.tolist())) == sorted(OBJECTS)
+    assert set(result.automatic.labels) == {AGNOSTIC}
+    assert result.truth.image_ref == result.prompted.image_ref == "tile_7"
+
+
+def test_zero_shot_on_a_store_with_boxes_only(shared_data: Path, tmp_path: Path) -> None:
+    from data_prep.ingest import build_store
+    from semisup.config import PrepConfig
+    from semisup.detection.targets import BoxTargets
+    from semisup.store import open_store, read_tile_index
+
+    neon = shared_data / "neon_trees"
+    made = build_store([neon / "OSBS_029.tif"], tmp_path / "crowns.zarr",
+                       boxes=[neon / "OSBS_029.csv"], config=PrepConfig(tile_size=128),
+                       quiet=True)  # fmt: skip
+    store = str(made.path)
+    summary = run_zero_shot(store, model_type="tiny", out_dir=tmp_path / "out", max_tiles=2,
+                            points_per_side=4, log=None)  # fmt: skip
+    written = json.loads((tmp_path / "out" / JSON_FILE).read_text())
+    assert written == json.loads(json.dumps(summary)) and written["tiles"] == 0  # no masks
+    box_ap = written["box_ap"]
+    targets = BoxTargets(open_store(store), store)
+    index = read_tile_index(store).to_pandas()
+    counts = [len(targets.tile(r.source, r.y0, r.x0).boxes) for r in index.itertuples()]
+    assert box_ap["tiles"] == 2 and 0 < box_ap["truth_boxes"] <= 2 * max(counts)
+    for key in ("prompted", "automatic"):
+        assert 0 <= box_ap[key]["ap"] <= box_ap[key]["ap50"] <= 1
+        assert box_ap[key]["truth_boxes"] == box_ap["truth_boxes"]
+    assert box_ap["prompted"]["predicted_boxes"] <= box_ap["truth_boxes"]  # one per prompt
+    assert "| prompted by the truth boxes |" in (tmp_path / "out" / MARKDOWN_FILE).read_text()
+    assert "box AP" in summary_line(written) and "automatic (class-agnostic)" in summary_line(
+        written
+    )
