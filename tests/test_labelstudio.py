@@ -247,3 +247,75 @@ def test_mask_results_holds_one_region_per_present_class() -> None:
     assert [r["value"]["brushlabels"] for r in results] == [["water"], ["building"]]
     assert [(r["original_height"], r["original_width"]) for r in results] == [(2, 3)] * 2
     assert np.array_equal(rle_to_mask(results[1]["value"]["rle"], 2, 3), mask == 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_select_annotate_import_round_trip_on_dubai(
+    dubai_dir: Path, tmp_path: Path, ray_session: None
+) -> None:
+    """select -> Label Studio export (the Dubai ground truth of the chosen tiles standing in for
+    an annotator, through our brush encoder) -> label import: exactly those tiles become
+    labelled, with those labels."""
+    from data_prep.ingest import build_store as prep
+    from semisup.config import PrepConfig, load_config
+    from semisup.datasets import DUBAI_COLOURS
+    from semisup.label_import import import_labels
+    from semisup.selection import run_select
+    from semisup.store import label_array, open_store, read_store_meta, read_tile_index
+    from semisup.train import run_training
+
+    store = str(
+        prep(
+            [dubai_dir / "tile_1" / "images"], tmp_path / "dubai.zarr",
+            labels=[dubai_dir / "tile_1" / "masks"], label_colors=DUBAI_COLOURS,
+            class_names=["building", "land", "road", "vegetation", "water"],
+            config=PrepConfig(tile_size=128, labeled_fraction=0.25), quiet=True,
+        ).path
+    )  # fmt: skip
+    config = load_config(
+        overrides=["student.model_type=tiny", "ssl.enabled=false", "train.batch_size=4",
+                   "train.epochs=1", "train.steps_per_epoch=4", "ray.dashboard=false"]
+    )  # fmt: skip
+    run_training(store, config, tmp_path / "run", debug=True)
+    out = tmp_path / "select"
+    run_select(store, tmp_path / "run", 5, out, output_format="labelstudio", sheet=False, log=None)
+
+    root = open_store(store)
+    meta = read_store_meta(root)
+    truth = {}
+    export = []
+    for number, task in enumerate(json.loads((out / "labelstudio" / "tasks.json").read_text())):
+        data = task["data"]
+        group = root[data[C.SOURCE]]
+        labels = label_array(group)  # type: ignore[arg-type]
+        assert labels is not None
+        window = np.asarray(
+            labels[
+                data[C.Y0] : data[C.Y0] + data[C.HEIGHT], data[C.X0] : data[C.X0] + data[C.WIDTH]
+            ]
+        )
+        truth[data[C.TILE_ID]] = window
+        result = mask_results(window, meta.class_names or ())
+        export.append({**task, "id": number, "annotations": [{"id": number, "result": result}]})
+    before = read_tile_index(store).to_pandas()
+    assert (before.set_index(C.TILE_ID).loc[list(truth), C.SPLIT] == C.UNLABELED).all()
+
+    imported = import_labels(store, [_write(tmp_path / "export.json", export)], log=None)
+    after = read_tile_index(store).to_pandas()
+    assert sorted(imported.moved) == sorted(truth)
+    counts = {
+        name: index[C.SPLIT].value_counts().get(C.LABELED, 0)
+        for name, index in (("before", before), ("after", after))
+    }
+    assert counts["after"] == counts["before"] + len(truth)
+    moved = set(after.loc[after[C.SPLIT] == C.LABELED, C.TILE_ID]) - set(
+        before.loc[before[C.SPLIT] == C.LABELED, C.TILE_ID]
+    )
+    assert moved == set(truth)
+    root = open_store(store)
+    for row in after[after[C.TILE_ID].isin(list(truth))].itertuples():
+        labels = label_array(root[row.source])  # type: ignore[arg-type]
+        assert labels is not None
+        stored = np.asarray(labels[row.y0 : row.y0 + row.height, row.x0 : row.x0 + row.width])
+        assert np.array_equal(stored, truth[row.tile_id])
