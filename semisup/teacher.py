@@ -560,8 +560,8 @@ class SamTeacher:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
         """(S×S label, S×S confidence, mask count, K×8 instance rows) per tile, as NumPy on the
         CPU; instance rows are 0×8 in semantic mode."""
+        no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
         if self.mode == "semantic":
-            no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
             yield from ((*tile, no_rows) for tile in self._semantic(images))
             return
         assert self.sam is not None
@@ -578,8 +578,10 @@ class SamTeacher:
                 logits, scores, ids = self._prompted_masks(embedding, str(batch[C.SOURCE][i]),
                                                            top, left)  # fmt: skip
                 instances, confidence = self._paint_prompted(logits, scores, ids)
-            rows = instance_rows(logits, scores, ids, top=top, left=left,
-                                 stability_offset=self.mask_filter.stability_offset)  # fmt: skip
+            rows = no_rows
+            if self.writes_instances:
+                rows = instance_rows(logits, scores, ids, top=top, left=left,
+                                     stability_offset=self.mask_filter.stability_offset)  # fmt: skip
             count = int(instances.unique().gt(0).sum())
             label = foreground(instances) if self.output == "foreground" else instances
             yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, rows
