@@ -275,6 +275,16 @@ class PipelineConfig:
     tune_space: str = "lora_rank"  # search space of the optional tune stage (tune_spaces/)
     tune_samples: int = 1  # draws of the tune space; each draw runs every value of a grid
     # (lora_rank: ranks 4, 8, 16, 32 -> 4 trials per draw)
+    detect_rasters: tuple[str, ...] = ()  # rasters with boxes for the detect stage; () = the
+    # generated scenes' building boxes (pipeline.generated_scenes)
+    detect_boxes: tuple[str, ...] = ()  # their box files (CSV or Pascal-VOC XML), by image stem
+    detect_box_classes: tuple[str, ...] = ()  # box label renames, NAME[,NAME...]=CLASS
+    detect_tile_size: int = 256  # px; tiles of the detect stage's own store
+    detect_epochs: int = 2  # the detect stage's Faster R-CNN student trains this many epochs
+    detect_steps_per_epoch: int = 4  # of detect_batch_size labeled tiles (and as many unlabeled)
+    detect_batch_size: int = 2
+    compare_classes: tuple[str, ...] = ()  # BOX=SEG: the segmentation class that stands for a
+    # box class in the compare stage; () = equal names
 
     def __post_init__(self) -> None:
         _check(bool(self.out), "pipeline.out", self.out, "a folder path")
@@ -291,6 +301,12 @@ class PipelineConfig:
                "pipeline.select_measure", self.select_measure,
                "one of entropy, margin, disagreement, tta")  # fmt: skip
         _check(self.tune_samples >= 1, "pipeline.tune_samples", self.tune_samples, ">= 1")
+        _check(len(self.detect_boxes) == len(set(self.detect_boxes)), "pipeline.detect_boxes",
+               self.detect_boxes, "distinct box files")  # fmt: skip
+        _check(self.detect_tile_size >= 32, "pipeline.detect_tile_size", self.detect_tile_size,
+               ">= 32 (the detector's coarsest feature level is 1/32 of a tile)")  # fmt: skip
+        for name in ("detect_epochs", "detect_steps_per_epoch", "detect_batch_size"):
+            _check(getattr(self, name) >= 1, f"pipeline.{name}", getattr(self, name), ">= 1")
 
 
 DetectorArch = Literal["fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import fsspec
 import pyarrow as pa
@@ -41,6 +41,9 @@ from semisup.tile_read import ALL_COLUMNS, DEFAULT_COLUMNS, group_tiles, source_
 __all__ = ["read_tiles", "read_tiles_from_config"]
 
 
+TILES_PER_TASK: Final = 64  # read_tiles' default: tiles of one source per read task
+
+
 def read_tiles(
     store: str,
     *,
@@ -48,7 +51,7 @@ def read_tiles(
     halo: int = 0,
     skip_nodata: bool = True,
     columns: Sequence[str] | None = None,
-    tiles_per_task: int = 64,
+    tiles_per_task: int = TILES_PER_TASK,
     read_cpus: float = 0.5,
     storage_options: Mapping[str, Any] | None = None,
     tile_ids: Sequence[int] | None = None,

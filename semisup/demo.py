@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from semisup import columns as C
 from semisup.config import (
     ConfigError,
+    DetectorConfig,
     ExperimentConfig,
     PipelineConfig,
     PrepConfig,
@@ -31,6 +33,10 @@ from semisup.datasets import CLASS_NAMES, dubai_folders, shared_data_dir
 from semisup.pipeline import run_pipeline
 from semisup.sam import SAM_SPECS
 from semisup.stages import comparison_table
+
+# A random-weights SAM never predicts an IoU of 0.88 nor a stability of 0.95: the demo keeps its
+# instances so the detect stage has SAM pseudo-boxes; an official checkpoint restores SAM's own
+RANDOM_SAM_INSTANCES: dict[str, float] = {"sam_min_predicted_iou": 0.0, "sam_min_stability": 0.0}
 
 
 def demo_config() -> ExperimentConfig:
@@ -58,6 +64,19 @@ def demo_config() -> ExperimentConfig:
             warmup_steps=5,
             early_stop_patience=3,
         ),  # fmt: skip
+        # the detect stage: the edge-sized Faster R-CNN, all layers trained from random weights,
+        # on the automatic SAM teacher's instances and the EMA teacher's boxes
+        detector=DetectorConfig(
+            arch="fasterrcnn_mobilenet_v3_large_fpn",
+            finetune="full",
+            pseudo_score=0.05,  # a random teacher is never 0.7 confident: let its boxes through
+            target="both",
+            sam_min_predicted_iou=RANDOM_SAM_INSTANCES["sam_min_predicted_iou"],
+            sam_min_stability=RANDOM_SAM_INSTANCES["sam_min_stability"],
+        ),
+        # detect: one epoch of four steps, with validation before and after, fits the demo's
+        # minute for the stage on 2 CPUs
+        pipeline=PipelineConfig(detect_epochs=1),
         ray=RayConfig(num_cpus=2, object_store_mb=512),
     )
 
@@ -87,15 +106,44 @@ def demo_inputs(config: ExperimentConfig, data_dir: Path | None, synthetic: bool
                 # the Dubai JPEGs carry no CRS: the student maps a real georeferenced
                 # orthophoto instead, so the demo ends in a GeoTIFF and a GeoJSON
                 predict_rasters=_georeferenced_orthophoto(root),
+                **_neon_crowns(root),
             ),
             # by tile folder, so that neighbouring images never straddle splits
             prep=dataclasses.replace(config.prep, split_by="folder", val_sources=("tile_6*",)),
         )
     return DemoInputs(
         description="generated aerial-like scenes",
-        pipeline=dataclasses.replace(config.pipeline, generated_scenes=4, scene_size=768),
+        # 18 unlabeled tiles: the round labels 4, leaving the student more than a batch of 8
+        pipeline=dataclasses.replace(
+            config.pipeline, generated_scenes=4, scene_size=768, select_budget=4
+        ),
         prep=dataclasses.replace(config.prep, split_by="source", val_sources=("*scene_3",)),
     )
+
+
+def _neon_crowns(root: Path) -> dict[str, Any]:
+    """The detect stage's inputs: NEON's OSBS_029 crowns (61 boxes on 400 px), as 128 px tiles;
+    the SAM student's vegetation class stands for the crowns in the comparison."""
+    folder = root / "neon_trees"
+    if not (folder / "OSBS_029.tif").is_file() or not (folder / "OSBS_029.csv").is_file():
+        return {}
+    return {
+        "detect_rasters": (str(folder / "OSBS_029.tif"),),
+        "detect_boxes": (str(folder / "OSBS_029.csv"),),
+        "detect_box_classes": ("Tree=tree",),
+        "detect_tile_size": 128,  # 16 tiles of the 400 px crop: enough to split
+        "compare_classes": ("tree=vegetation",),
+    }
+
+
+def demo_stages(pipeline: PipelineConfig, tune: bool) -> tuple[str, ...]:
+    """The default stages, detect and compare when there are boxes (NEON crowns or generated
+    scenes), and tune when asked."""
+    from semisup.pipeline import STAGES
+
+    boxes = bool(pipeline.detect_rasters or pipeline.generated_scenes)
+    extra = {"detect": boxes, "compare": boxes, "tune": tune}
+    return tuple(name for name, stage in STAGES.items() if stage.default or extra.get(name))
 
 
 def _georeferenced_orthophoto(root: Path) -> tuple[str, ...]:
@@ -118,7 +166,9 @@ def with_checkpoint(config: ExperimentConfig, checkpoint: str) -> ExperimentConf
             f"checkpoint of one of {', '.join(SAM_SPECS)}"
         )
     student = dataclasses.replace(config.student, model_type=model_type, checkpoint=checkpoint)
-    return dataclasses.replace(config, student=student)
+    sam_cuts = {name: getattr(DetectorConfig(), name) for name in RANDOM_SAM_INSTANCES}
+    detector = dataclasses.replace(config.detector, **sam_cuts)
+    return dataclasses.replace(config, student=student, detector=detector)
 
 
 def run_demo(
@@ -134,12 +184,10 @@ def run_demo(
     ``checkpoint``: an official SAM checkpoint (path or URL) instead of random weights.
     A rerun into the same folder skips the stages that are already done.
     """
-    from semisup.pipeline import STAGES
-
     started = time.perf_counter()
     base = demo_config() if checkpoint is None else with_checkpoint(demo_config(), checkpoint)
     inputs = demo_inputs(base, data_dir, synthetic)
-    stages = tuple(name for name, stage in STAGES.items() if stage.default or tune)
+    stages = demo_stages(inputs.pipeline, tune)
     config = dataclasses.replace(
         base,
         prep=inputs.prep,
@@ -147,12 +195,67 @@ def run_demo(
     )
     print(f"[demo] inputs: {inputs.description}", file=sys.stderr)
     run = run_pipeline(config)
+    round_1 = labelling_round_once(out, run)
+    if not round_1["earlier"]:
+        print(f"[demo] active-learning round: {round_1['moved_to_labeled']} proposed tiles "
+              f"labelled and imported as label version {round_1['label_version']}; the stages "
+              "that train on labels run again", file=sys.stderr)  # fmt: skip
+    rerun = run_pipeline(config)
+    round_1.update(ran=rerun["ran"], skipped=rerun["skipped"], after=round_figures(rerun))
     summary = {"out": run["out"], "inputs": inputs.description, "config": run["config"],
-               "stages": run["stages"], "ran": run["ran"], "skipped": run["skipped"],
+               "stages": rerun["stages"], "first_pass": run["stages"], "ran": run["ran"],
+               "skipped": run["skipped"], "round": round_1,
                "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
     return summary
+
+
+ROUND_DIR = Path("rounds") / "round_1"  # in the demo folder: the proposals, their labels
+ROUND_FILE = "round.json"  # the round's record: written once its labels are imported
+
+
+def round_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """What the round changes: the store's labeled tiles and label version, the student's
+    validation mIoU, of one pass of the pipeline."""
+    from semisup.store import current_labels, open_store, read_tile_index
+
+    store = run["stages"]["prep"]["store"]
+    labels = current_labels(open_store(store))
+    index = read_tile_index(store, labels=labels).to_pandas()
+    return {
+        "label_version": labels.version,
+        "labeled_tiles": int((index[C.SPLIT] == C.LABELED).sum()),
+        "student_miou": run["stages"]["student"]["best_miou"],
+    }
+
+
+def labelling_round_once(out: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """One select -> label -> import round after the first pass, done once per demo folder.
+
+    The select stage's proposals and the figures before the round are kept in
+    ``out/rounds/round_1`` first; the stand-in annotator (the ground truth the split hides,
+    ``labelling_round``) labels them, and ``semisup label import`` brings the labels in as a
+    new label version. An interrupted round resumes from the kept proposals (the import of
+    the same labels is a no-op); a finished one (``round.json``) is read back, so a rerun of
+    the demo changes nothing.
+    """
+    from semisup.labelling_round import SELECTION_FILE, labelling_round
+
+    folder = out / ROUND_DIR
+    record = folder / ROUND_FILE
+    if record.is_file():
+        return {**json.loads(record.read_text()), "earlier": True}
+    before = folder / "before.json"
+    if not before.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "select" / SELECTION_FILE, folder / SELECTION_FILE)
+        before.write_text(json.dumps(round_figures(run), indent=2) + "\n")
+    store = run["stages"]["prep"]["store"]
+    done = labelling_round(store, folder, folder / "annotations", log=None)
+    done["before"] = json.loads(before.read_text())
+    record.write_text(json.dumps(done, indent=2) + "\n")
+    return {**done, "earlier": False}
 
 
 RANDOM_WEIGHTS_NOTE = (
@@ -162,18 +265,37 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def timing_table(summary: dict[str, Any]) -> list[str]:
-    """Markdown lines: each stage's wall time, their total, and this run's wall time."""
-    lines = ["| stage | wall time |", "|---|---|"]
-    total = 0.0
-    for name, result in summary["stages"].items():
-        seconds = float(result.get("seconds") or 0.0)
-        total += seconds
+    """Markdown lines: each stage's wall time in the first pass and in the round's rerun (–:
+    up to date, not rerun), their totals, and this run's wall time."""
+    first, again = summary["first_pass"], summary["round"]["ran"]
+    lines = ["| stage | first pass | round 1 |", "|---|---|---|"]
+    totals = [0.0, 0.0]
+    for name, result in first.items():
+        seconds = [float(result.get("seconds") or 0.0)]
+        seconds.append(float(summary["stages"][name].get("seconds") or 0.0) if name in again
+                       else 0.0)  # fmt: skip
+        totals = [t + s for t, s in zip(totals, seconds, strict=True)]
         earlier = " (earlier run)" if name in summary["skipped"] else ""
-        lines.append(f"| {name} | {_duration(seconds)}{earlier} |")
-    lines.append(f"| total of the stages | {_duration(total)} |")
+        rerun = _duration(seconds[1]) if name in again else "–"
+        lines.append(f"| {name} | {_duration(seconds[0])}{earlier} | {rerun} |")
+    lines.append(f"| total of the stages | {_duration(totals[0])} | {_duration(totals[1])} |")
     if "wall_seconds" in summary:
-        lines.append(f"| this run, with Ray's start | {_duration(summary['wall_seconds'])} |")
+        lines.append(f"| this run, with Ray's start | {_duration(summary['wall_seconds'])} | |")
     return lines
+
+
+def round_line(round_1: dict[str, Any]) -> str:
+    """The active-learning round in one line: proposals labelled and imported, labeled tiles
+    and the student's validation mIoU before and after, the stages rerun."""
+    before, after = round_1["before"], round_1["after"]
+    rerun = ", ".join(round_1["ran"]) or "none (done earlier)"
+    return (
+        f"  round 1       {round_1['annotated']} of the {round_1['proposed']} proposed tiles "
+        f"labelled (stand-in annotator: the ground truth the split hides) and imported as label "
+        f"version {round_1['label_version']}: labeled tiles {before['labeled_tiles']} -> "
+        f"{after['labeled_tiles']}, student val mIoU {_fmt(before['student_miou'])} -> "
+        f"{_fmt(after['student_miou'])}; rerun: {rerun}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -183,6 +305,34 @@ def _duration(seconds: float) -> str:
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def detection_lines(detect: dict[str, Any], compared: dict[str, Any] | None) -> list[str]:
+    """The detect stage's summary line, its random-weights note, and the comparison table."""
+    from semisup.detection.compare import comparison_table as box_table
+
+    splits = detect["tiles_per_split"]
+    sources = {
+        "ema": "the EMA teacher's",
+        "pseudo": f"the automatic SAM teacher's ({detect.get('sam_instances')} instances)",
+        "both": f"the automatic SAM teacher's ({detect.get('sam_instances')} instances) and the "
+        "EMA teacher's",
+    }
+    lines = [
+        f"  detect        {Path(detect['raster']).name}: Faster R-CNN on "
+        f"{splits.get(C.LABELED, 0)} labeled tiles and {splits.get(C.UNLABELED, 0)} unlabeled "
+        f"with {sources[detect.get('target', 'ema')]} pseudo-boxes "
+        f"({detect['pseudo_boxes'] or 0:.1f} per tile); box AP "
+        f"{_fmt(detect['best_ap'])}, AP50 {_fmt(detect['ap50'])} on {splits.get(C.VAL, 0)} "
+        f"held-out tiles ({detect['val_truth_boxes']} boxes) -> {detect['boxes']} boxes, CSV + "
+        "GeoJSON",
+    ]
+    if detect.get("note"):
+        lines.append(f"                {detect['note']}")
+    if compared is not None:
+        lines += ["", "SAM student against Faster R-CNN student (the detect stage's held-out "
+                  "tiles):", "", *box_table(compared)]  # fmt: skip
+    return lines
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -226,6 +376,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  predict       {', '.join(Path(r).name for r in predict['rasters'])} -> class map + "
         f"confidence GeoTIFF{' + GeoJSON polygons' if predict['vectors'] else ''}",
     ]
+    lines += ["", round_line(summary["round"])]
+    if "detect" in stages:
+        lines += ["", *detection_lines(stages["detect"], stages.get("compare"))]
     if "tune" in stages:
         tune = stages["tune"]
         lines.append(
@@ -244,7 +397,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  evaluation.md/.json  the comparison above",
         "  report/              per-class comparison, pseudo-label calibration, overlays",
         "  select/              selection.csv/.geojson, contact_sheet.png: tiles to label next",
+        "  rounds/round_1/      the first pass's proposals, their labels (annotations/), round.json",
         "  predict/             class map + confidence GeoTIFF (COG) and GeoJSON polygons",
+        *(
+            [
+                "  detect/              store.zarr, run/ (Faster R-CNN), boxes.csv/.geojson",
+                "  compare/             compare.json/.md: SAM student against Faster R-CNN",
+            ]
+            if "detect" in stages
+            else []
+        ),
         *(
             ["  tune/                trials.csv, summary.md, tune_plot.png, best_config.yaml"]
             if "tune" in stages

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,9 @@ from PIL import Image
 
 from semisup import columns as C
 from semisup import store as tile_store
+
+if TYPE_CHECKING:
+    import zarr
 
 SELECTION_FILE = "selection.csv"  # written by ``semisup select`` (and the select stage)
 
@@ -48,7 +51,8 @@ def ground_truth_masks(store: str, tile_ids: Sequence[int], folder: Path) -> lis
         tile = index.loc[tile_id]
         source = str(tile[C.SOURCE])
         y0, x0 = int(tile["y0"]), int(tile["x0"])
-        arrays = tile_store.read_tile(root[source], y0, x0, size, labels=labels)
+        group = cast("zarr.Group", root[source])
+        arrays = tile_store.read_tile(group, y0, x0, size, labels=labels)
         label = arrays.get(C.LABEL)
         if label is None or bool(np.all(label == C.IGNORE_INDEX)):
             continue

@@ -72,6 +72,8 @@ class Stage:
 _INPUTS = ("pipeline.images", "pipeline.labels", "pipeline.label_colors", "pipeline.class_names",
            "pipeline.generated_scenes", "pipeline.scene_size")  # fmt: skip
 _MODEL = ("student", "train", "augment", "stream")
+_DETECT = tuple(f"pipeline.detect_{name}" for name in ("rasters", "boxes", "box_classes",
+               "tile_size", "epochs", "steps_per_epoch", "batch_size"))  # fmt: skip
 
 STAGES: dict[str, Stage] = {
     "prep": Stage(stages.prep, ("prep", *_INPUTS), uses_ray=False),
@@ -92,6 +94,13 @@ STAGES: dict[str, Stage] = {
                     needs=("student",)),
     "predict": Stage(stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"),
                      needs=("student",)),
+    "detect": Stage(stages.detect, ("detector", "prep", "train", "ssl", "augment",
+                                    "pipeline.generated_scenes", "pipeline.scene_size",
+                                    "student.model_type", "student.checkpoint",
+                                    "pipeline.pseudo_label_gpus", *_DETECT),
+                    needs=("prep",), default=False),
+    "compare": Stage(stages.compare, ("pipeline.compare_classes",),
+                     needs=("student", "detect"), uses_ray=False, default=False),
     "tune": Stage(stages.tune, ("pipeline.tune_space", "pipeline.tune_samples", *_MODEL, "ssl"),
                   needs=("prep",), uses=("pseudo-label",), default=False, reads_labels=True),
 }  # fmt: skip
@@ -126,7 +135,7 @@ def stage_keys(
         missing = [n for n in upstream if n not in keys]
         if missing:
             raise ValueError(f"stage {name!r} reads {missing[0]!r}, which is not before it")
-        identity = {
+        identity: dict[str, Any] = {
             "stage": name,
             "config": {section: _lookup(plain, section) for section in stage.sections},
             "upstream": {n: keys[n] for n in upstream},
@@ -271,7 +280,13 @@ def run_pipeline(
                     f"run with this config; add {missing[0]} to pipeline.stages"
                 )
             resume = record.get("key") == key and record.get("status") != "done" and not rebuilt
-            say(f"{name}: {_reason(record, key, rebuilt, resume)}")
+            earlier = int(record.get("label_version", 0))
+            relabelled = (
+                stage.reads_labels
+                and earlier != version
+                and record.get("key") == (stage_keys(config, table, earlier)[name])
+            )  # the config is the same: only the store's labels changed
+            say(f"{name}: {_reason(record, key, rebuilt, resume, version if relabelled else None)}")
             if stage.uses_ray and not ray_on:
                 _enter_ray(ray_scope, config, local, say)
                 ray_on = True
@@ -279,7 +294,8 @@ def run_pipeline(
                 config=config, out=out, results=dict(results), key=key, resume=resume,
                 debug=debug, log=log,
             )  # fmt: skip
-            records[name] = {"key": key, "attempts": int(record.get("attempts", 0)) + 1}
+            records[name] = {"key": key, "attempts": int(record.get("attempts", 0)) + 1,
+                             **({"label_version": version} if stage.reads_labels else {})}  # fmt: skip
             results[name] = _execute(name, stage, context, records[name], manifest, say)
             ran.append(name)
     say(f"finished: {len(ran)} stage(s) ran, {len(skipped)} up to date")
@@ -374,7 +390,9 @@ def _current_results(
     }
 
 
-def _reason(record: Mapping[str, Any], key: str, rebuilt: list[str], resume: bool) -> str:
+def _reason(
+    record: Mapping[str, Any], key: str, rebuilt: list[str], resume: bool, relabelled: int | None
+) -> str:
     if not record:
         return "running ..."
     if rebuilt:
@@ -382,6 +400,8 @@ def _reason(record: Mapping[str, Any], key: str, rebuilt: list[str], resume: boo
     if resume:
         how = "failed" if record.get("status") == "failed" else "interrupted"
         return f"resuming the {how} attempt {record.get('attempts', 1)} ..."
+    if relabelled is not None:
+        return f"the store's labels changed (label version {relabelled}), rerunning ..."
     if record.get("key") != key:
         return "config changed, rerunning (its earlier outputs are replaced) ..."
     return "outputs missing, rerunning ..."

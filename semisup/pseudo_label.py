@@ -74,7 +74,7 @@ from semisup.actor_pool import (
     add_actor_pool_arguments,
     map_with_pool,
 )
-from semisup.data import read_tiles
+from semisup.data import TILES_PER_TASK, read_tiles
 from semisup.masks import MaskFilter
 from semisup.runtime import ensure_ray
 from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
@@ -91,6 +91,7 @@ from semisup.teacher import (
     check_settings,
     label_encoding,
 )
+from semisup.tile_read import group_tiles
 
 MANIFEST_FILE: Final = "pseudo_labels.parquet"
 PARTS_DIR: Final = "pseudo_labels.parts"
@@ -552,6 +553,8 @@ def run_pseudo_label(
     if max_tiles is not None:
         todo = todo[:max_tiles]
     progress = _Progress(log, total, already)
+    # Ray Data leaves the actors beyond its read tasks idle (and warns): a small store gets fewer
+    actors = min(actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
     teacher_kwargs = {
         "store": store,
         "mode": mode,

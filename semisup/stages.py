@@ -196,21 +196,8 @@ def student(context: RunContext) -> dict[str, Any]:
 
 
 def _train(context: RunContext, config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """One Ray Train run into ``run_dir``, resumed from its checkpoints after an interruption."""
-    from semisup.train import run_training
-
-    if config.train.storage:
-        # teacher and student must not share Ray Train's (fixed) run name in one storage folder;
-        # the key keeps a rerun with another config away from old checkpoints
-        storage = f"{config.train.storage.rstrip('/')}/{run_dir.name}-{context.key[:12]}"
-        config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, storage=storage)
-        )
-    resume = context.resume and (run_dir / "config.yaml").exists()
-    if not resume and run_dir.exists():
-        context.say(f"[run] replacing the earlier run in {run_dir}")
-        shutil.rmtree(run_dir)
-    report = run_training(str(context.store), config, run_dir, resume=resume, debug=context.debug)
+    """The student (or teacher) trained into ``run_dir`` on the run's store, and its figures."""
+    report = _fit(context, config, run_dir, context.store)
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
     last = report["epochs"][-1]["train"]  # the consistency term after its ramp-up
     return {
@@ -226,6 +213,27 @@ def _train(context: RunContext, config: ExperimentConfig, run_dir: Path) -> dict
         "best_checkpoint": report["best_checkpoint"],
         "outputs": [str(run_dir / "report.json"), report["best_checkpoint"]],
     }
+
+
+def _fit(
+    context: RunContext, config: ExperimentConfig, run_dir: Path, store: Path
+) -> dict[str, Any]:
+    """One Ray Train run into ``run_dir``, resumed from its checkpoints after an interruption;
+    its report."""
+    from semisup.train import run_training
+
+    if config.train.storage:
+        # teacher and student must not share Ray Train's (fixed) run name in one storage folder;
+        # the key keeps a rerun with another config away from old checkpoints
+        storage = f"{config.train.storage.rstrip('/')}/{run_dir.name}-{context.key[:12]}"
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, storage=storage)
+        )
+    resume = context.resume and (run_dir / "config.yaml").exists()
+    if not resume and run_dir.exists():
+        context.say(f"[run] replacing the earlier run in {run_dir}")
+        shutil.rmtree(run_dir)
+    return run_training(str(store), config, run_dir, resume=resume, debug=context.debug)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,3 +407,150 @@ def tune(context: RunContext) -> dict[str, Any]:
     result = {key: summary[key] for key in keys}
     paths = ("best_config", "summary_md", "plot", "trials_csv")
     return {**result, "outputs": [str(summary[p]) for p in paths if summary[p]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# detect and compare: the Faster R-CNN student beside the SAM student
+
+DETECTOR_RANDOM_NOTE = (
+    "the detector starts from random weights and trains a few steps: its box AP (near 0) "
+    "shows the stage working, not what Faster R-CNN reaches; set detector.checkpoint and "
+    "more pipeline.detect_epochs for that"
+)
+
+
+def detect_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The detect stage's run: ``task: detection`` with the ``pipeline.detect_*`` schedule and
+    pseudo-boxes on its unlabeled tiles (``ssl.enabled``, from ``detector.target``)."""
+    pipeline = config.pipeline
+    train = dataclasses.replace(
+        config.train, epochs=pipeline.detect_epochs, batch_size=pipeline.detect_batch_size,
+        steps_per_epoch=pipeline.detect_steps_per_epoch, init_from=None,
+        warmup_steps=min(config.train.warmup_steps, pipeline.detect_steps_per_epoch),
+    )  # fmt: skip
+    ssl = dataclasses.replace(config.ssl, enabled=True)
+    return dataclasses.replace(config, task="detection", train=train, ssl=ssl)
+
+
+def detect_inputs(context: RunContext) -> tuple[list[str], list[str], list[str], tuple[str, ...]]:
+    """(rasters, box files, box class renames, val source patterns) of the detect stage's store:
+    ``pipeline.detect_*``, or the generated scenes with their building boxes, validated on the
+    SAM student's validation scene (``prep.val_sources``) so both are compared on tiles
+    neither trained on."""
+    from semisup.synthetic import BOXES_FILE, write_scene_boxes
+
+    pipeline = context.config.pipeline
+    if pipeline.detect_rasters:
+        if not pipeline.detect_boxes:
+            raise ConfigError(
+                f"pipeline.detect_boxes: empty; the detect stage needs box files (CSV or "
+                f"Pascal-VOC XML) for pipeline.detect_rasters {list(pipeline.detect_rasters)}"
+            )
+        return (list(pipeline.detect_rasters), list(pipeline.detect_boxes),
+                list(pipeline.detect_box_classes), ())  # fmt: skip
+    if not pipeline.generated_scenes:
+        raise ConfigError(
+            "pipeline.detect_rasters: not set, and there are no generated scenes; the detect "
+            "stage needs rasters with boxes (pipeline.detect_rasters and pipeline.detect_boxes)"
+        )
+    generated = context.out / "generated"
+    boxes = generated / BOXES_FILE
+    if not boxes.is_file():  # scenes generated before they carried boxes
+        write_scene_boxes(generated / "masks", boxes)
+    return [str(generated / "images")], [str(boxes)], [], context.config.prep.val_sources
+
+
+def detect(context: RunContext) -> dict[str, Any]:
+    """The box student: its own tile store of ``detect_inputs``, Faster R-CNN trained on the
+    labeled tiles' boxes and the pseudo-boxes of the unlabeled ones (``detector.target``: the
+    EMA teacher's, the automatic SAM teacher's instances, or both), box AP on the held-out
+    tiles, and the boxes of a validation raster as CSV and GeoJSON.
+
+    The split is by tile-sized blocks: a quarter of the tiles with boxes validate (or the
+    ``val_sources`` scenes'), a quarter of the rest are labeled.
+    """
+    from data_prep.ingest import build_store
+    from semisup.detection.predict import run_detection_predict
+    from semisup.detection.train_task import detection_facts
+
+    config, folder = context.config, context.out / "detect"
+    rasters, boxes, box_classes, val_sources = detect_inputs(context)
+    tile = config.pipeline.detect_tile_size
+    store = folder / "store.zarr"
+    prep_config = dataclasses.replace(
+        config.prep, tile_size=tile, overlap=0, split_by="block", block_size=tile,
+        val_fraction=0.25, labeled_fraction=0.25, val_sources=val_sources,
+    )  # fmt: skip
+    build_store(rasters, store, boxes=boxes, box_classes=box_classes, config=prep_config,
+                overwrite=True, quiet=True)  # fmt: skip
+    sam = _sam_instances(context, store) if config.detector.target != "ema" else None
+    run_config = detect_config(config)
+    report = _fit(context, run_config, folder / "run", store)
+    best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
+    facts, tile_ids = detection_facts(str(store), run_config, None)
+    raster = _validation_raster(store, tile_ids[C.VAL])
+    predicted = run_detection_predict(
+        [raster], folder / "run", folder / "boxes.csv", vector=folder / "boxes.geojson",
+        overwrite=True, log=context.log,
+    )  # fmt: skip
+    return {
+        "store": str(store), "run_dir": str(folder / "run"), "tile_size": tile,
+        "class_names": report["class_names"],
+        "tiles_per_split": facts["tiles_per_split"],
+        "val_truth_boxes": best["truth_boxes"],
+        "best_ap": report["best_ap"], "ap50": best["ap50"], "ap75": best["ap75"],
+        "best_epoch": report["best_epoch"], "steps": report["steps"],
+        "pseudo_boxes": report["epochs"][-1]["train"].get("pseudo_boxes"),
+        "target": config.detector.target, "sam_instances": sam,
+        "train_seconds": report["epochs"][-1]["seconds"],
+        "raster": raster, "boxes": predicted["outputs"][0]["boxes"],
+        "csv": predicted["csv"], "geojson": predicted["outputs"][0]["vector"],
+        "note": DETECTOR_RANDOM_NOTE if config.detector.checkpoint is None else None,
+        "outputs": [str(folder / "run" / "report.json"), report["best_checkpoint"],
+                    predicted["csv"], predicted["outputs"][0]["vector"]],
+    }  # fmt: skip
+
+
+def _sam_instances(context: RunContext, store: Path) -> int:
+    """The automatic SAM teacher over every tile of the detect store (``semisup pseudo-label
+    --mode automatic --split all``): its instance table gives the SAM pseudo-boxes of
+    ``detector.target`` pseudo or both. Its own masks are filtered at the detector's SAM
+    thresholds. Returns the instances it found."""
+    from semisup.masks import MaskFilter
+    from semisup.pseudo_label import read_instances, run_pseudo_label
+
+    config = context.config
+    detector = config.detector
+    run_pseudo_label(
+        str(store), mode="automatic", model_type=config.student.model_type,
+        checkpoint=config.student.checkpoint, actors=config.pipeline.pseudo_label_actors,
+        gpus_per_actor=config.pipeline.pseudo_label_gpus, split=None, overwrite=True,
+        mask_filter=MaskFilter(min_predicted_iou=detector.sam_min_predicted_iou,
+                               min_stability=detector.sam_min_stability),
+        seed=config.train.seed, placement=config.ray.placement, log=context.log,
+    )  # fmt: skip
+    return read_instances(str(store)).num_rows
+
+
+def _validation_raster(store: Path, val_tiles: list[int]) -> str:
+    """The image of the detect store's first source with a validation tile (its box split:
+    the store's own split column counts mask labels only)."""
+    from semisup.store import open_store, read_source_meta, read_tile_index
+
+    index = read_tile_index(str(store)).to_pandas()
+    source = sorted(index.loc[index[C.TILE_ID].isin(val_tiles), C.SOURCE].unique())[0]
+    return read_source_meta(open_store(str(store)), source).image_path
+
+
+def compare(context: RunContext) -> dict[str, Any]:
+    """The SAM student against the Faster R-CNN student on the detect store's validation tiles
+    (``semisup compare``): OUT/compare/compare.json and compare.md."""
+    from semisup.detection.compare import compare_runs
+
+    detected = context.results["detect"]
+    out = context.out / "compare"
+    result = compare_runs(
+        context.results["student"]["run_dir"], detected["run_dir"], store=detected["store"],
+        out=out, classes=context.config.pipeline.compare_classes, note=detected.get("note"),
+    )  # fmt: skip
+    return {**result, "outputs": [str(out / "compare.json"), str(out / "compare.md")]}

@@ -16,7 +16,7 @@ import pytest
 from semisup import columns as C
 from semisup.demo import run_demo
 from semisup.report import showcase_val_tiles
-from semisup.store import read_tile_index
+from semisup.store import LabelVersion, label_version, read_tile_index
 
 # What reads as "something is wrong" on a console: log levels of Python and Ray's C++ core
 # ("[2026-01-01 10:00:00,000 E 123 123] ..."), Python warnings, tracebacks and worker output.
@@ -33,7 +33,7 @@ def run_demo_as_a_newcomer(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1500)
 
 
-@pytest.mark.timeout(1800)  # about 4 minutes alone on 2 cores; far more when they are shared
+@pytest.mark.timeout(1800)  # about 6 minutes alone on 2 cores; far more when they are shared
 def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     done = run_demo_as_a_newcomer(out)
@@ -50,15 +50,35 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert any(line.startswith("| total of the stages | ") for line in console)
     assert list(stages) == [
         "prep", "stream", "zero-shot", "teacher", "pseudo-label", "student", "evaluate",
-        "report", "select", "predict",
+        "report", "select", "predict", "detect", "compare",
     ]  # fmt: skip
     assert summary["ran"] == list(stages) and summary["skipped"] == []
-    index = read_tile_index(str(out / "store.zarr")).to_pandas()
+    store = str(out / "store.zarr")
+    before = read_tile_index(store, labels=LabelVersion()).to_pandas()  # as prep wrote it
+    index = read_tile_index(store).to_pandas()  # after the round's import
     assert stages["prep"]["sources"] == 4 and stages["prep"]["tiles"] == len(index) == 4 * 9
     assert set(index.loc[index[C.SPLIT] == C.VAL, C.SOURCE]) == {"scene_3"}
     for split in C.SPLITS:
-        expected = int(((index[C.SPLIT] == split) & (index["valid_fraction"] > 0)).sum())
+        expected = int(((before[C.SPLIT] == split) & (before["valid_fraction"] > 0)).sum())
         assert stages["stream"][split]["tiles"] == expected > 0
+    # one active-learning round: the first pass's 4 proposals labelled and imported, then the
+    # stages that train on labels (and those after them) rerun; prep, stream, zero-shot and
+    # detect (its own store) are up to date
+    round_1 = summary["round"]
+    proposed = set(pd.read_csv(out / "rounds" / "round_1" / "selection.csv")[C.TILE_ID])
+    assert round_1["proposed"] == round_1["annotated"] == round_1["moved_to_labeled"] == 4
+    assert round_1["label_version"] == round_1["after"]["label_version"] == 1
+    labeled = set(index.loc[index[C.SPLIT] == C.LABELED, C.TILE_ID])
+    assert labeled == set(before.loc[before[C.SPLIT] == C.LABELED, C.TILE_ID]) | proposed
+    assert round_1["after"]["labeled_tiles"] == round_1["before"]["labeled_tiles"] + 4
+    assert round_1["after"]["labeled_tiles"] == len(labeled)
+    assert round_1["ran"] == [
+        "teacher", "pseudo-label", "student", "evaluate", "report", "select", "predict", "compare"
+    ]  # fmt: skip
+    assert round_1["skipped"] == ["prep", "stream", "zero-shot", "detect"]
+    assert round_1["before"]["student_miou"] == summary["first_pass"]["student"]["best_miou"]
+    assert round_1["after"]["student_miou"] == stages["student"]["best_miou"]
+    assert sum(line.startswith("  round 1       4 of the 4 proposed") for line in console) == 1
     assert (out / "zero_shot" / "zero_shot.json").is_file()
     unlabeled = int(((index[C.SPLIT] == C.UNLABELED) & (index["valid_fraction"] > 0)).sum())
     assert stages["pseudo-label"]["tiles_processed"] == unlabeled
@@ -80,7 +100,7 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert len(shown) == 4  # the scenes' validation tiles are whole: none is padded
     selected = pd.read_csv(out / "select" / "selection.csv")
     unlabeled_ids = set(index.loc[index[C.SPLIT] == C.UNLABELED, C.TILE_ID])
-    assert len(selected) == 16 and set(selected[C.TILE_ID]) <= unlabeled_ids
+    assert len(selected) == 4 and set(selected[C.TILE_ID]) <= unlabeled_ids
     assert json.loads((out / "select" / "selection.geojson").read_text())["features"]
     assert stages["predict"]["rasters"][0].endswith("scene_3.tif") and stages["predict"]["vectors"]
     import rasterio
@@ -93,13 +113,32 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
             source.shape,
         )
     assert (out / "predict" / "scene_3.geojson").is_file()
+    # the box student on the scenes' buildings, held out on the SAM student's validation scene
+    detect = stages["detect"]
+    assert detect["tiles_per_split"]["val"] == 9 and detect["val_truth_boxes"] > 0
+    assert detect["target"] == "both" and detect["sam_instances"] > 0  # SAM's pseudo-boxes
+    assert 0 <= detect["best_ap"] <= 1 and detect["raster"].endswith("scene_3.tif")
+    assert len(Path(detect["csv"]).read_text().splitlines()) == detect["boxes"] + 1  # + header
+    features = json.loads(Path(detect["geojson"]).read_text())["features"]
+    assert len(features) == detect["boxes"]
+    assert sum("box AP (near 0)" in line for line in console) == 1  # said once, beside it
+    compared = json.loads((out / "compare" / "compare.json").read_text())
+    assert [row["model"] for row in compared["rows"]] == [
+        "SAM student (segmentation)", "Faster R-CNN student"
+    ]  # fmt: skip
+    assert compared["val_tiles"] == 9 and compared["classes"] == {"building": "building"}
+    assert compared["rows"][1]["ap"] == pytest.approx(detect["best_ap"], abs=1e-9)
+    assert any(line.startswith("| Faster R-CNN student | ") for line in console)
     # a rerun finds every stage up to date: nothing is recomputed or rewritten
     mtime = (out / "student" / "report.json").stat().st_mtime_ns
     again = run_demo(out, synthetic=True)
     assert again["ran"] == [] and again["skipped"] == list(stages)
-    assert again["stages"] == stages
+    assert again["round"]["ran"] == [] and again["round"]["before"] == round_1["before"]
+    assert again["stages"] == stages and read_tile_index(store).to_pandas().equals(index)
+    assert label_version(store) == 1  # the round is not labelled again
     assert (out / "student" / "report.json").stat().st_mtime_ns == mtime
-    assert (out / "run.log").read_text().count("up to date, skipped") == len(stages)
+    skips = len(round_1["skipped"]) + 2 * len(stages)  # the round's, then both passes again
+    assert (out / "run.log").read_text().count("up to date, skipped") == skips
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("not a run")
     with pytest.raises(FileExistsError, match="not empty"):

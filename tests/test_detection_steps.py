@@ -63,6 +63,17 @@ def test_steps_learn_the_crowns_and_move_the_teacher(crowns: BoxBatch) -> None:
     assert not torch.equal(teacher.roi_heads.box_predictor.cls_score.weight, before)
 
 
+def _assert_classification_only(model: torch.nn.Module, parts: dict[str, torch.Tensor]) -> None:
+    """The unlabeled losses reach the classifier and not the box regression."""
+    model.zero_grad()
+    (parts["loss_classifier_unlabeled"] + parts["loss_objectness_unlabeled"]).backward()
+    predictor = model.roi_heads.box_predictor
+    assert predictor.cls_score.weight.grad.abs().sum() > 0
+    assert (
+        predictor.bbox_pred.weight.grad is None or predictor.bbox_pred.weight.grad.abs().sum() == 0
+    )
+
+
 def test_pseudo_boxes_teach_classification_only(crowns: BoxBatch) -> None:
     torch.manual_seed(0)
     model = build_detector(1, arch="fasterrcnn_mobilenet_v3_large_fpn", finetune="full",
@@ -76,13 +87,7 @@ def test_pseudo_boxes_teach_classification_only(crowns: BoxBatch) -> None:
     recipe = DetectionRecipe(pseudo_score=0.0, ramp_up_steps=0)
     parts = detection_losses(model, crowns, crowns.images, teacher=teacher, recipe=recipe, step=0)
     assert "loss_box_reg_unlabeled" not in parts and float(parts["pseudo_boxes"]) > 0
-    model.zero_grad()
-    (parts["loss_classifier_unlabeled"] + parts["loss_objectness_unlabeled"]).backward()
-    predictor = model.roi_heads.box_predictor
-    assert predictor.cls_score.weight.grad.abs().sum() > 0
-    assert (
-        predictor.bbox_pred.weight.grad is None or predictor.bbox_pred.weight.grad.abs().sum() == 0
-    )
+    _assert_classification_only(model, parts)
     value = {name: float(part.detach()) for name, part in parts.items()}
     supervised = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
     assert value["loss"] == pytest.approx(
@@ -106,13 +111,7 @@ def test_sam_pseudo_boxes_teach_classification_without_a_teacher(crowns: BoxBatc
     # every crown box survives the weak view, and most the strong one
     total = sum(len(b) for b in crowns.boxes)
     assert 0.5 * total / 2 <= float(parts["pseudo_boxes"]) <= total / 2
-    model.zero_grad()
-    (parts["loss_classifier_unlabeled"] + parts["loss_objectness_unlabeled"]).backward()
-    predictor = model.roi_heads.box_predictor
-    assert predictor.cls_score.weight.grad.abs().sum() > 0
-    assert (
-        predictor.bbox_pred.weight.grad is None or predictor.bbox_pred.weight.grad.abs().sum() == 0
-    )
+    _assert_classification_only(model, parts)
     empty = BoxBatch(crowns.images, [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2,
                      [torch.zeros(0)] * 2)  # fmt: skip
     none = detection_losses(model, crowns, empty, teacher=None, recipe=recipe, step=0)

@@ -146,7 +146,7 @@ def test_sam_pseudo_boxes_are_the_teacher_instances_clipped_to_the_tile(crown_st
     shifted, _ = everything.tile(0, 24, 24)
     expected, _ = boxes_in_tile(raster, 24, 24, 128, min_visible=0.5)
     np.testing.assert_array_equal(shifted.boxes, expected)
-    assert 0 < len(expected) and (expected != raster[: len(expected)] - 24).any()  # some cut
+    assert len(expected) > 0 and (expected != raster[: len(expected)] - 24).any()  # some cut
 
 
 def test_sam_pseudo_boxes_are_refused_by_name(

@@ -193,7 +193,8 @@ def test_pipeline_table_keys_follow_the_stages_that_read_each_other() -> None:
     base = load_config(REPO_ROOT / "cluster" / "smoke.yaml")
     keys = stage_keys(base)
     assert list(keys) == list(STAGES)
-    assert enabled_stages(base) == [name for name in STAGES if name != "tune"]  # optional
+    optional = ("detect", "compare", "tune")
+    assert enabled_stages(base) == [name for name in STAGES if name not in optional]
 
     def changed(**sections: Any) -> set[str]:
         config = base
@@ -204,12 +205,21 @@ def test_pipeline_table_keys_follow_the_stages_that_read_each_other() -> None:
         new = stage_keys(config)
         return {name for name in keys if new[name] != keys[name]}
 
-    after_student = {"evaluate", "report", "select", "predict"}
-    assert changed(ssl={"confidence_threshold": 0.7}) == {"student", "tune", *after_student}
+    after_student = {"evaluate", "report", "select", "predict", "compare"}
+    assert changed(ssl={"confidence_threshold": 0.7}) == {
+        "student", "tune", "detect", *after_student
+    }  # fmt: skip
+    assert changed(detector={"nms_iou": 0.4}) == {"detect", "compare"}
+    # the detect stage's automatic SAM teacher is the student's model
+    assert changed(student={"model_type": "vit_b"}) == {
+        "zero-shot", "teacher", "pseudo-label", "student", "tune", "detect", *after_student
+    }  # fmt: skip
+    assert changed(pipeline={"detect_tile_size": 128}) == {"detect", "compare"}
+    assert changed(pipeline={"compare_classes": ("building=building",)}) == {"compare"}
     assert changed(pipeline={"zero_shot_tiles": 8}) == {"zero-shot", "evaluate", "report"}
     assert changed(pipeline={"select_budget": 4}) == {"select"}
     assert changed(train={"epochs": 2}) == {
-        "teacher", "pseudo-label", "student", "tune", *after_student
+        "teacher", "pseudo-label", "student", "tune", "detect", *after_student
     }  # fmt: skip
     assert changed(prep={"tile_size": 128}) == set(STAGES)
     assert changed(pipeline={"out": "elsewhere", "stages": ("prep",)}) == set()
@@ -256,6 +266,9 @@ def test_a_label_import_reruns_the_stages_that_read_labels(tmp_path: Path) -> No
     again = run_pipeline(config, log=None, table=table)
     assert again["skipped"] == ["prep", "zero"] and again["ran"] == ["train", "after"]
     assert again["stages"]["train"]["labeled"] == 1
+    lines = log_lines(tmp_path / "run")
+    assert "[run] train: the store's labels changed (label version 1), rerunning ..." in lines
+    assert "[run] after: rerunning, its inputs from train were rebuilt" in lines
     assert run_pipeline(config, log=None, table=table)["ran"] == []
 
 
