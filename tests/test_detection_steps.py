@@ -52,14 +52,16 @@ def test_steps_learn_the_crowns_and_move_the_teacher(crowns: BoxBatch) -> None:
                            tile_size=SIZE)  # fmt: skip
     teacher = make_ema_teacher(model)
     before = teacher.roi_heads.box_predictor.cls_score.weight.clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # at 1e-3 the classifier loss bounced (0.3 to 0.7 by step 7, and on 1 thread otherwise
+    # than on 2); at 3e-4 it falls and stays down on either
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     recipe = DetectionRecipe(ema_momentum=0.9)
     losses = [
-        detection_step(model, optimizer, crowns, None, teacher=teacher, recipe=recipe,
-                       step=step)["loss_classifier"]
+        float(detection_step(model, optimizer, crowns, None, teacher=teacher, recipe=recipe,
+                             step=step)["loss_classifier"])
         for step in range(8)
     ]  # fmt: skip
-    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+    assert np.mean(losses[4:]) < 0.6 * losses[0], losses  # the last four steps against the first
     assert not torch.equal(teacher.roi_heads.box_predictor.cls_score.weight, before)
 
 

@@ -120,7 +120,14 @@ def test_two_workers_take_the_step_one_worker_takes(
         train_one, train_two = one["epochs"][0]["train"], two["epochs"][0]["train"]
         assert train_two[name] == pytest.approx(train_one[name], rel=1e-5, abs=1e-7), name
     assert one["epochs"][0]["train"]["mask_ratio"] > 0.05  # the consistency term took part
-    assert two["initial"] == one["initial"]  # mIoU, Dice, per-class IoU of the same weights
+    # mIoU, Dice and per-class IoU of the same weights: argmax counts, equal exactly; the
+    # calibration error sums float32 confidences of forward passes over other batch sizes
+    # (4 tiles against 2 per worker), equal to float32's rounding
+    initial_one, initial_two = dict(one["initial"]), dict(two["initial"])
+    ece_one = initial_one["calibration"].pop("expected_calibration_error")
+    ece_two = initial_two["calibration"].pop("expected_calibration_error")
+    assert initial_two == initial_one
+    assert ece_two == pytest.approx(ece_one, rel=1e-5)
 
 
 def _registered_checkpoint(run_dir: Path) -> bool:
