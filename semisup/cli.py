@@ -165,8 +165,11 @@ STAGES: dict[str, Stage] = {
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",
         "semisup.cli", "add_demo_arguments", "run_demo",
-        "Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs. Uses the "
-        "Dubai imagery in ../shared/data when present, generated scenes otherwise.",
+        "Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs, then one "
+        "active-learning round (the proposals labelled from the ground truth the split hides, "
+        "imported as a new label version, the stages that train on labels rerun), and a Faster "
+        "R-CNN student compared with the SAM student. Uses the Dubai imagery and NEON crowns in "
+        "../shared/data when present, generated scenes otherwise.",
     ),
 }  # fmt: skip
 

@@ -283,6 +283,8 @@ class PipelineConfig:
     detect_epochs: int = 2  # the detect stage's Faster R-CNN student trains this many epochs
     detect_steps_per_epoch: int = 4  # of detect_batch_size labeled tiles (and as many unlabeled)
     detect_batch_size: int = 2
+    detect_sam_points_per_side: int = 16  # prompt grid of the automatic SAM teacher whose
+    # instances are the detect stage's pseudo-boxes (detector.target pseudo or both)
     compare_classes: tuple[str, ...] = ()  # BOX=SEG: the segmentation class that stands for a
     # box class in the compare stage; () = equal names
 
@@ -305,7 +307,8 @@ class PipelineConfig:
                self.detect_boxes, "distinct box files")  # fmt: skip
         _check(self.detect_tile_size >= 32, "pipeline.detect_tile_size", self.detect_tile_size,
                ">= 32 (the detector's coarsest feature level is 1/32 of a tile)")  # fmt: skip
-        for name in ("detect_epochs", "detect_steps_per_epoch", "detect_batch_size"):
+        for name in ("detect_epochs", "detect_steps_per_epoch", "detect_batch_size",
+                     "detect_sam_points_per_side"):  # fmt: skip
             _check(getattr(self, name) >= 1, f"pipeline.{name}", getattr(self, name), ">= 1")
 
 

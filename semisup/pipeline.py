@@ -73,7 +73,8 @@ _INPUTS = ("pipeline.images", "pipeline.labels", "pipeline.label_colors", "pipel
            "pipeline.generated_scenes", "pipeline.scene_size")  # fmt: skip
 _MODEL = ("student", "train", "augment", "stream")
 _DETECT = tuple(f"pipeline.detect_{name}" for name in ("rasters", "boxes", "box_classes",
-               "tile_size", "epochs", "steps_per_epoch", "batch_size"))  # fmt: skip
+               "tile_size", "epochs", "steps_per_epoch", "batch_size",
+               "sam_points_per_side"))  # fmt: skip
 
 STAGES: dict[str, Stage] = {
     "prep": Stage(stages.prep, ("prep", *_INPUTS), uses_ray=False),

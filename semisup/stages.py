@@ -525,6 +525,7 @@ def _sam_instances(context: RunContext, store: Path) -> int:
         str(store), mode="automatic", model_type=config.student.model_type,
         checkpoint=config.student.checkpoint, actors=config.pipeline.pseudo_label_actors,
         gpus_per_actor=config.pipeline.pseudo_label_gpus, split=None, overwrite=True,
+        points_per_side=config.pipeline.detect_sam_points_per_side,
         mask_filter=MaskFilter(min_predicted_iou=detector.sam_min_predicted_iou,
                                min_stability=detector.sam_min_stability),
         seed=config.train.seed, placement=config.ray.placement, log=context.log,

@@ -215,6 +215,7 @@ def test_pipeline_table_keys_follow_the_stages_that_read_each_other() -> None:
         "zero-shot", "teacher", "pseudo-label", "student", "tune", "detect", *after_student
     }  # fmt: skip
     assert changed(pipeline={"detect_tile_size": 128}) == {"detect", "compare"}
+    assert changed(pipeline={"detect_sam_points_per_side": 8}) == {"detect", "compare"}
     assert changed(pipeline={"compare_classes": ("building=building",)}) == {"compare"}
     assert changed(pipeline={"zero_shot_tiles": 8}) == {"zero-shot", "evaluate", "report"}
     assert changed(pipeline={"select_budget": 4}) == {"select"}
