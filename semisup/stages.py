@@ -353,15 +353,25 @@ def select(context: RunContext) -> dict[str, Any]:
 
 def predict_inputs(context: RunContext) -> list[str]:
     """The rasters the predict stage maps: ``pipeline.predict_rasters`` or a validation image."""
-    from semisup.store import open_store, read_source_meta, read_tile_index
-
     if context.config.pipeline.predict_rasters:
         return list(context.config.pipeline.predict_rasters)
-    index = read_tile_index(str(context.store)).to_pandas()
-    val = sorted(index.loc[index[C.SPLIT] == C.VAL, C.SOURCE].unique())
-    if not val:
+    image = first_source_image(context.store, split=C.VAL)
+    if image is None:
         raise ConfigError("pipeline.predict_rasters: not set, and the store has no val source")
-    return [read_source_meta(open_store(str(context.store)), val[0]).image_path]
+    return [image]
+
+
+def first_source_image(
+    store: Path, *, split: str | None = None, tile_ids: list[int] | None = None
+) -> str | None:
+    """The image of the store's first source (by id) holding a tile of ``split``, or one of
+    ``tile_ids``; None when no source does."""
+    from semisup.store import open_store, read_source_meta, read_tile_index
+
+    index = read_tile_index(str(store)).to_pandas()
+    rows = index[C.SPLIT] == split if split is not None else index[C.TILE_ID].isin(tile_ids or [])
+    sources = sorted(index.loc[rows, C.SOURCE].unique())
+    return read_source_meta(open_store(str(store)), sources[0]).image_path if sources else None
 
 
 def predict(context: RunContext) -> dict[str, Any]:
@@ -488,7 +498,10 @@ def detect(context: RunContext) -> dict[str, Any]:
     report = _fit(context, run_config, folder / "run", store)
     best = next(e for e in report["epochs"] if e["epoch"] == report["best_epoch"])
     facts, tile_ids = detection_facts(str(store), run_config, None)
-    raster = _validation_raster(store, tile_ids[C.VAL])
+    # the box split's validation tiles: the store's own split column counts mask labels only
+    raster = first_source_image(store, tile_ids=tile_ids[C.VAL])
+    if raster is None:
+        raise ValueError(f"{store}: the detection split has no validation tile")
     predicted = run_detection_predict(
         [raster], folder / "run", folder / "boxes.csv", vector=folder / "boxes.geojson",
         overwrite=True, log=context.log,
@@ -531,16 +544,6 @@ def _sam_instances(context: RunContext, store: Path) -> int:
         seed=config.train.seed, placement=config.ray.placement, log=context.log,
     )  # fmt: skip
     return read_instances(str(store)).num_rows
-
-
-def _validation_raster(store: Path, val_tiles: list[int]) -> str:
-    """The image of the detect store's first source with a validation tile (its box split:
-    the store's own split column counts mask labels only)."""
-    from semisup.store import open_store, read_source_meta, read_tile_index
-
-    index = read_tile_index(str(store)).to_pandas()
-    source = sorted(index.loc[index[C.TILE_ID].isin(val_tiles), C.SOURCE].unique())[0]
-    return read_source_meta(open_store(str(store)), source).image_path
 
 
 def compare(context: RunContext) -> dict[str, Any]:
