@@ -6,7 +6,9 @@ Two questions, on one store, over several seeds:
    unlabeled tiles), three students: *labels-only* on the labelled subset, *semi-supervised*
    (that labels-only run as the teacher writes semantic pseudo-labels for the rest of the pool,
    then a student trains with consistency on labelled + pseudo-labelled tiles; optionally a
-   second one starts from its teacher's weights), and *full-label* on the whole pool.
+   second one starts from its teacher's weights, and further self-training rounds relabel the
+   pool with the previous round's student and train a new one from scratch), and *full-label*
+   on the whole pool.
 2. Active learning against random selection. From the same seed set, rounds add tiles picked by
    the student's uncertainty (``semisup.selection``) or at random; each round retrains.
 
@@ -24,7 +26,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,9 @@ SEMI_METHODS = {"scratch": SEMI, "teacher": SEMI_WARM, "oracle": ORACLE}  # by s
 # the semi-supervised student with the monitor half's images added to its unlabeled pool: a
 # user mapping a region they hold imagery of (never the test half's images)
 SEMI_TARGET_AREA = "semi_supervised_target_area"
+# round r >= 2 of self-training: the pool relabelled by round r - 1's semi-supervised student,
+# then a new student from scratch (ST++, Yang et al. 2022; Noisy Student, Xie et al. 2020)
+SEMI_ROUND = "semi_supervised_round_{}"
 MIN_ROOM = 0.03  # full − labels-only below this (mIoU): no room for unlabeled tiles to show
 RANDOM, ACTIVE = "random", "active"
 
@@ -70,6 +75,9 @@ class LabelEfficiencySettings:
     # adds a run whose consistency targets are the ground truth (no teacher)
     semi_init: tuple[str, ...] = ("scratch",)
     target_area: bool = False  # also a student whose unlabeled pool holds the monitor images
+    # semi-supervised rounds from scratch: round 1 learns from the labels-only teacher's
+    # pseudo-labels, round r >= 2 from round r - 1's student's
+    self_training_rounds: int = 1
 
     def __post_init__(self) -> None:
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
@@ -80,6 +88,12 @@ class LabelEfficiencySettings:
             raise ConfigError("al_start_fraction and al_round_fraction: expected values in (0, 1)")
         if self.al_rounds < 0:
             raise ConfigError(f"al_rounds: got {self.al_rounds}, expected >= 0")
+        if self.self_training_rounds < 1:
+            raise ConfigError(
+                f"self_training_rounds: got {self.self_training_rounds}, expected >= 1"
+            )
+        if self.self_training_rounds > 1 and "scratch" not in self.semi_init:
+            raise ConfigError("self_training_rounds > 1: expected 'scratch' in semi_init")
         unknown = [init for init in self.semi_init if init not in SEMI_METHODS]
         if not self.semi_init or unknown:
             raise ConfigError(
@@ -299,6 +313,8 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
             warm = teacher if init == "teacher" else None
             semi = runner.train(semi_name, labeled, seed, semi=True, init_from=warm)
             rows.append({"method": SEMI_METHODS[init], "fraction": fraction, **semi})
+            if init == "scratch":
+                rows += self_training(runner, labeled, seed, fraction, tag)
         if settings.target_area:
             name = f"semi_target_area_{tag}"
             if not (runner.out / "runs" / name / "test.json").is_file():
@@ -309,6 +325,23 @@ def learning_curve(runner: Runner, seed: int) -> list[dict[str, Any]]:
             rows.append({"method": SEMI_TARGET_AREA, "fraction": fraction, **area})
     full = runner.train(f"full_s{seed}", pool, seed, semi=False)
     rows.append({"method": FULL, "fraction": 1.0, **full})
+    return rows
+
+
+def self_training(
+    runner: Runner, labeled: np.ndarray, seed: int, fraction: float, tag: str
+) -> list[dict[str, Any]]:
+    """Rounds 2.. of self-training at one fraction: each relabels the pool with the previous
+    round's semi-supervised student (run ``semi_TAG`` is round 1) and trains a new student."""
+    rows = []
+    teacher = runner.out / "runs" / f"semi_{tag}"
+    for round_ in range(2, runner.settings.self_training_rounds + 1):
+        name = f"semi_r{round_}_{tag}"
+        if not (runner.out / "runs" / name / "test.json").is_file():
+            runner.pseudo_label(teacher, seed)
+        result = runner.train(name, labeled, seed, semi=True)
+        rows.append({"method": SEMI_ROUND.format(round_), "fraction": fraction, **result})
+        teacher = runner.out / "runs" / name
     return rows
 
 
@@ -360,10 +393,10 @@ def ssl_gains(curve: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
     full = curve.loc[curve["method"] == FULL, "test_miou"].mean()
     only_runs = curve[curve["method"] == LABELS_ONLY].set_index(["fraction", "seed"])["test_miou"]
     gains: dict[str, dict[str, dict[str, Any]]] = {}
-    semi_methods = [*SEMI_METHODS.values(), SEMI_TARGET_AREA]
-    for (method, fraction), group in curve[curve["method"].isin(semi_methods)].groupby(
-        ["method", "fraction"]
-    ):
+    semi_methods = curve["method"].isin([*SEMI_METHODS.values(), SEMI_TARGET_AREA]) | curve[
+        "method"
+    ].str.startswith(SEMI_ROUND.format(""))
+    for (method, fraction), group in curve[semi_methods].groupby(["method", "fraction"]):
         only = only_runs.loc[fraction]
         semi = group.set_index("seed")["test_miou"]
         paired = (semi - only.reindex(semi.index)).dropna()
@@ -491,6 +524,18 @@ def class_names(store: str) -> tuple[str, ...]:
     return meta.class_names or tuple(f"class {i}" for i in range(meta.num_classes or 0))
 
 
+def semi_supervised_methods(methods: Iterable[str]) -> list[str]:
+    """The semi-supervised methods among ``methods``, in the report's order: the first round,
+    the later self-training rounds, the warm start, the target area, the oracle."""
+    present = set(methods)
+    rounds = sorted(
+        (m for m in present if m.startswith(SEMI_ROUND.format(""))),
+        key=lambda m: int(m.rsplit("_", 1)[1]),
+    )
+    order = [SEMI, *rounds, SEMI_WARM, SEMI_TARGET_AREA, ORACLE]
+    return [m for m in order if m in present]
+
+
 def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     """learning_curve.png and active_learning.png: test mIoU, mean ± std over seeds."""
     import matplotlib
@@ -499,7 +544,7 @@ def plot_results(curve: pd.DataFrame, rounds: pd.DataFrame, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(5, 3.5))
-    for method in (LABELS_ONLY, SEMI, SEMI_WARM, SEMI_TARGET_AREA, ORACLE):
+    for method in (LABELS_ONLY, *semi_supervised_methods(curve["method"].unique())):
         if not (curve["method"] == method).any():
             continue
         stats = curve[curve["method"] == method].groupby("labeled_tiles")["test_miou"]
@@ -590,7 +635,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {float(key):.4f} | {only['labeled_tiles']} | {LABELS_ONLY} | "
             f"{_stat(only['test_miou'])} | {room_note} | | | | |"
         )
-        for method in (SEMI, SEMI_WARM, SEMI_TARGET_AREA, ORACLE):
+        for method in semi_supervised_methods(curve):
             if key not in curve.get(method, {}):
                 continue
             gain, entry = report["ssl_gain"][method][key], curve[method][key]
@@ -671,6 +716,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also train, at each fraction, a student whose consistency targets are the pool's "
         "ground truth: the gap the consistency path can close at best",
     )  # fmt: skip
+    parser.add_argument(
+        "--self-training-rounds", type=int, default=1, metavar="N",
+        help="semi-supervised rounds (default 1): round r >= 2 relabels the pool with round "
+        "r - 1's student and trains a new student from scratch",
+    )  # fmt: skip
     add_config_arguments(parser)
 
 
@@ -687,6 +737,7 @@ def run_cli(args: argparse.Namespace) -> int:
         semi_init=tuple(init.strip() for init in args.semi_init.split(","))
         + (("oracle",) if args.oracle else ()),
         target_area=args.target_area,
+        self_training_rounds=args.self_training_rounds,
     )
     run_label_efficiency(args.store, args.out, config_from_arguments(args), settings)
     print(f"report: {args.out / 'report.md'}")

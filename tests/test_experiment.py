@@ -20,6 +20,7 @@ from semisup.experiment import (
     partition,
     per_class_table,
     run_label_efficiency,
+    self_training,
     summarise,
     tiles_to_reach,
 )
@@ -51,6 +52,9 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
             {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8,
              "test_miou": 0.26, "seed": 0, "test_iou_per_class": [0.2, None, 0.4],
              "mask_ratio": 0.5, "pseudo_accuracy": 0.8},
+            {"method": "semi_supervised_round_2", "fraction": 0.125, "labeled_tiles": 8,
+             "test_miou": 0.28, "seed": 0, "test_iou_per_class": [0.2, None, 0.5],
+             "mask_ratio": 0.6, "pseudo_accuracy": 0.85},
             {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30,
              "seed": 0, "test_iou_per_class": [0.3, None, 0.5]},
         ]
@@ -69,6 +73,10 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     assert gain["semi_minus_labels_only"] == pytest.approx(0.06)
     assert gain["paired_gain"]["mean"] == pytest.approx(0.06) and gain["paired_gain"]["n"] == 1
     assert gain["gap_closed"] == pytest.approx(0.6)
+    # a later self-training round is paired with the same labels-only run
+    second = result["ssl_gain"]["semi_supervised_round_2"]["0.1250"]
+    assert second["paired_gain"]["mean"] == pytest.approx(0.08)
+    assert second["gap_closed"] == pytest.approx(0.8)
     reach = result["tiles_to_reach_random_final"]
     assert reach["per_seed"] == {"random": [12], "active": [8]}
     assert reach["label_saving"]["mean"] == pytest.approx(1 - 8 / 12)
@@ -86,10 +94,53 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     text = format_report({"store": "s.zarr", "tiles": {"pool": 64, "monitor": 8, "test": 8},
                           "settings": {"seeds": [0, 1]}, "class_names": ["a", "b", "c"], **alone})  # fmt: skip
     assert "| 0.1250 | 8 | semi_supervised | 0.260 ± 0.000 |" in text
+    assert text.index("| semi_supervised |") < text.index("| semi_supervised_round_2 |")
     assert "| 0.500 ± 0.000 | 0.800 ± 0.000 |" in text and "Active learning" not in text
     table = "\n".join(per_class_table(result["learning_curve"], ["a", "b", "c"]))
     assert "| method | label fraction | a | b | c |" in table
     assert "| labels_only | 0.1250 | 0.200 | – | 0.300 |" in table
+
+
+class RecordingRunner:
+    """The two calls of ``Runner`` that self-training makes, recorded instead of run."""
+
+    def __init__(self, out: Path, rounds: int) -> None:
+        self.out, self.settings = out, LabelEfficiencySettings(self_training_rounds=rounds)
+        self.calls: list[tuple[str, str]] = []
+
+    def pseudo_label(self, teacher_run: Path, seed: int) -> None:
+        self.calls.append(("pseudo_label", teacher_run.name))
+
+    def train(self, name: str, labeled: np.ndarray, seed: int, semi: bool) -> dict[str, object]:
+        self.calls.append(("train", name))
+        (self.out / "runs" / name).mkdir(parents=True)
+        (self.out / "runs" / name / "test.json").write_text("{}")
+        return {"name": name, "test_miou": 0.5}
+
+
+def test_each_self_training_round_learns_from_the_previous_rounds_student(
+    tmp_path: Path,
+) -> None:
+    runner = RecordingRunner(tmp_path, rounds=3)
+    rows = self_training(runner, np.arange(4), 0, 0.125, "f0.1250_s0")  # type: ignore[arg-type]
+    assert runner.calls == [
+        ("pseudo_label", "semi_f0.1250_s0"), ("train", "semi_r2_f0.1250_s0"),
+        ("pseudo_label", "semi_r2_f0.1250_s0"), ("train", "semi_r3_f0.1250_s0"),
+    ]  # fmt: skip
+    assert [row["method"] for row in rows] == [
+        "semi_supervised_round_2",
+        "semi_supervised_round_3",
+    ]
+    assert all(row["fraction"] == 0.125 for row in rows)
+    # a rerun finds every round finished: no pool is labelled again
+    runner.calls.clear()
+    runner.train = lambda name, *_, **__: {"name": name}  # type: ignore[method-assign]
+    self_training(runner, np.arange(4), 0, 0.125, "f0.1250_s0")  # type: ignore[arg-type]
+    assert runner.calls == []
+    with pytest.raises(ConfigError, match="self_training_rounds: got 0"):
+        LabelEfficiencySettings(self_training_rounds=0)
+    with pytest.raises(ConfigError, match="expected 'scratch' in semi_init"):
+        LabelEfficiencySettings(self_training_rounds=2, semi_init=("teacher",))
 
 
 @pytest.fixture(scope="module")
