@@ -86,7 +86,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import build_scene_store
 
-    from semisup import search_space as S
+    from semisup import search_space
     from semisup.config import load_config
     from semisup.runtime import ray_runtime
     from tune_spaces import SPACES
@@ -100,8 +100,10 @@ def main() -> None:
             "ray.num_cpus=2", "ray.dashboard=true",
         ]
     )  # fmt: skip
-    dims = S.check_space(SPACES["lora_rank"], base, "lora_rank")
-    configs = [S.trial_config(base, dims, {"student.lora_rank": r}) for r in (4, 8, 16, 32)]
+    dims = search_space.check_space(SPACES["lora_rank"], base, "lora_rank")
+    configs = [
+        search_space.trial_config(base, dims, {"student.lora_rank": r}) for r in (4, 8, 16, 32)
+    ]
     # ABBA order (bare, Tune, Tune, bare, ...): on a shared machine the load drifts, and this
     # order cancels a linear drift between the two means
     passes: dict[str, list[tuple[float, list[float]]]] = {"bare": [], "tune": [], "both": []}

@@ -85,18 +85,28 @@ def add_actor_pool_arguments(
     default CPU share leaves room for.
     """
     parser.add_argument(
-        "--actors", type=int, default=default_actors, metavar="N",
+        "--actors",
+        type=int,
+        default=default_actors,
+        metavar="N",
         help=f"{role} actors (default {default_actors})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--gpus-per-actor", type=float, default=0.0, metavar="G",
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        metavar="G",
         help="GPUs per actor, fractions share a GPU (default 0: CPU)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--cpus-per-actor", type=float, metavar="C",
+        "--cpus-per-actor",
+        type=float,
+        metavar="C",
         help=f"CPUs reserved per actor (default: leave one CPU to {frees})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--torch-threads", type=int, metavar="N",
+        "--torch-threads",
+        type=int,
+        metavar="N",
         help="torch threads per actor (default on CPU: cluster CPUs // actors)",
-    )  # fmt: skip
+    )

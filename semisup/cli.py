@@ -37,19 +37,25 @@ STAGES: dict[str, Stage] = {
         "rasters and labels -> a chunked Zarr tile store",
         "semisup prep ../shared/data/dubai/tile_1/images --labels ../shared/data/dubai/tile_1/masks "
         "--label-colors dubai_colours.json --out dubai.zarr",
-        "data_prep.cli", "add_arguments", "run",
+        "data_prep.cli",
+        "add_arguments",
+        "run",
         "Build a Zarr v3 tile store from GeoTIFF/COG, PNG/JPEG or NumPy rasters.",
     ),
     "info": Stage(
         "summarise a tile store: sources, tiles per split, geo metadata",
         "semisup info dubai.zarr",
-        "semisup.cli", "add_info_arguments", "run_info",
+        "semisup.cli",
+        "add_info_arguments",
+        "run_info",
     ),
     "zero-shot": Stage(
         "measure SAM on the labelled tiles before any training (box/point IoU, coverage)",
         "semisup zero-shot --store dubai.zarr --model vit_b --checkpoint sam_vit_b_01ec64.pth "
         "--out runs/zero_shot",
-        "semisup.zero_shot", "add_zero_shot_arguments", "run_zero_shot_cli",
+        "semisup.zero_shot",
+        "add_zero_shot_arguments",
+        "run_zero_shot_cli",
         "Box- and point-prompted mask IoU against ground-truth instances, automatic-mode "
         "coverage and a per-class table: zero_shot.json, zero_shot.md and example overlays.",
     ),
@@ -57,14 +63,18 @@ STAGES: dict[str, Stage] = {
         "label tiles with the SAM teacher in a pool of Ray actors, resumably",
         "semisup pseudo-label --store dubai.zarr --mode semantic --model tiny "
         "--checkpoint runs/teacher/best",
-        "semisup.pseudo_label", "add_pseudo_label_arguments", "run_pseudo_label_cli",
+        "semisup.pseudo_label",
+        "add_pseudo_label_arguments",
+        "run_pseudo_label_cli",
         "Writes pseudo_label and confidence arrays beside each source's image and "
         "pseudo_labels.parquet at the store root; a rerun skips tiles already written.",
     ),
     "train": Stage(
         "train the student on Ray Train (consistency regularisation, full/decoder/LoRA)",
         "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder",
-        "semisup.train", "add_arguments", "run_cli",
+        "semisup.train",
+        "add_arguments",
+        "run_cli",
         "Trains the student on the store's labeled (and unlabeled) tiles, validates every epoch "
         "on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
     ),
@@ -72,7 +82,9 @@ STAGES: dict[str, Stage] = {
         "propose the unlabeled tiles to label next, by the student's uncertainty (active learning)",
         "semisup select --run demo_out/student --store demo_out/store.zarr --budget 16 "
         "--out demo_out/select",
-        "semisup.selection", "add_arguments", "run_cli",
+        "semisup.selection",
+        "add_arguments",
+        "run_cli",
         "Scores every unlabeled tile with a trained run's student (entropy, margin, teacher "
         "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
         "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png; "
@@ -81,7 +93,9 @@ STAGES: dict[str, Stage] = {
     "label": Stage(
         "import new ground truth into a store as a new label version (label import)",
         "semisup label import --store dubai.zarr new_masks/ --label-colors dubai",
-        "semisup.label_import", "add_arguments", "run_cli",
+        "semisup.label_import",
+        "add_arguments",
+        "run_cli",
         "semisup label import adds masks, polygons or a Label Studio export to an existing "
         "local store: imported tiles move from unlabeled to labeled, atomically, as a new "
         "label version; the same inputs imported again change nothing.",
@@ -89,7 +103,9 @@ STAGES: dict[str, Stage] = {
     "experiment": Stage(
         "measure label efficiency: learning curves and active vs random selection, over seeds",
         "semisup experiment label-efficiency --store dubai.zarr --out runs/label_efficiency",
-        "semisup.experiment", "add_arguments", "run_cli",
+        "semisup.experiment",
+        "add_arguments",
+        "run_cli",
         "Labels-only, semi-supervised and full-label students at several label fractions, and "
         "rounds of active against random selection, on held-out test tiles over several seeds: "
         "OUT/report.json, report.md and PNG plots. Reruns reuse finished runs.",
@@ -98,7 +114,9 @@ STAGES: dict[str, Stage] = {
         "score predicted boxes against true boxes: COCO AP, AP50, AP75, per class",
         "semisup evaluate-boxes --pred crowns_pred.csv --truth OSBS_029.csv "
         "--box-classes 'Tree,0,Alive,Dead=tree'",
-        "semisup.detection.box_ap", "add_arguments", "run_cli",
+        "semisup.detection.box_ap",
+        "add_arguments",
+        "run_cli",
         "COCO-style box average precision (pycocotools) of a prediction CSV "
         "(image_path,xmin,ymin,xmax,ymax,label,score, pixels) against CSV or Pascal-VOC truth; "
         "images are matched by file name. Prints one line per metric and class.",
@@ -107,7 +125,9 @@ STAGES: dict[str, Stage] = {
         "the SAM segmentation student against the Faster R-CNN student on the same box tiles",
         "semisup compare --runs demo_out/student demo_out/detect/run "
         "--store demo_out/detect/store.zarr --out demo_out/compare",
-        "semisup.detection.compare", "add_arguments", "run_cli",
+        "semisup.detection.compare",
+        "add_arguments",
+        "run_cli",
         "Box AP/AP50/AP75 (the SAM student's class-map components as boxes), images/s of both "
         "in one process with load and CPU seconds, parameters, weights on disk and training "
         "time, on the detection store's validation tiles: OUT/compare.json and compare.md.",
@@ -115,7 +135,9 @@ STAGES: dict[str, Stage] = {
     "report": Stage(
         "gather a run's evaluation: zero-shot vs labels-only vs semi-supervised, pseudo-label quality",
         "semisup report --run demo_out",
-        "semisup.report", "add_arguments", "run_cli",
+        "semisup.report",
+        "add_arguments",
+        "run_cli",
         "Per-class comparison of zero-shot SAM, the labels-only teacher and the semi-supervised "
         "student, pseudo-label accuracy per confidence bin (a calibrated threshold) and "
         "prediction overlays: RUN/report/report.md, report.json and PNGs.",
@@ -124,14 +146,18 @@ STAGES: dict[str, Stage] = {
         "predict class maps for large rasters, window by window, to GeoTIFF/COG and GeoJSON",
         "semisup predict ortho.tif --model runs/student --out ortho_classes.tif "
         "--vector ortho_classes.geojson",
-        "semisup.predict", "add_predict_arguments", "run_predict_cli",
+        "semisup.predict",
+        "add_predict_arguments",
+        "run_predict_cli",
         "Blends overlapping windows into one seamless class map with a confidence band, in "
         "the input's CRS; memory stays bounded however large the raster; reruns resume.",
     ),
     "export": Stage(
         "ship a run's student as one ONNX model (adapter merged into its base), fp32 or int8",
         "semisup export --run runs/student --format onnx --out student.onnx --quantize int8",
-        "semisup.export", "add_arguments", "run_cli",
+        "semisup.export",
+        "add_arguments",
+        "run_cli",
         "Folds the run's best adapter into its base and exports the student's class "
         "probabilities through torch's exporter (ONNX opset 18, batch axis dynamic), checked "
         "with onnx.checker; tile size and band scaling are in the model's metadata. "
@@ -140,7 +166,9 @@ STAGES: dict[str, Stage] = {
     "run": Stage(
         "run the whole pipeline a config enables as one resumable job (skips what is done)",
         "semisup run --config cluster/smoke.yaml --out runs/smoke --local",
-        "semisup.pipeline", "add_run_arguments", "run_cli",
+        "semisup.pipeline",
+        "add_run_arguments",
+        "run_cli",
         "Runs prep, stream, zero-shot, teacher, pseudo-label, student and evaluate (or the stages "
         "pipeline.stages names) into pipeline.out. A stage whose outputs exist and whose config "
         "sections are unchanged is skipped; an interrupted one resumes. Inside `ray job submit` "
@@ -149,14 +177,18 @@ STAGES: dict[str, Stage] = {
     "submit": Stage(
         "submit a command as a Ray job (code shipped without data or outputs), stream its logs",
         "semisup submit --address http://127.0.0.1:8265 -- semisup run --config cluster/smoke.yaml",
-        "semisup.submit", "add_submit_arguments", "run_submit_cli",
+        "semisup.submit",
+        "add_submit_arguments",
+        "run_submit_cli",
         "A thin wrapper over Ray's job SDK: working_dir is the current folder minus .venv, .git, "
         "data and outputs; exits with the job's status.",
     ),
     "tune": Stage(
         "search LoRA ranks, fine-tuning modes, augmentations... with Ray Tune and ASHA, resumably",
         "semisup tune --store dubai.zarr --space lora_rank --out runs/tune_rank",
-        "semisup.tune", "add_arguments", "run_cli",
+        "semisup.tune",
+        "add_arguments",
+        "run_cli",
         "Trains one student per trial of a named search space (tune_spaces/), stops trials "
         "that trail on validation mIoU (ASHA), and writes trials.csv/.json, summary.md, "
         "tune_plot.png, best_config.yaml and best_adapter.safetensors to --out.",
@@ -164,14 +196,16 @@ STAGES: dict[str, Stage] = {
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",
-        "semisup.cli", "add_demo_arguments", "run_demo",
+        "semisup.cli",
+        "add_demo_arguments",
+        "run_demo",
         "Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs, then one "
         "active-learning round (the proposals labelled from the ground truth the split hides, "
         "imported as a new label version, the stages that train on labels rerun), and a Faster "
         "R-CNN student compared with the SAM student. Uses the Dubai imagery and NEON crowns in "
         "../shared/data when present, generated scenes otherwise.",
     ),
-}  # fmt: skip
+}
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,14 +220,18 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    print(f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
-          f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
-          f"{summary['num_classes']} classes")  # fmt: skip
+    print(
+        f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
+        f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
+        f"{summary['num_classes']} classes"
+    )
     for split, count in sorted(summary["tiles_per_split"].items()):
         print(f"  {split:<10} {count} tiles")
     for source in summary["sources"]:
-        print(f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
-              f"{source['dtype']}, crs={source['crs_name'] or 'none'}")  # fmt: skip
+        print(
+            f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
+            f"{source['dtype']}, crs={source['crs_name'] or 'none'}"
+        )
     return 0
 
 
@@ -211,15 +249,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--synthetic", action="store_true", help="use generated scenes even if real data exists"
     )
     parser.add_argument(
-        "--tune", action="store_true",
+        "--tune",
+        action="store_true",
         help="also run the Ray Tune sweep over LoRA ranks (ASHA): summary, plot, best config",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--checkpoint", metavar="PATH_OR_URL", default=None,
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        default=None,
         help="an official SAM checkpoint (vit_b, vit_l or vit_h; its type is read from the "
         "weights) instead of random weights, e.g. "
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    )  # fmt: skip
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -261,10 +302,11 @@ def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentP
             continue
         _stage_function(stage, stage.add_arguments)(stage_parser)
         stage_parser.add_argument(
-            "--verbose", action="store_true",
+            "--verbose",
+            action="store_true",
             help="show everything Ray logs (its INFO lines, progress bars, worker output); by "
             "default only its warnings and errors about this run",
-        )  # fmt: skip
+        )
         if f"semisup {name}" not in (stage_parser.epilog or ""):  # always end with an example
             stage_parser.epilog = (
                 f"{stage_parser.epilog or ''}\nexample:\n  {stage.example}".strip()

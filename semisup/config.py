@@ -125,6 +125,8 @@ class AugmentConfig:
 FinetuneMode = Literal["full", "decoder", "lora"]
 TargetSource = Literal["pseudo", "ema", "both", "oracle"]
 ThresholdMode = Literal["fixed", "flexmatch", "freematch", "softmatch", "calibrated"]
+# per-pixel uncertainty measures, each a function in semisup.uncertainty (its MEASURES)
+UncertaintyMeasure = Literal["entropy", "margin", "disagreement", "tta"]
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,21 @@ class StudentConfig:
     attention: Literal["reference", "sdpa", "flex"] = "sdpa"
 
     def __post_init__(self) -> None:
-        _check(self.model_type in ("tiny", "vit_b", "vit_l", "vit_h"), "student.model_type",
-               self.model_type, "one of tiny, vit_b, vit_l, vit_h")  # fmt: skip
+        _check(
+            self.model_type in ("tiny", "vit_b", "vit_l", "vit_h"),
+            "student.model_type",
+            self.model_type,
+            "one of tiny, vit_b, vit_l, vit_h",
+        )
         _check(self.lora_rank >= 1, "student.lora_rank", self.lora_rank, "an integer >= 1")
         _check(self.lora_alpha > 0, "student.lora_alpha", self.lora_alpha, "> 0")
         _check(0 <= self.lora_dropout < 1, "student.lora_dropout", self.lora_dropout, "in [0, 1)")
-        _check(self.lora_targets in ("qv", "qkv"), "student.lora_targets", self.lora_targets,
-               "'qv' or 'qkv'")  # fmt: skip
+        _check(
+            self.lora_targets in ("qv", "qkv"),
+            "student.lora_targets",
+            self.lora_targets,
+            "'qv' or 'qkv'",
+        )
 
 
 @dataclass(frozen=True)
@@ -180,23 +190,49 @@ class SslConfig:
     unlabeled_batch_ratio: int = 1  # unlabeled tiles per labeled tile in a step (FixMatch's mu)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.confidence_threshold <= 1, "ssl.confidence_threshold",
-               self.confidence_threshold, "in [0, 1]")  # fmt: skip
+        _check(
+            0 <= self.confidence_threshold <= 1,
+            "ssl.confidence_threshold",
+            self.confidence_threshold,
+            "in [0, 1]",
+        )
         _check(self.unlabeled_weight >= 0, "ssl.unlabeled_weight", self.unlabeled_weight, ">= 0")
         _check(self.dice_weight >= 0, "ssl.dice_weight", self.dice_weight, ">= 0")
         _check(self.ramp_up_steps >= 0, "ssl.ramp_up_steps", self.ramp_up_steps, ">= 0")
         _check(0 <= self.ema_momentum <= 1, "ssl.ema_momentum", self.ema_momentum, "in [0, 1]")
-        _check(self.unlabeled_batch_ratio >= 1, "ssl.unlabeled_batch_ratio",
-               self.unlabeled_batch_ratio, ">= 1")  # fmt: skip
-        _check(0 <= self.threshold_momentum < 1, "ssl.threshold_momentum",
-               self.threshold_momentum, "in [0, 1)")  # fmt: skip
+        _check(
+            self.unlabeled_batch_ratio >= 1,
+            "ssl.unlabeled_batch_ratio",
+            self.unlabeled_batch_ratio,
+            ">= 1",
+        )
+        _check(
+            0 <= self.threshold_momentum < 1,
+            "ssl.threshold_momentum",
+            self.threshold_momentum,
+            "in [0, 1)",
+        )
         _check(self.strong_views in (1, 2), "ssl.strong_views", self.strong_views, "1 or 2")
-        _check(0 <= self.feature_dropout < 1, "ssl.feature_dropout", self.feature_dropout,
-               "in [0, 1)")  # fmt: skip
-        _check(not self.distribution_alignment or self.target in ("ema", "both"),
-               "ssl.distribution_alignment", self.distribution_alignment,
-               "false unless ssl.target is 'ema' or 'both' (offline pseudo-labels carry no "
-               "class distribution to align)")  # fmt: skip
+        _check(
+            0 <= self.feature_dropout < 1, "ssl.feature_dropout", self.feature_dropout, "in [0, 1)"
+        )
+        _check(
+            not self.distribution_alignment or self.uses_ema_teacher,
+            "ssl.distribution_alignment",
+            self.distribution_alignment,
+            "false unless ssl.target is 'ema' or 'both' (offline pseudo-labels carry no "
+            "class distribution to align)",
+        )
+
+    @property
+    def uses_pseudo_labels(self) -> bool:
+        """The targets include the store's offline pseudo-labels (``pseudo`` or ``both``)."""
+        return self.target in ("pseudo", "both")
+
+    @property
+    def uses_ema_teacher(self) -> bool:
+        """The targets include the online EMA teacher's predictions (``ema`` or ``both``)."""
+        return self.target in ("ema", "both")
 
 
 @dataclass(frozen=True)
@@ -242,8 +278,12 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
         _check(self.steps_per_epoch >= 1, "train.steps_per_epoch", self.steps_per_epoch, ">= 1")
-        _check(self.early_stop_patience >= 1, "train.early_stop_patience",
-               self.early_stop_patience, ">= 1")  # fmt: skip
+        _check(
+            self.early_stop_patience >= 1,
+            "train.early_stop_patience",
+            self.early_stop_patience,
+            ">= 1",
+        )
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.torch_threads >= 0, "train.torch_threads", self.torch_threads, ">= 0")
         _check(self.cache_mb >= 0, "train.cache_mb", self.cache_mb, ">= 0")
@@ -268,7 +308,7 @@ class PipelineConfig:
     pseudo_label_actors: int = 2  # teacher actors of the pseudo-label stage
     pseudo_label_gpus: float = 0.0  # GPUs per teacher actor; fractional to share one
     select_budget: int = 16  # unlabeled tiles the select stage proposes for labelling
-    select_measure: str = "entropy"  # entropy | margin | disagreement | tta (semisup.uncertainty)
+    select_measure: UncertaintyMeasure = "entropy"  # semisup.uncertainty
     predict_rasters: tuple[str, ...] = ()  # rasters the predict stage maps with the student;
     # () = the image of the store's first validation source
     predict_vectors: bool = True  # also polygons per class (GeoJSON), for rasters with a CRS
@@ -290,25 +330,46 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.out), "pipeline.out", self.out, "a folder path")
-        _check(self.generated_scenes >= 0, "pipeline.generated_scenes", self.generated_scenes,
-               "an integer >= 0")  # fmt: skip
+        _check(
+            self.generated_scenes >= 0,
+            "pipeline.generated_scenes",
+            self.generated_scenes,
+            "an integer >= 0",
+        )
         _check(self.scene_size >= 64, "pipeline.scene_size", self.scene_size, "an integer >= 64")
         _check(self.zero_shot_tiles >= 1, "pipeline.zero_shot_tiles", self.zero_shot_tiles, ">= 1")
-        _check(self.pseudo_label_actors >= 1, "pipeline.pseudo_label_actors",
-               self.pseudo_label_actors, ">= 1")  # fmt: skip
-        _check(self.pseudo_label_gpus >= 0, "pipeline.pseudo_label_gpus", self.pseudo_label_gpus,
-               ">= 0")  # fmt: skip
+        _check(
+            self.pseudo_label_actors >= 1,
+            "pipeline.pseudo_label_actors",
+            self.pseudo_label_actors,
+            ">= 1",
+        )
+        _check(
+            self.pseudo_label_gpus >= 0,
+            "pipeline.pseudo_label_gpus",
+            self.pseudo_label_gpus,
+            ">= 0",
+        )
         _check(self.select_budget >= 0, "pipeline.select_budget", self.select_budget, ">= 0")
-        _check(self.select_measure in ("entropy", "margin", "disagreement", "tta"),
-               "pipeline.select_measure", self.select_measure,
-               "one of entropy, margin, disagreement, tta")  # fmt: skip
         _check(self.tune_samples >= 1, "pipeline.tune_samples", self.tune_samples, ">= 1")
-        _check(len(self.detect_boxes) == len(set(self.detect_boxes)), "pipeline.detect_boxes",
-               self.detect_boxes, "distinct box files")  # fmt: skip
-        _check(self.detect_tile_size >= 32, "pipeline.detect_tile_size", self.detect_tile_size,
-               ">= 32 (the detector's coarsest feature level is 1/32 of a tile)")  # fmt: skip
-        for name in ("detect_epochs", "detect_steps_per_epoch", "detect_batch_size",
-                     "detect_sam_points_per_side"):  # fmt: skip
+        _check(
+            len(self.detect_boxes) == len(set(self.detect_boxes)),
+            "pipeline.detect_boxes",
+            self.detect_boxes,
+            "distinct box files",
+        )
+        _check(
+            self.detect_tile_size >= 32,
+            "pipeline.detect_tile_size",
+            self.detect_tile_size,
+            ">= 32 (the detector's coarsest feature level is 1/32 of a tile)",
+        )
+        for name in (
+            "detect_epochs",
+            "detect_steps_per_epoch",
+            "detect_batch_size",
+            "detect_sam_points_per_side",
+        ):
             _check(getattr(self, name) >= 1, f"pipeline.{name}", getattr(self, name), ">= 1")
 
 
@@ -346,17 +407,32 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         stages = 5 if self.arch == "fasterrcnn_resnet50_fpn_v2" else 6
-        _check(0 <= self.trainable_backbone_layers <= stages, "detector.trainable_backbone_layers",
-               self.trainable_backbone_layers, f"an integer in 0..{stages} for {self.arch}")  # fmt: skip
-        _check(0 <= self.score_threshold < 1, "detector.score_threshold", self.score_threshold,
-               "in [0, 1)")  # fmt: skip
+        _check(
+            0 <= self.trainable_backbone_layers <= stages,
+            "detector.trainable_backbone_layers",
+            self.trainable_backbone_layers,
+            f"an integer in 0..{stages} for {self.arch}",
+        )
+        _check(
+            0 <= self.score_threshold < 1,
+            "detector.score_threshold",
+            self.score_threshold,
+            "in [0, 1)",
+        )
         _check(0 < self.nms_iou <= 1, "detector.nms_iou", self.nms_iou, "in (0, 1]")
-        _check(self.detections_per_tile >= 1, "detector.detections_per_tile",
-               self.detections_per_tile, ">= 1")  # fmt: skip
-        _check(0 <= self.pseudo_score <= 1, "detector.pseudo_score", self.pseudo_score,
-               "in [0, 1]")  # fmt: skip
-        _check(0 <= self.sam_min_stability <= 1, "detector.sam_min_stability",
-               self.sam_min_stability, "in [0, 1]")  # fmt: skip
+        _check(
+            self.detections_per_tile >= 1,
+            "detector.detections_per_tile",
+            self.detections_per_tile,
+            ">= 1",
+        )
+        _check(0 <= self.pseudo_score <= 1, "detector.pseudo_score", self.pseudo_score, "in [0, 1]")
+        _check(
+            0 <= self.sam_min_stability <= 1,
+            "detector.sam_min_stability",
+            self.sam_min_stability,
+            "in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def demo_config() -> ExperimentConfig:
             steps_per_epoch=15,
             warmup_steps=5,
             early_stop_patience=3,
-        ),  # fmt: skip
+        ),
         # the detect stage: the edge-sized Faster R-CNN, all layers trained from random weights,
         # on the automatic SAM teacher's instances and the EMA teacher's boxes
         detector=DetectorConfig(
@@ -197,15 +197,25 @@ def run_demo(
     run = run_pipeline(config)
     round_1 = labelling_round_once(out, run)
     if not round_1["earlier"]:
-        print(f"[demo] active-learning round: {round_1['moved_to_labeled']} proposed tiles "
-              f"labelled and imported as label version {round_1['label_version']}; the stages "
-              "that train on labels run again", file=sys.stderr)  # fmt: skip
+        print(
+            f"[demo] active-learning round: {round_1['moved_to_labeled']} proposed tiles "
+            f"labelled and imported as label version {round_1['label_version']}; the stages "
+            "that train on labels run again",
+            file=sys.stderr,
+        )
     rerun = run_pipeline(config)
     round_1.update(ran=rerun["ran"], skipped=rerun["skipped"], after=round_figures(rerun))
-    summary = {"out": run["out"], "inputs": inputs.description, "config": run["config"],
-               "stages": rerun["stages"], "first_pass": run["stages"], "ran": run["ran"],
-               "skipped": run["skipped"], "round": round_1,
-               "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    summary = {
+        "out": run["out"],
+        "inputs": inputs.description,
+        "config": run["config"],
+        "stages": rerun["stages"],
+        "first_pass": run["stages"],
+        "ran": run["ran"],
+        "skipped": run["skipped"],
+        "round": round_1,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
     return summary
@@ -272,8 +282,9 @@ def timing_table(summary: dict[str, Any]) -> list[str]:
     totals = [0.0, 0.0]
     for name, result in first.items():
         seconds = [float(result.get("seconds") or 0.0)]
-        seconds.append(float(summary["stages"][name].get("seconds") or 0.0) if name in again
-                       else 0.0)  # fmt: skip
+        seconds.append(
+            float(summary["stages"][name].get("seconds") or 0.0) if name in again else 0.0
+        )
         totals = [t + s for t, s in zip(totals, seconds, strict=True)]
         earlier = " (earlier run)" if name in summary["skipped"] else ""
         rerun = _duration(seconds[1]) if name in again else "–"
@@ -330,8 +341,12 @@ def detection_lines(detect: dict[str, Any], compared: dict[str, Any] | None) -> 
     if detect.get("note"):
         lines.append(f"                {detect['note']}")
     if compared is not None:
-        lines += ["", "SAM student against Faster R-CNN student (the detect stage's held-out "
-                  "tiles):", "", *box_table(compared)]  # fmt: skip
+        lines += [
+            "",
+            "SAM student against Faster R-CNN student (the detect stage's held-out tiles):",
+            "",
+            *box_table(compared),
+        ]
     return lines
 
 

@@ -254,12 +254,17 @@ class Runner:
             return
 
         run_pseudo_label(
-            self.store, mode="semantic", model_type=self.config.student.model_type,
-            checkpoint=str(teacher_run / "best"), base_checkpoint=self.config.student.checkpoint,
+            self.store,
+            mode="semantic",
+            model_type=self.config.student.model_type,
+            checkpoint=str(teacher_run / "best"),
+            base_checkpoint=self.config.student.checkpoint,
             actors=self.settings.pseudo_label_actors,
             split=[C.LABELED, C.UNLABELED] + ([C.VAL] if self.settings.target_area else []),
-            overwrite=True, seed=seed, log=None,
-        )  # fmt: skip
+            overwrite=True,
+            seed=seed,
+            log=None,
+        )
         self.labelled_by = teacher_run
 
     def select(self, run_dir: Path, labeled: np.ndarray, count: int, then: str) -> np.ndarray:
@@ -277,15 +282,21 @@ class Runner:
         candidates = np.setdiff1d(self.tiles.pool, labeled)
         measure = self.settings.al_measure
         scores = score_tiles(
-            self.store, run_dir, tuple(dict.fromkeys(("entropy", measure))),
+            self.store,
+            run_dir,
+            tuple(dict.fromkeys(("entropy", measure))),
             tile_ids=candidates.tolist(),
-        )  # fmt: skip
+        )
         index = read_tile_index(self.store).to_pandas()
         size = int(index[C.HEIGHT].max())
         chosen = proposals(
-            index, scores, measure, count, diversity=self.settings.al_diversity,
+            index,
+            scores,
+            measure,
+            count,
+            diversity=self.settings.al_diversity,
             radius_px=2.0 * size,
-        )  # fmt: skip
+        )
         assert SCORE_PREFIX + measure in chosen
         return np.sort(np.concatenate([labeled, chosen[C.TILE_ID].to_numpy()]))
 
@@ -698,29 +709,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--al-rounds", type=int, default=3, help="active-learning rounds")
     parser.add_argument(
-        "--al-measure", default="entropy", choices=["entropy", "margin", "tta"],
+        "--al-measure",
+        default="entropy",
+        choices=["entropy", "margin", "tta"],
         help="uncertainty that active learning ranks tiles by",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--semi-init", default="scratch", metavar="INITS",
+        "--semi-init",
+        default="scratch",
+        metavar="INITS",
         help="where semi-supervised students start, comma-separated: scratch (the base, like "
         "every other run) and/or teacher (a warm start from their labels-only teacher)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--target-area", action="store_true",
+        "--target-area",
+        action="store_true",
         help="also train a semi-supervised student with the monitor half's images in its "
         "unlabeled pool (reported apart from the strictly inductive runs)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--oracle", action="store_true",
+        "--oracle",
+        action="store_true",
         help="also train, at each fraction, a student whose consistency targets are the pool's "
         "ground truth: the gap the consistency path can close at best",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--self-training-rounds", type=int, default=1, metavar="N",
+        "--self-training-rounds",
+        type=int,
+        default=1,
+        metavar="N",
         help="semi-supervised rounds (default 1): round r >= 2 relabels the pool with round "
         "r - 1's student and trains a new student from scratch",
-    )  # fmt: skip
+    )
     add_config_arguments(parser)
 
 

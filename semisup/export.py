@@ -84,19 +84,27 @@ def export_run(
         fp32_bytes = fp32.stat().st_size
         os.replace(written, out)  # the file appears complete or not at all
     return {
-        "run": str(run), "out": str(out), "format": format, "precision": metadata.precision,
-        "opset": OPSET, "bytes": out.stat().st_size, "fp32_bytes": fp32_bytes,
-        "model_type": metadata.model_type, "num_classes": metadata.num_classes,
-        "tile_size": metadata.tile_size, "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+        "run": str(run),
+        "out": str(out),
+        "format": format,
+        "precision": metadata.precision,
+        "opset": OPSET,
+        "bytes": out.stat().st_size,
+        "fp32_bytes": fp32_bytes,
+        "model_type": metadata.model_type,
+        "num_classes": metadata.num_classes,
+        "tile_size": metadata.tile_size,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def _merged_student(model: Any, precision: str) -> tuple[nn.Module, OnnxMetadata]:
     """The ``PredictModel``'s student with its adapter folded in, and what to record of it."""
     from semisup import student
 
-    loaded = student.load_student(model.file, base_checkpoint=model.base_checkpoint,
-                                  seed=model.seed)  # fmt: skip
+    loaded = student.load_student(
+        model.file, base_checkpoint=model.base_checkpoint, seed=model.seed
+    )
     spec = student.read_adapter_spec(model.file)
     size = 4 * sum(parameter.numel() for parameter in loaded.parameters())  # float32 bytes
     if size >= PROTOBUF_LIMIT:
@@ -105,13 +113,18 @@ def _merged_student(model: Any, precision: str) -> tuple[nn.Module, OnnxMetadata
             "weights, more than one ONNX file can (2 GiB)"
         )
     metadata = OnnxMetadata(
-        model_type=spec.model_type, num_classes=spec.num_classes, tile_size=spec.image_size,
-        mode=spec.mode, precision=precision, adapter_sha256=model.identity()["adapter_sha256"],
+        model_type=spec.model_type,
+        num_classes=spec.num_classes,
+        tile_size=spec.image_size,
+        mode=spec.mode,
+        precision=precision,
+        adapter_sha256=model.identity()["adapter_sha256"],
         base_checkpoint_sha256=spec.base_checkpoint_sha256,
         seed=model.seed if model.base_checkpoint is None else None,
         pixel_mean=tuple(loaded.pixel_mean.flatten().tolist()),
-        pixel_std=tuple(loaded.pixel_std.flatten().tolist()), band_scaling=BAND_SCALING,
-    )  # fmt: skip
+        pixel_std=tuple(loaded.pixel_std.flatten().tolist()),
+        band_scaling=BAND_SCALING,
+    )
     return student.merge_adapter(loaded), metadata
 
 
@@ -173,14 +186,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--run", required=True, type=Path, help="a `semisup train` run folder (its best adapter)"
     )
     parser.add_argument(
-        "--format", default="onnx", metavar="FORMAT",
+        "--format",
+        default="onnx",
+        metavar="FORMAT",
         help=f"output format: {', '.join(FORMATS)} (default onnx)",
-    )  # fmt: skip
+    )
     parser.add_argument("--out", required=True, type=Path, help="the model file to write")
     parser.add_argument(
-        "--quantize", metavar="KIND",
+        "--quantize",
+        metavar="KIND",
         help="int8: weights stored as int8 (onnxruntime dynamic quantisation); default fp32",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out when it exists (else refused)"
     )

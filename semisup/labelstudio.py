@@ -45,9 +45,17 @@ DEFAULT_IMAGE_ROOT: Final = "/data/local-files/?d=images/"
 ALPHA_DRAWN: Final = 128  # brush edges are anti-aliased: half-opaque and more counts as drawn
 # tab10 colours: distinct for up to ten classes, cycled beyond
 COLOURS: Final = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)  # fmt: skip
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 _NAME = re.compile(r"^(?P<source>.+)__r(?P<row>\d+)_c(?P<col>\d+)$")
 
 # ---------------------------------------------------------------------------------------------
@@ -81,9 +89,14 @@ def encode_rle(values: np.ndarray) -> list[int]:
         [lengths[run_of] > 1, index, piece_len - 1, flat[starts][run_of]], axis=1
     ).astype(np.int64)  # pieces×4
     widths = np.stack(
-        [np.ones_like(index), np.full_like(index, 2), np.array(RLE_SIZES)[index],
-         np.full_like(index, RLE_WORD_BITS)], axis=1,
-    )  # fmt: skip
+        [
+            np.ones_like(index),
+            np.full_like(index, 2),
+            np.array(RLE_SIZES)[index],
+            np.full_like(index, RLE_WORD_BITS),
+        ],
+        axis=1,
+    )
     header = [(flat.size, 32), (RLE_WORD_BITS - 1, 5), *[(s - 1, 4) for s in RLE_SIZES]]
     field_values = np.concatenate([[v for v, _ in header], fields.ravel()])
     field_widths = np.concatenate([[w for _, w in header], widths.ravel()])

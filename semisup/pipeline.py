@@ -69,42 +69,94 @@ class Stage:
     reads_labels: bool = False
 
 
-_INPUTS = ("pipeline.images", "pipeline.labels", "pipeline.label_colors", "pipeline.class_names",
-           "pipeline.generated_scenes", "pipeline.scene_size")  # fmt: skip
+_INPUTS = (
+    "pipeline.images",
+    "pipeline.labels",
+    "pipeline.label_colors",
+    "pipeline.class_names",
+    "pipeline.generated_scenes",
+    "pipeline.scene_size",
+)
 _MODEL = ("student", "train", "augment", "stream")
-_DETECT = tuple(f"pipeline.detect_{name}" for name in ("rasters", "boxes", "box_classes",
-               "tile_size", "epochs", "steps_per_epoch", "batch_size",
-               "sam_points_per_side"))  # fmt: skip
+_DETECT = tuple(
+    f"pipeline.detect_{name}"
+    for name in (
+        "rasters",
+        "boxes",
+        "box_classes",
+        "tile_size",
+        "epochs",
+        "steps_per_epoch",
+        "batch_size",
+        "sam_points_per_side",
+    )
+)
 
 STAGES: dict[str, Stage] = {
     "prep": Stage(stages.prep, ("prep", *_INPUTS), uses_ray=False),
     "stream": Stage(stages.stream, ("stream",), needs=("prep",)),
-    "zero-shot": Stage(stages.zero_shot,
-                       ("student.model_type", "student.checkpoint", "pipeline.zero_shot_tiles"),
-                       needs=("prep",)),
+    "zero-shot": Stage(
+        stages.zero_shot,
+        ("student.model_type", "student.checkpoint", "pipeline.zero_shot_tiles"),
+        needs=("prep",),
+    ),
     "teacher": Stage(stages.teacher, _MODEL, needs=("prep",), reads_labels=True),
-    "pseudo-label": Stage(stages.pseudo_label, ("pipeline.pseudo_label_gpus",),
-                          needs=("prep", "teacher")),
-    "student": Stage(stages.student, (*_MODEL, "ssl"), needs=("prep",), uses=("pseudo-label",),
-                     reads_labels=True),
-    "evaluate": Stage(stages.evaluate, (), uses=("zero-shot", "teacher", "student"),
-                      uses_ray=False),
-    "report": Stage(stages.report, (), needs=("teacher", "student"),
-                    uses=("zero-shot", "pseudo-label"), uses_ray=False),
-    "select": Stage(stages.select, ("pipeline.select_budget", "pipeline.select_measure"),
-                    needs=("student",)),
-    "predict": Stage(stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"),
-                     needs=("student",)),
-    "detect": Stage(stages.detect, ("detector", "prep", "train", "ssl", "augment",
-                                    "pipeline.generated_scenes", "pipeline.scene_size",
-                                    "student.model_type", "student.checkpoint",
-                                    "pipeline.pseudo_label_gpus", *_DETECT),
-                    needs=("prep",), default=False),
-    "compare": Stage(stages.compare, ("pipeline.compare_classes",),
-                     needs=("student", "detect"), uses_ray=False, default=False),
-    "tune": Stage(stages.tune, ("pipeline.tune_space", "pipeline.tune_samples", *_MODEL, "ssl"),
-                  needs=("prep",), uses=("pseudo-label",), default=False, reads_labels=True),
-}  # fmt: skip
+    "pseudo-label": Stage(
+        stages.pseudo_label, ("pipeline.pseudo_label_gpus",), needs=("prep", "teacher")
+    ),
+    "student": Stage(
+        stages.student, (*_MODEL, "ssl"), needs=("prep",), uses=("pseudo-label",), reads_labels=True
+    ),
+    "evaluate": Stage(
+        stages.evaluate, (), uses=("zero-shot", "teacher", "student"), uses_ray=False
+    ),
+    "report": Stage(
+        stages.report,
+        (),
+        needs=("teacher", "student"),
+        uses=("zero-shot", "pseudo-label"),
+        uses_ray=False,
+    ),
+    "select": Stage(
+        stages.select, ("pipeline.select_budget", "pipeline.select_measure"), needs=("student",)
+    ),
+    "predict": Stage(
+        stages.predict, ("pipeline.predict_rasters", "pipeline.predict_vectors"), needs=("student",)
+    ),
+    "detect": Stage(
+        stages.detect,
+        (
+            "detector",
+            "prep",
+            "train",
+            "ssl",
+            "augment",
+            "pipeline.generated_scenes",
+            "pipeline.scene_size",
+            "student.model_type",
+            "student.checkpoint",
+            "pipeline.pseudo_label_gpus",
+            *_DETECT,
+        ),
+        needs=("prep",),
+        default=False,
+    ),
+    "compare": Stage(
+        stages.compare,
+        ("pipeline.compare_classes",),
+        needs=("student", "detect"),
+        uses_ray=False,
+        default=False,
+    ),
+    "tune": Stage(
+        stages.tune,
+        ("pipeline.tune_space", "pipeline.tune_samples", *_MODEL, "ssl"),
+        needs=("prep",),
+        uses=("pseudo-label",),
+        default=False,
+        reads_labels=True,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +344,19 @@ def run_pipeline(
                 _enter_ray(ray_scope, config, local, say)
                 ray_on = True
             context = RunContext(
-                config=config, out=out, results=dict(results), key=key, resume=resume,
-                debug=debug, log=log,
-            )  # fmt: skip
-            records[name] = {"key": key, "attempts": int(record.get("attempts", 0)) + 1,
-                             **({"label_version": version} if stage.reads_labels else {})}  # fmt: skip
+                config=config,
+                out=out,
+                results=dict(results),
+                key=key,
+                resume=resume,
+                debug=debug,
+                log=log,
+            )
+            records[name] = {
+                "key": key,
+                "attempts": int(record.get("attempts", 0)) + 1,
+                **({"label_version": version} if stage.reads_labels else {}),
+            }
             results[name] = _execute(name, stage, context, records[name], manifest, say)
             ran.append(name)
     say(f"finished: {len(ran)} stage(s) ran, {len(skipped)} up to date")
@@ -364,8 +424,13 @@ def _execute(
         raise
     seconds = round(time.perf_counter() - start, 2)
     result = {**result, "seconds": seconds}
-    record.update(status="done", finished=_now(), seconds=seconds, result=result,
-                  outputs=list(result.get("outputs", [])))  # fmt: skip
+    record.update(
+        status="done",
+        finished=_now(),
+        seconds=seconds,
+        result=result,
+        outputs=list(result.get("outputs", [])),
+    )
     _write_manifest(context.out, manifest)
     say(f"{name}: done in {seconds} s")
     return result
@@ -446,14 +511,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="run folder (overrides pipeline.out)"
     )
     parser.add_argument(
-        "--local", action="store_true",
+        "--local",
+        action="store_true",
         help="start a fresh single-node Ray on this machine (dashboard on 127.0.0.1) even when "
         "ray.address or RAY_ADDRESS names a cluster",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--debug", action="store_true",
+        "--debug",
+        action="store_true",
         help="run the training loops in this process (no Train worker processes): pdb works",
-    )  # fmt: skip
+    )
     add_config_arguments(parser)
     parser.epilog = (
         "Stages run in this order; pipeline.stages picks some: "

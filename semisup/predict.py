@@ -187,11 +187,15 @@ def run_predict(
     try:
         models = [
             resolve_model(
-                name, workdir=workdir, base_checkpoint=base_checkpoint, seed=seed,
-                num_classes=num_classes, tile_size=tile_size,
+                name,
+                workdir=workdir,
+                base_checkpoint=base_checkpoint,
+                seed=seed,
+                num_classes=num_classes,
+                tile_size=tile_size,
             )
             for name in ([model] if isinstance(model, str) else model)
-        ]  # fmt: skip
+        ]
         check_swappable(models)
         resolved = models[0]
         tile = resolved.image_size
@@ -205,9 +209,17 @@ def run_predict(
         outputs, vectors, output_models = [], [], []
         for index, (model_out, model_vector) in enumerate(_model_paths(models, out, vector)):
             model_outputs, model_vectors = _prepare_outputs(
-                sources, model_out, model_vector, models[index], tile, overlap, weight_floor,
-                stripe_width, cog, overwrite,
-            )  # fmt: skip
+                sources,
+                model_out,
+                model_vector,
+                models[index],
+                tile,
+                overlap,
+                weight_floor,
+                stripe_width,
+                cog,
+                overwrite,
+            )
             outputs += model_outputs
             vectors += model_vectors
             output_models += [index] * len(model_outputs)
@@ -225,12 +237,25 @@ def run_predict(
 
             # a local Ray unless one is up or an address is given; shut down after if started here
             with ray_runtime(ray_config or RayConfig()):
-                peak = _predict_jobs(jobs, outputs, models, output_models, progress, on_progress, {
-                    "tile": tile, "overlap": overlap, "weight_floor": weight_floor,
-                    "batch_size": batch_size, "actors": actors, "gpus_per_actor": gpus_per_actor,
-                    "cpus_per_actor": cpus_per_actor, "torch_threads": torch_threads,
-                    "measure_memory": measure_memory,
-                })  # fmt: skip
+                peak = _predict_jobs(
+                    jobs,
+                    outputs,
+                    models,
+                    output_models,
+                    progress,
+                    on_progress,
+                    {
+                        "tile": tile,
+                        "overlap": overlap,
+                        "weight_floor": weight_floor,
+                        "batch_size": batch_size,
+                        "actors": actors,
+                        "gpus_per_actor": gpus_per_actor,
+                        "cpus_per_actor": cpus_per_actor,
+                        "torch_threads": torch_threads,
+                        "measure_memory": measure_memory,
+                    },
+                )
             progress.say()
         for _, writer in outputs:  # complete but not yet moved into place (an interrupted finish)
             if writer.state != "done" and writer.complete and writer.partial.exists():
@@ -293,10 +318,12 @@ def _model_paths(
         if repeated:
             raise ValueError(f"two --model share the name {repeated[0]!r}; rename one file")
     return [
-        (Path(str(out).replace("{adapter}", label)),
-         None if vector is None else Path(str(vector).replace("{adapter}", label)))
+        (
+            Path(str(out).replace("{adapter}", label)),
+            None if vector is None else Path(str(vector).replace("{adapter}", label)),
+        )
         for label in labels
-    ]  # fmt: skip
+    ]
 
 
 def _existing_parent(out: Path) -> Path:
@@ -317,9 +344,13 @@ def _check_numbers(
         ("batch_size", batch_size, batch_size >= 1, ">= 1"),
         ("actors", actors, actors >= 1, ">= 1"),
         ("gpus_per_actor", gpus, gpus >= 0, ">= 0"),
-        ("stripe_width", stripe_width, stripe_width % BLOCK == 0 and stripe_width >= tile,
-         f"a multiple of {BLOCK} px and >= the window ({tile} px)"),
-    )  # fmt: skip
+        (
+            "stripe_width",
+            stripe_width,
+            stripe_width % BLOCK == 0 and stripe_width >= tile,
+            f"a multiple of {BLOCK} px and >= the window ({tile} px)",
+        ),
+    )
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"predict {name}: got {value!r}, expected {expected}")
@@ -339,9 +370,13 @@ def _prepare_outputs(
 ) -> tuple[list[tuple[RasterSource, MapWriter]], list[Path | None]]:
     """A ``MapWriter`` per source (deciding new / resume / done) and its GeoJSON path."""
     settings = {
-        "version": IDENTITY_VERSION, "model": model.identity(), "tile_size": tile,
-        "overlap": overlap, "weight_floor": weight_floor, "stripe_width": stripe_width,
-    }  # fmt: skip
+        "version": IDENTITY_VERSION,
+        "model": model.identity(),
+        "tile_size": tile,
+        "overlap": overlap,
+        "weight_floor": weight_floor,
+        "stripe_width": stripe_width,
+    }
     outputs, vectors, seen = [], [], set()
     for source in sources:
         path = output_path(out, source, len(sources), ".tif")
@@ -357,10 +392,16 @@ def _prepare_outputs(
             )
         identity = {**settings, "input": _input_identity(source)}
         writer = MapWriter(
-            path, height=source.height, width=source.width, crs=source.crs,
-            transform=source.transform, stripes=blend.stripe_bounds(source.width, stripe_width),
-            identity=identity, overwrite=overwrite, cog=cog,
-        )  # fmt: skip
+            path,
+            height=source.height,
+            width=source.width,
+            crs=source.crs,
+            transform=source.transform,
+            stripes=blend.stripe_bounds(source.width, stripe_width),
+            identity=identity,
+            overwrite=overwrite,
+            cog=cog,
+        )
         if (
             vector_path is not None
             and vector_path.exists()
@@ -375,9 +416,12 @@ def _prepare_outputs(
 
 def _input_identity(source: RasterSource) -> dict[str, Any]:
     return {
-        "path": source.path, "source_id": source.source_id, "fingerprint": source.fingerprint,
-        "band_low": list(source.band_low), "band_high": list(source.band_high),
-    }  # fmt: skip
+        "path": source.path,
+        "source_id": source.source_id,
+        "fingerprint": source.fingerprint,
+        "band_low": list(source.band_low),
+        "band_high": list(source.band_high),
+    }
 
 
 def _pipeline(
@@ -407,8 +451,14 @@ def _pipeline(
         "device": "auto" if gpus_per_actor > 0 else "cpu",
         "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
     }
-    yield from stream_jobs(jobs, WindowPredictor, constructor, actors=actors,
-                           gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # fmt: skip
+    yield from stream_jobs(
+        jobs,
+        WindowPredictor,
+        constructor,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
+    )
 
 
 def stream_jobs(
@@ -428,10 +478,15 @@ def stream_jobs(
     from semisup.actor_pool import actor_cpus, map_with_pool
 
     items = [
-        {"seq": j.seq, "output": j.output, "y0": j.y0, "first_col": j.first_col,
-         "last_col": j.last_col}
+        {
+            "seq": j.seq,
+            "output": j.output,
+            "y0": j.y0,
+            "first_col": j.first_col,
+            "last_col": j.last_col,
+        }
         for j in jobs
-    ]  # fmt: skip
+    ]
     # one block per job: a job is the unit handed to an actor
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # a fixed pool of predictor actors, each loading its model once and reading its jobs'
@@ -492,15 +547,19 @@ def _summary(
             }
             for (source, writer), vector, count in zip(outputs, vectors, polygons, strict=True)
         ],
-        "model": {"name": model.name, "model_type": model.model_type,
-                  "num_classes": model.num_classes, "tile_size": model.image_size,
-                  "kind": model.kind},
+        "model": {
+            "name": model.name,
+            "model_type": model.model_type,
+            "num_classes": model.num_classes,
+            "tile_size": model.image_size,
+            "kind": model.kind,
+        },
         "pixels": pixels,
         "windows": windows,
         "seconds": round(seconds, 3),
         "pixels_per_s": round(pixels / max(seconds, 1e-9), 1),
         "windows_per_s": round(windows / max(seconds, 1e-9), 3),
-    }  # fmt: skip
+    }
     if labels is not None:  # several adapters swapped on one base: which made each output
         for entry, label in zip(summary["outputs"], labels, strict=True):
             entry["adapter"] = label
@@ -573,6 +632,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OUT.geojson",
         help="also write polygons per class as GeoJSON in the source CRS (named like --out)",
     )
+    _add_window_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def _add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the output polygons, the windows and the actors that predict them."""
     parser.add_argument(
         "--min-area",
         type=float,
@@ -598,6 +663,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add_actor_pool_arguments(
         parser, role="predictor", default_actors=1, frees="reads and the driver"
     )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model's base, its outputs and the Ray cluster."""
     parser.add_argument(
         "--base-checkpoint",
         metavar="PATH_OR_URL",
@@ -642,7 +711,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
-    )  # fmt: skip
+    )
 
 
 def refuse_detection_runs(models: Sequence[str | Path]) -> None:
@@ -667,14 +736,25 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         return boxes.run_cli(args)
     boxes.refuse_detection_flags(args)
     summary = run_predict(
-        args.rasters, args.model, args.out, vector=args.vector, min_area=args.min_area,
-        tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
-        base_checkpoint=args.base_checkpoint, seed=args.seed,
+        args.rasters,
+        args.model,
+        args.out,
+        vector=args.vector,
+        min_area=args.min_area,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        torch_threads=args.torch_threads,
+        base_checkpoint=args.base_checkpoint,
+        seed=args.seed,
         num_classes=BUILT_IN_CLASSES if args.num_classes is None else args.num_classes,
-        stripe_width=args.stripe_width, cog=args.cog, overwrite=args.overwrite,
+        stripe_width=args.stripe_width,
+        cog=args.cog,
+        overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
-    )  # fmt: skip
+    )
     print(json.dumps(summary, indent=2))
     return 0

@@ -50,10 +50,13 @@ class PredictModel:
 
             metadata = read_metadata(self.file)
             return {
-                "model": ONNX, "adapter_sha256": metadata.adapter_sha256,
-                "precision": metadata.precision, "model_type": self.model_type,
-                "num_classes": self.num_classes, "seed": metadata.seed,
-            }  # fmt: skip
+                "model": ONNX,
+                "adapter_sha256": metadata.adapter_sha256,
+                "precision": metadata.precision,
+                "model_type": self.model_type,
+                "num_classes": self.num_classes,
+                "seed": metadata.seed,
+            }
         from semisup.sam import checkpoint_sha256
 
         return {
@@ -102,8 +105,7 @@ def resolve_model(
     ``tile_size`` contradicts the adapter's size.
     """
     if Path(model).suffix.lower() == ".onnx":
-        return resolve_onnx(model, base_checkpoint=base_checkpoint, seed=seed,
-                            tile_size=tile_size)  # fmt: skip
+        return resolve_onnx(model, base_checkpoint=base_checkpoint, seed=seed, tile_size=tile_size)
     from semisup import student
     from semisup.config import load_config
     from semisup.teacher import adapter_file
@@ -139,9 +141,14 @@ def resolve_model(
     check_adapter_base(path, spec, base_checkpoint)
     check_tile_size(path, "trained on", spec.image_size, tile_size)
     return PredictModel(
-        str(path), spec.model_type, spec.num_classes, spec.image_size, base_checkpoint,
-        seed or 0, model,
-    )  # fmt: skip
+        str(path),
+        spec.model_type,
+        spec.num_classes,
+        spec.image_size,
+        base_checkpoint,
+        seed or 0,
+        model,
+    )
 
 
 def check_tile_size(path: Path, made: str, size: int, tile_size: int | None) -> None:
@@ -171,9 +178,15 @@ def resolve_onnx(
         )
     check_tile_size(path, "exported for", metadata.tile_size, tile_size)
     return PredictModel(
-        str(path), metadata.model_type, metadata.num_classes, metadata.tile_size, None,
-        metadata.seed or 0, model, kind=ONNX,
-    )  # fmt: skip
+        str(path),
+        metadata.model_type,
+        metadata.num_classes,
+        metadata.tile_size,
+        None,
+        metadata.seed or 0,
+        model,
+        kind=ONNX,
+    )
 
 
 def check_adapter_base(path: Path, spec: Any, base_checkpoint: str | None) -> None:
@@ -346,9 +359,13 @@ def read_job_windows(
     opened = {} if opened is None else opened
     parts = []
     for seq, output, y0, first, last in zip(
-        batch["seq"], batch["output"], batch["y0"], batch["first_col"], batch["last_col"],
+        batch["seq"],
+        batch["output"],
+        batch["y0"],
+        batch["first_col"],
+        batch["last_col"],
         strict=True,
-    ):  # fmt: skip
+    ):
         source = sources[int(output)]
         starts = blend.window_starts(source.width, tile, overlap)[int(first) : int(last)]
         if int(output) not in opened:

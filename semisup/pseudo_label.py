@@ -77,7 +77,7 @@ from semisup.actor_pool import (
 from semisup.data import TILES_PER_TASK, read_tiles
 from semisup.masks import MaskFilter
 from semisup.runtime import ensure_ray
-from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
+from semisup.sam import PATCH_SIZE, SAM_SPECS, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
     INSTANCE_FIELDS,
     INSTANCES,
@@ -203,10 +203,12 @@ def instance_table(tile_ids: np.ndarray, sources: Any, rows: Any) -> pa.Table:
     for i, name in enumerate(INSTANCE_FIELDS):
         columns[name] = stacked[:, i]
     return pa.Table.from_pydict(
-        {name: pa.array(columns[name]).cast(INSTANCE_SCHEMA.field(name).type)
-         for name in INSTANCE_SCHEMA.names},
+        {
+            name: pa.array(columns[name]).cast(INSTANCE_SCHEMA.field(name).type)
+            for name in INSTANCE_SCHEMA.names
+        },
         schema=INSTANCE_SCHEMA,
-    )  # fmt: skip
+    )
 
 
 def part_name(tile_ids: np.ndarray) -> str:
@@ -507,26 +509,25 @@ def run_pseudo_label(
     coverage over all labelled tiles, the run identity and the manifest path.
     """
     check_settings(mode, prompt, output)
-    if actors < 1 or batch_size < 1 or gpus_per_actor < 0:
-        raise ValueError(
-            f"actors and batch_size must be >= 1 and gpus_per_actor >= 0, got {actors}, "
-            f"{batch_size}, {gpus_per_actor}"
-        )
+    _check_pool(actors, batch_size, gpus_per_actor)
     root = tile_store.open_store(store, "r+", storage_options)
     meta = tile_store.read_store_meta(root)
-    if (meta.tile_size + 2 * halo) % 16:
-        raise ValueError(f"tile_size + 2·halo = {meta.tile_size + 2 * halo} px must divide by 16")
-    teacher_options: dict[str, Any] = {
-        "points_per_side": points_per_side,
-        "mask_filter": mask_filter or MaskFilter(),
-        "prompt": prompt,
-        "multimask": multimask,
-        "box_margin": box_margin,
-        "output": output,
-        "refine": refine,
-        "bands": bands,
-        "seed": seed,
-    }
+    if (meta.tile_size + 2 * halo) % PATCH_SIZE:
+        raise ValueError(
+            f"tile_size + 2·halo = {meta.tile_size + 2 * halo} px must divide by SAM's patch "
+            f"size {PATCH_SIZE}"
+        )
+    teacher_options: dict[str, Any] = dict(
+        points_per_side=points_per_side,
+        mask_filter=mask_filter or MaskFilter(),
+        prompt=prompt,
+        multimask=multimask,
+        box_margin=box_margin,
+        output=output,
+        refine=refine,
+        bands=bands,
+        seed=seed,
+    )
     identity = teacher_identity(
         mode=mode,
         model_type=model_type,
@@ -540,9 +541,14 @@ def run_pseudo_label(
         # the weights are loaded once here, before the store is touched or any actor starts: a
         # checkpoint or adapter that cannot be read or does not fit fails in one line naming it
         build_teacher_models(
-            mode=mode, model_type=model_type, image_size=meta.tile_size + 2 * halo,
-            checkpoint=checkpoint, base_checkpoint=base_checkpoint, refine=refine, seed=seed,
-        )  # fmt: skip
+            mode=mode,
+            model_type=model_type,
+            image_size=meta.tile_size + 2 * halo,
+            checkpoint=checkpoint,
+            base_checkpoint=base_checkpoint,
+            refine=refine,
+            seed=seed,
+        )
     selected = _selected_tiles(store, split, storage_options)
     fresh = _prepare_store(
         store, root, meta, selected, identity, mode, output, overwrite, storage_options, log
@@ -555,28 +561,38 @@ def run_pseudo_label(
     progress = _Progress(log, total, already)
     # Ray Data leaves the actors beyond its read tasks idle (and warns): a small store gets fewer
     actors = min(actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
-    teacher_kwargs = {
-        "store": store,
-        "mode": mode,
-        "model_type": model_type,
-        "checkpoint": checkpoint,
-        "base_checkpoint": base_checkpoint,
-        "halo": halo,
-        "device": "auto" if gpus_per_actor > 0 else "cpu",
-        "bf16": bf16,
-        "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
-        "storage_options": storage_options,
+    teacher_kwargs = dict(
+        store=store,
+        mode=mode,
+        model_type=model_type,
+        checkpoint=checkpoint,
+        base_checkpoint=base_checkpoint,
+        halo=halo,
+        bf16=bf16,
+        storage_options=storage_options,
+        device="auto" if gpus_per_actor > 0 else "cpu",
+        torch_threads=actor_threads(actors, gpus_per_actor, torch_threads),
         **teacher_options,
-    }
+    )
 
     def pipeline(tiles: np.ndarray) -> Any:
         return _pipeline(
-            store, tiles, split=split, halo=halo, meta=meta, identity=identity,
-            encoding=label_encoding(mode, output), teacher_cls=teacher_cls,
-            teacher_kwargs=teacher_kwargs, actors=actors, gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=actor_cpus(actors, cpus_per_actor), batch_size=batch_size,
-            storage_options=storage_options, placement=placement,
-        )  # fmt: skip
+            store,
+            tiles,
+            split=split,
+            halo=halo,
+            meta=meta,
+            identity=identity,
+            encoding=label_encoding(mode, output),
+            teacher_cls=teacher_cls,
+            teacher_kwargs=teacher_kwargs,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=actor_cpus(actors, cpus_per_actor),
+            batch_size=batch_size,
+            storage_options=storage_options,
+            placement=placement,
+        )
 
     def advance(rows: int) -> None:
         progress.advance(rows)
@@ -594,6 +610,15 @@ def run_pseudo_label(
     manifest = compact_manifest(store, storage_options, instances=writes_instances)
     root.attrs[STATE_ATTR] = "complete"
     return _summary(store, manifest, selected, identity, progress, already)
+
+
+def _check_pool(actors: int, batch_size: int, gpus_per_actor: float) -> None:
+    """``ValueError`` naming the actor-pool setting that cannot run."""
+    if actors < 1 or batch_size < 1 or gpus_per_actor < 0:
+        raise ValueError(
+            f"actors and batch_size must be >= 1 and gpus_per_actor >= 0, got {actors}, "
+            f"{batch_size}, {gpus_per_actor}"
+        )
 
 
 def _label_with_pools(
@@ -621,8 +646,12 @@ def _label_with_pools(
             recorded = read_manifest(store, storage_options).column(C.TILE_ID).to_numpy()
             todo = todo[~np.isin(todo, recorded)]
             if log is not None:
-                print(f"pseudo-label: a teacher actor died ({str(err).splitlines()[0]}); a new "
-                      f"pool labels the {len(todo)} tiles not yet recorded", file=log, flush=True)  # fmt: skip
+                print(
+                    f"pseudo-label: a teacher actor died ({str(err).splitlines()[0]}); a new "
+                    f"pool labels the {len(todo)} tiles not yet recorded",
+                    file=log,
+                    flush=True,
+                )
 
 
 def _selected_tiles(
@@ -662,8 +691,12 @@ def _prepare_store(
     unfinished = root.attrs.get(STATE_ATTR) == "running"
     if has_labels and (overwrite or (unfinished and recorded != identity)):
         if not overwrite and log is not None:
-            print(f"pseudo-label: replacing the partial labels of an unfinished run of another "
-                  f"teacher in {store}", file=log, flush=True)  # fmt: skip
+            print(
+                f"pseudo-label: replacing the partial labels of an unfinished run of another "
+                f"teacher in {store}",
+                file=log,
+                flush=True,
+            )
         _clear(store, root, storage_options)
         has_labels = False
     elif has_labels and recorded != identity:
@@ -913,10 +946,11 @@ def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
         help="discard the store's pseudo-labels first (needed to change mode, model or checkpoint)",
     )
     parser.add_argument(
-        "--placement", choices=("pack", "spread"),
+        "--placement",
+        choices=("pack", "spread"),
         help="pack the teacher actors onto few nodes or spread them over the nodes "
         "(default: Ray Data's, which spreads)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
     )

@@ -318,9 +318,12 @@ def format_report(report: dict[str, Any]) -> str:
             "|---|---|---|---|",
         ]
         for edge, pixels, accuracy, above in zip(
-            quality["bin_edges"], quality["pixels"], quality["accuracy"],
-            quality["accuracy_above"], strict=True,
-        ):  # fmt: skip
+            quality["bin_edges"],
+            quality["pixels"],
+            quality["accuracy"],
+            quality["accuracy_above"],
+            strict=True,
+        ):
             lines.append(
                 f"| {edge:.1f}–{edge + 0.1:.1f} | {pixels} | {_fmt(accuracy)} | {_fmt(above)} |"
             )
@@ -356,8 +359,11 @@ def run_report(
     }
     if quality is not None:
         calibration_plot(quality, out / "calibration.png")
-    overlays(store, {"labels-only": layout.labels_only, "semi-supervised": layout.semi},
-             out / "overlays.png")  # fmt: skip
+    overlays(
+        store,
+        {"labels-only": layout.labels_only, "semi-supervised": layout.semi},
+        out / "overlays.png",
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report))
     return report
@@ -383,7 +389,9 @@ def run_cli(args: argparse.Namespace) -> int:
         semi=args.semi or default.semi,
     )
     report = run_report(args.run, layout, args.out)
-    print(f"labels-only {_fmt(report['labels_only_miou'])}, semi-supervised "
-          f"{_fmt(report['semi_supervised_miou'])} val mIoU; report in "
-          f"{(args.out or args.run / 'report') / 'report.md'}")  # fmt: skip
+    print(
+        f"labels-only {_fmt(report['labels_only_miou'])}, semi-supervised "
+        f"{_fmt(report['semi_supervised_miou'])} val mIoU; report in "
+        f"{(args.out or args.run / 'report') / 'report.md'}"
+    )
     return 0

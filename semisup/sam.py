@@ -49,6 +49,9 @@ from semisup.sam_attention import AttentionImplementation, set_attention
 log = logging.getLogger(__name__)
 
 
+PATCH_SIZE: Final = 16  # pixels per image-encoder token, in every official SAM model
+
+
 @dataclass(frozen=True)
 class SamSpec:
     """Architecture of one SAM variant; the image size and window are chosen at build time.
@@ -61,7 +64,7 @@ class SamSpec:
     encoder_depth: int
     encoder_num_heads: int
     encoder_global_attn_indexes: tuple[int, ...]
-    patch_size: int = 16
+    patch_size: int = PATCH_SIZE
     prompt_embed_dim: int = 256  # channels of the image embedding and of every prompt token
     window_size: int = 14  # tokens; pretrained window of the windowed-attention blocks
     pretrain_image_size: int = 1024  # pixels; the size official checkpoints are trained at

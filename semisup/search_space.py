@@ -77,9 +77,11 @@ def parse_space(space: Mapping[str, Any], name: str) -> dict[str, Dimension]:
         if key not in known:
             section = key.split(".")[0]
             siblings = sorted(k.split(".", 1)[1] for k in known if k.startswith(f"{section}."))
-            where = f"known keys of {section}: {', '.join(siblings)}" if siblings else (
-                f"known sections: {', '.join(sorted({k.split('.')[0] for k in known}))}"
-            )  # fmt: skip
+            where = (
+                f"known keys of {section}: {', '.join(siblings)}"
+                if siblings
+                else (f"known sections: {', '.join(sorted({k.split('.')[0] for k in known}))}")
+            )
             raise ConfigError(f"tune space {name!r}: unknown config key {key!r}; {where}")
         if key.split(".")[0] in FIXED_SECTIONS:
             raise ConfigError(

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from semisup import columns as C
-from semisup import uncertainty as U
+from semisup import uncertainty
 from semisup.active import (
     crs_name,
     diverse_greedy,
@@ -84,13 +84,15 @@ def uncertainty_maps(
     probabilities = predict(tensors[C.IMAGE]).float().softmax(1)  # B×K×S×S
     maps: dict[str, torch.Tensor] = {}
     if "entropy" in measures:
-        maps["entropy"] = U.entropy_map(probabilities)
+        maps["entropy"] = uncertainty.entropy_map(probabilities)
     if "margin" in measures:
-        maps["margin"] = U.margin_map(probabilities)
+        maps["margin"] = uncertainty.margin_map(probabilities)
     if "disagreement" in measures:
-        maps["disagreement"] = U.disagreement_map(probabilities, tensors[C.PSEUDO_LABEL])
+        maps["disagreement"] = uncertainty.disagreement_map(probabilities, tensors[C.PSEUDO_LABEL])
     if "tta" in measures:
-        maps["tta"] = U.tta_disagreement_map(U.tta_probabilities(predict, tensors[C.IMAGE]))
+        maps["tta"] = uncertainty.tta_disagreement_map(
+            uncertainty.tta_probabilities(predict, tensors[C.IMAGE])
+        )
     return maps, tensors[C.VALID]
 
 
@@ -110,7 +112,7 @@ def score_batch(
     maps, valid = uncertainty_maps(predict, batch, band_scale, measures)
     valid_fraction = valid.float().flatten(1).mean(1)  # B
     return {
-        name: (U.pool_tile_scores(value, valid, top_fraction) * valid_fraction)
+        name: (uncertainty.pool_tile_scores(value, valid, top_fraction) * valid_fraction)
         .numpy()
         .astype(np.float32)
         for name, value in maps.items()
@@ -272,8 +274,8 @@ def contact_sheet(
             ax_image.imshow(image)
             ax_image.set_title(f"#{row.rank} tile {row.tile_id}", fontsize=7)
             nodata = ~tile[C.VALID]  # left unpainted
-            uncertainty = np.ma.masked_where(nodata, maps[measure][0].numpy())
-            ax_map.imshow(uncertainty, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            shown = np.ma.masked_where(nodata, maps[measure][0].numpy())
+            ax_map.imshow(shown, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             ax_map.set_title(f"{measure} {getattr(row, SCORE_PREFIX + measure):.3f}", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -333,8 +335,10 @@ def run_select(
     """
     from semisup.store import open_store, read_store_meta, read_tile_index
 
-    if measure not in U.MEASURES:
-        raise ValueError(f"measure: got {measure!r}, expected one of {', '.join(U.MEASURES)}")
+    if measure not in uncertainty.MEASURES:
+        raise ValueError(
+            f"measure: got {measure!r}, expected one of {', '.join(uncertainty.MEASURES)}"
+        )
     if output_format not in FORMATS:
         raise ValueError(f"format: got {output_format!r}, expected one of {', '.join(FORMATS)}")
     if not (run / "best").is_dir() or not (run / "config.yaml").is_file():
@@ -370,9 +374,13 @@ def run_select(
         )
     if output_format == "labelstudio":
         tasks = write_tasks(
-            store, chosen, out / "labelstudio", image_root=image_root, model_version=run.name,
+            store,
+            chosen,
+            out / "labelstudio",
+            image_root=image_root,
+            model_version=run.name,
             predictions=predicted_classes(chosen, store, run),
-        )  # fmt: skip
+        )
         paths["labelstudio"] = tasks["tasks"]
     summary = {
         "candidates": len(scores),
@@ -387,8 +395,11 @@ def run_select(
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     if log:
-        print(f"[select] {summary['selected']} of {summary['candidates']} tiles from "
-              f"{summary['sources']} sources -> {paths['csv']}", file=log)  # fmt: skip
+        print(
+            f"[select] {summary['selected']} of {summary['candidates']} tiles from "
+            f"{summary['sources']} sources -> {paths['csv']}",
+            file=log,
+        )
     return summary
 
 
@@ -411,41 +422,53 @@ EXAMPLE = "semisup select --run demo_out/student --store demo_out/store.zarr --b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="a `semisup train` run folder")
     parser.add_argument(
-        "--store", default=None,
+        "--store",
+        default=None,
         help="tile store the run trained on (default: store.zarr beside the run folder)",
-    )  # fmt: skip
+    )
     parser.add_argument("--budget", type=int, required=True, help="tiles to propose")
     parser.add_argument("--out", type=Path, required=True, help="folder for the proposals")
     parser.add_argument(
-        "--measure", default="entropy", choices=U.MEASURES,
+        "--measure",
+        default="entropy",
+        choices=uncertainty.MEASURES,
         help="uncertainty: entropy, margin, disagreement (student vs the store's pseudo-labels) "
         "or tta (flip/rotation test-time augmentation; 6 forward passes per tile)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--diversity", type=float, default=0.5,
+        "--diversity",
+        type=float,
+        default=0.5,
         help="0 = top-k by uncertainty; up to 1 = spread picks over places and sources",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--radius-px", type=float, default=None,
+        "--radius-px",
+        type=float,
+        default=None,
         help="distance over which a pick discounts its neighbours (default: 2 tiles)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--top-fraction", type=float, default=1.0,
+        "--top-fraction",
+        type=float,
+        default=1.0,
         help="pool each tile over its most uncertain fraction of valid pixels (default: all)",
-    )  # fmt: skip
+    )
     parser.add_argument("--actors", type=int, default=1, help="scoring actors")
     parser.add_argument("--no-sheet", action="store_true", help="skip the PNG contact sheet")
     parser.add_argument(
-        "--format", default="csv", choices=FORMATS,
+        "--format",
+        default="csv",
+        choices=FORMATS,
         help="csv: selection.csv and selection.geojson; labelstudio: also OUT/labelstudio/ "
         "(tile PNGs, tasks.json with the student's prediction as pre-annotation, "
         "label_config.xml) for Label Studio",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--image-root", default=DEFAULT_IMAGE_ROOT,
+        "--image-root",
+        default=DEFAULT_IMAGE_ROOT,
         help="prefix of each task's image URL, before the PNG's name (default: Label Studio "
         "local files with LOCAL_FILES_DOCUMENT_ROOT=OUT/labelstudio)",
-    )  # fmt: skip
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -460,12 +483,22 @@ def run_cli(args: argparse.Namespace) -> int:
     config = load_config(args.run / "config.yaml") if (args.run / "config.yaml").is_file() else None
     with ray_runtime(config.ray if config else load_config().ray):
         summary = run_select(
-            store, args.run, args.budget, args.out, measure=args.measure,
-            diversity=args.diversity, radius_px=args.radius_px, top_fraction=args.top_fraction,
-            actors=args.actors, sheet=not args.no_sheet, output_format=args.format,
+            store,
+            args.run,
+            args.budget,
+            args.out,
+            measure=args.measure,
+            diversity=args.diversity,
+            radius_px=args.radius_px,
+            top_fraction=args.top_fraction,
+            actors=args.actors,
+            sheet=not args.no_sheet,
+            output_format=args.format,
             image_root=args.image_root,
-        )  # fmt: skip
-    print(f"proposed {summary['selected']} tiles (mean {summary['measure']} "
-          f"{summary['mean_score_selected']:.3f} against {summary['mean_score_all']:.3f} over all "
-          f"candidates); see {summary['outputs']['csv']}")  # fmt: skip
+        )
+    print(
+        f"proposed {summary['selected']} tiles (mean {summary['measure']} "
+        f"{summary['mean_score_selected']:.3f} against {summary['mean_score_all']:.3f} over all "
+        f"candidates); see {summary['outputs']['csv']}"
+    )
     return 0

@@ -140,9 +140,14 @@ def zero_shot(context: RunContext) -> dict[str, Any]:
     out = context.out / "zero_shot"
     student = context.config.student
     summary = run_zero_shot(
-        str(context.store), model_type=student.model_type, checkpoint=student.checkpoint,
-        out_dir=out, max_tiles=context.config.pipeline.zero_shot_tiles, examples=4, log=None,
-    )  # fmt: skip
+        str(context.store),
+        model_type=student.model_type,
+        checkpoint=student.checkpoint,
+        out_dir=out,
+        max_tiles=context.config.pipeline.zero_shot_tiles,
+        examples=4,
+        log=None,
+    )
     return {
         "out": str(out),
         "box_miou": summary.get("box_miou"),
@@ -268,18 +273,38 @@ def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
     """One row per model that ran: name, fine-tuning, data, validation score and its kind."""
     rows = []
     if "zero-shot" in results:
-        rows.append({"model": "zero-shot SAM", "fine_tuning": "none", "data": "-",
-                     "metric": "box-prompt mIoU", "value": results["zero-shot"]["box_miou"]})  # fmt: skip
+        rows.append(
+            {
+                "model": "zero-shot SAM",
+                "fine_tuning": "none",
+                "data": "-",
+                "metric": "box-prompt mIoU",
+                "value": results["zero-shot"]["box_miou"],
+            }
+        )
     if "teacher" in results:
-        rows.append({"model": "labels-only (teacher)", "fine_tuning": results["teacher"]["mode"],
-                     "data": "labeled", "metric": "val mIoU",
-                     "value": results["teacher"]["best_miou"]})  # fmt: skip
+        rows.append(
+            {
+                "model": "labels-only (teacher)",
+                "fine_tuning": results["teacher"]["mode"],
+                "data": "labeled",
+                "metric": "val mIoU",
+                "value": results["teacher"]["best_miou"],
+            }
+        )
     if "student" in results:
         student = results["student"]
-        rows.append({"model": "semi-supervised (student)", "fine_tuning": student["mode"],
-                     "data": "labeled + unlabeled", "metric": "val mIoU",
-                     "value": student["best_miou"], "mask_ratio": student.get("mask_ratio"),
-                     "pseudo_accuracy": student.get("pseudo_accuracy")})  # fmt: skip
+        rows.append(
+            {
+                "model": "semi-supervised (student)",
+                "fine_tuning": student["mode"],
+                "data": "labeled + unlabeled",
+                "metric": "val mIoU",
+                "value": student["best_miou"],
+                "mask_ratio": student.get("mask_ratio"),
+                "pseudo_accuracy": student.get("pseudo_accuracy"),
+            }
+        )
     return rows
 
 
@@ -344,11 +369,17 @@ def select(context: RunContext) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     summary = run_select(
-        str(context.store), Path(context.results["student"]["run_dir"]), pipeline.select_budget,
-        out, measure=pipeline.select_measure, log=context.log,
-    )  # fmt: skip
-    return {**{k: v for k, v in summary.items() if k != "outputs"},
-            "outputs": list(summary["outputs"].values())}  # fmt: skip
+        str(context.store),
+        Path(context.results["student"]["run_dir"]),
+        pipeline.select_budget,
+        out,
+        measure=pipeline.select_measure,
+        log=context.log,
+    )
+    return {
+        **{k: v for k, v in summary.items() if k != "outputs"},
+        "outputs": list(summary["outputs"].values()),
+    }
 
 
 def predict_inputs(context: RunContext) -> list[str]:
@@ -387,11 +418,14 @@ def predict(context: RunContext) -> dict[str, Any]:
         georeferenced = first.crs is not None
     vectors = context.config.pipeline.predict_vectors and georeferenced
     summary = run_predict(
-        rasters, str(Path(context.results["student"]["run_dir"])), out / "{name}.tif",
-        vector=out / "{name}.geojson" if vectors else None, cog=True,
+        rasters,
+        str(Path(context.results["student"]["run_dir"])),
+        out / "{name}.tif",
+        vector=out / "{name}.geojson" if vectors else None,
+        cog=True,
         overwrite=not context.resume,
         log=context.log,
-    )  # fmt: skip
+    )
     outputs = sorted(str(p) for p in out.iterdir() if p.suffix in (".tif", ".geojson"))
     return {
         "rasters": rasters,
@@ -410,9 +444,13 @@ def tune(context: RunContext) -> dict[str, Any]:
     if out.exists() and not context.resume:
         shutil.rmtree(out)
     summary = run_tune(
-        str(context.store), context.config, pipeline.tune_space, out,
-        samples=pipeline.tune_samples, resume=context.resume and out.exists(),
-    )  # fmt: skip
+        str(context.store),
+        context.config,
+        pipeline.tune_space,
+        out,
+        samples=pipeline.tune_samples,
+        resume=context.resume and out.exists(),
+    )
     keys = ("trials", "outcomes", "stopped_early", "best_trial", "best_miou", "best_params")
     result = {key: summary[key] for key in keys}
     paths = ("best_config", "summary_md", "plot", "trials_csv")
@@ -434,10 +472,13 @@ def detect_config(config: ExperimentConfig) -> ExperimentConfig:
     pseudo-boxes on its unlabeled tiles (``ssl.enabled``, from ``detector.target``)."""
     pipeline = config.pipeline
     train = dataclasses.replace(
-        config.train, epochs=pipeline.detect_epochs, batch_size=pipeline.detect_batch_size,
-        steps_per_epoch=pipeline.detect_steps_per_epoch, init_from=None,
+        config.train,
+        epochs=pipeline.detect_epochs,
+        batch_size=pipeline.detect_batch_size,
+        steps_per_epoch=pipeline.detect_steps_per_epoch,
+        init_from=None,
         warmup_steps=min(config.train.warmup_steps, pipeline.detect_steps_per_epoch),
-    )  # fmt: skip
+    )
     ssl = dataclasses.replace(config.ssl, enabled=True)
     return dataclasses.replace(config, task="detection", train=train, ssl=ssl)
 
@@ -456,8 +497,12 @@ def detect_inputs(context: RunContext) -> tuple[list[str], list[str], list[str],
                 f"pipeline.detect_boxes: empty; the detect stage needs box files (CSV or "
                 f"Pascal-VOC XML) for pipeline.detect_rasters {list(pipeline.detect_rasters)}"
             )
-        return (list(pipeline.detect_rasters), list(pipeline.detect_boxes),
-                list(pipeline.detect_box_classes), ())  # fmt: skip
+        return (
+            list(pipeline.detect_rasters),
+            list(pipeline.detect_boxes),
+            list(pipeline.detect_box_classes),
+            (),
+        )
     if not pipeline.generated_scenes:
         raise ConfigError(
             "pipeline.detect_rasters: not set, and there are no generated scenes; the detect "
@@ -488,11 +533,24 @@ def detect(context: RunContext) -> dict[str, Any]:
     tile = config.pipeline.detect_tile_size
     store = folder / "store.zarr"
     prep_config = dataclasses.replace(
-        config.prep, tile_size=tile, overlap=0, split_by="block", block_size=tile,
-        val_fraction=0.25, labeled_fraction=0.25, val_sources=val_sources,
-    )  # fmt: skip
-    build_store(rasters, store, boxes=boxes, box_classes=box_classes, config=prep_config,
-                overwrite=True, quiet=True)  # fmt: skip
+        config.prep,
+        tile_size=tile,
+        overlap=0,
+        split_by="block",
+        block_size=tile,
+        val_fraction=0.25,
+        labeled_fraction=0.25,
+        val_sources=val_sources,
+    )
+    build_store(
+        rasters,
+        store,
+        boxes=boxes,
+        box_classes=box_classes,
+        config=prep_config,
+        overwrite=True,
+        quiet=True,
+    )
     sam = _sam_instances(context, store) if config.detector.target != "ema" else None
     run_config = detect_config(config)
     report = _fit(context, run_config, folder / "run", store)
@@ -503,25 +561,41 @@ def detect(context: RunContext) -> dict[str, Any]:
     if raster is None:
         raise ValueError(f"{store}: the detection split has no validation tile")
     predicted = run_detection_predict(
-        [raster], folder / "run", folder / "boxes.csv", vector=folder / "boxes.geojson",
-        overwrite=True, log=context.log,
-    )  # fmt: skip
+        [raster],
+        folder / "run",
+        folder / "boxes.csv",
+        vector=folder / "boxes.geojson",
+        overwrite=True,
+        log=context.log,
+    )
     return {
-        "store": str(store), "run_dir": str(folder / "run"), "tile_size": tile,
+        "store": str(store),
+        "run_dir": str(folder / "run"),
+        "tile_size": tile,
         "class_names": report["class_names"],
         "tiles_per_split": facts["tiles_per_split"],
         "val_truth_boxes": best["truth_boxes"],
-        "best_ap": report["best_ap"], "ap50": best["ap50"], "ap75": best["ap75"],
-        "best_epoch": report["best_epoch"], "steps": report["steps"],
+        "best_ap": report["best_ap"],
+        "ap50": best["ap50"],
+        "ap75": best["ap75"],
+        "best_epoch": report["best_epoch"],
+        "steps": report["steps"],
         "pseudo_boxes": report["epochs"][-1]["train"].get("pseudo_boxes"),
-        "target": config.detector.target, "sam_instances": sam,
+        "target": config.detector.target,
+        "sam_instances": sam,
         "train_seconds": report["epochs"][-1]["seconds"],
-        "raster": raster, "boxes": predicted["outputs"][0]["boxes"],
-        "csv": predicted["csv"], "geojson": predicted["outputs"][0]["vector"],
+        "raster": raster,
+        "boxes": predicted["outputs"][0]["boxes"],
+        "csv": predicted["csv"],
+        "geojson": predicted["outputs"][0]["vector"],
         "note": DETECTOR_RANDOM_NOTE if config.detector.checkpoint is None else None,
-        "outputs": [str(folder / "run" / "report.json"), report["best_checkpoint"],
-                    predicted["csv"], predicted["outputs"][0]["vector"]],
-    }  # fmt: skip
+        "outputs": [
+            str(folder / "run" / "report.json"),
+            report["best_checkpoint"],
+            predicted["csv"],
+            predicted["outputs"][0]["vector"],
+        ],
+    }
 
 
 def _sam_instances(context: RunContext, store: Path) -> int:
@@ -535,14 +609,23 @@ def _sam_instances(context: RunContext, store: Path) -> int:
     config = context.config
     detector = config.detector
     run_pseudo_label(
-        str(store), mode="automatic", model_type=config.student.model_type,
-        checkpoint=config.student.checkpoint, actors=config.pipeline.pseudo_label_actors,
-        gpus_per_actor=config.pipeline.pseudo_label_gpus, split=None, overwrite=True,
+        str(store),
+        mode="automatic",
+        model_type=config.student.model_type,
+        checkpoint=config.student.checkpoint,
+        actors=config.pipeline.pseudo_label_actors,
+        gpus_per_actor=config.pipeline.pseudo_label_gpus,
+        split=None,
+        overwrite=True,
         points_per_side=config.pipeline.detect_sam_points_per_side,
-        mask_filter=MaskFilter(min_predicted_iou=detector.sam_min_predicted_iou,
-                               min_stability=detector.sam_min_stability),
-        seed=config.train.seed, placement=config.ray.placement, log=context.log,
-    )  # fmt: skip
+        mask_filter=MaskFilter(
+            min_predicted_iou=detector.sam_min_predicted_iou,
+            min_stability=detector.sam_min_stability,
+        ),
+        seed=config.train.seed,
+        placement=config.ray.placement,
+        log=context.log,
+    )
     return read_instances(str(store)).num_rows
 
 
@@ -554,7 +637,11 @@ def compare(context: RunContext) -> dict[str, Any]:
     detected = context.results["detect"]
     out = context.out / "compare"
     result = compare_runs(
-        context.results["student"]["run_dir"], detected["run_dir"], store=detected["store"],
-        out=out, classes=context.config.pipeline.compare_classes, note=detected.get("note"),
-    )  # fmt: skip
+        context.results["student"]["run_dir"],
+        detected["run_dir"],
+        store=detected["store"],
+        out=out,
+        classes=context.config.pipeline.compare_classes,
+        note=detected.get("note"),
+    )
     return {**result, "outputs": [str(out / "compare.json"), str(out / "compare.md")]}

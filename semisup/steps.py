@@ -179,7 +179,7 @@ def unlabeled_targets(
         out[C.PSEUDO_LABEL] = truth
         out[C.CONFIDENCE] = (truth != C.IGNORE_INDEX).float()
         return out
-    if ssl.target in ("ema", "both"):
+    if ssl.uses_ema_teacher:
         if teacher is None:
             raise ValueError(f"ssl.target={ssl.target!r} needs an EMA teacher")
         ema_label, ema_conf = teacher_prediction(
@@ -236,8 +236,13 @@ def compute_losses(
             weak_labeled[C.LABEL].clamp(max=recipe.num_classes - 1), recipe.num_classes
         )
         labelled = weak_labeled[C.LABEL] != C.IGNORE_INDEX
-        update_marginal(ssl_state["labeled_marginal"], one_hot.permute(0, 3, 1, 2), labelled,
-                        ssl.threshold_momentum, collective)  # fmt: skip
+        update_marginal(
+            ssl_state["labeled_marginal"],
+            one_hot.permute(0, 3, 1, 2),
+            labelled,
+            ssl.threshold_momentum,
+            collective,
+        )
     weak_unlabeled = weak_view(unlabeled, augment, view_keys(unlabeled, WEAK_VIEW))
     weak = unlabeled_targets(weak_unlabeled, teacher, ssl, ssl_state, recipe, collective)
     settings = recipe.thresholds
@@ -255,7 +260,7 @@ def compute_losses(
                 collective,
                 truth=strong.get(C.LABEL),
                 dice_weight=ssl.dice_weight,
-            )  # fmt: skip
+            )
         )
     cons = {name: torch.stack([v[name] for v in views]).mean(0) for name in views[0]}
     if ssl.feature_dropout > 0:  # UniMatch: 0.5 × image views + 0.5 × the feature stream
@@ -343,11 +348,13 @@ def validation_counts(
     labelled = label != C.IGNORE_INDEX
     which = (confidence[labelled] * bins).long().clamp(max=bins - 1)
     right = (prediction == label)[labelled].double()
-    counts = torch.stack([
-        torch.bincount(which, minlength=bins).double(),
-        torch.bincount(which, weights=right, minlength=bins),
-        torch.bincount(which, weights=confidence[labelled].double(), minlength=bins),
-    ])  # fmt: skip
+    counts = torch.stack(
+        [
+            torch.bincount(which, minlength=bins).double(),
+            torch.bincount(which, weights=right, minlength=bins),
+            torch.bincount(which, weights=confidence[labelled].double(), minlength=bins),
+        ]
+    )
     return confusion_matrix(prediction, label, num_classes), counts
 
 

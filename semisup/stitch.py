@@ -63,9 +63,17 @@ def plan_jobs(
             for row in range(first_row, len(row_starts)):
                 finish = row_starts[row + 1] if row + 1 < len(row_starts) else source.height
                 jobs.append(
-                    Job(len(jobs), index, stripe, row_starts[row], first_col, last_col,
-                        finish, row == first_row)
-                )  # fmt: skip
+                    Job(
+                        len(jobs),
+                        index,
+                        stripe,
+                        row_starts[row],
+                        first_col,
+                        last_col,
+                        finish,
+                        row == first_row,
+                    )
+                )
     return jobs
 
 
@@ -90,9 +98,13 @@ class Stitcher:
         """Buffer a batch of windows; process every job now complete. Returns windows added."""
         for i, seq in enumerate(batch[JOB]):
             self.pending.setdefault(int(seq), []).append(
-                (int(batch[C.Y0][i]), int(batch[C.X0][i]), batch[PROBABILITIES][i],
-                 batch[C.VALID][i])
-            )  # fmt: skip
+                (
+                    int(batch[C.Y0][i]),
+                    int(batch[C.X0][i]),
+                    batch[PROBABILITIES][i],
+                    batch[C.VALID][i],
+                )
+            )
         while self.next < len(self.jobs):
             job = self.jobs[self.next]
             windows = self.pending.get(job.seq, [])
@@ -107,9 +119,13 @@ class Stitcher:
         x0, x1 = writer.stripes[job.stripe]
         if job.first_of_stripe or self.accumulator is None:
             self.accumulator = blend.BandAccumulator(
-                x0, x1, source.height, self.num_classes, self.weights,
+                x0,
+                x1,
+                source.height,
+                self.num_classes,
+                self.weights,
                 top=writer.rows_done[job.stripe],
-            )  # fmt: skip
+            )
         for y0, wx0, probabilities, valid in windows:
             self.accumulator.add(y0, wx0, probabilities, valid)
         first, label, confidence = self.accumulator.finish(job.finish_row)

@@ -20,9 +20,20 @@ from semisup.config import read_yaml
 # Never shipped to the cluster: environments, version control, data and every kind of output.
 # (gitignore patterns, as Ray's working_dir "excludes"; a leading "/" anchors at the folder.)
 DEFAULT_EXCLUDES: tuple[str, ...] = (
-    "/.venv", "/.git", "/data", "/outputs", "/runs", "/demo_out", "/bench/out",
-    "*.zarr", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "*.egg-info",
-)  # fmt: skip
+    "/.venv",
+    "/.git",
+    "/data",
+    "/outputs",
+    "/runs",
+    "/demo_out",
+    "/bench/out",
+    "*.zarr",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.egg-info",
+)
 DEFAULT_ENV_VARS: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # fail fast when Train workers cannot be placed, instead of retrying forever
@@ -93,8 +104,10 @@ def submit_job(
     try:
         asyncio.run(_stream_logs(client, job_id, log))
     except KeyboardInterrupt:
-        print(f"\n[submit] stopped following; the job runs on (ray job stop {job_id})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"\n[submit] stopped following; the job runs on (ray job stop {job_id})",
+            file=sys.stderr,
+        )
         return job_id, 130
     return job_id, job_exit_status(client, job_id)
 
@@ -126,23 +139,30 @@ EXAMPLE = (
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--address", default=None,
+        "--address",
+        default=None,
         help="the cluster's dashboard URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS"
         " or $RAY_ADDRESS)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--working-dir", type=Path, default=Path("."),
+        "--working-dir",
+        type=Path,
+        default=Path("."),
         help="folder shipped as the job's working_dir, without data and outputs (default: .)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--runtime-env", type=Path, default=None,
+        "--runtime-env",
+        type=Path,
+        default=None,
         help="runtime_env YAML merged into the defaults, e.g. cluster/runtime_env.yaml",
-    )  # fmt: skip
+    )
     parser.add_argument("--submission-id", default=None, help="job id (default: generated)")
     parser.add_argument(
-        "--entrypoint-num-cpus", type=float, default=None,
+        "--entrypoint-num-cpus",
+        type=float,
+        default=None,
         help="CPUs reserved for the driver (default 0: it only coordinates)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--no-wait", action="store_true", help="return after submitting; do not stream the logs"
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from semisup.columns import IGNORE_INDEX
 from semisup.datasets import CLASS_NAMES
 
 BUILDING, LAND, ROAD, VEGETATION, WATER = range(len(CLASS_NAMES))
@@ -83,13 +84,22 @@ def write_scenes(folder: Path, count: int = 4, size: int = 768, seed: int = 0) -
         image, label = generate_scene(size, seed + i)
         nodata = np.add.outer(np.arange(size), np.arange(size)) < size // 6
         image[nodata] = 0
-        label[nodata] = 255
+        label[nodata] = IGNORE_INDEX
         transform = from_origin(300_000.0 + i * size * 0.5, 2_800_000.0, 0.5, 0.5)
         profile = dict(
-            driver="GTiff", height=size, width=size, count=3, dtype="uint8", crs="EPSG:32640",
-            transform=transform, nodata=0, tiled=True, blockxsize=256, blockysize=256,
+            driver="GTiff",
+            height=size,
+            width=size,
+            count=3,
+            dtype="uint8",
+            crs="EPSG:32640",
+            transform=transform,
+            nodata=0,
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
             compress="deflate",
-        )  # fmt: skip
+        )
         with rasterio.open(images / f"scene_{i}.tif", "w", **profile) as dst:
             dst.write(image.transpose(2, 0, 1))
         Image.fromarray(label).save(masks / f"scene_{i}.png")

@@ -70,11 +70,22 @@ MODES: Final[tuple[str, ...]] = get_args(TeacherMode)
 NUM_MASKS: Final = "num_masks"  # per-tile int32 column added by the teacher
 INSTANCES: Final = "instances"  # per-tile K×8 float64 column: one INSTANCE_FIELDS row per mask
 INSTANCE_FIELDS: Final = (
-    "instance_id", "x0", "y0", "x1", "y1", "predicted_iou", "stability", "area",
-)  # fmt: skip
+    "instance_id",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "predicted_iou",
+    "stability",
+    "area",
+)
 INSTANCE_DTYPE: Final = np.uint16
 INSTANCE_IGNORE: Final = 65535  # instance maps: pixel not valid (nodata, padding)
 BACKGROUND: Final = 0
+# automatic mode: masks kept per tile, highest predicted IoU first. It bounds the painting work
+# and the instance table (a 16-point grid gives up to 768 candidates before NMS); a tile of
+# 128-512 px rarely holds more objects than this
+MAX_MASKS_PER_TILE: Final = 255
 # -inf logits outside a prompt's box: probability 0 and never above the mask threshold.
 _OUTSIDE: Final = float("-inf")
 
@@ -277,12 +288,19 @@ def instance_rows(
     area = masks.flatten(1).sum(1).double()  # N
     stability = calculate_stability_score(logits.float(), 0.0, stability_offset).double()
     boxes = batched_mask_to_box(masks).double()  # N×4, x1/y1 the last pixel (inclusive)
-    edges = boxes + torch.tensor([left, top, left + 1, top + 1], dtype=torch.float64,
-                                 device=boxes.device)  # fmt: skip
+    edges = boxes + torch.tensor(
+        [left, top, left + 1, top + 1], dtype=torch.float64, device=boxes.device
+    )
     rows = torch.cat(
-        [instance_ids.double()[:, None], edges, predicted_iou.double()[:, None],
-         stability[:, None], area[:, None]], dim=1,
-    )  # fmt: skip
+        [
+            instance_ids.double()[:, None],
+            edges,
+            predicted_iou.double()[:, None],
+            stability[:, None],
+            area[:, None],
+        ],
+        dim=1,
+    )
     return rows[area > 0].cpu().numpy()
 
 
@@ -459,7 +477,7 @@ class SamTeacher:
         points_per_batch: int = 64,
         mask_filter: MaskFilter | None = None,
         nms_iou: float = 0.7,
-        max_masks: int | None = 255,
+        max_masks: int | None = MAX_MASKS_PER_TILE,
         prompt: str = "box",
         multimask: bool = False,
         box_margin: float = 0.1,
@@ -490,9 +508,14 @@ class SamTeacher:
         self._boxes: dict[str, np.ndarray] = {}
         self.grid = point_grid(points_per_side, self.image_size)
         models = build_teacher_models(
-            mode=mode, model_type=model_type, image_size=self.image_size, checkpoint=checkpoint,
-            base_checkpoint=base_checkpoint, refine=refine, seed=seed,
-        )  # fmt: skip
+            mode=mode,
+            model_type=model_type,
+            image_size=self.image_size,
+            checkpoint=checkpoint,
+            base_checkpoint=base_checkpoint,
+            refine=refine,
+            seed=seed,
+        )
         self.sam: Sam | None = None if models.sam is None else models.sam.to(self.device).eval()
         semantic = models.semantic
         self.semantic: SemanticModel | None = (
@@ -575,13 +598,20 @@ class SamTeacher:
                 ids = torch.arange(1, len(scores) + 1, device=scores.device)  # paint_instances'
                 instances, confidence = paint_instances(logits, scores, self.background_confidence)
             else:
-                logits, scores, ids = self._prompted_masks(embedding, str(batch[C.SOURCE][i]),
-                                                           top, left)  # fmt: skip
+                logits, scores, ids = self._prompted_masks(
+                    embedding, str(batch[C.SOURCE][i]), top, left
+                )
                 instances, confidence = self._paint_prompted(logits, scores, ids)
             rows = no_rows
             if self.writes_instances:
-                rows = instance_rows(logits, scores, ids, top=top, left=left,
-                                     stability_offset=self.mask_filter.stability_offset)  # fmt: skip
+                rows = instance_rows(
+                    logits,
+                    scores,
+                    ids,
+                    top=top,
+                    left=left,
+                    stability_offset=self.mask_filter.stability_offset,
+                )
             count = int(instances.unique().gt(0).sum())
             label = foreground(instances) if self.output == "foreground" else instances
             yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, rows

@@ -86,12 +86,14 @@ def update_statistics(
     labels, values = target[valid], confidence[valid].float()
     k = settings.num_classes
     sums = collective.sum(
-        torch.cat([
-            torch.stack([valid.sum().float(), values.sum(), values.square().sum()]),
-            torch.bincount(labels, weights=values, minlength=k)[:k].float(),
-            torch.bincount(labels[values > settings.base_threshold], minlength=k)[:k].float(),
-        ])
-    )  # fmt: skip
+        torch.cat(
+            [
+                torch.stack([valid.sum().float(), values.sum(), values.square().sum()]),
+                torch.bincount(labels, weights=values, minlength=k)[:k].float(),
+                torch.bincount(labels[values > settings.base_threshold], minlength=k)[:k].float(),
+            ]
+        )
+    )
     pixels = sums[0]
     if pixels <= 0:
         return

@@ -129,18 +129,14 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def check_store_for(config: ExperimentConfig, facts: Mapping[str, Any], store: str) -> None:
     """The store (``facts`` of ``store_facts``) has what ``config`` trains on, or an error."""
-    if (
-        config.ssl.enabled
-        and config.ssl.target in ("pseudo", "both")
-        and not facts["has_pseudo_labels"]
-    ):
+    if config.ssl.enabled and config.ssl.uses_pseudo_labels and not facts["has_pseudo_labels"]:
         raise ConfigError(
             f"ssl.target={config.ssl.target!r} needs pseudo-labels in {store}; run "
             "`semisup pseudo-label` first or set ssl.target=ema"
         )
     if (
         config.ssl.enabled
-        and config.ssl.target in ("pseudo", "both")
+        and config.ssl.uses_pseudo_labels
         and facts["pseudo_label_mode"] != "semantic"
     ):
         raise ConfigError(
@@ -217,9 +213,13 @@ def check_warm_start(config: ExperimentConfig, facts: Mapping[str, Any]) -> None
     except AdapterError as err:
         raise ConfigError(f"train.init_from={init_from!r}: {err}") from err
     student = config.student
-    wanted = {"model_type": student.model_type, "mode": student.mode,
-              "hires_path": student.hires_path, "num_classes": int(facts["num_classes"]),
-              "image_size": int(facts["tile_size"])}  # fmt: skip
+    wanted = {
+        "model_type": student.model_type,
+        "mode": student.mode,
+        "hires_path": student.hires_path,
+        "num_classes": int(facts["num_classes"]),
+        "image_size": int(facts["tile_size"]),
+    }
     if student.mode == "lora":
         wanted |= {"lora_rank": student.lora_rank, "lora_targets": student.lora_targets}
     differs = {k: (getattr(spec, k), v) for k, v in wanted.items() if getattr(spec, k) != v}
@@ -346,9 +346,8 @@ def run_training(
             "use_unlabeled": use_unlabeled,
             # Unbiased Teacher's pseudo-boxes come from an EMA teacher: detection always has one
             "use_ema_teacher": use_unlabeled
-            and (config.task == "detection" or config.ssl.target in ("ema", "both")),
-            "read_pseudo_labels": config.task == "segmentation"
-            and config.ssl.target in ("pseudo", "both"),
+            and (config.task == "detection" or config.ssl.uses_ema_teacher),
+            "read_pseudo_labels": config.task == "segmentation" and config.ssl.uses_pseudo_labels,
             "init_adapter": None if init is None else str(init_adapter(init)),
             # Ray Train's in-process mode keeps no checkpoint: the loop writes them there itself
             "local_checkpoints": None if num_workers else f"{storage.rstrip('/')}/{RAY_RUN_NAME}",
@@ -373,8 +372,11 @@ def run_training(
             callbacks=list(callbacks),
         ),
     )
-    print(f"[train] {num_workers or 'in-process'} worker(s), lr {scaled_lr(config):.2e}, "
-          f"run folder {run_dir}", file=sys.stderr)  # fmt: skip
+    print(
+        f"[train] {num_workers or 'in-process'} worker(s), lr {scaled_lr(config):.2e}, "
+        f"run folder {run_dir}",
+        file=sys.stderr,
+    )
     result = fit_or_name_lost_nodes(trainer, storage, config.train.node_wait_s)
     report = getattr(result, "return_value", None)  # rank 0's value (Ray Train V2)
     if not isinstance(report, dict):
@@ -490,9 +492,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     parser.add_argument(
-        "--debug", action="store_true",
+        "--debug",
+        action="store_true",
         help="run the per-worker loop in this process (no worker processes): breakpoints and pdb work",
-    )  # fmt: skip
+    )
     add_config_arguments(parser)
 
 
@@ -503,6 +506,8 @@ def run_cli(args: argparse.Namespace) -> int:
     with ray_runtime(config.ray):
         report = run_training(args.store, config, args.out, resume=args.resume, debug=args.debug)
     score, name = ("best_ap", "box AP") if config.task == "detection" else ("best_miou", "mIoU")
-    print(f"best validation {name} {report[score]:.4f} at epoch {report['best_epoch']}; "
-          f"report in {args.out / 'report.md'}")  # fmt: skip
+    print(
+        f"best validation {name} {report[score]:.4f} at epoch {report['best_epoch']}; "
+        f"report in {args.out / 'report.md'}"
+    )
     return 0

@@ -232,9 +232,12 @@ class TaskHooks(Protocol):
     halo: int  # pixels read around each tile
 
     def build(
-        self, config: ExperimentConfig, facts: Mapping[str, Any], loop_config: dict[str, Any],
+        self,
+        config: ExperimentConfig,
+        facts: Mapping[str, Any],
+        loop_config: dict[str, Any],
         device: torch.device,
-    ) -> Trainables:  # fmt: skip
+    ) -> Trainables:
         """The model (on ``device``, same on every worker), its optimiser, teacher, state."""
         ...
 
@@ -278,14 +281,20 @@ class SegmentationTask:
         self.halo = config.stream.halo
         self.class_names = list(facts["class_names"])
         self.recipe = StepRecipe(
-            config.ssl, config.augment, int(facts["num_classes"]), config.train.dice_weight,
+            config.ssl,
+            config.augment,
+            int(facts["num_classes"]),
+            config.train.dice_weight,
             facts.get("calibrated_threshold"),
-        )  # fmt: skip
+        )
 
     def build(
-        self, config: ExperimentConfig, facts: Mapping[str, Any], loop_config: dict[str, Any],
+        self,
+        config: ExperimentConfig,
+        facts: Mapping[str, Any],
+        loop_config: dict[str, Any],
         device: torch.device,
-    ) -> Trainables:  # fmt: skip
+    ) -> Trainables:
         from semisup.ema import make_ema_teacher
 
         model = build_model(config, facts, loop_config["init_adapter"]).to(device)
@@ -310,12 +319,17 @@ class SegmentationTask:
         train = run.config.train
         autocast = torch.bfloat16 if (train.bf16 and run.device.type == "cuda") else None
         return train_step(
-            run.model, run.trainables.optimizer, prepare_batch(labeled, run.band_scale, run.device),
+            run.model,
+            run.trainables.optimizer,
+            prepare_batch(labeled, run.band_scale, run.device),
             None if unlabeled is None else prepare_batch(unlabeled, run.band_scale, run.device),
-            teacher=run.trainables.teacher, recipe=self.recipe, step=run.state.step,
-            autocast_dtype=autocast, collective=run.collective,
+            teacher=run.trainables.teacher,
+            recipe=self.recipe,
+            step=run.state.step,
+            autocast_dtype=autocast,
+            collective=run.collective,
             ssl_state=run.trainables.ssl_state,
-        )  # fmt: skip
+        )
 
     def validate(self, run: WorkerRun) -> dict[str, Any]:
         return validate(run)
@@ -374,12 +388,18 @@ def build_model(
     # predict, select) draws the same base the same way
     torch.manual_seed(config.train.seed)
     model = build_student(
-        student.model_type, int(facts["num_classes"]), int(facts["tile_size"]),
-        checkpoint=student.checkpoint, mode=student.mode, lora_rank=student.lora_rank,
-        lora_alpha=student.lora_alpha, lora_dropout=student.lora_dropout,
-        lora_targets=student.lora_targets, hires_path=student.hires_path,
+        student.model_type,
+        int(facts["num_classes"]),
+        int(facts["tile_size"]),
+        checkpoint=student.checkpoint,
+        mode=student.mode,
+        lora_rank=student.lora_rank,
+        lora_alpha=student.lora_alpha,
+        lora_dropout=student.lora_dropout,
+        lora_targets=student.lora_targets,
+        hires_path=student.hires_path,
         attention=student.attention,
-    )  # fmt: skip
+    )
     if init_adapter is not None:
         load_adapter(model, init_adapter)
     return model
@@ -406,11 +426,21 @@ def build_worker_run(loop_config: dict[str, Any]) -> WorkerRun:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     val_ids = np.asarray(loop_config["splits"][C.VAL], np.int64)
     run = WorkerRun(
-        config=config, facts=facts, run_dir=Path(loop_config["run_dir"]), rank=rank, world=world,
-        device=device, collective=current_collective(), model=model, trainables=trainables,
-        feeds={}, val_reader=None,
-        val_share=validation_share(val_ids, rank, world), band_scale=band_scales(facts), task=task,
-    )  # fmt: skip
+        config=config,
+        facts=facts,
+        run_dir=Path(loop_config["run_dir"]),
+        rank=rank,
+        world=world,
+        device=device,
+        collective=current_collective(),
+        model=model,
+        trainables=trainables,
+        feeds={},
+        val_reader=None,
+        val_share=validation_share(val_ids, rank, world),
+        band_scale=band_scales(facts),
+        task=task,
+    )
     if loop_config["local_checkpoints"] is not None:
         run.local_checkpoints = LocalCheckpoints(loop_config["local_checkpoints"])
     open_readers(run, loop_config)
@@ -437,9 +467,14 @@ def open_readers(run: WorkerRun, loop_config: dict[str, Any]) -> None:
         budget -= reader.nbytes if reader.cacheable else 0
         order_seed = worker_seed(config.train.seed, SHARED_RANK, f"{kind}_order")  # type: ignore[arg-type]
         run.feeds[name] = SplitFeed(
-            name, reader, SplitOrder(np.sort(ids), global_batch, order_seed), config.train.seed,
-            f"{kind}_samples", run.rank, run.world,  # type: ignore[arg-type]
-        )  # fmt: skip
+            name,
+            reader,
+            SplitOrder(np.sort(ids), global_batch, order_seed),
+            config.train.seed,
+            f"{kind}_samples",  # type: ignore[arg-type]
+            run.rank,
+            run.world,
+        )
     run.val_reader = TileReader(
         loop_config["store"],
         run.val_share,
@@ -529,8 +564,12 @@ def end_epoch(run: WorkerRun, epoch: int) -> bool:
         write_report_files(run.run_dir, build_report(run))
         if run.writer is not None:
             task.log_validation(run.writer, metrics, state.step)
-    epoch_metrics = {task.score: score, "epoch": epoch, "epochs_done": epoch + 1,
-                     "train_loss": metrics["train"].get("loss", 0.0)}  # fmt: skip
+    epoch_metrics = {
+        task.score: score,
+        "epoch": epoch,
+        "epochs_done": epoch + 1,
+        "train_loss": metrics["train"].get("loss", 0.0),
+    }
     report_checkpoint(run, epoch_metrics)
     return state.stopped_early
 
@@ -573,9 +612,12 @@ def report_checkpoint(run: WorkerRun, metrics: dict[str, Any]) -> None:
     import ray.train
 
     trainables = Trainables(
-        unwrap(run.model), run.trainables.optimizer, run.trainables.teacher,
-        run.trainables.ssl_state, run.trainables.weights_of,
-    )  # fmt: skip
+        unwrap(run.model),
+        run.trainables.optimizer,
+        run.trainables.teacher,
+        run.trainables.ssl_state,
+        run.trainables.weights_of,
+    )
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if run.rank == 0:

@@ -38,8 +38,7 @@ from typing import Any
 
 from ray import tune
 
-from semisup import search_space as S
-from semisup import tune_report as R
+from semisup import search_space, tune_report
 from semisup.config import (
     ConfigError,
     ExperimentConfig,
@@ -107,7 +106,7 @@ def resolve_space(space: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def prepare_sweep(
     store: str, config: ExperimentConfig, space: str | Mapping[str, Any]
-) -> tuple[str, dict[str, Any], dict[str, S.Dimension], ExperimentConfig]:
+) -> tuple[str, dict[str, Any], dict[str, search_space.Dimension], ExperimentConfig]:
     """Check the space and the store against the config before any trial starts.
 
     Returns (space name, space data, dimensions, the base config of every trial). Trials report
@@ -117,17 +116,23 @@ def prepare_sweep(
 
     name, data = resolve_space(space)
     if config.train.checkpoint_every_steps:
-        print("[tune] train.checkpoint_every_steps set to 0: trials checkpoint every epoch",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "[tune] train.checkpoint_every_steps set to 0: trials checkpoint every epoch",
+            file=sys.stderr,
+        )
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, checkpoint_every_steps=0)
         )
     facts = store_facts(store)
-    dims = S.check_space(data, config, name, check=lambda c: check_store_for(c, facts, store))
+    dims = search_space.check_space(
+        data, config, name, check=lambda c: check_store_for(c, facts, store)
+    )
     return name, data, dims, config
 
 
-def ray_param_space(dims: Mapping[str, S.Dimension], for_optuna: bool = False) -> dict[str, Any]:
+def ray_param_space(
+    dims: Mapping[str, search_space.Dimension], for_optuna: bool = False
+) -> dict[str, Any]:
     """Tune distributions of the searched keys (constants and ties are applied in the trial).
 
     Optuna takes no grid, so for it a grid becomes a choice.
@@ -168,16 +173,21 @@ def run_tune(
     stops trials on validation mIoU. ``max_concurrent`` defaults to as many trials as the
     cluster's CPUs and GPUs hold. Returns a JSON-safe summary (also OUT/tune_summary.json).
     """
-    out = R.absolute(out)
+    out = tune_report.absolute(out)
     _check_arguments(config, samples, search)
-    fs, root = R.filesystem(out)
+    fs, root = tune_report.filesystem(out)
     saved = _check_sweep_folder(fs, root, out, resume)
     name, data, dims, config = prepare_sweep(store, config, space)
     request = {
-        "store": store, "space": name, "space_data": data, "config": to_dict(config),
-        "samples": samples, "search": search, "grace_period": grace_period,
+        "store": store,
+        "space": name,
+        "space_data": data,
+        "config": to_dict(config),
+        "samples": samples,
+        "search": search,
+        "grace_period": grace_period,
         "reduction_factor": reduction_factor,
-    }  # fmt: skip
+    }
     if saved is not None:  # a resumed sweep continues with what it was asked
         difference = _first_difference(json.loads(json.dumps(request)), saved)
         if difference:
@@ -190,17 +200,19 @@ def run_tune(
     with ray_runtime(dataclasses.replace(config.ray, dashboard=True)):
         _require_dashboard()
         if os.environ.get(API_SERVER_VARIABLE):
-            print(f"[tune] live trials in the Ray dashboard at {os.environ[API_SERVER_VARIABLE]}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[tune] live trials in the Ray dashboard at {os.environ[API_SERVER_VARIABLE]}",
+                file=sys.stderr,
+            )
         if not resume:
-            R.write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
+            tune_report.write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
         tuner = _tuner(request, config, dims, out, resume, max_concurrent)
         results = tuner.fit()
         records = _collect(results.experiment_path, fs, config, dims)
-    experiment = R.child(out, EXPERIMENT_NAME)
-    summary = R.write_outputs(fs, root, out, name, dims, config, records, experiment)
+    experiment = tune_report.child(out, EXPERIMENT_NAME)
+    summary = tune_report.write_outputs(fs, root, out, name, dims, config, records, experiment)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    R.write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
+    tune_report.write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -234,14 +246,16 @@ def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> Non
 
 def _check_sweep_folder(fs: Any, root: str, out: str, resume: bool) -> dict[str, Any] | None:
     """A new sweep needs a fresh OUT; a resumed one a sweep there, whose request is returned."""
-    started = R.exists(fs, f"{root}/{SWEEP_FILE}") or R.exists(fs, f"{root}/{EXPERIMENT_NAME}")
+    started = tune_report.exists(fs, f"{root}/{SWEEP_FILE}") or tune_report.exists(
+        fs, f"{root}/{EXPERIMENT_NAME}"
+    )
     if started and not resume:
         raise FileExistsError(
             f"{out} already holds a sweep; pass --resume to continue it or choose another --out"
         )
     if not resume:
         return None
-    saved = R.read_json(fs, f"{root}/{SWEEP_FILE}")
+    saved = tune_report.read_json(fs, f"{root}/{SWEEP_FILE}")
     if saved is None:
         raise FileNotFoundError(f"--resume: no sweep to continue in {out} (no {SWEEP_FILE})")
     return dict(saved)
@@ -267,7 +281,7 @@ def _require_dashboard() -> None:
 def _tuner(
     request: Mapping[str, Any],
     config: ExperimentConfig,
-    dims: Mapping[str, S.Dimension],
+    dims: Mapping[str, search_space.Dimension],
     out: str,
     resume: bool,
     max_concurrent: int | None,
@@ -282,13 +296,17 @@ def _tuner(
     trainable = tune.with_resources(
         # the per-trial function with the sweep's settings bound (stored once in the object store)
         tune.with_parameters(
-            train_trial, store=request["store"], base=to_dict(config),
-            space=dict(request["space_data"]), name=name, out=out,
+            train_trial,
+            store=request["store"],
+            base=to_dict(config),
+            space=dict(request["space_data"]),
+            name=name,
+            out=out,
         ),
         # the trial process itself only drives Train, whose workers reserve their own CPUs/GPUs
         {"CPU": DRIVER_CPUS},
-    )  # fmt: skip
-    experiment = R.child(out, EXPERIMENT_NAME)
+    )
+    experiment = tune_report.child(out, EXPERIMENT_NAME)
     if resume:
         print(f"[tune] resuming the sweep in {experiment}", file=sys.stderr)
         # reloads the trials and the searcher (not the scheduler's rungs); finished trials are
@@ -301,9 +319,12 @@ def _tuner(
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric=METRIC, mode="max")
-    print(f"[tune] space {name!r}: {', '.join(k for k, d in dims.items() if d.searched)}; "
-          f"{request['samples']} sample(s), up to {limit} trial(s) at once, each "
-          f"{', '.join(f'{v:g} {k}' for k, v in demand.items())}", file=sys.stderr)  # fmt: skip
+    print(
+        f"[tune] space {name!r}: {', '.join(k for k, d in dims.items() if d.searched)}; "
+        f"{request['samples']} sample(s), up to {limit} trial(s) at once, each "
+        f"{', '.join(f'{v:g} {k}' for k, v in demand.items())}",
+        file=sys.stderr,
+    )
     return tune.Tuner(
         trainable,
         param_space=ray_param_space(dims, for_optuna=search_alg is not None),
@@ -335,8 +356,11 @@ def _tuner(
 
 
 def _collect(
-    experiment_path: str, fs: Any, config: ExperimentConfig, dims: Mapping[str, S.Dimension]
-) -> list[R.TrialRecord]:
+    experiment_path: str,
+    fs: Any,
+    config: ExperimentConfig,
+    dims: Mapping[str, search_space.Dimension],
+) -> list[tune_report.TrialRecord]:
     """One record per trial, from Tune's saved experiment state and each trial's report."""
     from ray.tune import ExperimentAnalysis
 
@@ -348,24 +372,26 @@ def _collect(
         run = f"{trial.path}/{TRIAL_RUN_DIR}"
         # the trainer's own report; what Tune received when the report has not reached a remote
         # storage (a trial's files are uploaded every SYNC_PERIOD_S and when it ends)
-        report: dict[str, Any] | None = R.read_json(
+        report: dict[str, Any] | None = tune_report.read_json(
             fs, f"{run}/report.json"
-        ) or R.report_from_tune_results(frames.get(trial.trial_id))
+        ) or tune_report.report_from_tune_results(frames.get(trial.trial_id))
         adapter = f"{run}/best/adapter.safetensors"
         epochs = report["epochs"] if report else []
         failed = trial.status == "ERROR"
         records.append(
-            R.TrialRecord(
+            tune_report.TrialRecord(
                 trial_id=trial.trial_id,
-                outcome=R.outcome(trial.status, report, config.train.epochs, failed=failed),
-                params=S.assignment(config, dims, trial.config),
+                outcome=tune_report.outcome(
+                    trial.status, report, config.train.epochs, failed=failed
+                ),
+                params=search_space.assignment(config, dims, trial.config),
                 epochs_done=len(epochs),
                 best_miou=report["best_miou"] if report and epochs else None,
                 best_epoch=report["best_epoch"] if report and epochs else None,
                 curve=[e["miou"] for e in epochs],
                 train_loss=[e["train"].get("loss", math.nan) for e in epochs],
                 trial_path=str(trial.path),
-                best_adapter=adapter if R.exists(fs, adapter) else None,
+                best_adapter=adapter if tune_report.exists(fs, adapter) else None,
                 error=_error_text(fs, trial) if failed else None,
             )
         )
@@ -374,7 +400,7 @@ def _collect(
 
 def _error_text(fs: Any, trial: Any) -> str:
     path = f"{trial.path}/error.txt"
-    if not R.exists(fs, path):
+    if not tune_report.exists(fs, path):
         return "failed (no error.txt)"
     with fs.open_input_stream(path) as stream:
         lines = stream.readall().decode(errors="replace").strip().splitlines()
@@ -404,31 +430,44 @@ def train_trial(
 
     from semisup.train import run_training
 
-    config = S.trial_config(from_dict(ExperimentConfig, base), S.parse_space(space, name), params)
+    config = search_space.trial_config(
+        from_dict(ExperimentConfig, base), search_space.parse_space(space, name), params
+    )
     # the trial's folder name (get_trial_dir is its staging copy in this Ray session's temp dir)
     trial_name = Path(tune.get_context().get_trial_dir()).name
-    if R.is_local(out):
-        run_dir = Path(R.child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
+    if tune_report.is_local(out):
+        run_dir = Path(tune_report.child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
     else:  # keep the Train checkpoints on the storage, where a resumed sweep finds them
         run_dir = Path.cwd() / TRIAL_RUN_DIR
-        storage = config.train.storage or R.child(out, EXPERIMENT_NAME, trial_name, "train")
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                       storage=storage))  # fmt: skip
+        storage = config.train.storage or tune_report.child(
+            out, EXPERIMENT_NAME, trial_name, "train"
+        )
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, storage=storage)
+        )
     run_training(
-        store, config, run_dir, resume=(run_dir / "config.yaml").exists(),
+        store,
+        config,
+        run_dir,
+        resume=(run_dir / "config.yaml").exists(),
         # forwards each epoch's metrics from the Train workers to this Tune trial
         callbacks=[TuneReportCallback()],
-    )  # fmt: skip
+    )
 
 
 class TrialProgress(tune.Callback):
     """One stderr line per trial epoch and per trial end (Tune's own table is turned off)."""
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:  # fmt: skip
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         if METRIC in result:
-            print(f"[tune] {trial.trial_id} epoch {result.get(TIME_ATTR)}: val mIoU "
-                  f"{result[METRIC]:.4f}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[tune] {trial.trial_id} epoch {result.get(TIME_ATTR)}: val mIoU "
+                f"{result[METRIC]:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         print(f"[tune] {trial.trial_id} finished", file=sys.stderr, flush=True)
@@ -449,37 +488,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--space", choices=sorted(SPACES), help="named search space of tune_spaces/"
     )
     parser.add_argument(
-        "--out", required=True,
+        "--out",
+        required=True,
         help="sweep folder, or any storage URL Ray accepts (s3://, gs://, ...)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--samples", type=int, default=None,
+        "--samples",
+        type=int,
+        default=None,
         help="draws of the space (each runs every grid value once); default 1",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue the interrupted sweep in --out; finished trials are not run again",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--search", choices=SEARCHES, default=None,
+        "--search",
+        choices=SEARCHES,
+        default=None,
         help="how trials are drawn: random/grid (default) or optuna (needs the optuna package)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--grace-period", type=int, default=None,
+        "--grace-period",
+        type=int,
+        default=None,
         help="epochs every trial runs before ASHA may stop it (default 1)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--reduction-factor", type=float, default=None,
+        "--reduction-factor",
+        type=float,
+        default=None,
         help="ASHA keeps about 1/FACTOR of the trials at each rung (default 2)",
-    )  # fmt: skip
+    )
     add_config_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     saved: dict[str, Any] = {}
     if args.resume:  # settings not given again are those the sweep was started with
-        fs, root = R.filesystem(args.out)
-        saved = R.read_json(fs, f"{root}/{SWEEP_FILE}") or {}
+        fs, root = tune_report.filesystem(args.out)
+        saved = tune_report.read_json(fs, f"{root}/{SWEEP_FILE}") or {}
     elif not args.store or not args.space:
         raise ConfigError("--store and --space are needed to start a sweep")
     if args.config is not None or "config" not in saved:
@@ -487,12 +536,18 @@ def run_cli(args: argparse.Namespace) -> int:
     else:  # --set overrides apply to the sweep's own config (and must not change it)
         config = from_dict(ExperimentConfig, merge_overrides(saved["config"], args.overrides))
     summary = run_tune(
-        args.store or saved.get("store", ""), config, args.space or saved.get("space", ""),
-        args.out, samples=args.samples or saved.get("samples", 1), resume=args.resume,
+        args.store or saved.get("store", ""),
+        config,
+        args.space or saved.get("space", ""),
+        args.out,
+        samples=args.samples or saved.get("samples", 1),
+        resume=args.resume,
         search=args.search or saved.get("search", "random"),
         grace_period=args.grace_period or saved.get("grace_period", 1),
         reduction_factor=args.reduction_factor or saved.get("reduction_factor", 2.0),
-    )  # fmt: skip
-    print(f"best validation mIoU {summary['best_miou']} (trial {summary['best_trial']}); "
-          f"summary in {summary['summary_md']}, plot in {summary['plot']}")  # fmt: skip
+    )
+    print(
+        f"best validation mIoU {summary['best_miou']} (trial {summary['best_trial']}); "
+        f"summary in {summary['summary_md']}, plot in {summary['plot']}"
+    )
     return 0

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from semisup import search_space as S
+from semisup import search_space
 from semisup.config import ExperimentConfig, to_dict
 
 METRIC = "miou"  # validation mIoU, reported by the training loop every epoch
@@ -177,9 +177,12 @@ def plot_png(
         scores = [float(r["best_miou"] or 0.0) for r in scored]
         for early, marker in ((False, "o"), (True, "x")):
             picked = [i for i, s in enumerate(stopped) if s == early]
-            axes.scatter([positions[i] for i in picked],
-                         [scores[i] for i in picked], marker=marker,
-                         label="stopped early" if early else "full schedule")  # fmt: skip
+            axes.scatter(
+                [positions[i] for i in picked],
+                [scores[i] for i in picked],
+                marker=marker,
+                label="stopped early" if early else "full schedule",
+            )
         axes.set_xlabel(key)
         axes.set_ylabel("best val mIoU")
         if index == 0 and any(stopped):
@@ -190,8 +193,9 @@ def plot_png(
             style = "-" if record["outcome"] == COMPLETED else "--"
             epochs = range(1, len(record["curve"]) + 1)
             shown = ", ".join(f"{k.split('.')[-1]}={_cell(record['params'].get(k))}" for k in keys)
-            curves.plot(epochs, record["curve"], style, marker=".",
-                        label=f"{record['trial_id']} {shown}")  # fmt: skip
+            curves.plot(
+                epochs, record["curve"], style, marker=".", label=f"{record['trial_id']} {shown}"
+            )
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set_xlabel("epoch")
     curves.set_ylabel("val mIoU")
@@ -280,7 +284,7 @@ def write_outputs(
     root: str,
     out: str,
     name: str,
-    dims: Mapping[str, S.Dimension],
+    dims: Mapping[str, search_space.Dimension],
     config: ExperimentConfig,
     records: list[TrialRecord],
     experiment: str,
@@ -318,19 +322,24 @@ def write_outputs(
         "plot": child(out, "tune_plot.png"),
     }
     if best:
-        best_config = S.apply(config, best["params"])
+        best_config = search_space.apply(config, best["params"])
         write(fs, f"{root}/best_config.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False))
         # the best trial's best adapter, copied within the storage
         pyarrow.fs.copy_files(
-            str(best["best_adapter"]), f"{root}/best_adapter.safetensors",
-            source_filesystem=fs, destination_filesystem=fs,
-        )  # fmt: skip
+            str(best["best_adapter"]),
+            f"{root}/best_adapter.safetensors",
+            source_filesystem=fs,
+            destination_filesystem=fs,
+        )
     rows = table_rows(records, shown)
     write(fs, f"{root}/trials.csv", rows_csv(rows))
     write(fs, f"{root}/trials.json", json.dumps(records, indent=2, default=str) + "\n")
     write(fs, f"{root}/summary.md", summary_markdown(summary, rows))
     log_keys = [k for k, d in dims.items() if d.kind == "loguniform"]
     write(fs, f"{root}/tune_plot.png", plot_png(records, plotted, log_keys))
-    print(f"[tune] {summary['trials']} trials ({summary['outcomes']}); best "
-          f"{summary['best_trial']} at val mIoU {summary['best_miou']}", file=sys.stderr)  # fmt: skip
+    print(
+        f"[tune] {summary['trials']} trials ({summary['outcomes']}); best "
+        f"{summary['best_trial']} at val mIoU {summary['best_miou']}",
+        file=sys.stderr,
+    )
     return summary

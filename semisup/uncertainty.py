@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Final
+from typing import Final, get_args
 
 import torch
 from torch import Tensor
 
 from semisup import columns as C
+from semisup.config import UncertaintyMeasure
 
-MEASURES: Final = ("entropy", "margin", "disagreement", "tta")
+MEASURES: Final[tuple[str, ...]] = get_args(UncertaintyMeasure)
 
 # Test-time views: (k quarter turns, horizontal flip). Each is undone on the prediction.
 TTA_VIEWS: Final = ((0, False), (0, True), (1, False), (2, False), (3, False), (1, True))

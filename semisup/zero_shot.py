@@ -438,8 +438,11 @@ def run_zero_shot(
             assert targets is not None
             box_results.append(_score_box_row(model, root, row, targets, sources, grid, rules))
             if log is not None:
-                print(f"zero-shot boxes: {len(box_results)}/{len(box_tiles)} tiles", file=log,
-                      flush=True)  # fmt: skip
+                print(
+                    f"zero-shot boxes: {len(box_results)}/{len(box_tiles)} tiles",
+                    file=log,
+                    flush=True,
+                )
     summary = summarise(results, meta.class_names)
     summary["box_ap"] = summarise_boxes(box_results)
     summary.update(
@@ -526,17 +529,29 @@ class _SourceImages:
 
 
 def _score_box_row(
-    model: Any, root: Any, row: Mapping[str, Any], targets: BoxTargets, sources: _SourceImages,
-    grid: torch.Tensor, rules: MaskFilter,
-) -> BoxTileResult:  # fmt: skip
+    model: Any,
+    root: Any,
+    row: Mapping[str, Any],
+    targets: BoxTargets,
+    sources: _SourceImages,
+    grid: torch.Tensor,
+    rules: MaskFilter,
+) -> BoxTileResult:
     """``score_box_tile`` on the tile of an index row, read here, against its box targets."""
     size = targets.tile_size
     tile = tile_store.read_tile(root[row[C.SOURCE]], row[C.Y0], row[C.X0], size)
     truth = targets.tile(row[C.SOURCE], row[C.Y0], row[C.X0])
     names = [targets.class_names[k] for k in truth.labels]
     image = sources.image({**tile, C.SOURCE: row[C.SOURCE]})
-    return score_box_tile(model, image, truth.boxes, names, tile_id=int(row[C.TILE_ID]),
-                          grid_xy=grid, mask_filter=rules)  # fmt: skip
+    return score_box_tile(
+        model,
+        image,
+        truth.boxes,
+        names,
+        tile_id=int(row[C.TILE_ID]),
+        grid_xy=grid,
+        mask_filter=rules,
+    )
 
 
 def _local_tiles(
@@ -665,11 +680,15 @@ def box_lines(box_ap: Mapping[str, Any] | None) -> list[str]:
         "| SAM as a detector | AP | AP50 | AP75 | boxes |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for key, title in (("prompted", "prompted by the truth boxes"),
-                       ("automatic", "automatic (class-agnostic)")):  # fmt: skip
+    for key, title in (
+        ("prompted", "prompted by the truth boxes"),
+        ("automatic", "automatic (class-agnostic)"),
+    ):
         ap = box_ap[key]
-        lines.append(f"| {title} | {ap['ap']:.3f} | {ap['ap50']:.3f} | {ap['ap75']:.3f} "
-                     f"| {ap['predicted_boxes']} |")  # fmt: skip
+        lines.append(
+            f"| {title} | {ap['ap']:.3f} | {ap['ap50']:.3f} | {ap['ap75']:.3f} "
+            f"| {ap['predicted_boxes']} |"
+        )
     return lines
 
 

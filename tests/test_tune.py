@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from store_factory import scene_store as scene_store_at
 
-from semisup import tune_report as R
+from semisup import tune_report
 from semisup.cli import main
 from semisup.config import ConfigError, ExperimentConfig, load_config
 from semisup.tune import (
@@ -73,9 +73,9 @@ def test_concurrent_trials_are_capped_by_cpus_and_gpus() -> None:
                                                                  "train.cpus_per_worker=2")))  # fmt: skip
 
 
-def _record(trial_id: str, best: float | None, outcome: str, rank: int) -> R.TrialRecord:
+def _record(trial_id: str, best: float | None, outcome: str, rank: int) -> tune_report.TrialRecord:
     curve = [] if best is None else [best / 2, best]
-    return R.TrialRecord(
+    return tune_report.TrialRecord(
         trial_id=trial_id, outcome=outcome, params={"student.lora_rank": rank},
         epochs_done=len(curve), best_miou=best, best_epoch=1 if curve else None, curve=curve,
         train_loss=[1.0] * len(curve), trial_path=f"/x/{trial_id}",
@@ -85,25 +85,28 @@ def _record(trial_id: str, best: float | None, outcome: str, rank: int) -> R.Tri
 
 def test_trial_outcomes_table_and_plot() -> None:
     report = {"epochs": [{}, {}, {}], "stopped_early": False}
-    assert R.outcome("TERMINATED", report, epochs=3) == R.COMPLETED
-    assert R.outcome("TERMINATED", {**report, "epochs": [{}]}, epochs=3) == R.STOPPED_BY_SCHEDULER
-    assert R.outcome("TERMINATED", {"epochs": [{}], "stopped_early": True}, 3) == (
-        R.STOPPED_BY_PATIENCE
+    assert tune_report.outcome("TERMINATED", report, epochs=3) == tune_report.COMPLETED
+    assert (
+        tune_report.outcome("TERMINATED", {**report, "epochs": [{}]}, epochs=3)
+        == tune_report.STOPPED_BY_SCHEDULER
     )
-    assert R.outcome("RUNNING", report, epochs=3) == R.UNFINISHED
-    assert R.outcome("ERROR", None, epochs=3, failed=True) == R.FAILED
+    assert tune_report.outcome("TERMINATED", {"epochs": [{}], "stopped_early": True}, 3) == (
+        tune_report.STOPPED_BY_PATIENCE
+    )
+    assert tune_report.outcome("RUNNING", report, epochs=3) == tune_report.UNFINISHED
+    assert tune_report.outcome("ERROR", None, epochs=3, failed=True) == tune_report.FAILED
     records = [
-        _record("a", 0.30, R.COMPLETED, 4),
-        _record("b", 0.45, R.COMPLETED, 8),
-        _record("c", 0.10, R.STOPPED_BY_SCHEDULER, 16),
-        _record("d", None, R.FAILED, 32),
+        _record("a", 0.30, tune_report.COMPLETED, 4),
+        _record("b", 0.45, tune_report.COMPLETED, 8),
+        _record("c", 0.10, tune_report.STOPPED_BY_SCHEDULER, 16),
+        _record("d", None, tune_report.FAILED, 32),
     ]
-    assert R.best_trial(records) == records[1]
-    rows = R.table_rows(records, ["student.lora_rank"])
+    assert tune_report.best_trial(records) == records[1]
+    rows = tune_report.table_rows(records, ["student.lora_rank"])
     assert [r["trial_id"] for r in rows] == ["b", "a", "c", "d"]
-    parsed = list(csv.DictReader(R.rows_csv(rows).splitlines()))
+    parsed = list(csv.DictReader(tune_report.rows_csv(rows).splitlines()))
     assert parsed[0]["student.lora_rank"] == "8" and parsed[3]["best_miou"] == ""
-    png = R.plot_png(records, ["student.lora_rank"])
+    png = tune_report.plot_png(records, ["student.lora_rank"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
@@ -113,22 +116,22 @@ def test_tune_results_stand_in_for_a_missing_report() -> None:
     frame = pd.DataFrame(
         {"miou": [0.2, 0.3, 0.3, 0.25], "epochs_done": [1, 2, 2, 3], "train_loss": [2, 1.5, 1.4, 1]}
     )  # a resumed trial reported epoch 2 twice
-    report = R.report_from_tune_results(frame)
+    report = tune_report.report_from_tune_results(frame)
     assert report is not None
     assert [e["miou"] for e in report["epochs"]] == [0.2, 0.3, 0.25]
     assert report["epochs"][1]["train"]["loss"] == 1.4
     assert (report["best_miou"], report["best_epoch"]) == (0.3, 1)
-    assert R.outcome("TERMINATED", report, epochs=5) == R.STOPPED_BY_SCHEDULER
-    assert R.report_from_tune_results(pd.DataFrame()) is None
+    assert tune_report.outcome("TERMINATED", report, epochs=5) == tune_report.STOPPED_BY_SCHEDULER
+    assert tune_report.report_from_tune_results(pd.DataFrame()) is None
 
 
 def test_optuna_takes_no_grid_and_is_optional(scene_store: str, tmp_path: Path) -> None:
     from ray import tune
 
-    from semisup import search_space as S
+    from semisup import search_space
     from tune_spaces import SPACES
 
-    dims = S.parse_space(SPACES["default"] | SPACES["lora_rank"], "joint")
+    dims = search_space.parse_space(SPACES["default"] | SPACES["lora_rank"], "joint")
     space = ray_param_space(dims, for_optuna=True)
     assert set(space) == {k for k, d in dims.items() if d.searched}
     assert isinstance(space["student.lora_rank"], tune.search.sample.Categorical)
@@ -205,7 +208,7 @@ def test_lora_rank_sweep_of_four_trials_on_two_cpus_interrupted_and_resumed(
     assert fired and not first["complete"]
     finished = {
         t["trial_id"]: t for t in json.loads((out / "trials.json").read_text())
-        if t["outcome"] != R.UNFINISHED
+        if t["outcome"] != tune_report.UNFINISHED
     }  # fmt: skip
     assert 1 <= len(finished) < 4
     trials = _trial_dirs(out)
@@ -230,7 +233,9 @@ def test_lora_rank_sweep_of_four_trials_on_two_cpus_interrupted_and_resumed(
         rows = list(csv.DictReader(table))
     assert sorted(int(r["student.lora_rank"]) for r in rows) == [4, 8, 16, 32]
     assert all(float(r["student.lora_alpha"]) == 2 * int(r["student.lora_rank"]) for r in rows)
-    assert all(r["outcome"] in (R.COMPLETED, R.STOPPED_BY_SCHEDULER) for r in rows)
+    assert all(
+        r["outcome"] in (tune_report.COMPLETED, tune_report.STOPPED_BY_SCHEDULER) for r in rows
+    )
     best_miou = max(float(r["best_miou"]) for r in rows)
     assert summary["best_miou"] == pytest.approx(best_miou) and 0 < best_miou <= 1
     assert rows[0]["trial_id"] == summary["best_trial"]
@@ -275,8 +280,8 @@ def test_asha_stops_a_trial_that_trails_at_an_early_epoch(
                        samples=1, max_concurrent=1)  # fmt: skip
     records = json.loads(Path(summary["trials_json"]).read_text())
     outcomes = {r["params"]["train.lr"]: (r["outcome"], r["epochs_done"]) for r in records}
-    assert outcomes[3e-3] == (R.COMPLETED, 5)
-    assert outcomes[1e-7][0] == R.STOPPED_BY_SCHEDULER and 1 <= outcomes[1e-7][1] < 5
+    assert outcomes[3e-3] == (tune_report.COMPLETED, 5)
+    assert outcomes[1e-7][0] == tune_report.STOPPED_BY_SCHEDULER and 1 <= outcomes[1e-7][1] < 5
     assert summary["stopped_early"] == 1 and summary["complete"]
     assert load_config(summary["best_config"]).train.lr == 3e-3
 

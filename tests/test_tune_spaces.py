@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from semisup import search_space as S
+from semisup import search_space
 from semisup.config import ConfigError, ExperimentConfig, load_config
 from tune_spaces import SPACES
 
@@ -15,21 +15,21 @@ from tune_spaces import SPACES
 @pytest.mark.parametrize("name", sorted(SPACES))
 def test_every_sample_of_every_space_builds_a_valid_config(name: str) -> None:
     base = ExperimentConfig()
-    dims = S.check_space(SPACES[name], base, name)
+    dims = search_space.check_space(SPACES[name], base, name)
     assert any(dim.searched for dim in dims.values())
     rng = np.random.default_rng(0)
     seen: dict[str, set[object]] = {key: set() for key in dims}
     for _ in range(300):
-        drawn = S.sample(dims, rng)
-        config = S.trial_config(base, dims, drawn)
+        drawn = search_space.sample(dims, rng)
+        config = search_space.trial_config(base, dims, drawn)
         assert isinstance(config, ExperimentConfig)
         for key, dim in dims.items():
             section, field = key.split(".")
             value = getattr(getattr(config, section), field)
             seen[key].add(value)
-            if dim.kind in S.LIST_KINDS or dim.kind == "constant":
+            if dim.kind in search_space.LIST_KINDS or dim.kind == "constant":
                 assert value in dim.values
-            elif dim.kind in S.RANGE_KINDS:
+            elif dim.kind in search_space.RANGE_KINDS:
                 assert dim.values[0] <= value <= dim.values[1]
             else:  # tied: a multiple of the other key in the same trial
                 other = getattr(
@@ -37,7 +37,7 @@ def test_every_sample_of_every_space_builds_a_valid_config(name: str) -> None:
                 )
                 assert value == pytest.approx(other * dim.factor)
     for key, dim in dims.items():  # the draws cover each list and spread over each range
-        if dim.kind in S.LIST_KINDS:
+        if dim.kind in search_space.LIST_KINDS:
             assert seen[key] == set(dim.values)
         elif dim.kind in ("uniform", "loguniform"):
             assert len(seen[key]) == 300
@@ -49,19 +49,21 @@ def test_every_sample_of_every_space_builds_a_valid_config(name: str) -> None:
 
 def test_samples_follow_the_base_config_outside_the_space() -> None:
     base = load_config(overrides=["train.lr=1e-3", "student.lora_rank=4"])
-    dims = S.check_space(SPACES["augment"], base, "augment")
-    config = S.trial_config(base, dims, S.sample(dims, np.random.default_rng(1)))
+    dims = search_space.check_space(SPACES["augment"], base, "augment")
+    config = search_space.trial_config(
+        base, dims, search_space.sample(dims, np.random.default_rng(1))
+    )
     assert config.train.lr == 1e-3 and config.student.lora_rank == 4
-    tied = S.check_space({"student.lora_alpha": {"tied_to": "student.lora_rank", "factor": 3}},
+    tied = search_space.check_space({"student.lora_alpha": {"tied_to": "student.lora_rank", "factor": 3}},
                          base, "t")  # fmt: skip
-    assert S.trial_config(base, tied, {}).student.lora_alpha == 12.0
+    assert search_space.trial_config(base, tied, {}).student.lora_alpha == 12.0
 
 
 def test_lora_rank_space_runs_every_rank_in_lora_mode() -> None:
-    dims = S.parse_space(SPACES["lora_rank"], "lora_rank")
+    dims = search_space.parse_space(SPACES["lora_rank"], "lora_rank")
     ranks = dims["student.lora_rank"]
     assert ranks.kind == "grid" and ranks.values == (4, 8, 16, 32)
-    config = S.trial_config(ExperimentConfig(), dims, {"student.lora_rank": 16})
+    config = search_space.trial_config(ExperimentConfig(), dims, {"student.lora_rank": 16})
     assert (config.student.mode, config.student.lora_rank, config.student.lora_alpha) == (
         "lora", 16, 32.0,
     )  # fmt: skip
@@ -94,7 +96,7 @@ def test_lora_rank_space_runs_every_rank_in_lora_mode() -> None:
 )  # fmt: skip
 def test_bad_spaces_fail_with_the_key_named(space: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        S.check_space(space, ExperimentConfig(), "custom")
+        search_space.check_space(space, ExperimentConfig(), "custom")
 
 
 def test_a_further_check_runs_on_every_corner() -> None:
@@ -107,5 +109,5 @@ def test_a_further_check_runs_on_every_corner() -> None:
 
     space = {"student.lora_rank": {"choice": [4, 16]}, "train.lr": {"loguniform": [1e-4, 1e-2]}}
     with pytest.raises(ConfigError, match="too much"):
-        S.check_space(space, ExperimentConfig(), "custom", check=record)
+        search_space.check_space(space, ExperimentConfig(), "custom", check=record)
     assert sorted(corners) == [(4, 1e-4), (4, 1e-2), (16, 1e-4), (16, 1e-2)]

@@ -195,17 +195,29 @@ def _mean_precision(precision: np.ndarray) -> float | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--pred", required=True, nargs="+", action="extend", metavar="CSV",
+        "--pred",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="CSV",
         help="predicted boxes: CSV with image_path,xmin,ymin,xmax,ymax,label,score in pixels",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--truth", required=True, nargs="+", action="extend", metavar="CSV_OR_XML",
+        "--truth",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="CSV_OR_XML",
         help="true boxes: CSV in the same layout without score, or Pascal-VOC XML files",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--box-classes", nargs="+", action="extend", default=[], metavar="NAMES=CLASS",
+        "--box-classes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAMES=CLASS",
         help="rename labels in both, as `semisup prep --box-classes`: 'Tree,0,Alive,Dead=tree'",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
 
 

@@ -181,10 +181,15 @@ def check_runs(seg_run: str | Path, det_run: str | Path, store: str | Path | Non
     facts, tile_ids = detection_facts(str(chosen), load_config(det / "config.yaml"), None)
     seg_report = json.loads((seg / "report.json").read_text())
     return Runs(
-        seg, det, str(chosen), list(tile_ids[C.VAL]),
+        seg,
+        det,
+        str(chosen),
+        list(tile_ids[C.VAL]),
         {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()},
-        list(facts["class_names"]), list(seg_report["class_names"]), int(facts["tile_size"]),
-    )  # fmt: skip
+        list(facts["class_names"]),
+        list(seg_report["class_names"]),
+        int(facts["tile_size"]),
+    )
 
 
 def read_val_tiles(runs: Runs, batch_size: int = BATCH) -> Tiles:
@@ -197,8 +202,13 @@ def read_val_tiles(runs: Runs, batch_size: int = BATCH) -> Tiles:
     for lo in range(0, len(runs.val_tiles), batch_size):
         raw = reader.read(runs.val_tiles[lo : lo + batch_size])
         tensors = prepare_batch(raw, runs.band_scale)
-        batches.append({C.TILE_ID: np.asarray(raw[C.TILE_ID], np.int64),
-                        C.IMAGE: tensors[C.IMAGE], C.VALID: tensors[C.VALID]})  # fmt: skip
+        batches.append(
+            {
+                C.TILE_ID: np.asarray(raw[C.TILE_ID], np.int64),
+                C.IMAGE: tensors[C.IMAGE],
+                C.VALID: tensors[C.VALID],
+            }
+        )
     return batches
 
 
@@ -225,10 +235,13 @@ def timed(
             timed_images += len(batch[C.TILE_ID])
     return found, {
         "images_per_s": round(timed_images / wall, 3) if wall > 0 else None,
-        "timed_images": timed_images, "warmup_batches": skip,
-        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-        "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
-    }  # fmt: skip
+        "timed_images": timed_images,
+        "warmup_batches": skip,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -277,8 +290,9 @@ def segmenter_predict(
                 probabilities = F.interpolate(probabilities, size=tile, mode="bilinear")
         class_maps = probabilities.argmax(1).masked_fill(~batch[C.VALID], -1)  # B×T×T
         out: Detections = []
-        for t, class_map, p in zip(batch[C.TILE_ID], class_maps.numpy(), probabilities.numpy(),
-                                   strict=True):  # fmt: skip
+        for t, class_map, p in zip(
+            batch[C.TILE_ID], class_maps.numpy(), probabilities.numpy(), strict=True
+        ):
             boxes, labels, scores = component_boxes(class_map, p, classes)
             best = np.argsort(-scores, kind="stable")[:most]
             out.append((int(t), boxes[best], labels[best] + 1, scores[best]))
@@ -297,17 +311,22 @@ def detector_facts(run: Path, num_classes: int) -> tuple[torch.nn.Module, dict[s
     model = load_run_detector(resolve_detection_run(run))
     detector = load_config(run / "config.yaml").detector
     as_trained = build_detector(
-        num_classes, arch=detector.arch, finetune=detector.finetune,
-        trainable_backbone_layers=detector.trainable_backbone_layers, tile_size=64,
-    )  # fmt: skip
+        num_classes,
+        arch=detector.arch,
+        finetune=detector.finetune,
+        trainable_backbone_layers=detector.trainable_backbone_layers,
+        tile_size=64,
+    )
     weights = Path(resolve_detection_run(run).weights)
     return model, {
-        "arch": detector.arch, "finetune": detector.finetune,
+        "arch": detector.arch,
+        "finetune": detector.finetune,
         "detections_per_tile": detector.detections_per_tile,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in as_trained.parameters() if p.requires_grad),
-        "weights_file": str(weights), "weights_bytes": weights.stat().st_size,
-    }  # fmt: skip
+        "weights_file": str(weights),
+        "weights_bytes": weights.stat().st_size,
+    }
 
 
 def segmenter_facts(run: Path) -> tuple[torch.nn.Module, int, dict[str, Any]]:
@@ -320,12 +339,17 @@ def segmenter_facts(run: Path) -> tuple[torch.nn.Module, int, dict[str, Any]]:
     resolved = resolve_model(str(run), workdir=run)
     model = load_model(resolved)
     adapter_parameters = sum(t.numel() for t in load_file(resolved.file).values())
-    return model, resolved.image_size, {
-        "model_type": resolved.model_type,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": adapter_parameters,
-        "weights_file": resolved.file, "weights_bytes": Path(resolved.file).stat().st_size,
-    }  # fmt: skip
+    return (
+        model,
+        resolved.image_size,
+        {
+            "model_type": resolved.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": adapter_parameters,
+            "weights_file": resolved.file,
+            "weights_bytes": Path(resolved.file).stat().st_size,
+        },
+    )
 
 
 def training_time(run: Path) -> dict[str, Any]:
@@ -365,8 +389,7 @@ def compare_runs(
     runs = check_runs(seg_run, det_run, store)
     seg_of_box = class_pairs(runs.box_classes, runs.seg_classes, classes)
     box_names = list(seg_of_box)  # the segmentation student's box classes, in this order
-    truths = val_truths(runs.store, BoxTargets(open_store(runs.store), runs.store),
-                        runs.val_tiles)  # fmt: skip
+    truths = val_truths(runs.store, BoxTargets(open_store(runs.store), runs.store), runs.val_tiles)
     batches = read_val_tiles(runs, batch_size)
     detector, det_facts = detector_facts(runs.det, len(runs.box_classes))
     segmenter, image_size, seg_facts = segmenter_facts(runs.seg)
@@ -386,16 +409,25 @@ def compare_runs(
         ("Faster R-CNN student", runs.det, det_found, runs.box_classes, det_facts, det_speed),
     ):
         scores = score_boxes(found, truths, names)
-        rows.append({
-            "model": name, "run": str(run),
-            **{k: scores[k] for k in ("ap", "ap50", "ap75", "predicted_boxes", "truth_boxes")},
-            **speed, **facts, **training_time(run),
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "run": str(run),
+                **{k: scores[k] for k in ("ap", "ap50", "ap75", "predicted_boxes", "truth_boxes")},
+                **speed,
+                **facts,
+                **training_time(run),
+            }
+        )
     result = {
-        "store": runs.store, "val_tiles": len(runs.val_tiles), "tile_size": runs.tile_size,
+        "store": runs.store,
+        "val_tiles": len(runs.val_tiles),
+        "tile_size": runs.tile_size,
         "classes": {box: runs.seg_classes[k] for box, k in seg_of_box.items()},
-        "threads": torch.get_num_threads(), "rows": rows, "note": note,
-    }  # fmt: skip
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "note": note,
+    }
     if out is not None:
         write_comparison(Path(out), result)
     return result
@@ -458,20 +490,29 @@ def write_comparison(out: Path, result: Mapping[str, Any]) -> tuple[Path, Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--runs", nargs=2, required=True, metavar=("SEG_RUN", "DET_RUN"), type=Path,
+        "--runs",
+        nargs=2,
+        required=True,
+        metavar=("SEG_RUN", "DET_RUN"),
+        type=Path,
         help="a segmentation run folder, then a detection run folder (task: detection)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--store", type=Path, default=None,
+        "--store",
+        type=Path,
+        default=None,
         help="the detection run's tile store (default: DET_RUN/../store.zarr)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("compare"), help="folder for compare.json and compare.md"
     )
     parser.add_argument(
-        "--classes", nargs="*", default=[], metavar="BOX=SEG",
+        "--classes",
+        nargs="*",
+        default=[],
+        metavar="BOX=SEG",
         help="box class = the segmentation class that stands for it (default: equal names)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--batch-size", type=int, default=BATCH, help="tiles per forward pass of either model"
     )
@@ -480,8 +521,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: got {args.batch_size}, expected >= 1")
-    result = compare_runs(args.runs[0], args.runs[1], store=args.store, out=args.out,
-                          classes=args.classes, batch_size=args.batch_size)  # fmt: skip
+    result = compare_runs(
+        args.runs[0],
+        args.runs[1],
+        store=args.store,
+        out=args.out,
+        classes=args.classes,
+        batch_size=args.batch_size,
+    )
     print("\n".join(comparison_table(result)))
     print(f"written: {args.out / 'compare.json'}, {args.out / 'compare.md'}")
     return 0

@@ -31,9 +31,14 @@ CHUNK: Final = 1024  # cut boxes compared with every whole box at a time (bounds
 
 
 def cut_boxes(
-    boxes: torch.Tensor, origins: torch.Tensor, *, tile: int, height: int, width: int,
+    boxes: torch.Tensor,
+    origins: torch.Tensor,
+    *,
+    tile: int,
+    height: int,
+    width: int,
     edge_px: float = EDGE_PX,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Which boxes are cut by a border of their window that lies inside the raster.
 
     ``boxes``: N×4 float raster-pixel x0, y0, x1, y1; ``origins``: N×2 int64 (y0, x0) of each

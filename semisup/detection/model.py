@@ -66,10 +66,15 @@ def build_detector(
     if num_classes < 1:
         raise ValueError(f"detector num_classes: got {num_classes}, expected >= 1")
     model = ARCHS[arch](
-        weights=None, weights_backbone=None, num_classes=num_classes + 1,  # all layers trainable
-        min_size=tile_size, max_size=tile_size, box_score_thresh=score_threshold,
-        box_nms_thresh=nms_iou, box_detections_per_img=detections_per_tile,
-    )  # fmt: skip
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes + 1,  # all layers trainable
+        min_size=tile_size,
+        max_size=tile_size,
+        box_score_thresh=score_threshold,
+        box_nms_thresh=nms_iou,
+        box_detections_per_img=detections_per_tile,
+    )
     if checkpoint is not None:
         load_detector_checkpoint(model, checkpoint)
     set_trainable(model, finetune, trainable_backbone_layers)

@@ -98,10 +98,15 @@ def resolve_detection_run(
     if tile < 32:  # the FPN's coarsest level is 1/32 of the window
         raise ValueError(f"--tile-size: got {tile}, expected >= 32 px for a detector")
     return DetectionRun(
-        str(weights), detector.arch, tuple(report["class_names"]), tile,
-        detector.score_threshold if min_score is None else min_score, detector.nms_iou,
-        detector.detections_per_tile, str(model),
-    )  # fmt: skip
+        str(weights),
+        detector.arch,
+        tuple(report["class_names"]),
+        tile,
+        detector.score_threshold if min_score is None else min_score,
+        detector.nms_iou,
+        detector.detections_per_tile,
+        str(model),
+    )
 
 
 def load_run_detector(run: DetectionRun) -> torch.nn.Module:
@@ -109,10 +114,14 @@ def load_run_detector(run: DetectionRun) -> torch.nn.Module:
     in [0, 1] (a list); gives per image ``boxes`` N×4 xyxy px, ``labels`` N (class + 1),
     ``scores`` N."""
     model = build_detector(
-        len(run.class_names), arch=run.arch, finetune="full", tile_size=run.tile_size,
-        score_threshold=run.score_threshold, nms_iou=run.nms_iou,
+        len(run.class_names),
+        arch=run.arch,
+        finetune="full",
+        tile_size=run.tile_size,
+        score_threshold=run.score_threshold,
+        nms_iou=run.nms_iou,
         detections_per_tile=run.detections_per_tile,
-    )  # fmt: skip
+    )
     load_detector_checkpoint(model, run.weights)
     return model.eval()
 
@@ -301,13 +310,23 @@ def run_detection_predict(
     # a local Ray unless one is up or an address is given; shut down after if started here
     with ray_runtime(ray_config or RayConfig()):
         constructor = {
-            "run": asdict(run), "sources": sources, "tile": tile, "overlap": overlap,
-            "batch_size": batch_size, "device": "auto" if gpus_per_actor > 0 else "cpu",
+            "run": asdict(run),
+            "sources": sources,
+            "tile": tile,
+            "overlap": overlap,
+            "batch_size": batch_size,
+            "device": "auto" if gpus_per_actor > 0 else "cpu",
             "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
-        }  # fmt: skip
+        }
         output_of = {job.seq: job.output for job in jobs}
-        for batch in stream_jobs(jobs, BoxPredictor, constructor, actors=actors,
-                                 gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor):  # fmt: skip
+        for batch in stream_jobs(
+            jobs,
+            BoxPredictor,
+            constructor,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=cpus_per_actor,
+        ):
             collect_windows(batch, found, output_of)
             progress.advance(len(batch[COUNT]))
     progress.say()
@@ -318,17 +337,27 @@ def run_detection_predict(
             write_box_geojson(vector_path, source, *boxes, run.class_names)
     return {
         "outputs": [
-            {"raster": s.describe(), "boxes": len(m[0]), "windows": len(b.windows),
-             "vector": None if v is None else str(v)}
+            {
+                "raster": s.describe(),
+                "boxes": len(m[0]),
+                "windows": len(b.windows),
+                "vector": None if v is None else str(v),
+            }
             for s, m, b, v in zip(sources, merged, found, vectors, strict=True)
         ],
         "csv": str(out),
-        "model": {"name": run.name, "arch": run.arch, "class_names": list(run.class_names),
-                  "tile_size": tile, "overlap": overlap, "nms_iou": run.nms_iou,
-                  "min_score": run.score_threshold},
+        "model": {
+            "name": run.name,
+            "arch": run.arch,
+            "class_names": list(run.class_names),
+            "tile_size": tile,
+            "overlap": overlap,
+            "nms_iou": run.nms_iou,
+            "min_score": run.score_threshold,
+        },
         "windows": progress.done,
         "seconds": round(time.perf_counter() - started, 3),
-    }  # fmt: skip
+    }
 
 
 def _vector_paths(sources: Sequence[RasterSource], vector: str | Path | None) -> list[Path | None]:
@@ -382,10 +411,17 @@ def write_box_csv(
         writer = csv.writer(fh)
         writer.writerow(CSV_HEADER)
         for source, (boxes, labels, scores) in zip(sources, merged, strict=True):
-            for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(),
-                                         strict=True):  # fmt: skip
-                writer.writerow([image_path(source), *(f"{v:.2f}" for v in box),
-                                 class_names[label], f"{score:.5f}"])  # fmt: skip
+            for box, label, score in zip(
+                boxes.tolist(), labels.tolist(), scores.tolist(), strict=True
+            ):
+                writer.writerow(
+                    [
+                        image_path(source),
+                        *(f"{v:.2f}" for v in box),
+                        class_names[label],
+                        f"{score:.5f}",
+                    ]
+                )
     os.replace(staging, out)
 
 
@@ -407,15 +443,18 @@ def write_box_geojson(
     assert source.crs is not None and source.transform is not None
     a, b, c, d, e, f = source.transform[:6]
     features = []
-    for (x0, y0, x1, y1), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist(),
-                                              strict=True):  # fmt: skip
+    for (x0, y0, x1, y1), label, score in zip(
+        boxes.tolist(), labels.tolist(), scores.tolist(), strict=True
+    ):
         ring = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]  # pixel corners
         coordinates = [[a * x + b * y + c, d * x + e * y + f] for x, y in ring]
-        features.append({
-            "type": "Feature",
-            "properties": {"class": class_names[label], "score": score},
-            "geometry": {"type": "Polygon", "coordinates": [coordinates]},
-        })  # fmt: skip
+        features.append(
+            {
+                "type": "Feature",
+                "properties": {"class": class_names[label], "score": score},
+                "geometry": {"type": "Polygon", "coordinates": [coordinates]},
+            }
+        )
     collection = {
         "type": "FeatureCollection",
         "crs": crs_member(rasterio.crs.CRS.from_wkt(source.crs)),
@@ -460,13 +499,22 @@ def run_cli(args: argparse.Namespace) -> int:
             "and --min-score"
         )
     summary = run_detection_predict(
-        args.rasters, args.model[0], args.out, vector=args.vector, tile_size=args.tile_size,
-        overlap=args.overlap, min_score=args.min_score, batch_size=args.batch_size,
-        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, torch_threads=args.torch_threads,
-        stripe_width=args.stripe_width, overwrite=args.overwrite,
+        args.rasters,
+        args.model[0],
+        args.out,
+        vector=args.vector,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        min_score=args.min_score,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        torch_threads=args.torch_threads,
+        stripe_width=args.stripe_width,
+        overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
-    )  # fmt: skip
+    )
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -94,9 +94,11 @@ def union_nms(
 
 
 def unlabeled_targets(
-    teacher: nn.Module | None, weak: BoxView, sam_scores: Sequence[torch.Tensor] | None,
+    teacher: nn.Module | None,
+    weak: BoxView,
+    sam_scores: Sequence[torch.Tensor] | None,
     recipe: DetectionRecipe,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Pseudo-boxes and labels per tile of the unlabeled weak view, by ``recipe.target``: the
     view's own boxes (SAM's, ``pseudo``), the EMA teacher's detections (``ema``) or both."""
     if recipe.target == "pseudo":
@@ -141,8 +143,9 @@ def detection_losses(
     if isinstance(unlabeled, torch.Tensor):
         empty = [torch.zeros(0, 4)] * len(unlabeled)
         unlabeled = BoxBatch(unlabeled, empty, [torch.zeros(0, dtype=torch.int64)] * len(empty))
-    weak_u = weak_box_view(unlabeled.images, unlabeled.boxes, unlabeled.labels, recipe.augment,
-                           keys[1])  # fmt: skip
+    weak_u = weak_box_view(
+        unlabeled.images, unlabeled.boxes, unlabeled.labels, recipe.augment, keys[1]
+    )
     boxes, labels = unlabeled_targets(teacher, weak_u, unlabeled.scores, recipe)
     strong = strong_box_view(weak_u.images, boxes, labels, recipe.augment, keys[2])
     unsup = model(list(strong.images), targets(strong))

@@ -172,8 +172,12 @@ class SamPseudoBoxes:
     def tile(self, tile_id: int, y0: int, x0: int) -> tuple[TileBoxes, np.ndarray]:
         """(targets, M float32 predicted IoU) of the tile ``tile_id`` at (``y0``, ``x0``)."""
         boxes, scores = sam_tile_boxes(
-            self._rows.get(int(tile_id), self._empty), y0, x0, self.tile_size,
-            min_predicted_iou=self.min_predicted_iou, min_stability=self.min_stability,
+            self._rows.get(int(tile_id), self._empty),
+            y0,
+            x0,
+            self.tile_size,
+            min_predicted_iou=self.min_predicted_iou,
+            min_stability=self.min_stability,
             min_visible=self.min_visible,
-        )  # fmt: skip
+        )
         return TileBoxes(boxes, np.zeros(len(boxes), np.int64)), scores

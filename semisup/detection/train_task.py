@@ -119,16 +119,23 @@ def box_splits(
         s: str(Path(tile_store.read_source_meta(root, s).image_path).parent) for s in meta.sources
     }
     names = split_tiles(
-        index[C.SOURCE].tolist(), index[C.Y0].tolist(), index[C.X0].tolist(),
-        labelled_sources=targets.sources_with_boxes, folder_of=folder_of,
-        split_by=params.get("split_by", "source"), block_size=int(params.get("block_size", 1024)),
+        index[C.SOURCE].tolist(),
+        index[C.Y0].tolist(),
+        index[C.X0].tolist(),
+        labelled_sources=targets.sources_with_boxes,
+        folder_of=folder_of,
+        split_by=params.get("split_by", "source"),
+        block_size=int(params.get("block_size", 1024)),
         val_fraction=float(params.get("val_fraction", 0.2)),
         labeled_fraction=float(params.get("labeled_fraction", 0.125)),
-        val_sources=tuple(params.get("val_sources", ())), seed=int(params.get("seed", 0)),
-    )  # fmt: skip
+        val_sources=tuple(params.get("val_sources", ())),
+        seed=int(params.get("seed", 0)),
+    )
     ids = index[C.TILE_ID].to_numpy()
-    return {name: sorted(int(i) for i, n in zip(ids, names, strict=True) if n == name)
-            for name in C.SPLITS}  # fmt: skip
+    return {
+        name: sorted(int(i) for i, n in zip(ids, names, strict=True) if n == name)
+        for name in C.SPLITS
+    }
 
 
 def check_detector(config: ExperimentConfig, num_classes: int) -> None:
@@ -138,10 +145,13 @@ def check_detector(config: ExperimentConfig, num_classes: int) -> None:
         return
     try:
         build_detector(
-            num_classes, arch=detector.arch, finetune=detector.finetune,
+            num_classes,
+            arch=detector.arch,
+            finetune=detector.finetune,
             trainable_backbone_layers=detector.trainable_backbone_layers,
-            checkpoint=detector.checkpoint, tile_size=64,
-        )  # fmt: skip
+            checkpoint=detector.checkpoint,
+            tile_size=64,
+        )
     except DetectorCheckpointError as err:
         raise ConfigError(f"detector.checkpoint={detector.checkpoint!r}: {err}") from err
 
@@ -207,33 +217,48 @@ class DetectionTask:
         self.truths = val_truths(store, self.targets, loop_config["splits"][C.VAL])
         ssl, detector = config.ssl, config.detector
         self.recipe = DetectionRecipe(
-            augment=config.augment, pseudo_score=detector.pseudo_score,
-            unlabeled_weight=ssl.unlabeled_weight, ramp_up_steps=ssl.ramp_up_steps,
-            ema_momentum=ssl.ema_momentum, target=detector.target, nms_iou=detector.nms_iou,
-        )  # fmt: skip
+            augment=config.augment,
+            pseudo_score=detector.pseudo_score,
+            unlabeled_weight=ssl.unlabeled_weight,
+            ramp_up_steps=ssl.ramp_up_steps,
+            ema_momentum=ssl.ema_momentum,
+            target=detector.target,
+            nms_iou=detector.nms_iou,
+        )
         self.sam_boxes = (
-            SamPseudoBoxes(store, self.tile_size, min_predicted_iou=detector.sam_min_predicted_iou,
-                           min_stability=detector.sam_min_stability)
+            SamPseudoBoxes(
+                store,
+                self.tile_size,
+                min_predicted_iou=detector.sam_min_predicted_iou,
+                min_stability=detector.sam_min_stability,
+            )
             if loop_config["use_unlabeled"] and detector.target != "ema"
             else None
-        )  # fmt: skip
+        )
 
     def build(
-        self, config: ExperimentConfig, facts: Mapping[str, Any], loop_config: dict[str, Any],
+        self,
+        config: ExperimentConfig,
+        facts: Mapping[str, Any],
+        loop_config: dict[str, Any],
         device: torch.device,
-    ) -> Trainables:  # fmt: skip
+    ) -> Trainables:
         from semisup.ema import make_ema_teacher
         from semisup.train_loop import build_optimizer
 
         detector = config.detector
         torch.manual_seed(config.train.seed)  # the same random start on every worker
         model = build_detector(
-            int(facts["num_classes"]), arch=detector.arch, finetune=detector.finetune,
+            int(facts["num_classes"]),
+            arch=detector.arch,
+            finetune=detector.finetune,
             trainable_backbone_layers=detector.trainable_backbone_layers,
-            checkpoint=detector.checkpoint, tile_size=int(facts["tile_size"]),
-            score_threshold=detector.score_threshold, nms_iou=detector.nms_iou,
+            checkpoint=detector.checkpoint,
+            tile_size=int(facts["tile_size"]),
+            score_threshold=detector.score_threshold,
+            nms_iou=detector.nms_iou,
             detections_per_tile=detector.detections_per_tile,
-        ).to(device)  # fmt: skip
+        ).to(device)
         teacher = make_ema_teacher(model) if loop_config["use_unlabeled"] else None
         return Trainables(model, build_optimizer(config, model), teacher, weights_of=detector_state)
 
@@ -255,11 +280,19 @@ class DetectionTask:
             if self.sam_boxes is not None:
                 images = sam_box_batch(unlabeled, images, self.sam_boxes, run.device)
         return detection_step(
-            run.model, run.trainables.optimizer, batch, images, teacher=run.trainables.teacher,
-            recipe=self.recipe, step=run.state.step,
-            keys=(_keys(labeled, WEAK_VIEW), _keys(unlabeled, WEAK_VIEW),
-                  _keys(unlabeled, STRONG_VIEW)),
-        )  # fmt: skip
+            run.model,
+            run.trainables.optimizer,
+            batch,
+            images,
+            teacher=run.trainables.teacher,
+            recipe=self.recipe,
+            step=run.state.step,
+            keys=(
+                _keys(labeled, WEAK_VIEW),
+                _keys(unlabeled, WEAK_VIEW),
+                _keys(unlabeled, STRONG_VIEW),
+            ),
+        )
 
     def validate(self, run: WorkerRun) -> dict[str, Any]:
         """Box AP, AP50, AP75 and per class over every validation tile."""
@@ -342,16 +375,25 @@ def score_boxes(
         names = np.array([class_names[int(k) - 1] for k in labels], dtype=object)
         keep = np.isin(names, sorted(present)) if len(names) else np.zeros(0, bool)
         predictions.append(
-            BoxSet(_image(tile_id), boxes[keep].astype(np.float32), tuple(names[keep]),
-                   Path("validation"), scores[keep].astype(np.float32))
-        )  # fmt: skip
+            BoxSet(
+                _image(tile_id),
+                boxes[keep].astype(np.float32),
+                tuple(names[keep]),
+                Path("validation"),
+                scores[keep].astype(np.float32),
+            )
+        )
     result = box_average_precision(predictions, truths)
     return {
-        "ap": result.ap, "ap50": result.ap50, "ap75": result.ap75,
-        "per_class": {name: {key: getattr(c, key) for key in AP_KEYS}
-                      for name, c in result.per_class.items()},
-        "predicted_boxes": result.predicted_boxes, "truth_boxes": result.truth_boxes,
-    }  # fmt: skip
+        "ap": result.ap,
+        "ap50": result.ap50,
+        "ap75": result.ap75,
+        "per_class": {
+            name: {key: getattr(c, key) for key in AP_KEYS} for name, c in result.per_class.items()
+        },
+        "predicted_boxes": result.predicted_boxes,
+        "truth_boxes": result.truth_boxes,
+    }
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
