@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.cli import add_arguments, run
+from data_prep.cli import add_arguments, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

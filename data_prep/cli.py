@@ -169,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> PrepConfig:
     return dataclasses.replace(config_from_arguments(args).prep, **values)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup prep``; returns the exit status (errors are printed, not raised)."""
     try:
         class_names = None

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from semisup.config import ConfigError
 from semisup.runtime import VERBOSE_VARIABLE
@@ -22,13 +20,11 @@ from semisup.runtime import VERBOSE_VARIABLE
 
 @dataclass(frozen=True)
 class Stage:
-    """A subcommand: its one-line help, a working example, and where its flags and handler are."""
+    """A subcommand: its one-line help, a working example, and the module of its flags and handler."""
 
     help: str
     example: str
-    module: str
-    add_arguments: str
-    handler: str
+    module: str  # defines add_arguments(parser) and run_cli(args) -> exit status
     description: str = ""
 
 
@@ -38,24 +34,18 @@ STAGES: dict[str, Stage] = {
         "semisup prep ../shared/data/dubai/tile_1/images --labels ../shared/data/dubai/tile_1/masks "
         "--label-colors dubai_colours.json --out dubai.zarr",
         "data_prep.cli",
-        "add_arguments",
-        "run",
         "Build a Zarr v3 tile store from GeoTIFF/COG, PNG/JPEG or NumPy rasters.",
     ),
     "info": Stage(
         "summarise a tile store: sources, tiles per split, geo metadata",
         "semisup info dubai.zarr",
-        "semisup.cli",
-        "add_info_arguments",
-        "run_info",
+        "semisup.store_info",
     ),
     "zero-shot": Stage(
         "measure SAM on the labelled tiles before any training (box/point IoU, coverage)",
         "semisup zero-shot --store dubai.zarr --model vit_b --checkpoint sam_vit_b_01ec64.pth "
         "--out runs/zero_shot",
         "semisup.zero_shot",
-        "add_zero_shot_arguments",
-        "run_zero_shot_cli",
         "Box- and point-prompted mask IoU against ground-truth instances, automatic-mode "
         "coverage and a per-class table: zero_shot.json, zero_shot.md and example overlays.",
     ),
@@ -64,8 +54,6 @@ STAGES: dict[str, Stage] = {
         "semisup pseudo-label --store dubai.zarr --mode semantic --model tiny "
         "--checkpoint runs/teacher/best",
         "semisup.pseudo_label",
-        "add_pseudo_label_arguments",
-        "run_pseudo_label_cli",
         "Writes pseudo_label and confidence arrays beside each source's image and "
         "pseudo_labels.parquet at the store root; a rerun skips tiles already written.",
     ),
@@ -73,8 +61,6 @@ STAGES: dict[str, Stage] = {
         "train the student on Ray Train (consistency regularisation, full/decoder/LoRA)",
         "semisup train --store dubai.zarr --out runs/decoder --set student.mode=decoder",
         "semisup.train",
-        "add_arguments",
-        "run_cli",
         "Trains the student on the store's labeled (and unlabeled) tiles, validates every epoch "
         "on the val tiles, stops early, checkpoints, and writes RUN_DIR/report.json.",
     ),
@@ -83,8 +69,6 @@ STAGES: dict[str, Stage] = {
         "semisup select --run demo_out/student --store demo_out/store.zarr --budget 16 "
         "--out demo_out/select",
         "semisup.selection",
-        "add_arguments",
-        "run_cli",
         "Scores every unlabeled tile with a trained run's student (entropy, margin, teacher "
         "disagreement or test-time-augmentation disagreement), picks a spatially diverse budget "
         "and writes selection.csv, selection.geojson (source CRS) and contact_sheet.png; "
@@ -94,8 +78,6 @@ STAGES: dict[str, Stage] = {
         "import new ground truth into a store as a new label version (label import)",
         "semisup label import --store dubai.zarr new_masks/ --label-colors dubai",
         "semisup.label_import",
-        "add_arguments",
-        "run_cli",
         "semisup label import adds masks, polygons or a Label Studio export to an existing "
         "local store: imported tiles move from unlabeled to labeled, atomically, as a new "
         "label version; the same inputs imported again change nothing.",
@@ -104,8 +86,6 @@ STAGES: dict[str, Stage] = {
         "measure label efficiency: learning curves and active vs random selection, over seeds",
         "semisup experiment label-efficiency --store dubai.zarr --out runs/label_efficiency",
         "semisup.experiment",
-        "add_arguments",
-        "run_cli",
         "Labels-only, semi-supervised and full-label students at several label fractions, and "
         "rounds of active against random selection, on held-out test tiles over several seeds: "
         "OUT/report.json, report.md and PNG plots. Reruns reuse finished runs.",
@@ -115,8 +95,6 @@ STAGES: dict[str, Stage] = {
         "semisup evaluate-boxes --pred crowns_pred.csv --truth OSBS_029.csv "
         "--box-classes 'Tree,0,Alive,Dead=tree'",
         "semisup.detection.box_ap",
-        "add_arguments",
-        "run_cli",
         "COCO-style box average precision (pycocotools) of a prediction CSV "
         "(image_path,xmin,ymin,xmax,ymax,label,score, pixels) against CSV or Pascal-VOC truth; "
         "images are matched by file name. Prints one line per metric and class.",
@@ -126,8 +104,6 @@ STAGES: dict[str, Stage] = {
         "semisup compare --runs demo_out/student demo_out/detect/run "
         "--store demo_out/detect/store.zarr --out demo_out/compare",
         "semisup.detection.compare",
-        "add_arguments",
-        "run_cli",
         "Box AP/AP50/AP75 (the SAM student's class-map components as boxes), images/s of both "
         "in one process with load and CPU seconds, parameters, weights on disk and training "
         "time, on the detection store's validation tiles: OUT/compare.json and compare.md.",
@@ -136,8 +112,6 @@ STAGES: dict[str, Stage] = {
         "gather a run's evaluation: zero-shot vs labels-only vs semi-supervised, pseudo-label quality",
         "semisup report --run demo_out",
         "semisup.report",
-        "add_arguments",
-        "run_cli",
         "Per-class comparison of zero-shot SAM, the labels-only teacher and the semi-supervised "
         "student, pseudo-label accuracy per confidence bin (a calibrated threshold) and "
         "prediction overlays: RUN/report/report.md, report.json and PNGs.",
@@ -147,8 +121,6 @@ STAGES: dict[str, Stage] = {
         "semisup predict ortho.tif --model runs/student --out ortho_classes.tif "
         "--vector ortho_classes.geojson",
         "semisup.predict",
-        "add_predict_arguments",
-        "run_predict_cli",
         "Blends overlapping windows into one seamless class map with a confidence band, in "
         "the input's CRS; memory stays bounded however large the raster; reruns resume.",
     ),
@@ -156,8 +128,6 @@ STAGES: dict[str, Stage] = {
         "ship a run's student as one ONNX model (adapter merged into its base), fp32 or int8",
         "semisup export --run runs/student --format onnx --out student.onnx --quantize int8",
         "semisup.export",
-        "add_arguments",
-        "run_cli",
         "Folds the run's best adapter into its base and exports the student's class "
         "probabilities through torch's exporter (ONNX opset 18, batch axis dynamic), checked "
         "with onnx.checker; tile size and band scaling are in the model's metadata. "
@@ -167,8 +137,6 @@ STAGES: dict[str, Stage] = {
         "run the whole pipeline a config enables as one resumable job (skips what is done)",
         "semisup run --config cluster/smoke.yaml --out runs/smoke --local",
         "semisup.pipeline",
-        "add_run_arguments",
-        "run_cli",
         "Runs prep, stream, zero-shot, teacher, pseudo-label, student and evaluate (or the stages "
         "pipeline.stages names) into pipeline.out. A stage whose outputs exist and whose config "
         "sections are unchanged is skipped; an interrupted one resumes. Inside `ray job submit` "
@@ -178,8 +146,6 @@ STAGES: dict[str, Stage] = {
         "submit a command as a Ray job (code shipped without data or outputs), stream its logs",
         "semisup submit --address http://127.0.0.1:8265 -- semisup run --config cluster/smoke.yaml",
         "semisup.submit",
-        "add_submit_arguments",
-        "run_submit_cli",
         "A thin wrapper over Ray's job SDK: working_dir is the current folder minus .venv, .git, "
         "data and outputs; exits with the job's status.",
     ),
@@ -187,8 +153,6 @@ STAGES: dict[str, Stage] = {
         "search LoRA ranks, fine-tuning modes, augmentations... with Ray Tune and ASHA, resumably",
         "semisup tune --store dubai.zarr --space lora_rank --out runs/tune_rank",
         "semisup.tune",
-        "add_arguments",
-        "run_cli",
         "Trains one student per trial of a named search space (tune_spaces/), stops trials "
         "that trail on validation mIoU (ASHA), and writes trials.csv/.json, summary.md, "
         "tune_plot.png, best_config.yaml and best_adapter.safetensors to --out.",
@@ -196,9 +160,7 @@ STAGES: dict[str, Stage] = {
     "demo": Stage(
         "run the whole pipeline on built-in settings and small real or generated data",
         "semisup demo --out demo_out",
-        "semisup.cli",
-        "add_demo_arguments",
-        "run_demo",
+        "semisup.demo",
         "Runs every stage on one machine with a local Ray, in a few minutes on 2 CPUs, then one "
         "active-learning round (the proposals labelled from the ground truth the split hides, "
         "imported as a new label version, the stages that train on labels rerun), and a Faster "
@@ -206,74 +168,6 @@ STAGES: dict[str, Stage] = {
         "../shared/data when present, generated scenes otherwise.",
     ),
 }
-
-
-def add_info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="store path or fsspec URL (s3://, gs://, ...)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def run_info(args: argparse.Namespace) -> int:
-    from semisup.store_info import store_summary
-
-    summary = store_summary(args.store)
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-        return 0
-    print(
-        f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
-        f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
-        f"{summary['num_classes']} classes"
-    )
-    for split, count in sorted(summary["tiles_per_split"].items()):
-        print(f"  {split:<10} {count} tiles")
-    for source in summary["sources"]:
-        print(
-            f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
-            f"{source['dtype']}, crs={source['crs_name'] or 'none'}"
-        )
-    return 0
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("demo_out"),
-        help="folder for every output (default: demo_out)",
-    )
-    parser.add_argument(
-        "--data", type=Path, default=None, help="real imagery folder (default: ../shared/data)"
-    )
-    parser.add_argument(
-        "--synthetic", action="store_true", help="use generated scenes even if real data exists"
-    )
-    parser.add_argument(
-        "--tune",
-        action="store_true",
-        help="also run the Ray Tune sweep over LoRA ranks (ASHA): summary, plot, best config",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        metavar="PATH_OR_URL",
-        default=None,
-        help="an official SAM checkpoint (vit_b, vit_l or vit_h; its type is read from the "
-        "weights) instead of random weights, e.g. "
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    )
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from semisup.demo import run_demo as demo
-
-    demo(
-        args.out,
-        data_dir=args.data,
-        synthetic=args.synthetic,
-        tune=args.tune,
-        checkpoint=args.checkpoint,
-    )
-    return 0
 
 
 def _stage_function(stage: Stage, name: str) -> Callable[..., object]:
@@ -300,7 +194,7 @@ def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentP
         )
         if name not in full:
             continue
-        _stage_function(stage, stage.add_arguments)(stage_parser)
+        _stage_function(stage, "add_arguments")(stage_parser)
         stage_parser.add_argument(
             "--verbose",
             action="store_true",
@@ -312,7 +206,7 @@ def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentP
                 f"{stage_parser.epilog or ''}\nexample:\n  {stage.example}".strip()
             )
         stage_parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        stage_parser.set_defaults(handler=_stage_function(stage, stage.handler))
+        stage_parser.set_defaults(handler=_stage_function(stage, "run_cli"))
     return parser
 
 

@@ -7,6 +7,7 @@ folder skips the stages already done.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -431,3 +432,44 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  demo_summary.json    this summary",
     ]
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup demo`` flags."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="folder for every output (default: demo_out)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="real imagery folder (default: ../shared/data)"
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="use generated scenes even if real data exists"
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="also run the Ray Tune sweep over LoRA ranks (ASHA): summary, plot, best config",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        default=None,
+        help="an official SAM checkpoint (vit_b, vit_l or vit_h; its type is read from the "
+        "weights) instead of random weights, e.g. "
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the demo into ``--out``; returns the exit status."""
+    run_demo(
+        args.out,
+        data_dir=args.data,
+        synthetic=args.synthetic,
+        tune=args.tune,
+        checkpoint=args.checkpoint,
+    )
+    return 0

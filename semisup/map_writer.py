@@ -32,6 +32,7 @@ import rasterio.errors
 import rasterio.shutil
 from rasterio.windows import Window
 
+from semisup.atomic import write_json_atomic
 from semisup.blend import NODATA
 
 BLOCK: Final = 512  # px, GeoTIFF tile side (the COG driver's default too)
@@ -55,15 +56,6 @@ def read_identity(path: Path) -> dict[str, Any] | None:
     except rasterio.errors.RasterioError:
         return None
     return json.loads(text) if text else None
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(value, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
 
 
 def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -165,7 +157,7 @@ class MapWriter:
         self._record()
 
     def _record(self) -> None:
-        _write_json_atomic(self.progress, {"identity": self.identity, "rows_done": self.rows_done})
+        write_json_atomic(self.progress, {"identity": self.identity, "rows_done": self.rows_done})
 
     def add_rows(self, stripe: int, y0: int, label: np.ndarray, confidence: np.ndarray) -> None:
         """Rows [y0, y0 + h) of ``stripe`` (h×stripe-width uint8 each), in order; written once

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from semisup import stages
+from semisup.atomic import write_json_atomic
 from semisup.config import (
     ConfigError,
     ExperimentConfig,
@@ -226,10 +226,7 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     """Write atomically: a job killed mid-write leaves the previous manifest."""
-    path = out / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
 
 
 def outputs_exist(paths: Iterable[str]) -> bool:
@@ -506,7 +503,7 @@ def _now() -> str:
 EXAMPLE = "semisup run --config cluster/smoke.yaml --out runs/smoke --local"
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (overrides pipeline.out)"
     )

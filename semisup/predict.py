@@ -49,11 +49,11 @@ from semisup.predictor import (
     check_swappable,
     resolve_model,
 )
+from semisup.progress import Progress
 from semisup.raster_windows import RasterSource, open_sources
 from semisup.stitch import Job, Stitcher, plan_jobs
 
 DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
-PROGRESS_EVERY_S: Final = 2.0
 IDENTITY_VERSION: Final = 1
 BUILT_IN_CLASSES: Final = 2  # classes of a random-init built-in model (``--model tiny``)
 
@@ -75,36 +75,6 @@ def output_path(out: Path, source: RasterSource, count: int, suffix: str) -> Pat
 
 
 _SUFFIXES: Final = {".tif": (".tif", ".tiff"), ".geojson": (".geojson", ".json")}
-
-
-class _Progress:
-    """Progress lines on ``log``: windows done / total, windows/s and megapixels/s."""
-
-    def __init__(self, log: TextIO | None, total: int, tile: int) -> None:
-        self.log, self.total, self.tile, self.done = log, total, tile, 0
-        self.start = self.last = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def advance(self, windows: int) -> None:
-        self.done += windows
-        if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
-            self.say()
-
-    def say(self) -> None:
-        self.last = time.perf_counter()
-        if self.log is None:
-            return
-        rate = self.done / max(self.seconds, 1e-9)
-        print(
-            f"predict: {self.done}/{self.total} windows "
-            f"({100.0 * self.done / max(self.total, 1):.0f}%), {rate:.1f} windows/s, "
-            f"{rate * self.tile**2 / 1e6:.2f} Mpx/s",
-            file=self.log,
-            flush=True,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +200,7 @@ def run_predict(
             for (x0, x1), done in zip(writer.stripes, writer.rows_done, strict=True)
         )
         windows = sum(job.last_col - job.first_col for job in jobs)
-        progress = _Progress(log, windows, tile)
+        progress = Progress(log, windows, label="predict", unit="windows", pixels_per_item=tile**2)
         peak = None
         if jobs:
             from semisup.runtime import ray_runtime
@@ -272,7 +242,7 @@ def _predict_jobs(
     outputs: Sequence[tuple[RasterSource, MapWriter]],
     models: Sequence[PredictModel],
     output_models: Sequence[int],
-    progress: _Progress,
+    progress: Progress,
     on_progress: Callable[[int, int], None] | None,
     settings: dict[str, Any],
 ) -> Any:
@@ -596,7 +566,7 @@ examples:
 """
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``semisup predict`` flags (and its description and examples) to ``parser``."""
     parser.description = CLI_DESCRIPTION
     parser.epilog = CLI_EPILOG
@@ -727,7 +697,7 @@ def refuse_detection_runs(models: Sequence[str | Path]) -> None:
             )
 
 
-def run_predict_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup predict``; prints the summary as JSON; returns the exit status. A
     detection run (``task: detection``) writes boxes instead (``detection.predict.run_cli``)."""
     from semisup.detection import predict as boxes

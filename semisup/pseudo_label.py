@@ -48,10 +48,7 @@ import functools
 import hashlib
 import io
 import json
-import os
 import sys
-import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -74,8 +71,10 @@ from semisup.actor_pool import (
     add_actor_pool_arguments,
     map_with_pool,
 )
+from semisup.atomic import write_bytes_atomic
 from semisup.data import TILES_PER_TASK, read_tiles
 from semisup.masks import MaskFilter
+from semisup.progress import Progress
 from semisup.runtime import ensure_ray
 from semisup.sam import PATCH_SIZE, SAM_SPECS, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
@@ -133,7 +132,6 @@ INSTANCE_SCHEMA: Final = pa.schema(
 )
 _TEACHER_INPUT = (C.IMAGE, C.VALID, C.TILE_ID, C.SOURCE, C.ROW, C.COL, C.Y0, C.X0)
 WRITE_CPUS: Final = 0.25  # per writer task: zarr writes are light and must never wait for a core
-PROGRESS_EVERY_S: Final = 2.0
 POOL_ATTEMPTS: Final = 3  # teacher pools started per run when actors die (OOM kill, segfault)
 STATE_ATTR: Final = "semisup_pseudo_label_state"  # "running" until the run's manifest is compact
 
@@ -231,12 +229,7 @@ def _write_table_atomic(fs: Any, path: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX
+        write_bytes_atomic(path, buffer.getvalue())
     else:
         fs.pipe_file(path, buffer.getvalue())  # one object PUT: atomic on object stores
 
@@ -558,7 +551,7 @@ def run_pseudo_label(
     total, already = selected.num_rows, selected.num_rows - len(todo)
     if max_tiles is not None:
         todo = todo[:max_tiles]
-    progress = _Progress(log, total, already)
+    progress = Progress(log, total, label="pseudo-label", unit="tiles", already=already)
     # Ray Data leaves the actors beyond its read tasks idle (and warns): a small store gets fewer
     actors = min(actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
     teacher_kwargs = dict(
@@ -605,7 +598,7 @@ def run_pseudo_label(
         if fresh and read_manifest(store, storage_options).num_rows == 0:
             _clear(store, root, storage_options)  # nothing was labelled: leave no trace
         raise
-    progress.finish()
+    progress.say()
     writes_instances = mode != "semantic" and output == "instances"
     manifest = compact_manifest(store, storage_options, instances=writes_instances)
     root.attrs[STATE_ATTR] = "complete"
@@ -804,44 +797,12 @@ def _pipeline(
     return written.iter_batches(batch_size=None, batch_format="numpy")
 
 
-class _Progress:
-    """Progress lines on ``log``: tiles done / total and this run's tiles per second."""
-
-    def __init__(self, log: TextIO | None, total: int, already: int) -> None:
-        self.log, self.total, self.done, self.processed = log, total, already, 0
-        self.start = self.last = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def advance(self, tiles: int) -> None:
-        self.done += tiles
-        self.processed += tiles
-        if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
-            self.say()
-
-    def say(self) -> None:
-        self.last = time.perf_counter()
-        if self.log is not None:
-            rate = self.processed / max(self.seconds, 1e-9)
-            percent = 100.0 * self.done / max(self.total, 1)
-            print(
-                f"pseudo-label: {self.done}/{self.total} tiles ({percent:.0f}%), {rate:.2f} tiles/s",
-                file=self.log,
-                flush=True,
-            )
-
-    def finish(self) -> None:
-        self.say()
-
-
 def _summary(
     store: str,
     manifest: pa.Table,
     selected: pa.Table,
     identity: dict[str, Any],
-    progress: _Progress,
+    progress: Progress,
     already: int,
 ) -> dict[str, Any]:
     frame: pd.DataFrame = manifest.to_pandas()
@@ -855,7 +816,7 @@ def _summary(
         "tiles_processed": progress.processed,
         "tiles_remaining": selected.num_rows - len(labelled),
         "seconds": round(progress.seconds, 3),
-        "tiles_per_s": round(progress.processed / max(progress.seconds, 1e-9), 3),
+        "tiles_per_s": round(progress.rate, 3),
         "mean_confidence": float(labelled[MEAN_CONFIDENCE].mean()) if len(labelled) else 0.0,
         "coverage": float(labelled[COVERAGE].mean()) if len(labelled) else 0.0,
         **{key: identity[key] for key in ("mode", "model_type", "checkpoint_hash")},
@@ -882,7 +843,7 @@ examples:
 """
 
 
-def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``semisup pseudo-label`` flags (and its description and examples) to ``parser``."""
     parser.description = parser.description or CLI_DESCRIPTION
     parser.epilog = CLI_EPILOG
@@ -956,7 +917,7 @@ def add_pseudo_label_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_pseudo_label_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup pseudo-label``; prints the summary as JSON; returns the exit status."""
     from semisup.config import RayConfig
     from semisup.runtime import ray_runtime

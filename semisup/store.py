@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from semisup import columns as C
+from semisup.atomic import write_json_atomic
 
 STORE_FORMAT_VERSION = 1
 META_KEY = "semisup"
@@ -326,15 +325,7 @@ def replace_store_meta(path: str | Path, meta: StoreMeta) -> None:
     target = Path(path) / ROOT_METADATA_FILE
     document = json.loads(target.read_text())
     document.setdefault("attributes", {})[META_KEY] = meta.to_attrs()
-    staging = target.with_name(f".{ROOT_METADATA_FILE}.{uuid.uuid4().hex[:8]}")
-    try:
-        with staging.open("w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(staging, target)
-    finally:
-        staging.unlink(missing_ok=True)
+    write_json_atomic(target, document)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,3 +51,30 @@ def store_summary(url: str, storage_options: Mapping[str, Any] | None = None) ->
         "tiles_per_split": {str(k): int(v) for k, v in index[C.SPLIT].value_counts().items()},
         "sources": sources,
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup info`` flags."""
+    parser.add_argument("store", help="store path or fsspec URL (s3://, gs://, ...)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Print the store's summary (as JSON with ``--json``); returns the exit status."""
+    summary = store_summary(args.store)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print(
+        f"{args.store}: {summary['tiles']} tiles of {summary['tile_size']} px "
+        f"(overlap {summary['overlap']}), {len(summary['sources'])} sources, "
+        f"{summary['num_classes']} classes"
+    )
+    for split, count in sorted(summary["tiles_per_split"].items()):
+        print(f"  {split:<10} {count} tiles")
+    for source in summary["sources"]:
+        print(
+            f"  {source['source_id']}: {source['height']}×{source['width']}×{source['bands']} "
+            f"{source['dtype']}, crs={source['crs_name'] or 'none'}"
+        )
+    return 0

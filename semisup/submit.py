@@ -137,7 +137,7 @@ EXAMPLE = (
 )
 
 
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
@@ -172,7 +172,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = f"example:\n  {EXAMPLE}"
 
 
-def run_submit_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     entrypoint = list(args.entrypoint)
     if entrypoint[:1] == ["--"]:
         entrypoint = entrypoint[1:]

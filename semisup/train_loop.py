@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from semisup import columns as C
+from semisup.atomic import write_json_atomic
 from semisup.calibration import CALIBRATION_BINS, TARGET_ACCURACY, calibration
 from semisup.collective import Collective, current_collective
 from semisup.config import ExperimentConfig, from_dict
@@ -689,9 +690,7 @@ def _log_segmentation(
 
 def write_report_files(run_dir: Path, report: dict[str, Any]) -> None:
     """RUN_DIR/report.json (replaced atomically) and RUN_DIR/report.md."""
-    tmp = run_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(run_dir / "report.json")
+    write_json_atomic(run_dir / "report.json", report)
     if report.get("task") == "detection":
         from semisup.detection.train_task import report_markdown
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from ray import tune
 
-from semisup import search_space, tune_report
+from semisup import search_space, storage, tune_report
 from semisup.config import (
     ConfigError,
     ExperimentConfig,
@@ -173,9 +173,9 @@ def run_tune(
     stops trials on validation mIoU. ``max_concurrent`` defaults to as many trials as the
     cluster's CPUs and GPUs hold. Returns a JSON-safe summary (also OUT/tune_summary.json).
     """
-    out = tune_report.absolute(out)
+    out = storage.absolute(out)
     _check_arguments(config, samples, search)
-    fs, root = tune_report.filesystem(out)
+    fs, root = storage.filesystem(out)
     saved = _check_sweep_folder(fs, root, out, resume)
     name, data, dims, config = prepare_sweep(store, config, space)
     request = {
@@ -205,14 +205,14 @@ def run_tune(
                 file=sys.stderr,
             )
         if not resume:
-            tune_report.write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
+            storage.write(fs, f"{root}/{SWEEP_FILE}", json.dumps(request, indent=2) + "\n")
         tuner = _tuner(request, config, dims, out, resume, max_concurrent)
         results = tuner.fit()
         records = _collect(results.experiment_path, fs, config, dims)
-    experiment = tune_report.child(out, EXPERIMENT_NAME)
+    experiment = storage.child(out, EXPERIMENT_NAME)
     summary = tune_report.write_outputs(fs, root, out, name, dims, config, records, experiment)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    tune_report.write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
+    storage.write(fs, f"{root}/tune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -246,7 +246,7 @@ def _check_arguments(config: ExperimentConfig, samples: int, search: str) -> Non
 
 def _check_sweep_folder(fs: Any, root: str, out: str, resume: bool) -> dict[str, Any] | None:
     """A new sweep needs a fresh OUT; a resumed one a sweep there, whose request is returned."""
-    started = tune_report.exists(fs, f"{root}/{SWEEP_FILE}") or tune_report.exists(
+    started = storage.exists(fs, f"{root}/{SWEEP_FILE}") or storage.exists(
         fs, f"{root}/{EXPERIMENT_NAME}"
     )
     if started and not resume:
@@ -255,7 +255,7 @@ def _check_sweep_folder(fs: Any, root: str, out: str, resume: bool) -> dict[str,
         )
     if not resume:
         return None
-    saved = tune_report.read_json(fs, f"{root}/{SWEEP_FILE}")
+    saved = storage.read_json(fs, f"{root}/{SWEEP_FILE}")
     if saved is None:
         raise FileNotFoundError(f"--resume: no sweep to continue in {out} (no {SWEEP_FILE})")
     return dict(saved)
@@ -306,7 +306,7 @@ def _tuner(
         # the trial process itself only drives Train, whose workers reserve their own CPUs/GPUs
         {"CPU": DRIVER_CPUS},
     )
-    experiment = tune_report.child(out, EXPERIMENT_NAME)
+    experiment = storage.child(out, EXPERIMENT_NAME)
     if resume:
         print(f"[tune] resuming the sweep in {experiment}", file=sys.stderr)
         # reloads the trials and the searcher (not the scheduler's rungs); finished trials are
@@ -372,7 +372,7 @@ def _collect(
         run = f"{trial.path}/{TRIAL_RUN_DIR}"
         # the trainer's own report; what Tune received when the report has not reached a remote
         # storage (a trial's files are uploaded every SYNC_PERIOD_S and when it ends)
-        report: dict[str, Any] | None = tune_report.read_json(
+        report: dict[str, Any] | None = storage.read_json(
             fs, f"{run}/report.json"
         ) or tune_report.report_from_tune_results(frames.get(trial.trial_id))
         adapter = f"{run}/best/adapter.safetensors"
@@ -391,7 +391,7 @@ def _collect(
                 curve=[e["miou"] for e in epochs],
                 train_loss=[e["train"].get("loss", math.nan) for e in epochs],
                 trial_path=str(trial.path),
-                best_adapter=adapter if tune_report.exists(fs, adapter) else None,
+                best_adapter=adapter if storage.exists(fs, adapter) else None,
                 error=_error_text(fs, trial) if failed else None,
             )
         )
@@ -400,7 +400,7 @@ def _collect(
 
 def _error_text(fs: Any, trial: Any) -> str:
     path = f"{trial.path}/error.txt"
-    if not tune_report.exists(fs, path):
+    if not storage.exists(fs, path):
         return "failed (no error.txt)"
     with fs.open_input_stream(path) as stream:
         lines = stream.readall().decode(errors="replace").strip().splitlines()
@@ -435,15 +435,15 @@ def train_trial(
     )
     # the trial's folder name (get_trial_dir is its staging copy in this Ray session's temp dir)
     trial_name = Path(tune.get_context().get_trial_dir()).name
-    if tune_report.is_local(out):
-        run_dir = Path(tune_report.child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
+    if storage.is_local(out):
+        run_dir = Path(storage.child(out, EXPERIMENT_NAME, trial_name, TRIAL_RUN_DIR))
     else:  # keep the Train checkpoints on the storage, where a resumed sweep finds them
         run_dir = Path.cwd() / TRIAL_RUN_DIR
-        storage = config.train.storage or tune_report.child(
+        train_storage = config.train.storage or storage.child(
             out, EXPERIMENT_NAME, trial_name, "train"
         )
         config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, storage=storage)
+            config, train=dataclasses.replace(config.train, storage=train_storage)
         )
     run_training(
         store,
@@ -527,8 +527,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     saved: dict[str, Any] = {}
     if args.resume:  # settings not given again are those the sweep was started with
-        fs, root = tune_report.filesystem(args.out)
-        saved = tune_report.read_json(fs, f"{root}/{SWEEP_FILE}") or {}
+        fs, root = storage.filesystem(args.out)
+        saved = storage.read_json(fs, f"{root}/{SWEEP_FILE}") or {}
     elif not args.store or not args.space:
         raise ConfigError("--store and --space are needed to start a sweep")
     if args.config is not None or "config" not in saved:

@@ -15,13 +15,11 @@ import math
 import sys
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypedDict
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from semisup import search_space
+from semisup import search_space, storage
 from semisup.config import ExperimentConfig, to_dict
 
 METRIC = "miou"  # validation mIoU, reported by the training loop every epoch
@@ -207,57 +205,6 @@ def plot_png(
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------------------------------------
-# Storage: OUT may be a local folder or a URL Ray accepts
-
-
-def is_local(out: str) -> bool:
-    return urlsplit(out).scheme in ("", "file")
-
-
-def child(out: str, *parts: str) -> str:
-    """``out`` with ``parts`` appended to its path (a URL keeps its query, e.g. an endpoint)."""
-    if is_local(out):
-        return str(Path(absolute(out)).joinpath(*parts))
-    url = urlsplit(out)
-    return urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
-
-
-def absolute(out: str | Path) -> str:
-    """A local OUT as an absolute path (trial processes run elsewhere); a URL as it is."""
-    out = str(out)
-    if not is_local(out):
-        return out
-    return str(Path(urlsplit(out).path if out.startswith("file:") else out).resolve())
-
-
-def filesystem(out: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path of OUT on it): the same resolution Ray applies."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(absolute(out))
-    return fs, path.rstrip("/")
-
-
-def exists(fs: Any, path: str) -> bool:
-    import pyarrow.fs
-
-    return bool(fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound)
-
-
-def write(fs: Any, path: str, data: str | bytes) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data.encode() if isinstance(data, str) else data)
-
-
-def read_json(fs: Any, path: str) -> Any:
-    if not exists(fs, path):
-        return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.readall())
-
-
 def report_from_tune_results(frame: Any) -> dict[str, Any] | None:
     """The parts of a training report that Tune's results of a trial hold (None if none)."""
     if frame is None or METRIC not in getattr(frame, "columns", ()):
@@ -314,16 +261,18 @@ def write_outputs(
         "best_trial": best["trial_id"] if best else None,
         "best_miou": best["best_miou"] if best else None,
         "best_params": {k: best["params"][k] for k in shown} if best else {},
-        "best_config": child(out, "best_config.yaml") if best else None,
-        "best_adapter": child(out, "best_adapter.safetensors") if best else None,
-        "trials_csv": child(out, "trials.csv"),
-        "trials_json": child(out, "trials.json"),
-        "summary_md": child(out, "summary.md"),
-        "plot": child(out, "tune_plot.png"),
+        "best_config": storage.child(out, "best_config.yaml") if best else None,
+        "best_adapter": storage.child(out, "best_adapter.safetensors") if best else None,
+        "trials_csv": storage.child(out, "trials.csv"),
+        "trials_json": storage.child(out, "trials.json"),
+        "summary_md": storage.child(out, "summary.md"),
+        "plot": storage.child(out, "tune_plot.png"),
     }
     if best:
         best_config = search_space.apply(config, best["params"])
-        write(fs, f"{root}/best_config.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False))
+        storage.write(
+            fs, f"{root}/best_config.yaml", yaml.safe_dump(to_dict(best_config), sort_keys=False)
+        )
         # the best trial's best adapter, copied within the storage
         pyarrow.fs.copy_files(
             str(best["best_adapter"]),
@@ -332,11 +281,11 @@ def write_outputs(
             destination_filesystem=fs,
         )
     rows = table_rows(records, shown)
-    write(fs, f"{root}/trials.csv", rows_csv(rows))
-    write(fs, f"{root}/trials.json", json.dumps(records, indent=2, default=str) + "\n")
-    write(fs, f"{root}/summary.md", summary_markdown(summary, rows))
+    storage.write(fs, f"{root}/trials.csv", rows_csv(rows))
+    storage.write(fs, f"{root}/trials.json", json.dumps(records, indent=2, default=str) + "\n")
+    storage.write(fs, f"{root}/summary.md", summary_markdown(summary, rows))
     log_keys = [k for k, d in dims.items() if d.kind == "loguniform"]
-    write(fs, f"{root}/tune_plot.png", plot_png(records, plotted, log_keys))
+    storage.write(fs, f"{root}/tune_plot.png", plot_png(records, plotted, log_keys))
     print(
         f"[tune] {summary['trials']} trials ({summary['outcomes']}); best "
         f"{summary['best_trial']} at val mIoU {summary['best_miou']}",

@@ -777,7 +777,7 @@ example:
 """
 
 
-def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``semisup zero-shot`` flags (and its description and example) to ``parser``."""
     parser.description = parser.description or CLI_DESCRIPTION
     parser.epilog = CLI_EPILOG
@@ -823,7 +823,7 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_zero_shot_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup zero-shot``; prints the headline numbers; returns the exit status."""
     options = {
         "model_type": args.model,

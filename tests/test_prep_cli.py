@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.cli import add_arguments, config_from_args, run
+from data_prep.cli import add_arguments, config_from_args, run_cli
 from semisup.config import PrepConfig
 from semisup.store import open_store, read_store_meta, read_tile_index
 
@@ -96,7 +96,7 @@ def test_run_builds_the_store(scene: Path) -> None:
         _argv(scene, "--tile-size", "16", "--split-by", "folder", "--val-sources", "tile_2*",
               "--class-names", "building,land", "--labeled-fraction", "1")
     )  # fmt: skip
-    assert run(args) == 0
+    assert run_cli(args) == 0
     meta = read_store_meta(open_store(str(scene / "s.zarr")))
     assert meta.class_names == ("building", "land") and meta.num_classes == 2
     index = read_tile_index(str(scene / "s.zarr")).to_pandas()
@@ -107,11 +107,11 @@ def test_run_builds_the_store(scene: Path) -> None:
 def test_errors_are_one_line_with_exit_status(
     scene: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run(_parser().parse_args(_argv(scene, "--tile-size", "16", "--overlap", "16"))) == 2
+    assert run_cli(_parser().parse_args(_argv(scene, "--tile-size", "16", "--overlap", "16"))) == 2
     err = capsys.readouterr().err
     assert "semisup prep: error: prep.overlap" in err and "Traceback" not in err
     (scene / "tile_2" / "masks" / "p2.png").unlink()
-    assert run(_parser().parse_args(_argv(scene))) == 1
+    assert run_cli(_parser().parse_args(_argv(scene))) == 1
     err = capsys.readouterr().err
     assert "no label for" in err and "p2.jpg" in err
     assert not (scene / "s.zarr").exists()
@@ -136,10 +136,10 @@ def test_config_file_and_set_overrides_give_defaults_that_flags_override(
     )
     config = config_from_args(args)
     assert (config.tile_size, config.seed, config.overlap) == (32, 6, 8)
-    assert run(args) == 0
+    assert run_cli(args) == 0
     assert read_store_meta(open_store(str(scene / "s.zarr"))).tile_size == 32
     bad = _parser().parse_args(_argv(scene, "--set", "prep.tile_sise=64"))
-    assert run(bad) == 2
+    assert run_cli(bad) == 2
     assert "prep.tile_sise" in capsys.readouterr().err
 
 

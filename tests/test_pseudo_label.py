@@ -29,7 +29,7 @@ from semisup.pseudo_label import (
     MANIFEST_SCHEMA,
     PARTS_DIR,
     PseudoLabelMismatch,
-    add_pseudo_label_arguments,
+    add_arguments,
     instance_table,
     owned_window,
     part_name,
@@ -354,7 +354,7 @@ def test_prompted_mode_keeps_each_crown_inside_its_box(
 
 def test_cli_flags_are_kebab_case_with_help() -> None:
     parser = argparse.ArgumentParser(prog="semisup pseudo-label")
-    add_pseudo_label_arguments(parser)
+    add_arguments(parser)
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue

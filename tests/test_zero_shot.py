@@ -22,14 +22,14 @@ from semisup.zero_shot import (
     JSON_FILE,
     MARKDOWN_FILE,
     _bfs_components,
-    add_zero_shot_arguments,
+    add_arguments,
     component_point,
     component_prompts,
     connected_components,
     interior_point,
     mask_iou,
+    run_cli,
     run_zero_shot,
-    run_zero_shot_cli,
     score_box_tile,
     summary_line,
 )
@@ -157,7 +157,7 @@ def test_cli_runs_and_reports(
     dubai_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     parser = argparse.ArgumentParser(prog="semisup zero-shot")
-    add_zero_shot_arguments(parser)
+    add_arguments(parser)
     for action in parser._actions:
         if not isinstance(action, argparse._HelpAction):
             assert action.help and all("_" not in flag for flag in action.option_strings)
@@ -165,7 +165,7 @@ def test_cli_runs_and_reports(
         ["--store", str(dubai_store), "--model", "tiny", "--out", str(tmp_path), "--max-tiles", "1"]
         + ["--points-per-side", "2"]
     )
-    assert run_zero_shot_cli(args) == 0
+    assert run_cli(args) == 0
     assert "box IoU" in capsys.readouterr().out
     assert json.loads((tmp_path / JSON_FILE).read_text())["tiles"] == 1
 

@@ -283,7 +283,8 @@ def run_detection_predict(
     ``vector`` is asked for) raises before any actor starts or anything is written.
     """
     from semisup.actor_pool import actor_threads
-    from semisup.predict import _check_numbers, _Progress, stream_jobs
+    from semisup.predict import _check_numbers, stream_jobs
+    from semisup.progress import Progress
     from semisup.runtime import ray_runtime
     from semisup.stitch import plan_jobs
 
@@ -306,7 +307,8 @@ def run_detection_predict(
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     found = [RasterBoxes(source, stripe_width) for source in sources]
     jobs = plan_jobs([(b.source, b) for b in found], tile, overlap)
-    progress = _Progress(log, sum(job.last_col - job.first_col for job in jobs), tile)
+    windows = sum(job.last_col - job.first_col for job in jobs)
+    progress = Progress(log, windows, label="predict", unit="windows", pixels_per_item=tile**2)
     # a local Ray unless one is up or an address is given; shut down after if started here
     with ray_runtime(ray_config or RayConfig()):
         constructor = {
