@@ -142,7 +142,7 @@ def bare_loop(
             )
             images = read["image"]
             for i in range(0, len(images), args.batch_size):
-                pixels = torch.from_numpy(images[i : i + args.batch_size]) * 255.0
+                pixels = torch.from_numpy(images[i : i + args.batch_size])
                 net(pixels).float().softmax(1).numpy().astype(np.float16)
             windows += len(images)
     seconds = time.perf_counter() - start

@@ -63,9 +63,11 @@ def bare_loop(store: str, config, steps: int) -> tuple[float, float]:  # type: i
     """(mean, median) seconds per step of train_step over in-memory batches (no Ray)."""
     from semisup import columns as C
     from semisup.ema import make_ema_teacher
-    from semisup.steps import StepRecipe, prepare_batch, train_step
+    from semisup.model_input import prepare_batch
+    from semisup.steps import StepRecipe, train_step
+    from semisup.store import store_facts
     from semisup.student import build_student
-    from semisup.train import scaled_lr, store_facts
+    from semisup.train import scaled_lr
 
     facts = store_facts(store)
     band_scale = {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}

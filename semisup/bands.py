@@ -1,4 +1,7 @@
-"""Reducing multi-band imagery to the three bands an RGB-pretrained teacher takes.
+"""Band scaling and reducing multi-band imagery to the three bands an RGB-pretrained model takes.
+
+``scale_bands`` maps each band from the store's [band_low, band_high] (data_prep's contrast
+stretch) to [0, 1]: the student's input, and ×255 the teacher's 8-bit image.
 
 SAM was pretrained on RGB photographs. A store may hold one band (panchromatic, SAR), three
 (RGB) or more (RGB + NIR, multispectral). The teacher sees a three-band composite chosen by
@@ -9,13 +12,14 @@ named composite from ``COMPOSITES``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import numpy as np
-import torch
-from torch import Tensor
 
-ImageT = TypeVar("ImageT", np.ndarray, Tensor)
+if TYPE_CHECKING:  # torch is imported where a tensor is handed in: the store stays torch-free
+    from torch import Tensor
+
+ImageT = TypeVar("ImageT", np.ndarray, "Tensor")
 
 # Named composites as band indices into the store's band order.
 COMPOSITES: Final[dict[str, tuple[int, ...]]] = {
@@ -23,6 +27,15 @@ COMPOSITES: Final[dict[str, tuple[int, ...]]] = {
     "gray": (0, 0, 0),  # the first band replicated: panchromatic or single-band stores
 }
 MEAN: Final = "mean"  # the mean of all bands, replicated: a brightness image for any band count
+
+
+def scale_bands(image: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Each band of ``image`` (…×C, any numeric dtype) mapped linearly from [low, high] to
+    [0, 1], clipped outside: float32. ``low``/``high`` broadcast against ``image`` (C values,
+    or B×1×1×C for a batch of tiles from different sources)."""
+    lo = np.asarray(low, dtype=np.float32)
+    span = np.maximum(np.asarray(high, dtype=np.float32) - lo, 1e-6)
+    return np.clip((image.astype(np.float32) - lo) / span, 0.0, 1.0)
 
 
 def to_three_bands(
@@ -60,18 +73,22 @@ def to_three_bands(
                 f"band index {index} is out of range for an image with {band_count} "
                 f"band{'s' if band_count != 1 else ''} (valid: 0..{band_count - 1})"
             )
-    if isinstance(image, Tensor):
-        return image.index_select(axis, torch.tensor(indices, device=image.device))
-    return np.take(image, indices, axis=axis)
+    if isinstance(image, np.ndarray):
+        return np.take(image, indices, axis=axis)
+    import torch
+
+    return image.index_select(axis, torch.tensor(indices, device=image.device))
 
 
 def _replicated_mean(image: ImageT, axis: int) -> ImageT:
-    if isinstance(image, Tensor):
-        mean = image.to(torch.float64).mean(dim=axis, keepdim=True)
-        if not image.is_floating_point():
-            mean = mean.round()
-        return mean.to(image.dtype).repeat_interleave(3, dim=axis)
-    mean_array = image.astype(np.float64).mean(axis=axis, keepdims=True)
-    if not np.issubdtype(image.dtype, np.floating):
-        mean_array = np.rint(mean_array)
-    return np.repeat(mean_array.astype(image.dtype), 3, axis=axis)
+    if isinstance(image, np.ndarray):
+        mean_array = image.astype(np.float64).mean(axis=axis, keepdims=True)
+        if not np.issubdtype(image.dtype, np.floating):
+            mean_array = np.rint(mean_array)
+        return np.repeat(mean_array.astype(image.dtype), 3, axis=axis)
+    import torch
+
+    mean = image.to(torch.float64).mean(dim=axis, keepdim=True)
+    if not image.is_floating_point():
+        mean = mean.round()
+    return mean.to(image.dtype).repeat_interleave(3, dim=axis)

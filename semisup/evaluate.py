@@ -33,7 +33,7 @@ def run_predictor(run: Path, image_size: int) -> Predictor:
             f"run {run}: expected a `semisup train` run folder with config.yaml and best/"
         )
     semantic = load_model(resolve_model(str(run), workdir=run, tile_size=image_size))
-    return lambda images: semantic(images * 255.0)  # the loaded student takes [0, 255]
+    return semantic
 
 
 @torch.inference_mode()
@@ -46,8 +46,8 @@ def evaluate_run(
     both truth and prediction) become None so the result is JSON-safe.
     """
     from semisup.data import read_tiles
-    from semisup.steps import prepare_batch
-    from semisup.train import band_scales, store_facts
+    from semisup.model_input import prepare_batch
+    from semisup.store import band_scales, store_facts
 
     facts = store_facts(store)
     predict = run_predictor(run, int(facts["tile_size"]))

@@ -108,7 +108,7 @@ def resolve_model(
         return resolve_onnx(model, base_checkpoint=base_checkpoint, seed=seed, tile_size=tile_size)
     from semisup import student
     from semisup.config import load_config
-    from semisup.teacher import adapter_file
+    from semisup.student import adapter_file
 
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.yaml").is_file():
@@ -208,18 +208,18 @@ def check_adapter_base(path: Path, spec: Any, base_checkpoint: str | None) -> No
 
 
 def load_model(model: PredictModel) -> Any:
-    """The student as a module: B×3×S×S float RGB in [0, 255] (the teacher's input range) ->
-    B×K×S×S logits; on the CPU, in eval mode, built as ``teacher.load_student_teacher`` does."""
-    from semisup.teacher import load_student_teacher
+    """The student as a module: B×3×S×S float RGB in [0, 1] -> B×K×S×S logits; on the CPU, in
+    eval mode, built as ``student.load_trained_student`` builds it."""
+    from semisup.student import load_trained_student
 
-    semantic, _ = load_student_teacher(
+    trained, _ = load_trained_student(
         model.file,
         model_type=model.model_type,
         image_size=model.image_size,
         base_checkpoint=model.base_checkpoint,
         seed=model.seed,
     )
-    return semantic
+    return trained
 
 
 class WindowPredictor:

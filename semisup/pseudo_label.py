@@ -85,7 +85,6 @@ from semisup.teacher import (
     OutputKind,
     PromptKind,
     SamTeacher,
-    adapter_file,
     build_teacher_models,
     check_settings,
     label_encoding,
@@ -435,8 +434,11 @@ def teacher_identity(
 def _hash_of(mode: str, checkpoint: str | None, seed: int) -> str:
     if checkpoint is None:
         return f"random-init-seed{seed}"
-    path = adapter_file(checkpoint) if mode == "semantic" else resolve_checkpoint(checkpoint)
-    return checkpoint_sha256(path)
+    if mode != "semantic":
+        return checkpoint_sha256(resolve_checkpoint(checkpoint))
+    from semisup.student import adapter_file  # here: only semantic mode needs peft
+
+    return checkpoint_sha256(adapter_file(checkpoint))
 
 
 def run_pseudo_label(

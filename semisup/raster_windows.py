@@ -23,7 +23,7 @@ import numpy as np
 
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup.steps import prepare_batch
+from semisup.model_input import prepare_batch
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -207,9 +207,8 @@ def overlays(store: str, runs: dict[str, Path], path: Path, tiles: int = 4) -> P
     from matplotlib.patches import Patch
 
     from semisup.evaluate import run_predictor
-    from semisup.steps import prepare_batch
-    from semisup.store import open_store, read_store_meta, read_tile
-    from semisup.train import band_scales, store_facts
+    from semisup.model_input import prepare_batch
+    from semisup.store import band_scales, open_store, read_store_meta, read_tile, store_facts
 
     root = open_store(store)
     meta = read_store_meta(root)

@@ -78,7 +78,7 @@ def uncertainty_maps(
     measures: tuple[str, ...],
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({measure: B×S×S map in [0, 1]}, B×S×S valid mask) for one batch of tile columns."""
-    from semisup.steps import prepare_batch
+    from semisup.model_input import prepare_batch
 
     tensors = prepare_batch(batch, band_scale)
     probabilities = predict(tensors[C.IMAGE]).float().softmax(1)  # B×K×S×S
@@ -135,7 +135,7 @@ def score_tiles(
     """
 
     from semisup.data import read_tiles
-    from semisup.train import band_scales, store_facts
+    from semisup.store import band_scales, store_facts
 
     facts = store_facts(store)
     band_scale = band_scales(facts)
@@ -247,8 +247,14 @@ def contact_sheet(
     import matplotlib.pyplot as plt
 
     from semisup.labelstudio import tile_rgb
-    from semisup.store import open_store, read_store_meta, read_tile, read_window
-    from semisup.train import band_scales, store_facts
+    from semisup.store import (
+        band_scales,
+        open_store,
+        read_store_meta,
+        read_tile,
+        read_window,
+        store_facts,
+    )
 
     root = open_store(store)
     size = read_store_meta(root).tile_size
@@ -289,9 +295,8 @@ def predicted_classes(
 ) -> dict[int, np.ndarray]:
     """Tile id -> HEIGHT×WIDTH uint8 argmax class map of the run's student over the tile's
     window (the padded tile is predicted, then cropped), ``IGNORE_INDEX`` at nodata."""
-    from semisup.steps import prepare_batch
-    from semisup.store import open_store, read_store_meta, read_tile
-    from semisup.train import band_scales, store_facts
+    from semisup.model_input import prepare_batch
+    from semisup.store import band_scales, open_store, read_store_meta, read_tile, store_facts
 
     root = open_store(store)
     size = read_store_meta(root).tile_size

@@ -3,7 +3,6 @@
 The per-worker loop in ``semisup.train`` only wires things together; everything that decides what
 the model learns is here, as functions of tensors:
 
-- ``prepare_batch``: numpy tile columns -> tensors on the device, image scaled to [0, 1];
 - ``unlabeled_targets``: the consistency target (offline pseudo-label, EMA teacher, or both);
 - ``compute_losses``: supervised + confidence-masked consistency on the strong view;
 - ``train_step``: one optimiser step, then the EMA update; returns floats for logging;
@@ -17,18 +16,14 @@ workers with B/N tiles each take the step one worker takes with B.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semisup import columns as C
 from semisup.augment import strong_view, weak_view
-from semisup.bands import to_three_bands
 from semisup.collective import Collective
 from semisup.config import AugmentConfig, SslConfig
 from semisup.ema import ema_update
@@ -39,6 +34,7 @@ from semisup.losses import (
     supervised_loss,
 )
 from semisup.metrics import confusion_matrix
+from semisup.model_input import Batch
 from semisup.sampling import STRONG_VIEW, WEAK_VIEW, derive_keys
 from semisup.thresholds import (
     ThresholdSettings,
@@ -48,8 +44,6 @@ from semisup.thresholds import (
     update_marginal,
     update_statistics,
 )
-
-Batch = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,43 +65,6 @@ class StepRecipe:
             momentum=self.ssl.threshold_momentum,
             calibrated_threshold=self.calibrated_threshold,
         )
-
-
-def prepare_batch(
-    batch: Mapping[str, Any],
-    band_scale: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]],
-    device: torch.device | str = "cpu",
-) -> Batch:
-    """Tile columns (numpy, as streamed) -> model-ready tensors on ``device``.
-
-    IMAGE B×S×S×C (uint8/uint16) becomes B×3×S×S float32 in [0, 1]: the first three bands (a
-    single band is replicated), each mapped by its source's ``band_low``/``band_high`` as the
-    teacher sees it (``band_scale[source] = (low, high)``). LABEL and PSEUDO_LABEL become int64
-    with IGNORE_INDEX wherever VALID is False; CONFIDENCE float32 (0 where invalid); SAMPLE_KEY
-    (B int64, the samples' augmentation keys) passes through.
-    """
-    image = np.asarray(batch[C.IMAGE])
-    sources = [str(s) for s in batch[C.SOURCE]]
-    low = np.stack([np.asarray(band_scale[s][0], np.float32) for s in sources])  # B×C
-    high = np.stack([np.asarray(band_scale[s][1], np.float32) for s in sources])
-    scaled = (image.astype(np.float32) - low[:, None, None]) / np.maximum(high - low, 1e-6)[
-        :, None, None
-    ]
-    scaled = to_three_bands(np.clip(scaled, 0.0, 1.0), "rgb")  # B×S×S×3
-    out: Batch = {C.IMAGE: torch.from_numpy(scaled).permute(0, 3, 1, 2).contiguous().to(device)}
-    valid = torch.from_numpy(np.array(batch[C.VALID], bool)).to(device)
-    out[C.VALID] = valid
-    for name in (C.LABEL, C.PSEUDO_LABEL):
-        if name in batch:
-            ids = torch.from_numpy(np.asarray(batch[name]).astype(np.int64)).to(device)
-            out[name] = torch.where(valid, ids, torch.full_like(ids, C.IGNORE_INDEX))
-    if C.CONFIDENCE in batch:
-        # a copy: Arrow hands over read-only buffers, which torch must not alias
-        confidence = torch.from_numpy(np.array(batch[C.CONFIDENCE], np.float32)).to(device)
-        out[C.CONFIDENCE] = confidence * valid
-    if C.SAMPLE_KEY in batch:
-        out[C.SAMPLE_KEY] = torch.as_tensor(np.asarray(batch[C.SAMPLE_KEY], np.int64))
-    return out
 
 
 def view_keys(batch: Batch, view: int) -> Tensor | None:

@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import fsspec
 import numpy as np
@@ -44,6 +44,7 @@ import zarr
 
 from semisup import columns as C
 from semisup.atomic import write_json_atomic
+from semisup.bands import scale_bands
 
 STORE_FORMAT_VERSION = 1
 META_KEY = "semisup"
@@ -496,8 +497,53 @@ def scale_to_uint8(
     identity. For 16-bit sources data_prep stores the 2nd and 98th percentiles of the valid
     pixels of each band, the usual contrast stretch for display and for RGB-trained models.
     """
-    lo = np.asarray(low, dtype=np.float32)
-    hi = np.asarray(high, dtype=np.float32)
-    span = np.maximum(hi - lo, 1e-6)
-    scaled = (image.astype(np.float32) - lo) / span * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    unit = scale_bands(image, np.asarray(low), np.asarray(high))
+    return np.rint(unit * 255.0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a trainer or an evaluator needs to know about a store
+
+
+class StoreFacts(TypedDict):
+    """``store_facts``: what training workers, evaluation and selection need of a store."""
+
+    num_classes: int
+    class_names: list[str]
+    tile_size: int
+    band_scale: dict[str, tuple[list[float], list[float]]]  # per source: (band_low, band_high)
+    tiles_per_split: dict[str, int]
+    has_pseudo_labels: bool
+    pseudo_label_mode: str | None  # the mode of the teacher that wrote them
+    calibrated_threshold: NotRequired[float]  # ssl.threshold_mode=calibrated: the teacher's cut
+    detections_per_tile: NotRequired[int]  # detection stores: the most boxes a tile holds
+
+
+def store_facts(store: str) -> StoreFacts:
+    """What workers need to know about the store: classes, tile size, per-source band scaling."""
+    root = open_store(store)
+    meta = read_store_meta(root)
+    if not meta.num_classes:
+        raise ValueError(f"store {store}: no num_classes; a labelled store is needed to train")
+    index = read_tile_index(store).to_pandas()
+    band_scale = {}
+    for source_id in meta.sources:
+        source = read_source_meta(root, source_id)
+        band_scale[source_id] = (list(source.band_low), list(source.band_high))
+    counts = index[C.SPLIT].value_counts().to_dict()
+    has_pseudo = any(C.PSEUDO_LABEL in root[s] for s in meta.sources)  # type: ignore[operator]
+    teacher_run = root.attrs.get("semisup_pseudo_label") or {}  # see semisup.pseudo_label
+    return {
+        "num_classes": meta.num_classes,
+        "class_names": list(meta.class_names or [f"class_{k}" for k in range(meta.num_classes)]),
+        "tile_size": meta.tile_size,
+        "band_scale": band_scale,
+        "tiles_per_split": {k: int(v) for k, v in counts.items()},
+        "has_pseudo_labels": has_pseudo,
+        "pseudo_label_mode": teacher_run.get("mode") if isinstance(teacher_run, dict) else None,
+    }
+
+
+def band_scales(facts: Mapping[str, Any]) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per-source (band_low, band_high) of ``store_facts``, as ``prepare_batch`` takes them."""
+    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}

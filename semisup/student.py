@@ -594,6 +594,49 @@ def load_student(
     return model.eval()
 
 
+def adapter_file(checkpoint: str | Path) -> Path:
+    """The student adapter at ``checkpoint``: a ``.safetensors`` file, or a folder holding one."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(
+                f"{path}: expected one student adapter (*.safetensors), found {len(files)}"
+            )
+        return files[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"student checkpoint {path} does not exist")
+    return path
+
+
+def load_trained_student(
+    checkpoint: str | Path,
+    *,
+    model_type: str,
+    image_size: int,
+    base_checkpoint: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[SamSegmenter, int]:
+    """A trained student as (model, number of classes), on the CPU, checked against the size
+    and type its caller builds for.
+
+    ``checkpoint``: an adapter written by ``student.save_adapter`` (or a folder holding one);
+    the student is rebuilt from the spec in its metadata on ``base_checkpoint`` (the official
+    SAM weights it was fine-tuned from; ``load_adapter`` checks the hash) and the adapter is
+    loaded onto it. A base built without a checkpoint takes its frozen weights from ``seed``,
+    so such a student is only reproducible as a ``full`` adapter. The model takes B×3×S×S
+    float RGB in [0, 1], as in training (``semisup.steps.prepare_batch``).
+    """
+    path = adapter_file(checkpoint)
+    spec = read_adapter_spec(path)
+    if spec.model_type != model_type or spec.image_size != image_size:
+        raise ValueError(
+            f"student {path} is a {spec.model_type} at {spec.image_size} px; expected "
+            f"{model_type} at {image_size} px (the store's tile size)"
+        )
+    return load_student(path, base_checkpoint=base_checkpoint, seed=seed), spec.num_classes
+
+
 def merge_adapter(model: SamSegmenter) -> SamSegmenter:
     """A copy of ``model`` with every LoRA update folded into its base Linear, for deployment.
 

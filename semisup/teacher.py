@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 import numpy as np
@@ -312,53 +311,9 @@ SemanticModel = Callable[[torch.Tensor], torch.Tensor]
 """B×3×S×S float RGB in [0, 255] -> B×K×S×S class logits."""
 
 
-def adapter_file(checkpoint: str | Path) -> Path:
-    """The student adapter at ``checkpoint``: a ``.safetensors`` file, or a folder holding one."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(
-                f"{path}: expected one student adapter (*.safetensors), found {len(files)}"
-            )
-        return files[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"student checkpoint {path} does not exist")
-    return path
-
-
-def load_student_teacher(
-    checkpoint: str | Path,
-    *,
-    model_type: str,
-    image_size: int,
-    base_checkpoint: str | Path | None = None,
-    seed: int = 0,
-) -> tuple[SemanticModel, int]:
-    """A trained student (``semisup.student``) as (logits function, number of classes), on CPU.
-
-    ``checkpoint``: an adapter written by ``student.save_adapter`` (or a folder holding one);
-    the student is rebuilt from the spec in its metadata on ``base_checkpoint`` (the official
-    SAM weights it was fine-tuned from; ``load_adapter`` checks the hash) and the adapter is
-    loaded onto it. A base built without a checkpoint takes its frozen weights from ``seed``,
-    so such a student is only reproducible as a ``full`` adapter. The returned function takes
-    the teacher's B×3×S×S [0, 255] images (the student takes [0, 1]).
-    """
-    from semisup import student  # here, not at the top: only semantic mode needs peft
-
-    path = adapter_file(checkpoint)
-    spec = student.read_adapter_spec(path)
-    if spec.model_type != model_type or spec.image_size != image_size:
-        raise ValueError(
-            f"student {path} is a {spec.model_type} at {spec.image_size} px; the teacher was "
-            f"asked for {model_type} at {image_size} px (the store's tile size)"
-        )
-    model = student.load_student(path, base_checkpoint=base_checkpoint, seed=seed)
-    return _ScaledInput(model), spec.num_classes
-
-
 class _ScaledInput(torch.nn.Module):
-    """Feeds [0, 255] teacher images to a model that takes [0, 1]."""
+    """Feeds the teacher's [0, 255] images (SAM's input range) to the student, which takes
+    [0, 1] like every other caller of it."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -419,14 +374,16 @@ def build_teacher_models(
             sam = build_sam(model_type, image_size=image_size, checkpoint=sam_checkpoint).eval()
     if mode != "semantic" or checkpoint is None:
         return TeacherModels(sam, None, 0)
-    semantic, num_classes = load_student_teacher(
+    from semisup.student import load_trained_student  # here: only semantic mode needs peft
+
+    trained, num_classes = load_trained_student(
         checkpoint,
         model_type=model_type,
         image_size=image_size,
         base_checkpoint=base_checkpoint,
         seed=seed,
     )
-    return TeacherModels(sam, semantic, num_classes)
+    return TeacherModels(sam, _ScaledInput(trained), num_classes)
 
 
 class SamTeacher:

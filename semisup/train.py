@@ -48,15 +48,14 @@ from semisup.config import (
     to_dict,
 )
 from semisup.store import (
+    StoreFacts,
     current_labels,
     open_store,
-    read_source_meta,
-    read_store_meta,
     read_tile_index,
+    store_facts,
 )
 from semisup.train_loop import (
     ADAPTER_FILE,
-    band_scales,
     scaled_lr,
     train_loop_per_worker,
     write_report_files,
@@ -65,11 +64,9 @@ from semisup.train_loop import (
 __all__ = [
     "ADAPTER_FILE",
     "NodeLostError",
-    "band_scales",
     "check_store_for",
     "run_training",
     "scaled_lr",
-    "store_facts",
     "write_report_files",
 ]
 
@@ -88,31 +85,6 @@ class NodeLostError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
-
-
-def store_facts(store: str) -> dict[str, Any]:
-    """What workers need to know about the store: classes, tile size, per-source band scaling."""
-    root = open_store(store)
-    meta = read_store_meta(root)
-    if not meta.num_classes:
-        raise ValueError(f"store {store}: no num_classes; a labelled store is needed to train")
-    index = read_tile_index(store).to_pandas()
-    band_scale = {}
-    for source_id in meta.sources:
-        source = read_source_meta(root, source_id)
-        band_scale[source_id] = (list(source.band_low), list(source.band_high))
-    counts = index[C.SPLIT].value_counts().to_dict()
-    has_pseudo = any(C.PSEUDO_LABEL in root[s] for s in meta.sources)  # type: ignore[operator]
-    teacher_run = root.attrs.get("semisup_pseudo_label") or {}  # see semisup.pseudo_label
-    return {
-        "num_classes": meta.num_classes,
-        "class_names": list(meta.class_names or [f"class_{k}" for k in range(meta.num_classes)]),
-        "tile_size": meta.tile_size,
-        "band_scale": band_scale,
-        "tiles_per_split": {k: int(v) for k, v in counts.items()},
-        "has_pseudo_labels": has_pseudo,
-        "pseudo_label_mode": teacher_run.get("mode") if isinstance(teacher_run, dict) else None,
-    }
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -230,7 +202,7 @@ def check_warm_start(config: ExperimentConfig, facts: Mapping[str, Any]) -> None
 
 def segmentation_facts(
     store: str, config: ExperimentConfig, splits: Mapping[str, Sequence[int]] | None
-) -> tuple[dict[str, Any], dict[str, list[int]]]:
+) -> tuple[StoreFacts, dict[str, list[int]]]:
     """``store_facts`` and each split's tile ids for the SAM student, checked against
     ``config`` (``check_store_for``, the base checkpoint); or an error naming what is wrong."""
     from semisup.pipeline import check_checkpoint
@@ -315,6 +287,7 @@ def run_training(
     run_dir = run_dir.resolve()
     check_run_dir(run_dir, resume)
     num_workers = 0 if debug else config.train.num_workers
+    facts: Mapping[str, Any]
     if config.task == "detection":
         from semisup.detection.train_task import detection_facts
 

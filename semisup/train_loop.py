@@ -43,6 +43,7 @@ from semisup.calibration import CALIBRATION_BINS, TARGET_ACCURACY, calibration
 from semisup.collective import Collective, current_collective
 from semisup.config import ExperimentConfig, from_dict
 from semisup.metrics import scores
+from semisup.model_input import prepare_batch
 from semisup.sampling import (
     SHARED_RANK,
     DataPosition,
@@ -52,7 +53,8 @@ from semisup.sampling import (
     validation_share,
     worker_seed,
 )
-from semisup.steps import StepRecipe, prepare_batch, train_step, unwrap, validation_counts
+from semisup.steps import StepRecipe, train_step, unwrap, validation_counts
+from semisup.store import band_scales
 from semisup.thresholds import initial_statistics
 from semisup.tile_reader import TileReader
 from semisup.train_state import (
@@ -650,11 +652,6 @@ def build_report(run: WorkerRun) -> dict[str, Any]:
         "steps": state.step,
         **task.describe(run.config),
     }
-
-
-def band_scales(facts: Mapping[str, Any]) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """Per-source (band_low, band_high) of ``store_facts``, as ``prepare_batch`` takes them."""
-    return {k: (tuple(v[0]), tuple(v[1])) for k, v in facts["band_scale"].items()}
 
 
 def _save_best(

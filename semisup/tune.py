@@ -112,7 +112,8 @@ def prepare_sweep(
     Returns (space name, space data, dimensions, the base config of every trial). Trials report
     once per epoch, so step checkpoints (``train.checkpoint_every_steps``) are turned off.
     """
-    from semisup.train import check_store_for, store_facts
+    from semisup.store import store_facts
+    from semisup.train import check_store_for
 
     name, data = resolve_space(space)
     if config.train.checkpoint_every_steps:

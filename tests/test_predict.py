@@ -149,9 +149,9 @@ def test_run_folder_gives_the_trained_adapter_on_its_seeded_base(tmp_path: Path)
     image = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         expected = trained(image)
-        np.testing.assert_allclose(load_model(model)(image * 255), expected, atol=1e-5)
+        np.testing.assert_allclose(load_model(model)(image), expected, atol=1e-5)
         other_seed = resolve_model(str(run), workdir=tmp_path, seed=4)
-        assert not torch.allclose(load_model(other_seed)(image * 255), expected, atol=1e-3)
+        assert not torch.allclose(load_model(other_seed)(image), expected, atol=1e-3)
 
 
 def test_adapter_of_another_base_is_refused_before_any_output(tmp_path: Path) -> None:

@@ -115,8 +115,8 @@ def test_labelstudio_format_attaches_the_students_class_maps(
     from semisup.data import read_tiles
     from semisup.evaluate import run_predictor
     from semisup.labelstudio import export_masks, tile_name
-    from semisup.steps import prepare_batch
-    from semisup.train import band_scales, store_facts
+    from semisup.model_input import prepare_batch
+    from semisup.store import band_scales, store_facts
 
     store, run = trained
     out = tmp_path / "ls"

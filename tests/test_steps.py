@@ -11,11 +11,11 @@ import torch
 from semisup import columns as C
 from semisup.config import AugmentConfig, SslConfig
 from semisup.ema import make_ema_teacher
+from semisup.model_input import prepare_batch
 from semisup.steps import (
     StepRecipe,
     combine_targets,
     compute_losses,
-    prepare_batch,
     train_step,
     unlabeled_targets,
     validation_counts,

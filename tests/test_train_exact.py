@@ -23,7 +23,8 @@ import torch
 from store_factory import scene_store as scene_store_at
 
 from semisup.config import ExperimentConfig, load_config
-from semisup.train import run_training, store_facts
+from semisup.store import store_facts
+from semisup.train import run_training
 from semisup.train_loop import build_model, build_optimizer
 from semisup.train_state import STATE_FILE, trainable_state
 

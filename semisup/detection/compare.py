@@ -194,7 +194,7 @@ def check_runs(seg_run: str | Path, det_run: str | Path, store: str | Path | Non
 
 def read_val_tiles(runs: Runs, batch_size: int = BATCH) -> Tiles:
     """The validation tiles in batches, read once so both models see the same arrays."""
-    from semisup.steps import prepare_batch
+    from semisup.model_input import prepare_batch
     from semisup.tile_reader import TileReader
 
     reader = TileReader(runs.store, runs.val_tiles, columns=COLUMNS)
@@ -330,7 +330,7 @@ def detector_facts(run: Path, num_classes: int) -> tuple[torch.nn.Module, dict[s
 
 
 def segmenter_facts(run: Path) -> tuple[torch.nn.Module, int, dict[str, Any]]:
-    """The run's best student (eval, takes [0, 255] images), its tile size, and its parameters:
+    """The run's best student (eval, takes [0, 1] images), its tile size, and its parameters:
     total (base and adapter) and the adapter's own; the adapter file and its size."""
     from safetensors.torch import load_file
 
@@ -396,13 +396,13 @@ def compare_runs(
     det_found, det_speed = timed(detector_predict(detector), batches)
     seg_found, seg_speed = timed(
         segmenter_predict(
-            lambda x: segmenter(x * 255.0),
+            segmenter,
             image_size,
             list(seg_of_box.values()),
             most=int(det_facts["detections_per_tile"]),
         ),
         batches,
-    )  # the loaded student takes [0, 255]
+    )
     rows = []
     for name, run, found, names, facts, speed in (
         ("SAM student (segmentation)", runs.seg, seg_found, box_names, seg_facts, seg_speed),

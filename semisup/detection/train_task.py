@@ -34,8 +34,9 @@ from semisup.detection.box_ap import box_average_precision
 from semisup.detection.model import DetectorCheckpointError, build_detector
 from semisup.detection.steps import BoxBatch, DetectionRecipe, detection_step
 from semisup.detection.targets import BoxTargets, SamPseudoBoxes, check_sam_pseudo_boxes
+from semisup.model_input import prepare_batch
 from semisup.sampling import STRONG_VIEW, WEAK_VIEW, derive_keys
-from semisup.steps import prepare_batch, unwrap
+from semisup.steps import unwrap
 from semisup.train_state import Trainables
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ AP_KEYS = ("ap", "ap50", "ap75")
 def detection_facts(
     store: str, config: ExperimentConfig, splits: Mapping[str, Sequence[int]] | None
 ) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """What workers need to know about the store (``train.store_facts``' keys, with the box
+    """What workers need to know about the store (``store.store_facts``' keys, with the box
     classes as classes), and each split's tile ids; or an error naming what is missing.
 
     ``splits``: explicit tile ids per split name, else the box sources' split (module doc).
