@@ -54,12 +54,12 @@ from semisup.detection.predict import BoxPredictor, DetectionRun, RasterBoxes  #
 from semisup.detection.steps import DetectionRecipe, detection_step, targets  # noqa: E402
 from semisup.detection.targets import BoxTargets  # noqa: E402
 from semisup.detection.train_task import box_batch, detector_state  # noqa: E402
-from semisup.predictor import read_job_windows  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
 from semisup.stitch import plan_jobs  # noqa: E402
 from semisup.store import band_scales, open_store, read_store_meta, read_tile_index, store_facts  # noqa: E402  # noqa: E402
 from semisup.synthetic import BOXES_FILE, write_scenes  # noqa: E402
 from semisup.tile_reader import TileReader  # noqa: E402
+from semisup.window_predictor import read_job_windows  # noqa: E402
 
 COLUMNS = (C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID, C.Y0, C.X0)
 

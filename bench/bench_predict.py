@@ -7,7 +7,7 @@ the same built-in random-init student, window size, overlap, batch size and torc
 - ``run_predict``: Ray actor pool (reads its windows with rasterio, predicts), the driver blends
   and writes the COG; whole call timed, Ray already up;
 - bare loop: in this process, the same windows read with ``raster_windows.read_strip`` and put
-  through the same model (``predictor.load_model``) and softmax; no blending, no writing.
+  through the same model (``window_predictor.load_model``) and softmax; no blending, no writing.
 
 Reported per raster size: pixels/s of both (raster pixels / seconds) and their ratio; then the
 steady state, from the difference of the two sizes, so that the fixed costs of a call (actor
@@ -53,9 +53,9 @@ from semisup import blend  # noqa: E402
 from semisup.map_writer import MapWriter  # noqa: E402
 from semisup.memory import process_tree, wait_for_exit  # noqa: E402
 from semisup.predict import run_predict  # noqa: E402
-from semisup.predictor import load_model, read_job_windows, resolve_model  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
 from semisup.stitch import plan_jobs  # noqa: E402
+from semisup.window_predictor import load_model, read_job_windows, resolve_model  # noqa: E402
 
 
 def write_raster(path: Path, size: int, rows: int = 512) -> Path:

@@ -16,7 +16,7 @@ from semisup.config import (
     add_config_arguments,
     config_from_arguments,
 )
-from semisup.datasets import colour_map
+from semisup.known_imagery import colour_map
 
 DESCRIPTION = (
     "Turn rasters (GeoTIFF/COG, PNG, JPEG, .npy; uint8 or uint16) and their labels (class-id "

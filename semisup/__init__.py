@@ -7,7 +7,7 @@ Data
     ``columns`` column names and sentinels · ``config`` typed configs · ``store`` the Zarr tile
     store · ``store_info`` its summary · ``tile_read`` / ``tile_reader`` reading tiles ·
     ``tile_boxes`` boxes inside a tile · ``bands`` band selection and scaling · ``data`` and
-    ``_zarr_datasource`` streaming tiles [Ray] · ``datasets`` known imagery · ``synthetic``
+    ``_zarr_datasource`` streaming tiles [Ray] · ``known_imagery`` known datasets · ``synthetic``
     generated scenes · ``label_inputs`` / ``label_import`` / ``labelstudio`` ground truth in.
 
 Models
@@ -27,15 +27,15 @@ Training
     loop [Ray] · ``train`` ``semisup train`` [Ray] · ``metrics`` · ``memory``.
 
 Inference
-    ``predictor`` the student that predicts, as a Ray Data actor class · ``predict``
+    ``window_predictor`` the student that predicts, as a Ray Data actor class · ``predict``
     ``semisup predict`` [Ray] · ``raster_windows`` / ``stitch`` / ``blend`` / ``map_writer``
     windows in, one map out · ``vectorize`` polygons · ``evaluate`` a run's scores on chosen
     tiles.
 
 Active learning and reports
-    ``uncertainty`` per-pixel uncertainty · ``active`` which tiles next · ``selection``
-    ``semisup select`` · ``labelling_round`` one round · ``report`` ``semisup report`` ·
-    ``experiment`` the label-efficiency experiment.
+    ``uncertainty`` per-pixel uncertainty · ``diversity`` diverse picks among uncertain tiles ·
+    ``selection`` ``semisup select`` · ``labelling_round`` one round · ``report``
+    ``semisup report`` · ``experiment`` the label-efficiency experiment.
 
 Tuning
     ``search_space`` search spaces as data · ``tune`` ``semisup tune`` [Ray] · ``tune_report``.

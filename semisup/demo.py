@@ -30,7 +30,7 @@ from semisup.config import (
     StudentConfig,
     TrainConfig,
 )
-from semisup.datasets import CLASS_NAMES, dubai_folders, shared_data_dir
+from semisup.known_imagery import CLASS_NAMES, dubai_folders, shared_data_dir
 from semisup.pipeline import run_pipeline
 from semisup.sam import SAM_SPECS
 from semisup.stages import comparison_table

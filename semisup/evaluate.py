@@ -23,10 +23,10 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 def run_predictor(run: Path, image_size: int) -> Predictor:
     """The run's best student: B×3×S×S float images in [0, 1] -> B×K×S×S logits (CPU, eval).
 
-    Built as ``semisup predict --model RUN`` builds it (``predictor.resolve_model``): the best
+    Built as ``semisup predict --model RUN`` builds it (``window_predictor.resolve_model``): the best
     adapter on the run's ``student.checkpoint``, a random-init base drawn from ``train.seed``.
     """
-    from semisup.predictor import load_model, resolve_model
+    from semisup.window_predictor import load_model, resolve_model
 
     if not (run / "best").is_dir() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(

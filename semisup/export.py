@@ -63,7 +63,7 @@ def export_run(
     or a run without a best adapter, ``FileExistsError`` for an existing ``out`` without
     ``overwrite``, ``ValueError`` for an unknown ``format`` or ``quantize``.
     """
-    from semisup.predictor import resolve_model
+    from semisup.window_predictor import resolve_model
 
     started = time.perf_counter()
     run, out = Path(run), Path(out)

@@ -476,7 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup label import``; returns the exit status (input errors are printed)."""
-    from semisup.datasets import colour_map
+    from semisup.known_imagery import colour_map
 
     try:
         import_labels(

@@ -42,16 +42,16 @@ from semisup import blend
 from semisup.actor_pool import add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
-from semisup.predictor import (
+from semisup.progress import Progress
+from semisup.raster_windows import RasterSource, open_sources
+from semisup.stitch import Job, Stitcher, plan_jobs
+from semisup.window_predictor import (
     ONNX,
     PredictModel,
     WindowPredictor,
     check_swappable,
     resolve_model,
 )
-from semisup.progress import Progress
-from semisup.raster_windows import RasterSource, open_sources
-from semisup.stitch import Job, Stitcher, plan_jobs
 
 DEFAULT_STRIPE: Final = 4096  # px; a multiple of the GeoTIFF block (map_writer.BLOCK)
 IDENTITY_VERSION: Final = 1

@@ -3,7 +3,7 @@ propose the next ones to label.
 
 Tiles stream through Ray Data into a pool of :class:`TileScorer` actors that run the student of a
 ``semisup train`` run (its best adapter) and pool each uncertainty map of ``semisup.uncertainty``
-to one score per tile; ``semisup.active.diverse_greedy`` then picks the budget. Outputs in
+to one score per tile; ``semisup.diversity.diverse_greedy`` then picks the budget. Outputs in
 ``--out``::
 
     selection.csv        rank, tile id, source, pixel window, geo bounds, every measured score
@@ -27,15 +27,15 @@ import torch
 
 from semisup import columns as C
 from semisup import uncertainty
-from semisup.active import (
+from semisup.actor_pool import cluster_cpus, map_with_pool, share_cpus, share_threads
+from semisup.config import ConfigError, load_config
+from semisup.diversity import (
     crs_name,
     diverse_greedy,
     dumps_geojson,
     feature_collection,
     footprint_feature,
 )
-from semisup.actor_pool import cluster_cpus, map_with_pool, share_cpus, share_threads
-from semisup.config import ConfigError, load_config
 from semisup.evaluate import run_predictor
 from semisup.labelstudio import DEFAULT_IMAGE_ROOT, write_tasks
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from semisup import columns as C
 from semisup.config import ConfigError, ExperimentConfig
-from semisup.datasets import CLASS_NAMES, colour_map
+from semisup.known_imagery import CLASS_NAMES, colour_map
 
 
 @dataclass(frozen=True)

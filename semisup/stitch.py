@@ -17,8 +17,8 @@ import numpy as np
 from semisup import blend
 from semisup import columns as C
 from semisup.map_writer import MapWriter
-from semisup.predictor import JOB, PROBABILITIES
 from semisup.raster_windows import RasterSource
+from semisup.window_predictor import JOB, PROBABILITIES
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Generated aerial-like scenes, for the demo when no real imagery is at hand.
 
 A scene is land with roads, rectangular buildings, vegetation blobs and a water body, with the
-classes of ``semisup.datasets.CLASS_NAMES``. Scenes are written as georeferenced GeoTIFFs
+classes of ``semisup.known_imagery.CLASS_NAMES``. Scenes are written as georeferenced GeoTIFFs
 (UTM 40N, 0.5 m pixels, like the Dubai imagery) with class-id PNG masks, and a nodata corner,
 so that the demo exercises the same ingestion path as real rasters. Each building (a connected
 component of the building class) is also a box, in one CSV of the layout ``semisup prep
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from semisup.columns import IGNORE_INDEX
-from semisup.datasets import CLASS_NAMES
+from semisup.known_imagery import CLASS_NAMES
 
 BUILDING, LAND, ROAD, VEGETATION, WATER = range(len(CLASS_NAMES))
 BOXES_FILE = "boxes.csv"  # the scenes' building boxes, beside images/ and masks/

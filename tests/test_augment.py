@@ -11,7 +11,7 @@ from PIL import Image
 
 from semisup import columns as C
 from semisup.augment import AugmentConfig, apply_affine, cutmix, strong_view, weak_view
-from semisup.datasets import DUBAI_COLOURS
+from semisup.known_imagery import DUBAI_COLOURS
 
 GEOMETRY_ONLY = AugmentConfig(colour_strength=0.0, blur_prob=0.0, cutmix_prob=0.0)
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from data_prep.ingest import build_store
 from semisup.cli import main
 from semisup.config import load_config
-from semisup.datasets import CLASS_NAMES
 from semisup.detection.compare import CompareError, check_runs, class_pairs, component_boxes
+from semisup.known_imagery import CLASS_NAMES
 from semisup.synthetic import BOXES_FILE, write_scenes
 from semisup.train import run_training
 

@@ -21,8 +21,8 @@ from data_prep.labels import colors_to_ids, parse_color_map
 from semisup import columns as C
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
-from semisup.datasets import DUBAI_COLOURS
 from semisup.export import OPSET, export_run
+from semisup.known_imagery import DUBAI_COLOURS
 from semisup.onnx_student import BAND_SCALING, OnnxStudent, read_metadata
 from semisup.student import build_student, load_student, save_adapter
 
@@ -147,7 +147,7 @@ PREDICT_WITHOUT_RAY = textwrap.dedent(
     import contextlib, dataclasses, json, sys
     import numpy as np
     import semisup.predict as predict, semisup.runtime as runtime
-    from semisup.predictor import WindowPredictor
+    from semisup.window_predictor import WindowPredictor
 
     def in_process(jobs, outputs, models, output_models, *, tile, overlap, batch_size, **_):
         actor = WindowPredictor([dataclasses.asdict(m) for m in models],

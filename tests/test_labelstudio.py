@@ -259,7 +259,7 @@ def test_select_annotate_import_round_trip_on_dubai(
     labelled, with those labels."""
     from data_prep.ingest import build_store as prep
     from semisup.config import PrepConfig, load_config
-    from semisup.datasets import DUBAI_COLOURS
+    from semisup.known_imagery import DUBAI_COLOURS
     from semisup.label_import import import_labels
     from semisup.selection import run_select
     from semisup.store import label_array, open_store, read_store_meta, read_tile_index

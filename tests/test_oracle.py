@@ -15,8 +15,8 @@ import pytest
 
 from data_prep.ingest import build_store
 from semisup.config import PrepConfig, load_config
-from semisup.datasets import DUBAI_COLOURS
 from semisup.experiment import LabelEfficiencySettings, gap_closed, run_label_efficiency
+from semisup.known_imagery import DUBAI_COLOURS
 
 FRACTION = 1 / 32  # of the pool (tile_1, 9 images): a steep part of the learning curve
 MIN_GAP = 0.05  # full − labels-only test mIoU: the room the oracle has to close

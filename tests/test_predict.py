@@ -23,12 +23,12 @@ from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
 from semisup.memory import wait_for_exit
 from semisup.predict import output_path, run_predict
-from semisup.predictor import JOB, PROBABILITIES, WindowPredictor, load_model, resolve_model
 from semisup.raster_windows import RasterSource, open_sources, read_strip
 from semisup.sam import build_sam
 from semisup.stitch import Stitcher, plan_jobs
 from semisup.student import AdapterError, build_student, save_adapter
 from semisup.vectorize import write_geojson
+from semisup.window_predictor import JOB, PROBABILITIES, WindowPredictor, load_model, resolve_model
 
 VEGAS = "spacenet_vegas/sample_geotiff.tif"  # 900×900, 1 band uint16, EPSG:32616
 NEON = "neon_trees/OSBS_029.tif"  # 400×400 RGB uint8, EPSG:32617, a few nodata pixels

@@ -146,7 +146,7 @@ def test_config_file_and_set_overrides_give_defaults_that_flags_override(
 def test_label_colors_takes_a_known_name_or_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from semisup.datasets import DUBAI_COLOURS, colour_map
+    from semisup.known_imagery import DUBAI_COLOURS, colour_map
 
     monkeypatch.chdir(tmp_path)
     assert colour_map("dubai") == DUBAI_COLOURS

@@ -19,7 +19,7 @@ import zarr
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup.cli import main as semisup_main
-from semisup.datasets import DUBAI_COLOURS
+from semisup.known_imagery import DUBAI_COLOURS
 from semisup.masks import MaskFilter
 from semisup.pseudo_label import (
     INSTANCE_PARTS_DIR,

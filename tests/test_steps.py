@@ -106,7 +106,7 @@ def _real_tiles(
     """Crops of real Dubai images with their labels, as a prepared batch."""
     from PIL import Image
 
-    from semisup.datasets import DUBAI_COLOURS
+    from semisup.known_imagery import DUBAI_COLOURS
 
     images, labels = [], []
     for part in parts:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from semisup.datasets import CLASS_NAMES
+from semisup.known_imagery import CLASS_NAMES
 from semisup.synthetic import generate_scene, write_scenes
 
 

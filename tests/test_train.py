@@ -142,7 +142,7 @@ def test_resume_continues_a_stopped_run(
 @pytest.fixture(scope="module")
 def dubai_store(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Dubai tile 1 for training (every image labelled) and tile 3 for validation."""
-    from semisup.datasets import CLASS_NAMES, DUBAI_COLOURS
+    from semisup.known_imagery import CLASS_NAMES, DUBAI_COLOURS
 
     result = build_store(
         [dubai_dir / "tile_1" / "images", dubai_dir / "tile_3" / "images"],

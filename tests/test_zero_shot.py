@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from semisup.cli import main as semisup_main
-from semisup.datasets import DUBAI_COLOURS
+from semisup.known_imagery import DUBAI_COLOURS
 from semisup.masks import MaskFilter
 from semisup.teacher import best_mask, decode_masks, point_grid
 from semisup.zero_shot import (

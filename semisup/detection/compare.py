@@ -334,7 +334,7 @@ def segmenter_facts(run: Path) -> tuple[torch.nn.Module, int, dict[str, Any]]:
     total (base and adapter) and the adapter's own; the adapter file and its size."""
     from safetensors.torch import load_file
 
-    from semisup.predictor import load_model, resolve_model
+    from semisup.window_predictor import load_model, resolve_model
 
     resolved = resolve_model(str(run), workdir=run)
     model = load_model(resolved)

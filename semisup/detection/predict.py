@@ -37,8 +37,8 @@ from semisup.config import DetectorArch, RayConfig
 from semisup.detection.merge import merge_window_boxes
 from semisup.detection.model import build_detector, load_detector_checkpoint
 from semisup.detection.train_task import DETECTOR_FILE
-from semisup.predictor import JOB
 from semisup.raster_windows import RasterSource, open_sources
+from semisup.window_predictor import JOB
 
 BOXES: Final = "boxes"  # per window D×4 float32 raster-pixel xyxy, D = detections_per_tile
 LABELS: Final = "labels"  # per window D int64 class index (0-based), -1 past COUNT
@@ -147,7 +147,9 @@ class BoxPredictor:
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))  # see predictor.WindowPredictor
+        os.environ.setdefault(
+            "GDAL_CACHEMAX", str(GDAL_CACHE_MB)
+        )  # see window_predictor.WindowPredictor
         self.run = DetectionRun(**run)
         self.sources, self.tile, self.overlap = list(sources), tile, overlap
         self.batch_size = batch_size
@@ -157,7 +159,7 @@ class BoxPredictor:
         self.model = load_run_detector(self.run).to(self.device)
 
     def __call__(self, jobs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from semisup.predictor import read_job_windows
+        from semisup.window_predictor import read_job_windows
 
         windows = read_job_windows(
             jobs, sources=self.sources, tile=self.tile, overlap=self.overlap, opened=self._opened

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semisup.active import crs_name, diverse_greedy, feature_collection, footprint_feature
+from semisup.diversity import crs_name, diverse_greedy, feature_collection, footprint_feature
 
 
 def _grid(source: str, rows: int, cols: int, size: int = 256) -> tuple[list[str], np.ndarray]:
