@@ -130,6 +130,7 @@ def out_of_range_ids(ids: np.ndarray, num_classes: int | None) -> np.ndarray:
 
 
 def allowed_range(num_classes: int | None) -> str:
+    """The class ids a label raster may hold, as text for error messages."""
     limit = MAX_CLASSES if num_classes is None else num_classes
     return f"[0, {limit - 1}] or {C.IGNORE_INDEX} (ignore)"
 

@@ -211,6 +211,7 @@ def build_parser(full_stages: Iterable[str] | None = None) -> argparse.ArgumentP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``semisup`` command line on ``argv``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser([chosen] if chosen in STAGES else []).parse_args(argv)

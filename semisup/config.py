@@ -631,6 +631,7 @@ def _deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML to ``path`` (every field, in declaration order)."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

@@ -104,4 +104,5 @@ def crs_name(wkt: str | None) -> str | None:
 
 
 def dumps_geojson(collection: Mapping[str, Any]) -> str:
+    """A GeoJSON document as text (indented, with a trailing newline)."""
     return json.dumps(collection, indent=1) + "\n"

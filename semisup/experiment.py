@@ -130,6 +130,7 @@ def partition(index: pd.DataFrame) -> ExperimentTiles:
 
 
 def subset_size(fraction: float, pool: int) -> int:
+    """Tiles in ``fraction`` of a pool of ``pool`` tiles (at least one)."""
     return max(1, round(fraction * pool))
 
 
@@ -529,6 +530,7 @@ def run_label_efficiency(
 
 
 def class_names(store: str) -> tuple[str, ...]:
+    """The store's class names, or ``class i`` where it has none."""
     from semisup.store import open_store, read_store_meta
 
     meta = read_store_meta(open_store(store))
@@ -699,6 +701,7 @@ EXAMPLE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup experiment`` flags."""
     parser.add_argument("name", choices=["label-efficiency"], help="the experiment to run")
     parser.add_argument("--store", required=True, help="a labelled tile store (split by source)")
     parser.add_argument("--out", type=Path, required=True, help="folder for runs and the report")
@@ -745,6 +748,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run (or resume) the experiment and print where its report is."""
     try:
         fractions = tuple(float(f) for f in args.fractions.split(","))
     except ValueError as err:

@@ -251,6 +251,7 @@ def _check_georeference(
 
 
 def same_crs(first: str, second: str) -> bool:
+    """Whether two CRS descriptions (WKT, EPSG codes, ...) name the same CRS."""
     return bool(CRS.from_user_input(first) == CRS.from_user_input(second))
 
 

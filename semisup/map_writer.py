@@ -41,10 +41,12 @@ BAND_NAMES: Final = ("class", "confidence_percent")
 
 
 def partial_path(path: Path) -> Path:
+    """The file a map is written to until it is complete."""
     return path.with_name(path.name + ".partial")
 
 
 def progress_path(path: Path) -> Path:
+    """The JSON file that records a map's finished rows, for resuming."""
     return path.with_name(path.name + ".progress.json")
 
 

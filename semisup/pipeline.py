@@ -504,6 +504,7 @@ EXAMPLE = "semisup run --config cluster/smoke.yaml --out runs/smoke --local"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup run`` flags."""
     parser.add_argument(
         "--out", type=Path, default=None, help="run folder (overrides pipeline.out)"
     )
@@ -527,6 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run the pipeline the config enables; returns the exit status."""
     config = config_from_arguments(args)
     pipeline = config.pipeline
     if args.out is not None:

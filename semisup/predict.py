@@ -155,18 +155,7 @@ def run_predict(
     sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
     try:
-        models = [
-            resolve_model(
-                name,
-                workdir=workdir,
-                base_checkpoint=base_checkpoint,
-                seed=seed,
-                num_classes=num_classes,
-                tile_size=tile_size,
-            )
-            for name in ([model] if isinstance(model, str) else model)
-        ]
-        check_swappable(models)
+        models = _resolve_models(model, workdir, base_checkpoint, seed, num_classes, tile_size)
         resolved = models[0]
         tile = resolved.image_size
         overlap = tile // 4 if overlap is None else overlap
@@ -682,6 +671,30 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
     )
+
+
+def _resolve_models(
+    model: str | Sequence[str],
+    workdir: Path,
+    base_checkpoint: str | None,
+    seed: int | None,
+    num_classes: int,
+    tile_size: int | None,
+) -> list[PredictModel]:
+    """Every ``--model`` resolved (``resolve_model``), checked to share one loaded base."""
+    models = [
+        resolve_model(
+            name,
+            workdir=workdir,
+            base_checkpoint=base_checkpoint,
+            seed=seed,
+            num_classes=num_classes,
+            tile_size=tile_size,
+        )
+        for name in ([model] if isinstance(model, str) else model)
+    ]
+    check_swappable(models)
+    return models
 
 
 def refuse_detection_runs(models: Sequence[str | Path]) -> None:

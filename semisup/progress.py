@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final, TextIO
 
 PROGRESS_EVERY_S: Final = 2.0  # seconds between two progress lines
@@ -13,6 +14,7 @@ class Progress:
 
     ``already``: items done by an earlier, interrupted run (counted in ``done``, not in the
     rate). ``pixels_per_item``: when set, the line also gives megapixels per second.
+    ``on_advance``: called with (done, total) after every ``advance``.
     """
 
     def __init__(
@@ -24,8 +26,10 @@ class Progress:
         unit: str,
         already: int = 0,
         pixels_per_item: int | None = None,
+        on_advance: Callable[[int, int], None] | None = None,
     ) -> None:
         self.log, self.total, self.label, self.unit = log, total, label, unit
+        self.on_advance = on_advance
         self.done, self.processed, self.pixels_per_item = already, 0, pixels_per_item
         self.start = self.last = time.perf_counter()
 
@@ -43,6 +47,8 @@ class Progress:
         """Count ``items`` more done; print a line when the last one is old enough."""
         self.done += items
         self.processed += items
+        if self.on_advance is not None:
+            self.on_advance(self.done, self.total)
         if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
             self.say()
 

@@ -479,7 +479,8 @@ def run_pseudo_label(
         store: local path or fsspec URL of a semisup tile store (written in place).
         mode, model_type, checkpoint, base_checkpoint: the teacher (see ``SamTeacher``);
             semantic mode takes the student adapter as ``checkpoint``.
-        actors: size of the teacher actor pool.
+        actors: size of the teacher actor pool; at most one per read task (Ray Data leaves the
+            actors beyond its read tasks idle, and warns), so a small store gets fewer.
         gpus_per_actor: GPUs per actor, fractional to share one (0: run on CPU).
         cpus_per_actor: CPUs reserved per actor; default leaves one CPU of the cluster to the
             read and write tasks: ``clamp((cluster CPUs - 1) / actors, 0.1, 1)``.
@@ -507,11 +508,7 @@ def run_pseudo_label(
     _check_pool(actors, batch_size, gpus_per_actor)
     root = tile_store.open_store(store, "r+", storage_options)
     meta = tile_store.read_store_meta(root)
-    if (meta.tile_size + 2 * halo) % PATCH_SIZE:
-        raise ValueError(
-            f"tile_size + 2·halo = {meta.tile_size + 2 * halo} px must divide by SAM's patch "
-            f"size {PATCH_SIZE}"
-        )
+    _check_halo(meta.tile_size, halo)
     teacher_options: dict[str, Any] = dict(
         points_per_side=points_per_side,
         mask_filter=mask_filter or MaskFilter(),
@@ -523,88 +520,109 @@ def run_pseudo_label(
         bands=bands,
         seed=seed,
     )
-    identity = teacher_identity(
+    model: dict[str, Any] = dict(
         mode=mode,
         model_type=model_type,
         checkpoint=checkpoint,
         base_checkpoint=base_checkpoint,
         halo=halo,
+    )
+    identity = _checked_identity(
+        **model,
         bf16_on_gpu=bf16 and gpus_per_actor > 0,
         teacher_options=teacher_options,
+        image_size=meta.tile_size + 2 * halo,
     )
-    if checkpoint is not None or base_checkpoint is not None:
-        # the weights are loaded once here, before the store is touched or any actor starts: a
-        # checkpoint or adapter that cannot be read or does not fit fails in one line naming it
-        build_teacher_models(
-            mode=mode,
-            model_type=model_type,
-            image_size=meta.tile_size + 2 * halo,
-            checkpoint=checkpoint,
-            base_checkpoint=base_checkpoint,
-            refine=refine,
-            seed=seed,
-        )
     selected = _selected_tiles(store, split, storage_options)
     fresh = _prepare_store(
         store, root, meta, selected, identity, mode, output, overwrite, storage_options, log
     )
-    done = set(read_manifest(store, storage_options).column(C.TILE_ID).to_pylist())
-    todo = np.array(sorted(set(selected.column(C.TILE_ID).to_pylist()) - done), dtype=np.int64)
-    total, already = selected.num_rows, selected.num_rows - len(todo)
-    if max_tiles is not None:
-        todo = todo[:max_tiles]
-    progress = Progress(log, total, label="pseudo-label", unit="tiles", already=already)
-    # Ray Data leaves the actors beyond its read tasks idle (and warns): a small store gets fewer
+    todo, already = _todo(store, selected, max_tiles, storage_options)
+    progress = Progress(
+        log,
+        selected.num_rows,
+        label="pseudo-label",
+        unit="tiles",
+        already=already,
+        on_advance=on_progress,
+    )
     actors = min(actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
     teacher_kwargs = dict(
+        **model,
         store=store,
-        mode=mode,
-        model_type=model_type,
-        checkpoint=checkpoint,
-        base_checkpoint=base_checkpoint,
-        halo=halo,
         bf16=bf16,
         storage_options=storage_options,
         device="auto" if gpus_per_actor > 0 else "cpu",
         torch_threads=actor_threads(actors, gpus_per_actor, torch_threads),
         **teacher_options,
     )
-
-    def pipeline(tiles: np.ndarray) -> Any:
-        return _pipeline(
-            store,
-            tiles,
-            split=split,
-            halo=halo,
-            meta=meta,
-            identity=identity,
-            encoding=label_encoding(mode, output),
-            teacher_cls=teacher_cls,
-            teacher_kwargs=teacher_kwargs,
-            actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=actor_cpus(actors, cpus_per_actor),
-            batch_size=batch_size,
-            storage_options=storage_options,
-            placement=placement,
-        )
-
-    def advance(rows: int) -> None:
-        progress.advance(rows)
-        if on_progress is not None:
-            on_progress(progress.done, total)
-
+    pipeline = functools.partial(
+        _pipeline,
+        store,
+        split=split,
+        halo=halo,
+        meta=meta,
+        identity=identity,
+        encoding=label_encoding(mode, output),
+        teacher_cls=teacher_cls,
+        teacher_kwargs=teacher_kwargs,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=actor_cpus(actors, cpus_per_actor),
+        batch_size=batch_size,
+        storage_options=storage_options,
+        placement=placement,
+    )
     try:
-        _label_with_pools(pipeline, todo, advance, store, storage_options, log)
+        _label_with_pools(pipeline, todo, progress.advance, store, storage_options, log)
     except BaseException:
         if fresh and read_manifest(store, storage_options).num_rows == 0:
             _clear(store, root, storage_options)  # nothing was labelled: leave no trace
         raise
     progress.say()
-    writes_instances = mode != "semantic" and output == "instances"
-    manifest = compact_manifest(store, storage_options, instances=writes_instances)
+    instances = mode != "semantic" and output == "instances"
+    manifest = compact_manifest(store, storage_options, instances=instances)
     root.attrs[STATE_ATTR] = "complete"
     return _summary(store, manifest, selected, identity, progress, already)
+
+
+def _checked_identity(
+    *, image_size: int, teacher_options: dict[str, Any], **settings: Any
+) -> dict[str, Any]:
+    """The run identity (``teacher_identity``) of a labelling run, after loading its weights
+    once when it has any: before the store is touched or an actor starts, a checkpoint or
+    adapter that cannot be read or does not fit fails in one line naming it."""
+    identity = teacher_identity(teacher_options=teacher_options, **settings)
+    if settings["checkpoint"] is not None or settings["base_checkpoint"] is not None:
+        build_teacher_models(
+            mode=settings["mode"],
+            model_type=settings["model_type"],
+            image_size=image_size,
+            checkpoint=settings["checkpoint"],
+            base_checkpoint=settings["base_checkpoint"],
+            refine=teacher_options["refine"],
+            seed=teacher_options["seed"],
+        )
+    return identity
+
+
+def _todo(
+    store: str, selected: pa.Table, max_tiles: int | None, storage_options: Any
+) -> tuple[np.ndarray, int]:
+    """(tile ids of ``selected`` not yet labelled, at most ``max_tiles``; how many were)."""
+    done = set(read_manifest(store, storage_options).column(C.TILE_ID).to_pylist())
+    todo = np.array(sorted(set(selected.column(C.TILE_ID).to_pylist()) - done), dtype=np.int64)
+    already = selected.num_rows - len(todo)
+    return (todo if max_tiles is None else todo[:max_tiles]), already
+
+
+def _check_halo(tile_size: int, halo: int) -> None:
+    """``ValueError`` unless the teacher's input (the tile and its halo) divides into patches."""
+    if (tile_size + 2 * halo) % PATCH_SIZE:
+        raise ValueError(
+            f"tile_size + 2·halo = {tile_size + 2 * halo} px must divide by SAM's patch "
+            f"size {PATCH_SIZE}"
+        )
 
 
 def _check_pool(actors: int, batch_size: int, gpus_per_actor: float) -> None:

@@ -284,6 +284,7 @@ def _fmt(value: float | None) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    """The run report as Markdown: the figures of ``report`` as tables, with the plots."""
     lines = ["# Run report", "", f"Run `{report['run']}`.", "", "## Validation mIoU", ""]
     lines += ["| model | mIoU |", "|---|---|"]
     lines.append(
@@ -372,6 +373,7 @@ EXAMPLE = "semisup report --run demo_out"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup report`` flags."""
     parser.add_argument("--run", type=Path, required=True, help="a pipeline run folder")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/report")
     parser.add_argument("--store", type=Path, default=None, help="default: RUN/store.zarr")
@@ -380,6 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Write the run's report and print where it is."""
     default = RunLayout.of(args.run)
     layout = RunLayout(
         store=args.store or default.store,

@@ -425,6 +425,7 @@ EXAMPLE = "semisup select --run demo_out/student --store demo_out/store.zarr --b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup select`` flags."""
     parser.add_argument("--run", type=Path, required=True, help="a `semisup train` run folder")
     parser.add_argument(
         "--store",
@@ -477,6 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Score the unlabeled tiles and write the proposals; returns the exit status."""
     from semisup.runtime import ray_runtime
 
     store = args.store

@@ -245,6 +245,7 @@ class StoreReadError(OSError):
 
 
 def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``s3://``, ``memory://``, ...) rather than a local path."""
     return "://" in str(path)
 
 
@@ -262,10 +263,12 @@ def open_store(
 
 
 def read_store_meta(group: zarr.Group) -> StoreMeta:
+    """The store's root metadata."""
     return StoreMeta.from_attrs(group.attrs.asdict())
 
 
 def read_source_meta(group: zarr.Group, source_id: str) -> SourceMeta:
+    """One source's metadata."""
     return SourceMeta.from_attrs(group[source_id].attrs.asdict())
 
 

@@ -138,6 +138,7 @@ EXAMPLE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup submit`` flags."""
     parser.add_argument(
         "--address",
         default=None,
@@ -173,6 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Submit the command as a Ray job and follow its logs; returns the job's exit status."""
     entrypoint = list(args.entrypoint)
     if entrypoint[:1] == ["--"]:
         entrypoint = entrypoint[1:]

@@ -112,6 +112,7 @@ def _teacher_state(teacher: nn.Module, keys: set[str]) -> dict[str, torch.Tensor
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU (and, once initialised, CUDA) random-number states of torch."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()

@@ -482,6 +482,7 @@ class TrialProgress(tune.Callback):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup tune`` flags."""
     from tune_spaces import SPACES
 
     parser.add_argument("--store", help="tile store (path or fsspec URL); from OUT with --resume")
@@ -526,6 +527,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run (or resume) the sweep and print its summary; returns the exit status."""
     saved: dict[str, Any] = {}
     if args.resume:  # settings not given again are those the sweep was started with
         fs, root = storage.filesystem(args.out)

@@ -194,6 +194,7 @@ def _mean_precision(precision: np.ndarray) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup evaluate-boxes`` flags."""
     parser.add_argument(
         "--pred",
         required=True,
@@ -222,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Score the prediction files against the truth and print AP per metric and class."""
     mapping = parse_box_classes(args.box_classes)
     predictions, truths = (
         [rename_box_labels(s, mapping) for path in paths for s in read_box_file(path)]

@@ -489,6 +489,7 @@ def write_comparison(out: Path, result: Mapping[str, Any]) -> tuple[Path, Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``semisup compare`` flags."""
     parser.add_argument(
         "--runs",
         nargs=2,
@@ -519,6 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Compare the two runs into ``--out``; returns the exit status."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: got {args.batch_size}, expected >= 1")
     result = compare_runs(
