@@ -189,7 +189,14 @@ def run_predict(
             for (x0, x1), done in zip(writer.stripes, writer.rows_done, strict=True)
         )
         windows = sum(job.last_col - job.first_col for job in jobs)
-        progress = Progress(log, windows, label="predict", unit="windows", pixels_per_item=tile**2)
+        progress = Progress(
+            log,
+            windows,
+            label="predict",
+            unit="windows",
+            pixels_per_item=tile**2,
+            on_advance=on_progress,
+        )
         peak = None
         if jobs:
             from semisup.runtime import ray_runtime
@@ -202,7 +209,6 @@ def run_predict(
                     models,
                     output_models,
                     progress,
-                    on_progress,
                     {
                         "tile": tile,
                         "overlap": overlap,
@@ -232,7 +238,6 @@ def _predict_jobs(
     models: Sequence[PredictModel],
     output_models: Sequence[int],
     progress: Progress,
-    on_progress: Callable[[int, int], None] | None,
     settings: dict[str, Any],
 ) -> Any:
     """Run the pipeline over ``jobs``, stitching and writing as windows arrive; finish each
@@ -252,8 +257,6 @@ def _predict_jobs(
         }
         for batch in _pipeline(jobs, outputs, models, output_models, **pipeline_settings):
             progress.advance(stitcher.add(batch))
-            if on_progress is not None:
-                on_progress(progress.done, progress.total)
             for index in stitcher.finished:
                 outputs[index][1].finish()
             stitcher.finished.clear()
