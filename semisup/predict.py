@@ -183,11 +183,7 @@ def run_predict(
             vectors += model_vectors
             output_models += [index] * len(model_outputs)
         jobs = plan_jobs(outputs, tile, overlap)
-        pixels = sum(
-            (source.height - done) * (x1 - x0)
-            for source, writer in outputs
-            for (x0, x1), done in zip(writer.stripes, writer.rows_done, strict=True)
-        )
+        pixels = _pixels_left(outputs)
         windows = sum(job.last_col - job.first_col for job in jobs)
         progress = Progress(
             log,
@@ -230,6 +226,15 @@ def run_predict(
         shutil.rmtree(workdir, ignore_errors=True)
     labels = [models[index].label for index in output_models] if len(models) > 1 else None
     return _summary(outputs, vectors, polygons, pixels, windows, started, peak, resolved, labels)
+
+
+def _pixels_left(outputs: Sequence[tuple[RasterSource, MapWriter]]) -> int:
+    """Pixels of ``outputs`` not yet written (every row of a stripe below its rows done)."""
+    return sum(
+        (source.height - done) * (x1 - x0)
+        for source, writer in outputs
+        for (x0, x1), done in zip(writer.stripes, writer.rows_done, strict=True)
+    )
 
 
 def _predict_jobs(
