@@ -422,13 +422,13 @@ def _tile_rows(
         C.X0: x0s,
         C.HEIGHT: hs,
         C.WIDTH: ws,
-        "minx": bounds[:, 0],
-        "miny": bounds[:, 1],
-        "maxx": bounds[:, 2],
-        "maxy": bounds[:, 3],
+        C.MINX: bounds[:, 0],
+        C.MINY: bounds[:, 1],
+        C.MAXX: bounds[:, 2],
+        C.MAXY: bounds[:, 3],
         C.SPLIT: [C.UNLABELED] * len(rows),
-        "valid_fraction": valid_fraction,
-        "label_coverage": coverage,
+        C.VALID_FRACTION: valid_fraction,
+        C.LABEL_COVERAGE: coverage,
     }
     arrays = [pa.array(columns[f.name]).cast(f.type) for f in TILE_INDEX_SCHEMA]
     return pa.Table.from_arrays(arrays, schema=TILE_INDEX_SCHEMA)

@@ -33,6 +33,18 @@ SAMPLE_KEY: Final = "sample_key"  # int64 per sample: seeds its augmentation (se
 HEIGHT: Final = "height"
 WIDTH: Final = "width"
 SPLIT: Final = "split"
+VALID_FRACTION: Final = "valid_fraction"  # share of the tile's pixels that hold data
+LABEL_COVERAGE: Final = "label_coverage"  # share of the tile's pixels with a class label
+MINX: Final = "minx"  # the tile's bounds in the source CRS
+MINY: Final = "miny"
+MAXX: Final = "maxx"
+MAXY: Final = "maxy"
+
+# Rows of a prediction job (``semisup.stitch.Job``): one window row of one stripe of one output
+JOB_SEQ: Final = "seq"
+JOB_OUTPUT: Final = "output"  # index into the run's outputs
+FIRST_COL: Final = "first_col"  # [first_col, last_col): the row's window starts
+LAST_COL: Final = "last_col"
 
 # Class id for pixels that carry no supervision (unlabelled, void, padding, unconfident).
 # 255 because labels are stored as uint8; also the ignore value of the colour map files.

@@ -194,7 +194,7 @@ def _filter_index(
             )
         index = index.filter(pc.is_in(index.column(C.SPLIT), pa.array(wanted, pa.string())))
     if skip_nodata:
-        index = index.filter(pc.greater(index.column("valid_fraction"), 0))
+        index = index.filter(pc.greater(index.column(C.VALID_FRACTION), 0))
     return index
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -18,6 +18,7 @@ from semisup import columns as C
 from semisup.metrics import confusion_matrix, scores
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+EVALUATION_BATCH: Final = 16  # tiles per forward pass: no gradients, so twice a training batch
 
 
 def run_predictor(run: Path, image_size: int) -> Predictor:
@@ -38,7 +39,7 @@ def run_predictor(run: Path, image_size: int) -> Predictor:
 
 @torch.inference_mode()
 def evaluate_run(
-    store: str, run: Path, tile_ids: Sequence[int], *, batch_size: int = 16
+    store: str, run: Path, tile_ids: Sequence[int], *, batch_size: int = EVALUATION_BATCH
 ) -> dict[str, Any]:
     """mIoU, Dice, pixel accuracy and per-class IoU of the run's best student on ``tile_ids``.
 

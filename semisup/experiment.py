@@ -112,7 +112,7 @@ class ExperimentTiles:
 
 def partition(index: pd.DataFrame) -> ExperimentTiles:
     """Pool, monitor and test tiles of a store's tile index (monitor/test split by source)."""
-    usable = index[(index["valid_fraction"] > 0) & (index["label_coverage"] > 0)]
+    usable = index[(index[C.VALID_FRACTION] > 0) & (index[C.LABEL_COVERAGE] > 0)]
     pool = usable[usable[C.SPLIT].isin([C.LABELED, C.UNLABELED])]
     val = usable[usable[C.SPLIT] == C.VAL]
     sources = sorted(val[C.SOURCE].unique())

@@ -358,7 +358,7 @@ def _updated_index(
     """The tile index of the new version: moved tiles ``labeled``, coverage recomputed."""
     new_labels = {plan.source_id: plan.labels for plan in plans}
     slots = {tile.tile_id: tile for tile in view.tiles.values()}
-    coverage = index.column("label_coverage").to_numpy(zero_copy_only=False).copy()
+    coverage = index.column(C.LABEL_COVERAGE).to_numpy(zero_copy_only=False).copy()
     splits = index.column(C.SPLIT).to_pylist()
     row_of = {tile_id: row for row, tile_id in enumerate(index.column(C.TILE_ID).to_pylist())}
     for tile_id in touched:
@@ -368,8 +368,8 @@ def _updated_index(
         if tile_id in moved:
             splits[row] = C.LABELED
     index = index.set_column(
-        index.schema.get_field_index("label_coverage"),
-        "label_coverage",
+        index.schema.get_field_index(C.LABEL_COVERAGE),
+        C.LABEL_COVERAGE,
         pa.array(coverage, pa.float32()),
     )
     return index.set_column(

@@ -50,7 +50,7 @@ def ground_truth_masks(store: str, tile_ids: Sequence[int], folder: Path) -> lis
     for tile_id in tile_ids:
         tile = index.loc[tile_id]
         source = str(tile[C.SOURCE])
-        y0, x0 = int(tile["y0"]), int(tile["x0"])
+        y0, x0 = int(tile[C.Y0]), int(tile[C.X0])
         group = cast("zarr.Group", root[source])
         arrays = tile_store.read_tile(group, y0, x0, size, labels=labels)
         label = arrays.get(C.LABEL)

@@ -10,7 +10,7 @@ SAM teacher takes [0, 255] (SAM's own normalisation is in 8-bit units).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -20,6 +20,10 @@ from semisup import columns as C
 from semisup.bands import scale_bands, to_three_bands
 
 Batch = dict[str, Tensor]
+
+# tiles (or windows) per model call by default wherever a model predicts (pseudo-labels, maps,
+# selection scores); each command's --batch-size changes it
+INFERENCE_BATCH: Final = 8
 
 
 def prepare_batch(

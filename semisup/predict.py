@@ -39,9 +39,11 @@ from typing import Any, Final, TextIO
 import numpy as np
 
 from semisup import blend
+from semisup import columns as C
 from semisup.actor_pool import add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
+from semisup.model_input import INFERENCE_BATCH
 from semisup.progress import Progress
 from semisup.raster_windows import RasterSource, open_sources
 from semisup.stitch import Job, Stitcher, plan_jobs
@@ -91,7 +93,7 @@ def run_predict(
     tile_size: int | None = None,
     overlap: int | None = None,
     weight_floor: float = blend.DEFAULT_FLOOR,
-    batch_size: int = 8,
+    batch_size: int = INFERENCE_BATCH,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float | None = None,
@@ -446,11 +448,11 @@ def stream_jobs(
 
     items = [
         {
-            "seq": j.seq,
-            "output": j.output,
-            "y0": j.y0,
-            "first_col": j.first_col,
-            "last_col": j.last_col,
+            C.JOB_SEQ: j.seq,
+            C.JOB_OUTPUT: j.output,
+            C.Y0: j.y0,
+            C.FIRST_COL: j.first_col,
+            C.LAST_COL: j.last_col,
         }
         for j in jobs
     ]

@@ -74,6 +74,7 @@ from semisup.actor_pool import (
 from semisup.atomic import write_bytes_atomic
 from semisup.data import TILES_PER_TASK, read_tiles
 from semisup.masks import MaskFilter
+from semisup.model_input import INFERENCE_BATCH
 from semisup.progress import Progress
 from semisup.runtime import ensure_ray
 from semisup.sam import PATCH_SIZE, SAM_SPECS, checkpoint_sha256, resolve_checkpoint
@@ -452,7 +453,7 @@ def run_pseudo_label(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float | None = None,
     torch_threads: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = INFERENCE_BATCH,
     split: str | Sequence[str] | None = C.UNLABELED,
     halo: int = 0,
     bf16: bool = True,
@@ -676,7 +677,7 @@ def _selected_tiles(
     if split is not None:
         wanted = [split] if isinstance(split, str) else list(split)
         index = index.filter(pc.is_in(index.column(C.SPLIT), pa.array(wanted, pa.string())))
-    return index.filter(pc.greater(index.column("valid_fraction"), 0))
+    return index.filter(pc.greater(index.column(C.VALID_FRACTION), 0))
 
 
 def _prepare_store(

@@ -67,7 +67,7 @@ def pseudo_label_quality(
     done = set(read_manifest(store).column(C.TILE_ID).to_pylist())
     labels = current_labels(root)
     index = read_tile_index(store, labels=labels).to_pandas()
-    index = index[index[C.TILE_ID].isin(done) & (index["label_coverage"] > 0)]
+    index = index[index[C.TILE_ID].isin(done) & (index[C.LABEL_COVERAGE] > 0)]
     totals = {k: np.zeros(bins) for k in ("pixels", "correct", "confidence_sum")}
     for row in index.itertuples():
         group: Any = root[str(row.source)]
@@ -173,7 +173,7 @@ def showcase_val_tiles(store: str, count: int) -> list[dict[str, Any]]:
     meta = read_store_meta(root)
     labels = current_labels(root)
     index = read_tile_index(store, labels=labels).to_pandas()
-    rows = index[(index[C.SPLIT] == C.VAL) & (index["label_coverage"] > 0)]
+    rows = index[(index[C.SPLIT] == C.VAL) & (index[C.LABEL_COVERAGE] > 0)]
     size, classes = meta.tile_size, max(meta.num_classes or 1, 1)
     valid_share, class_share = [], []
     for row in rows.itertuples():

@@ -38,6 +38,7 @@ from semisup.diversity import (
 )
 from semisup.evaluate import run_predictor
 from semisup.labelstudio import DEFAULT_IMAGE_ROOT, write_tasks
+from semisup.model_input import INFERENCE_BATCH
 
 SCORE_PREFIX = "score_"
 FORMATS = ("csv", "labelstudio")  # csv: selection.csv/geojson only; labelstudio: also tasks
@@ -126,7 +127,7 @@ def score_tiles(
     *,
     top_fraction: float = 1.0,
     actors: int = 1,
-    batch_size: int = 8,
+    batch_size: int = INFERENCE_BATCH,
     tile_ids: list[int] | None = None,
 ) -> pd.DataFrame:
     """One row per candidate tile: TILE_ID and ``score_<measure>`` columns.
@@ -291,7 +292,7 @@ def contact_sheet(
 
 @torch.inference_mode()
 def predicted_classes(
-    chosen: pd.DataFrame, store: str, run: Path, batch_size: int = 8
+    chosen: pd.DataFrame, store: str, run: Path, batch_size: int = INFERENCE_BATCH
 ) -> dict[int, np.ndarray]:
     """Tile id -> HEIGHT×WIDTH uint8 argmax class map of the run's student over the tile's
     window (the padded tile is predicted, then cropped), ``IGNORE_INDEX`` at nodata."""

@@ -17,11 +17,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from semisup import columns as C
 from semisup.config import ConfigError, ExperimentConfig
 from semisup.known_imagery import CLASS_NAMES, colour_map
+from semisup.model_input import INFERENCE_BATCH
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class RunContext:
     def say(self, message: str) -> None:
         if self.log is not None:
             print(message, file=self.log, flush=True)
+
+
+STREAM_BATCH: Final = 32  # tiles per batch when the stream stage measures reading
 
 
 def teacher_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -117,7 +121,7 @@ def stream(context: RunContext) -> dict[str, Any]:
     for split in C.SPLITS:
         dataset = read_tiles_from_config(str(context.store), context.config.stream, split=split)
         start, count, shapes = time.perf_counter(), 0, {}
-        for batch in dataset.iter_batches(batch_size=32, batch_format="numpy"):
+        for batch in dataset.iter_batches(batch_size=STREAM_BATCH, batch_format="numpy"):
             count += len(batch[C.TILE_ID])
             shapes = {name: f"{tuple(value.shape)} {value.dtype}" for name, value in batch.items()}
         seconds = time.perf_counter() - start
@@ -175,7 +179,7 @@ def pseudo_label(context: RunContext) -> dict[str, Any]:
         base_checkpoint=config.student.checkpoint,
         actors=config.pipeline.pseudo_label_actors,
         gpus_per_actor=config.pipeline.pseudo_label_gpus,
-        batch_size=8,
+        batch_size=INFERENCE_BATCH,
         halo=config.stream.halo,
         seed=config.train.seed,
         overwrite=not context.resume,  # a new teacher's labels replace the old ones

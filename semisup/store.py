@@ -64,13 +64,13 @@ TILE_INDEX_SCHEMA = pa.schema(
         (C.X0, pa.int64()),
         (C.HEIGHT, pa.int32()),
         (C.WIDTH, pa.int32()),
-        ("minx", pa.float64()),
-        ("miny", pa.float64()),
-        ("maxx", pa.float64()),
-        ("maxy", pa.float64()),
+        (C.MINX, pa.float64()),
+        (C.MINY, pa.float64()),
+        (C.MAXX, pa.float64()),
+        (C.MAXY, pa.float64()),
         (C.SPLIT, pa.string()),
-        ("valid_fraction", pa.float32()),
-        ("label_coverage", pa.float32()),
+        (C.VALID_FRACTION, pa.float32()),
+        (C.LABEL_COVERAGE, pa.float32()),
     ]
 )
 TILE_INDEX_COLUMNS = tuple(TILE_INDEX_SCHEMA.names)

@@ -223,7 +223,7 @@ def split_tile_ids(
     """The tile ids of every split (the store's, or ``splits``), without all-nodata tiles."""
     index = read_tile_index(store).to_pandas()
     if config.stream.skip_nodata:
-        index = index[index["valid_fraction"] > 0]
+        index = index[index[C.VALID_FRACTION] > 0]
     if splits is None:
         return {
             name: sorted(int(i) for i in index.loc[index[C.SPLIT] == name, C.TILE_ID])

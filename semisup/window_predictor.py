@@ -19,6 +19,7 @@ import torch
 
 from semisup import blend
 from semisup import columns as C
+from semisup.model_input import INFERENCE_BATCH
 from semisup.raster_windows import RasterSource, read_strip, source_arrays
 
 PROBABILITIES: Final = "probabilities"  # per-window K×T×T float16 softmax, added by the actors
@@ -244,7 +245,7 @@ class WindowPredictor:
         sources: Sequence[RasterSource],
         tile: int,
         overlap: int,
-        batch_size: int = 8,
+        batch_size: int = INFERENCE_BATCH,
         device: str = "cpu",
         torch_threads: int | None = None,
         output_models: Sequence[int] | None = None,
@@ -282,7 +283,9 @@ class WindowPredictor:
         images = windows.pop(C.IMAGE)
         valid = windows[C.VALID]
         probabilities = np.zeros((len(images), self.num_classes, self.tile, self.tile), np.float16)
-        output_of_job = dict(zip(jobs["seq"].tolist(), jobs["output"].tolist(), strict=True))
+        output_of_job = dict(
+            zip(jobs[C.JOB_SEQ].tolist(), jobs[C.JOB_OUTPUT].tolist(), strict=True)
+        )
         model_of_window = np.array(
             [self.output_models[output_of_job[seq]] for seq in windows[JOB].tolist()], np.int64
         )
@@ -359,11 +362,11 @@ def read_job_windows(
     opened = {} if opened is None else opened
     parts = []
     for seq, output, y0, first, last in zip(
-        batch["seq"],
-        batch["output"],
-        batch["y0"],
-        batch["first_col"],
-        batch["last_col"],
+        batch[C.JOB_SEQ],
+        batch[C.JOB_OUTPUT],
+        batch[C.Y0],
+        batch[C.FIRST_COL],
+        batch[C.LAST_COL],
         strict=True,
     ):
         source = sources[int(output)]

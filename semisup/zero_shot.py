@@ -475,7 +475,7 @@ def _labelled_tiles(
 ) -> list[dict[str, Any]]:
     """Index rows of tiles with labels (of ``split``), in id order."""
     index = tile_store.read_tile_index(store, storage_options)
-    index = index.filter(pc.greater(index.column("label_coverage"), 0))
+    index = index.filter(pc.greater(index.column(C.LABEL_COVERAGE), 0))
     return _in_split(index, split)
 
 
