@@ -83,6 +83,7 @@ from semisup.teacher import (
     INSTANCES,
     MODES,
     NUM_MASKS,
+    LabelEncoding,
     OutputKind,
     PromptKind,
     SamTeacher,
@@ -769,7 +770,7 @@ def _pipeline(
     halo: int,
     meta: tile_store.StoreMeta,
     identity: dict[str, Any],
-    encoding: tuple[np.dtype, int, int | None],
+    encoding: LabelEncoding,
     teacher_cls: type[SamTeacher],
     teacher_kwargs: dict[str, Any],
     actors: int,
@@ -780,7 +781,7 @@ def _pipeline(
     placement: str | None = None,
 ) -> Any:
     """An iterator over the manifest rows of each written batch, as the pipeline runs."""
-    _, ignore, background = encoding
+    ignore, background = encoding.ignore, encoding.background
     tiles = read_tiles(
         store, split=split, halo=halo, columns=_TEACHER_INPUT, storage_options=storage_options
     )

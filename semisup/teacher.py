@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -93,13 +93,21 @@ _OUTSIDE: Final = float("-inf")
 # Label encodings
 
 
-def label_encoding(mode: str, output: str = "instances") -> tuple[np.dtype, int, int | None]:
-    """(dtype, ignore value, background value or None) of ``PSEUDO_LABEL`` for a mode/output."""
+class LabelEncoding(NamedTuple):
+    """How ``PSEUDO_LABEL`` is stored for one mode and output kind."""
+
+    dtype: np.dtype
+    ignore: int  # pixels that are not valid (nodata, padding)
+    background: int | None  # pixels no mask covers; None for class labels (semantic mode)
+
+
+def label_encoding(mode: str, output: str = "instances") -> LabelEncoding:
+    """The ``PSEUDO_LABEL`` encoding of a teacher mode and output kind."""
     if mode == "semantic":
-        return np.dtype(np.uint8), C.IGNORE_INDEX, None
+        return LabelEncoding(np.dtype(np.uint8), C.IGNORE_INDEX, None)
     if output == "foreground":
-        return np.dtype(np.uint8), C.IGNORE_INDEX, BACKGROUND
-    return np.dtype(INSTANCE_DTYPE), INSTANCE_IGNORE, BACKGROUND
+        return LabelEncoding(np.dtype(np.uint8), C.IGNORE_INDEX, BACKGROUND)
+    return LabelEncoding(np.dtype(INSTANCE_DTYPE), INSTANCE_IGNORE, BACKGROUND)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,11 +526,11 @@ class SamTeacher:
         with torch.inference_mode(), self._autocast():
             images = self._images(batch)
             labels, confidences, counts, rows = zip(*self._label_tiles(images, batch), strict=True)
-        dtype, ignore, _ = label_encoding(self.mode, self.output)
-        label = np.stack(labels).astype(dtype)  # B×S×S
+        encoding = label_encoding(self.mode, self.output)
+        label = np.stack(labels).astype(encoding.dtype)  # B×S×S
         confidence = np.stack(confidences).astype(np.float32)  # B×S×S
         valid = np.asarray(batch[C.VALID], dtype=bool)
-        label[~valid] = ignore
+        label[~valid] = encoding.ignore
         confidence[~valid] = 0.0
         dropped = () if self.keep_inputs else (C.IMAGE, C.VALID)
         out = {name: value for name, value in batch.items() if name not in dropped}
