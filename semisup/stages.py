@@ -22,7 +22,6 @@ from typing import Any, Final, TextIO
 from semisup import columns as C
 from semisup.config import ConfigError, ExperimentConfig
 from semisup.known_imagery import CLASS_NAMES, colour_map
-from semisup.model_input import INFERENCE_BATCH
 
 
 @dataclass(frozen=True)
@@ -168,6 +167,7 @@ def teacher(context: RunContext) -> dict[str, Any]:
 
 def pseudo_label(context: RunContext) -> dict[str, Any]:
     """Label the unlabeled tiles with the fine-tuned teacher, in a pool of Ray actors."""
+    from semisup.model_input import INFERENCE_BATCH  # here: torch only when labelling
     from semisup.pseudo_label import run_pseudo_label
 
     config = context.config
