@@ -68,9 +68,13 @@ def scene_store(folder: Path, scenes: int, size: int, tile: int) -> tuple[str, P
     """Generated scenes with their building boxes as a tile store; (store, images folder)."""
     images, masks = write_scenes(folder / "scenes", count=scenes, size=size, seed=0)
     made = build_store(
-        [images], folder / "store.zarr", labels=[masks], boxes=[folder / "scenes" / BOXES_FILE],
-        config={"tile_size": tile}, quiet=True,
-    )  # fmt: skip
+        [images],
+        folder / "store.zarr",
+        labels=[masks],
+        boxes=[folder / "scenes" / BOXES_FILE],
+        config={"tile_size": tile},
+        quiet=True,
+    )
     return str(made.path), images
 
 
@@ -79,11 +83,15 @@ def tile_batches(store: str, batch: int, count: int) -> list[dict[str, Any]]:
     root = open_store(store)
     boxes = BoxTargets(root, store)
     index = read_tile_index(store).to_pandas()
-    with_boxes = [int(r[C.TILE_ID]) for _, r in index.iterrows()
-                  if len(boxes.tile(r[C.SOURCE], int(r[C.Y0]), int(r[C.X0])).boxes)]  # fmt: skip
+    with_boxes = [
+        int(r[C.TILE_ID])
+        for _, r in index.iterrows()
+        if len(boxes.tile(r[C.SOURCE], int(r[C.Y0]), int(r[C.X0])).boxes)
+    ]
     reader = TileReader(store, with_boxes, columns=COLUMNS)
-    picked = [with_boxes[(i * batch + k) % len(with_boxes)] for i in range(count)
-              for k in range(batch)]  # fmt: skip
+    picked = [
+        with_boxes[(i * batch + k) % len(with_boxes)] for i in range(count) for k in range(batch)
+    ]
     return [reader.read(picked[i : i + batch]) for i in range(0, len(picked), batch)]
 
 
@@ -105,10 +113,14 @@ def alternate(
                     wall[name] += times[name][-1]
                     cpu[name] += time.process_time() - cpu_start
     return {
-        name: {"median_s": statistics.median(t), "wall_s": wall[name], "cpu_s": cpu[name],
-               "calls": len(t)}
+        name: {
+            "median_s": statistics.median(t),
+            "wall_s": wall[name],
+            "cpu_s": cpu[name],
+            "calls": len(t),
+        }
         for name, t in times.items()
-    }  # fmt: skip
+    }
 
 
 def bench_training(store: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -153,18 +165,24 @@ def bench_prediction(store: str, images: Path, args: argparse.Namespace) -> dict
     sources = open_sources([images])
     jobs = plan_jobs([(s, RasterBoxes(s)) for s in sources], tile, overlap)
     job_rows = [
-        {"seq": np.array([j.seq]), "output": np.array([j.output]), "y0": np.array([j.y0]),
-         "first_col": np.array([j.first_col]), "last_col": np.array([j.last_col])}
+        {
+            "seq": np.array([j.seq]),
+            "output": np.array([j.output]),
+            "y0": np.array([j.y0]),
+            "first_col": np.array([j.first_col]),
+            "last_col": np.array([j.last_col]),
+        }
         for j in jobs
-    ]  # fmt: skip
+    ]
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "detector.pt"
         torch.save(detector_state(model), weights)
         run = DetectionRun(str(weights), args.arch, ("building",), tile, 0.05, 0.5, 300, "bench")
         predictor = BoxPredictor(asdict(run), sources, tile, overlap, batch_size=args.batch)
         bare_model = predictor.model  # the same loaded weights, eval mode
-        windows = [read_job_windows(row, sources=sources, tile=tile, overlap=overlap)
-                   for row in job_rows]  # fmt: skip
+        windows = [
+            read_job_windows(row, sources=sources, tile=tile, overlap=overlap) for row in job_rows
+        ]
         # BoxPredictor skips windows without a valid pixel (the nodata corner): so does bare
         valid = [w[C.VALID].reshape(len(w[C.VALID]), -1).any(1) for w in windows]
         counts = [int(v.sum()) for v in valid]
@@ -183,15 +201,24 @@ def bench_prediction(store: str, images: Path, args: argparse.Namespace) -> dict
     for side in measured.values():
         side["images_per_s"] = per_round * args.rounds / side["wall_s"]
     ratio = measured["ours"]["images_per_s"] / measured["bare"]["images_per_s"]
-    return {**measured, "ours_over_bare_images_per_s": ratio, "windows": per_round,
-            "jobs": len(job_rows), "tile": tile, "overlap": overlap}  # fmt: skip
+    return {
+        **measured,
+        "ours_over_bare_images_per_s": ratio,
+        "windows": per_round,
+        "jobs": len(job_rows),
+        "tile": tile,
+        "overlap": overlap,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="fasterrcnn_mobilenet_v3_large_fpn",
-                        choices=["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_v2"],
-                        help="detector architecture (random weights)")  # fmt: skip
+    parser.add_argument(
+        "--arch",
+        default="fasterrcnn_mobilenet_v3_large_fpn",
+        choices=["fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn_v2"],
+        help="detector architecture (random weights)",
+    )
     parser.add_argument("--scenes", type=int, default=2, help="generated scenes")
     parser.add_argument("--scene-size", type=int, default=768, help="px per scene side")
     parser.add_argument("--tile", type=int, default=256, help="tile and window size, px")
@@ -212,10 +239,14 @@ def main() -> int:
     result = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {args.threads} threads",
-        "arch": args.arch, "load_before": load_before, "load_after": os.getloadavg(),
-        "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
-        "training": training, "prediction": prediction,
-    }  # fmt: skip
+        "arch": args.arch,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
+        "training": training,
+        "prediction": prediction,
+    }
     print(json.dumps(result, indent=2, default=float))
     print(
         f"training:   ours {training['ours']['median_s']:.3f} s/step, bare "
@@ -227,8 +258,10 @@ def main() -> int:
         f"{prediction['bare']['images_per_s']:.2f}: ours/bare "
         f"{prediction['ours_over_bare_images_per_s']:.3f} (target >= 0.9)"
     )
-    print(f"load average before {load_before}, after {result['load_after']}; wall "
-          f"{result['wall_s']:.1f} s, CPU {result['cpu_s']:.1f} s")  # fmt: skip
+    print(
+        f"load average before {load_before}, after {result['load_after']}; wall "
+        f"{result['wall_s']:.1f} s, CPU {result['cpu_s']:.1f} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return 0

@@ -61,10 +61,19 @@ from semisup.window_predictor import load_model, read_job_windows, resolve_model
 def write_raster(path: Path, size: int, rows: int = 512) -> Path:
     """A size×size RGB uint8 GeoTIFF, written band of rows by band of rows."""
     profile = {
-        "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
-        "crs": "EPSG:32640", "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
-        "nodata": 0, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-    }  # fmt: skip
+        "driver": "GTiff",
+        "height": size,
+        "width": size,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32640",
+        "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
     rng = np.random.default_rng(size)
     with rasterio.open(path, "w", **profile) as ds:
         for y0 in range(0, size, rows):
@@ -127,9 +136,14 @@ def bare_loop(
     net = load_model(model)
     tile, overlap = model.image_size, args.overlap
     writer = MapWriter(
-        work / "unused.tif", height=source.height, width=source.width, crs=None, transform=None,
-        stripes=blend.stripe_bounds(source.width, args.stripe), identity={},
-    )  # fmt: skip
+        work / "unused.tif",
+        height=source.height,
+        width=source.width,
+        crs=None,
+        transform=None,
+        stripes=blend.stripe_bounds(source.width, args.stripe),
+        identity={},
+    )
     jobs = plan_jobs([(source, writer)], tile, overlap)
     torch.set_num_threads(args.threads)
     windows, opened, start = 0, {}, time.perf_counter()
@@ -154,10 +168,19 @@ def pipeline(raster: Path, out: Path, model_name: str, args: argparse.Namespace)
     wait_for_exit("MapWorker")  # the actor of the previous run, which Ray ends lazily
     with CpuSampler() as sampler:
         summary = run_predict(
-            [raster], model_name, out, tile_size=args.tile, overlap=args.overlap,
-            batch_size=args.batch_size, actors=args.actors, torch_threads=args.threads,
-            num_classes=args.classes, stripe_width=args.stripe, measure_memory=True, log=None,
-        )  # fmt: skip
+            [raster],
+            model_name,
+            out,
+            tile_size=args.tile,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            actors=args.actors,
+            torch_threads=args.threads,
+            num_classes=args.classes,
+            stripe_width=args.stripe,
+            measure_memory=True,
+            log=None,
+        )
     return {**summary, "cpu_s": sampler.seconds}
 
 
@@ -177,8 +200,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    ray.init(num_cpus=args.cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(
+        num_cpus=args.cpus,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
@@ -188,15 +215,22 @@ def main() -> None:
             for size, raster in rasters.items():
                 bare = bare_loop(raster, args.model, args, work)
                 summary = pipeline(raster, work / f"m{size}-{round_index}.tif", args.model, args)
-                rows.append({
-                    "round": round_index + 1, "size": size, "pixels": size * size,
-                    "bare_s": bare["seconds"], "bare_cpu_s": bare["cpu_s"],
-                    "bare_windows": bare["windows"], "ray_s": summary["seconds"],
-                    "ray_cpu_s": summary["cpu_s"], "ray_windows": summary["windows"],
-                    "peak_mb": summary["peak_memory_mb"],
-                    "predict_peak_mb": summary["peak_predict_memory_mb"],
-                    "rise_mb": summary["peak_memory_mb"] - summary["baseline_memory_mb"],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "round": round_index + 1,
+                        "size": size,
+                        "pixels": size * size,
+                        "bare_s": bare["seconds"],
+                        "bare_cpu_s": bare["cpu_s"],
+                        "bare_windows": bare["windows"],
+                        "ray_s": summary["seconds"],
+                        "ray_cpu_s": summary["cpu_s"],
+                        "ray_windows": summary["windows"],
+                        "peak_mb": summary["peak_memory_mb"],
+                        "predict_peak_mb": summary["peak_predict_memory_mb"],
+                        "rise_mb": summary["peak_memory_mb"] - summary["baseline_memory_mb"],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     report(rows, args)
@@ -204,20 +238,28 @@ def main() -> None:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     small, large = args.sizes
-    print(f"\nmachine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-          f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}; torch {torch.__version__}, "
-          f"ray {ray.__version__}")  # fmt: skip
-    print(f"model {args.model}, {args.tile} px windows, overlap {args.overlap}, batch "
-          f"{args.batch_size}, {args.threads} torch thread(s), {args.actors} actor(s)\n")  # fmt: skip
-    print("| round | raster | bare Mpx/s | predict Mpx/s | ratio | bare CPU s | predict CPU s "
-          "| peak MiB | rise MiB | driver + actor peak MiB |")  # fmt: skip
+    print(
+        f"\nmachine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}; torch {torch.__version__}, "
+        f"ray {ray.__version__}"
+    )
+    print(
+        f"model {args.model}, {args.tile} px windows, overlap {args.overlap}, batch "
+        f"{args.batch_size}, {args.threads} torch thread(s), {args.actors} actor(s)\n"
+    )
+    print(
+        "| round | raster | bare Mpx/s | predict Mpx/s | ratio | bare CPU s | predict CPU s "
+        "| peak MiB | rise MiB | driver + actor peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     steady = []
     for row in rows:
         bare, ray_rate = row["pixels"] / row["bare_s"] / 1e6, row["pixels"] / row["ray_s"] / 1e6
-        print(f"| {row['round']} | {row['size']}² | {bare:.3f} | {ray_rate:.3f} | "
-              f"{ray_rate / bare:.2f} | {row['bare_cpu_s']:.1f} | {row['ray_cpu_s']:.1f} | "
-              f"{row['peak_mb']:.0f} | {row['rise_mb']:.0f} | {row['predict_peak_mb']:.0f} |")  # fmt: skip
+        print(
+            f"| {row['round']} | {row['size']}² | {bare:.3f} | {ray_rate:.3f} | "
+            f"{ray_rate / bare:.2f} | {row['bare_cpu_s']:.1f} | {row['ray_cpu_s']:.1f} | "
+            f"{row['peak_mb']:.0f} | {row['rise_mb']:.0f} | {row['predict_peak_mb']:.0f} |"
+        )
     for round_index in {row["round"] for row in rows}:
         pair = {row["size"]: row for row in rows if row["round"] == round_index}
         pixels = pair[large]["pixels"] - pair[small]["pixels"]
@@ -226,12 +268,16 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         cpu_bare = pair[large]["bare_cpu_s"] - pair[small]["bare_cpu_s"]
         cpu_ray = pair[large]["ray_cpu_s"] - pair[small]["ray_cpu_s"]
         steady.append((bare, ray_rate, ray_rate / bare, cpu_bare / cpu_ray))
-        print(f"\nsteady state, round {round_index}: bare {bare:.3f} Mpx/s, predict "
-              f"{ray_rate:.3f} Mpx/s, ratio {ray_rate / bare:.2f}; CPU s per extra Mpx: bare "
-              f"{cpu_bare / pixels * 1e6:.2f}, predict {cpu_ray / pixels * 1e6:.2f} "
-              f"(ratio {cpu_bare / cpu_ray:.2f})")  # fmt: skip
-    print(f"median steady-state ratio: {statistics.median(s[2] for s in steady):.2f} (wall), "
-          f"{statistics.median(s[3] for s in steady):.2f} (CPU)")  # fmt: skip
+        print(
+            f"\nsteady state, round {round_index}: bare {bare:.3f} Mpx/s, predict "
+            f"{ray_rate:.3f} Mpx/s, ratio {ray_rate / bare:.2f}; CPU s per extra Mpx: bare "
+            f"{cpu_bare / pixels * 1e6:.2f}, predict {cpu_ray / pixels * 1e6:.2f} "
+            f"(ratio {cpu_bare / cpu_ray:.2f})"
+        )
+    print(
+        f"median steady-state ratio: {statistics.median(s[2] for s in steady):.2f} (wall), "
+        f"{statistics.median(s[3] for s in steady):.2f} (CPU)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "steady": steady}, indent=2))
 

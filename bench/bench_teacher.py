@@ -209,9 +209,11 @@ def main() -> None:
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     configs = [(int(a), int(t)) for a, t in (c.split("x") for c in args.configs.split(","))]
-    print(f"load average {os.getloadavg()[0]:.1f}; {platform.machine()}, {cpus} CPUs, torch "
-          f"{torch.__version__}, ray {ray.__version__}; {args.tiles} tiles of {TILE} px, tiny "
-          f"SAM automatic, {args.points_per_side}² points, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; {platform.machine()}, {cpus} CPUs, torch "
+        f"{torch.__version__}, ray {ray.__version__}; {args.tiles} tiles of {TILE} px, tiny "
+        f"SAM automatic, {args.points_per_side}² points, batch {args.batch_size}"
+    )
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as tmp:
         workdir = Path(tmp)
@@ -224,19 +226,23 @@ def main() -> None:
             for index in range(args.rounds):
                 rounds.append(measure_round(store, workdir, configs, args))
                 for (actors, threads), (steady, reference, whole) in rounds[-1].items():
-                    print(f"round {index + 1}, {actors} actor(s) × {threads} thread(s): pipeline "
-                          f"steady {steady:.2f} tiles/s, bare loop reference {reference:.2f} "
-                          f"tiles/s, ratio {steady / reference:.2f}; end to end "
-                          f"{whole.per_s:.2f} tiles/s ({whole.tiles} tiles in {whole.wall_s:.1f} "
-                          "s, actor start-up included)")  # fmt: skip
+                    print(
+                        f"round {index + 1}, {actors} actor(s) × {threads} thread(s): pipeline "
+                        f"steady {steady:.2f} tiles/s, bare loop reference {reference:.2f} "
+                        f"tiles/s, ratio {steady / reference:.2f}; end to end "
+                        f"{whole.per_s:.2f} tiles/s ({whole.tiles} tiles in {whole.wall_s:.1f} "
+                        "s, actor start-up included)"
+                    )
         finally:
             ray.shutdown()
     for config in configs:
         steady = float(np.median([r[config][0] for r in rounds]))
         reference = float(np.median([r[config][1] for r in rounds]))
         ratio = float(np.median([r[config][0] / r[config][1] for r in rounds]))
-        print(f"median, {config[0]} actor(s) × {config[1]} thread(s): pipeline {steady:.2f} "
-              f"tiles/s, bare loop {reference:.2f} tiles/s, ratio {ratio:.2f}")  # fmt: skip
+        print(
+            f"median, {config[0]} actor(s) × {config[1]} thread(s): pipeline {steady:.2f} "
+            f"tiles/s, bare loop {reference:.2f} tiles/s, ratio {ratio:.2f}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

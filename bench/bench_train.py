@@ -31,10 +31,13 @@ def build_scene_store(folder: Path, tile_size: int) -> str:
 
     images, masks = write_scenes(folder, count=6, size=768, seed=100)
     result = build_store(
-        [images], folder / "store.zarr", labels=[masks], num_classes=5,
+        [images],
+        folder / "store.zarr",
+        labels=[masks],
+        num_classes=5,
         config={"tile_size": tile_size, "val_sources": ["scene_5"], "labeled_fraction": 0.4},
         quiet=True,
-    )  # fmt: skip
+    )
     return str(result.path)
 
 
@@ -75,10 +78,13 @@ def bare_loop(store: str, config, steps: int) -> tuple[float, float]:  # type: i
     unlabeled = in_memory_batches(store, C.UNLABELED, config.train.batch_size)
     torch.manual_seed(config.train.seed)
     model = build_student(
-        config.student.model_type, facts["num_classes"], facts["tile_size"],
-        mode=config.student.mode, lora_rank=config.student.lora_rank,
+        config.student.model_type,
+        facts["num_classes"],
+        facts["tile_size"],
+        mode=config.student.mode,
+        lora_rank=config.student.lora_rank,
         lora_targets=config.student.lora_targets,
-    )  # fmt: skip
+    )
     teacher = make_ema_teacher(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=scaled_lr(config))
@@ -89,9 +95,14 @@ def bare_loop(store: str, config, steps: int) -> tuple[float, float]:  # type: i
         labeled_batch = prepare_batch(labeled[step % len(labeled)], band_scale)
         unlabeled_batch = prepare_batch(unlabeled[step % len(unlabeled)], band_scale)
         train_step(
-            model, optimizer, labeled_batch, unlabeled_batch, teacher=teacher, recipe=recipe,
+            model,
+            optimizer,
+            labeled_batch,
+            unlabeled_batch,
+            teacher=teacher,
+            recipe=recipe,
             step=step,
-        )  # fmt: skip
+        )
         times.append(time.perf_counter() - start)
     return float(np.mean(times)), float(np.median(times))
 
@@ -127,35 +138,48 @@ def main() -> None:
         for threads in (int(t) for t in args.threads.split(",")):
             config = load_config(
                 overrides=[
-                    "student.model_type=tiny", "student.mode=lora", "ssl.target=ema",
-                    "train.num_workers=1", f"train.torch_threads={threads}",
-                    "train.batch_size=8", "train.epochs=1",
-                    f"train.steps_per_epoch={args.steps}", "ray.num_cpus=2",
+                    "student.model_type=tiny",
+                    "student.mode=lora",
+                    "ssl.target=ema",
+                    "train.num_workers=1",
+                    f"train.torch_threads={threads}",
+                    "train.batch_size=8",
+                    "train.epochs=1",
+                    f"train.steps_per_epoch={args.steps}",
+                    "ray.num_cpus=2",
                 ]
-            )  # fmt: skip
+            )
             torch.set_num_threads(threads)
             for round_ in range(args.rounds):
                 bare = bare_loop(store, config, args.steps)
                 run_dir = Path(tmp) / f"run_{threads}_{round_}"
                 ray_step = ray_loop(store, dataclasses.replace(config), args.steps, run_dir)
                 rows.append((threads, round_, bare, ray_step, os.getloadavg()[0]))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}")  # fmt: skip
-    print(f"model tiny SAM student (LoRA + decoder + head), {args.tile_size} px, batch 8 labeled "
-          f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps per loop")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"model tiny SAM student (LoRA + decoder + head), {args.tile_size} px, batch 8 labeled "
+        f"+ 8 unlabeled (EMA-teacher consistency), {args.steps} steps per loop"
+    )
     print("threads round  bare mean/median ms   ray mean/median ms   overhead (median)  load")
     for threads, round_, bare, ray_step, load in rows:
         overhead = 100 * (ray_step[1] / bare[1] - 1)
-        print(f"{threads:7d} {round_:5d}  {bare[0] * 1000:7.1f} {bare[1] * 1000:7.1f}     "
-              f"{ray_step[0] * 1000:7.1f} {ray_step[1] * 1000:7.1f}     {overhead:+7.1f} %"
-              f"         {load:.1f}")  # fmt: skip
+        print(
+            f"{threads:7d} {round_:5d}  {bare[0] * 1000:7.1f} {bare[1] * 1000:7.1f}     "
+            f"{ray_step[0] * 1000:7.1f} {ray_step[1] * 1000:7.1f}     {overhead:+7.1f} %"
+            f"         {load:.1f}"
+        )
     for threads in sorted({r[0] for r in rows}):
         picked = [r for r in rows if r[0] == threads]
         bare_median = float(np.median([r[2][1] for r in picked]))
         ray_median = float(np.median([r[3][1] for r in picked]))
         ratio = bare_median / ray_median
-        print(f"{threads} thread(s): ratio bare/ray (median over rounds) {ratio:.3f} "
-              f"(overhead {100 * (1 / ratio - 1):+.1f} %)")  # fmt: skip
+        print(
+            f"{threads} thread(s): ratio bare/ray (median over rounds) {ratio:.3f} "
+            f"(overhead {100 * (1 / ratio - 1):+.1f} %)"
+        )
 
 
 if __name__ == "__main__":

@@ -61,9 +61,14 @@ def tune_trials(store: str, base, out: Path, concurrent: int | None) -> tuple[fl
 
     start = time.perf_counter()
     summary = run_tune(
-        store, base, "lora_rank", out, samples=1, grace_period=base.train.epochs,
+        store,
+        base,
+        "lora_rank",
+        out,
+        samples=1,
+        grace_period=base.train.epochs,
         max_concurrent=concurrent,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - start
     loops = []
     for record in json.loads(Path(summary["trials_json"]).read_text()):
@@ -93,13 +98,20 @@ def main() -> None:
 
     base = load_config(
         overrides=[
-            "student.model_type=tiny", "ssl.target=ema", "train.num_workers=1",
-            "train.cpus_per_worker=0.5", "stream.read_cpus=0.25", "train.torch_threads=2",
-            "train.batch_size=8", f"train.epochs={args.epochs}",
-            f"train.steps_per_epoch={args.steps}", "train.early_stop_patience=100",
-            "ray.num_cpus=2", "ray.dashboard=true",
+            "student.model_type=tiny",
+            "ssl.target=ema",
+            "train.num_workers=1",
+            "train.cpus_per_worker=0.5",
+            "stream.read_cpus=0.25",
+            "train.torch_threads=2",
+            "train.batch_size=8",
+            f"train.epochs={args.epochs}",
+            f"train.steps_per_epoch={args.steps}",
+            "train.early_stop_patience=100",
+            "ray.num_cpus=2",
+            "ray.dashboard=true",
         ]
-    )  # fmt: skip
+    )
     dims = search_space.check_space(SPACES["lora_rank"], base, "lora_rank")
     configs = [
         search_space.trial_config(base, dims, {"student.lora_rank": r}) for r in (4, 8, 16, 32)
@@ -117,29 +129,42 @@ def main() -> None:
                 folder = Path(tmp) / f"{mode}_{index}"
                 before = tree_cpu_seconds()
                 passes[mode].append(
-                    bare_trials(store, configs, folder) if mode == "bare"
+                    bare_trials(store, configs, folder)
+                    if mode == "bare"
                     else tune_trials(store, base, folder, concurrent=1)
-                )  # fmt: skip
+                )
                 cpu[mode].append(tree_cpu_seconds() - before)
                 loads.append(os.getloadavg()[0])
-                print(f"[bench] {mode} pass {index}: {passes[mode][-1][0]:.1f} s, "
-                      f"{cpu[mode][-1]:.1f} CPU s, load average {loads[-1]:.1f}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"[bench] {mode} pass {index}: {passes[mode][-1][0]:.1f} s, "
+                    f"{cpu[mode][-1]:.1f} CPU s, load average {loads[-1]:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if args.concurrent:
             before = tree_cpu_seconds()
             passes["both"].append(tune_trials(store, base, Path(tmp) / "both", concurrent=None))
             cpu["both"].append(tree_cpu_seconds() - before)
             loads.append(os.getloadavg()[0])
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"load average (1 min) {min(loads):.1f}-{max(loads):.1f} over the run "
-          f"(mean {sum(loads) / len(loads):.1f})")  # fmt: skip
-    print(f"4 trials (LoRA rank 4/8/16/32), tiny SAM student, {args.tile_size} px tiles, "
-          f"batch 8 + 8 unlabeled (EMA), {args.epochs} epochs x {args.steps} steps; "
-          f"{2 * args.rounds} passes each, ABBA order")  # fmt: skip
-    print("                              passes (wall s)     s/trial   CPU s/trial   "
-          "training-loop s/trial")  # fmt: skip
-    names = {"bare": "4 x run_training, sequential", "tune": "Tune, 1 trial at a time",
-             "both": "Tune, concurrent trials"}  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"load average (1 min) {min(loads):.1f}-{max(loads):.1f} over the run "
+        f"(mean {sum(loads) / len(loads):.1f})"
+    )
+    print(
+        f"4 trials (LoRA rank 4/8/16/32), tiny SAM student, {args.tile_size} px tiles, "
+        f"batch 8 + 8 unlabeled (EMA), {args.epochs} epochs x {args.steps} steps; "
+        f"{2 * args.rounds} passes each, ABBA order"
+    )
+    print(
+        "                              passes (wall s)     s/trial   CPU s/trial   "
+        "training-loop s/trial"
+    )
+    names = {
+        "bare": "4 x run_training, sequential",
+        "tune": "Tune, 1 trial at a time",
+        "both": "Tune, concurrent trials",
+    }
     mean: dict[str, float] = {}
     for mode, results in passes.items():
         if not results:
@@ -149,12 +174,16 @@ def main() -> None:
         mean[mode] = sum(walls) / len(walls)
         mean[f"{mode}_cpu"] = sum(cpu[mode]) / len(cpu[mode])
         shown = " ".join(f"{w:.0f}" for w in walls)
-        print(f"{names[mode]:<29} {shown:<18} {mean[mode] / 4:8.1f} "
-              f"{mean[f'{mode}_cpu'] / 4:12.1f} {sum(loops) / len(loops):15.1f}")  # fmt: skip
-    print(f"per-trial ratio Tune/bare: {mean['tune'] / mean['bare']:.3f} wall "
-          f"({(mean['tune'] - mean['bare']) / 4:+.1f} s per trial), "
-          f"{mean['tune_cpu'] / mean['bare_cpu']:.3f} CPU "
-          f"({(mean['tune_cpu'] - mean['bare_cpu']) / 4:+.1f} CPU s per trial)")  # fmt: skip
+        print(
+            f"{names[mode]:<29} {shown:<18} {mean[mode] / 4:8.1f} "
+            f"{mean[f'{mode}_cpu'] / 4:12.1f} {sum(loops) / len(loops):15.1f}"
+        )
+    print(
+        f"per-trial ratio Tune/bare: {mean['tune'] / mean['bare']:.3f} wall "
+        f"({(mean['tune'] - mean['bare']) / 4:+.1f} s per trial), "
+        f"{mean['tune_cpu'] / mean['bare_cpu']:.3f} CPU "
+        f"({(mean['tune_cpu'] - mean['bare_cpu']) / 4:+.1f} CPU s per trial)"
+    )
     if "both" in mean:
         print(f"concurrent sweep / sequential bare: {mean['both'] / mean['bare']:.3f}")
 

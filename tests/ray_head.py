@@ -91,14 +91,37 @@ def ray_head(
     )
     gcs, dashboard, client, agent, agent_grpc, metrics = free_ports(6)
     command = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-        "--temp-dir", str(temp_dir), "--num-cpus", str(num_cpus), "--num-gpus", "0",
-        "--object-store-memory", str(object_store_mb * 1024**2), "--disable-usage-stats",
-        "--resources", json.dumps(resources or {}),
-    ]  # fmt: skip
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--metrics-export-port",
+        str(metrics),
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(object_store_mb * 1024**2),
+        "--disable-usage-stats",
+        "--resources",
+        json.dumps(resources or {}),
+    ]
     group = _ray_start(command, env)
     try:
         yield RayHead(
@@ -154,22 +177,46 @@ class RayNode:
 
 @contextlib.contextmanager
 def ray_node(
-    head: RayHead, num_cpus: float = 1, object_store_mb: int = 200,
+    head: RayHead,
+    num_cpus: float = 1,
+    object_store_mb: int = 200,
     resources: dict[str, float] | None = None,
-) -> Iterator[RayNode]:  # fmt: skip
+) -> Iterator[RayNode]:
     """Add a worker node to ``head`` on this machine (127.0.0.1, its own ports and temp dir);
     stop every process it started when the block ends. Waits until the head lists it alive."""
     temp_dir = Path(tempfile.mkdtemp(prefix="raynode-", dir="/tmp"))
     manager, objects, agent, agent_grpc, metrics, runtime_env = free_ports(6)
     command = [
-        str(BIN / "ray"), "start", "--address", head.gcs_address, "--node-ip-address", "127.0.0.1",
-        "--node-manager-port", str(manager), "--object-manager-port", str(objects),
-        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-        "--temp-dir", str(temp_dir), "--num-cpus", str(num_cpus), "--num-gpus", "0",
-        "--object-store-memory", str(object_store_mb * 1024**2), "--disable-usage-stats",
-        "--resources", json.dumps(resources or {}),
-    ]  # fmt: skip
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        head.gcs_address,
+        "--node-ip-address",
+        "127.0.0.1",
+        "--node-manager-port",
+        str(manager),
+        "--object-manager-port",
+        str(objects),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        "0",
+        "--object-store-memory",
+        str(object_store_mb * 1024**2),
+        "--disable-usage-stats",
+        "--resources",
+        json.dumps(resources or {}),
+    ]
     group = _ray_start(command, head.env)
     node = RayNode(group=group, temp_dir=temp_dir, resources=dict(resources or {}))
     try:

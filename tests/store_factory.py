@@ -206,9 +206,16 @@ def scene_store(root: Path, size: int = 256, tile_size: int = 64, seed: int = 10
 
     images, masks = write_scenes(root, count=4, size=size, seed=seed)
     result = ingest(
-        [images], root / "store.zarr", labels=[masks], num_classes=5,
-        config={"tile_size": tile_size, "val_sources": ["scene_3"], "labeled_fraction": 0.34,
-                "seed": 1},
+        [images],
+        root / "store.zarr",
+        labels=[masks],
+        num_classes=5,
+        config={
+            "tile_size": tile_size,
+            "val_sources": ["scene_3"],
+            "labeled_fraction": 0.34,
+            "seed": 1,
+        },
         quiet=True,
-    )  # fmt: skip
+    )
     return str(result.path)

@@ -37,8 +37,11 @@ def test_flags_read_back_with_the_role_in_the_help() -> None:
     add_actor_pool_arguments(parser, role="scorer", default_actors=3, frees="reads")
     args = parser.parse_args([])
     assert (args.actors, args.gpus_per_actor, args.cpus_per_actor, args.torch_threads) == (
-        3, 0.0, None, None,
-    )  # fmt: skip
+        3,
+        0.0,
+        None,
+        None,
+    )
     args = parser.parse_args(["--actors", "2", "--gpus-per-actor", "0.5", "--torch-threads", "4"])
     assert (args.actors, args.gpus_per_actor, args.torch_threads) == (2, 0.5, 4)
     assert "scorer actors (default 3)" in " ".join(parser.format_help().split())

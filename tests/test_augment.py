@@ -100,8 +100,14 @@ def test_photometric_changes_touch_the_image_only() -> None:
         C.LABEL: torch.randint(0, 5, (4, 32, 32)),
         C.CONFIDENCE: torch.rand(4, 32, 32),
     }
-    config = AugmentConfig(rotation_deg=0.0, scale_min=1.0, scale_max=1.0, cutmix_prob=0.0,
-                           colour_strength=0.5, blur_prob=1.0)  # fmt: skip
+    config = AugmentConfig(
+        rotation_deg=0.0,
+        scale_min=1.0,
+        scale_max=1.0,
+        cutmix_prob=0.0,
+        colour_strength=0.5,
+        blur_prob=1.0,
+    )
     out = strong_view(batch, config, torch.arange(4))
     assert not torch.allclose(out[C.IMAGE], batch[C.IMAGE], atol=1e-3)
     assert torch.equal(out[C.LABEL], batch[C.LABEL])

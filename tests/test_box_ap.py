@@ -15,12 +15,16 @@ from semisup.cli import main
 from semisup.detection.box_ap import BoxEvaluationError, box_average_precision
 
 
-def _boxes(image: str, boxes: list[list[float]], labels: list[str],
-           scores: list[float] | None = None) -> BoxSet:  # fmt: skip
+def _boxes(
+    image: str, boxes: list[list[float]], labels: list[str], scores: list[float] | None = None
+) -> BoxSet:
     return BoxSet(
-        image, np.asarray(boxes, np.float32).reshape(-1, 4), tuple(labels), Path(f"{image}.csv"),
+        image,
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        tuple(labels),
+        Path(f"{image}.csv"),
         None if scores is None else np.asarray(scores, np.float32),
-    )  # fmt: skip
+    )
 
 
 TRUTH = [_boxes("a.tif", [[0, 0, 10, 10], [20, 20, 30, 30]], ["tree", "tree"])]
@@ -50,7 +54,7 @@ def test_a_hand_computed_case() -> None:
             [[0, 0, 10, 10], [40, 40, 50, 50], [20, 20, 30, 26.2]],
             ["tree"] * 3,
             [0.9, 0.8, 0.7],
-        )  # fmt: skip
+        )
     ]
     scores = box_average_precision(predictions, TRUTH)
     low, high = (51 + 50 * 2 / 3) / 101, 51 / 101
@@ -80,8 +84,13 @@ def test_what_cannot_be_scored_is_refused_by_name() -> None:
 
 def test_box_class_map() -> None:
     mapping = parse_box_classes(["Tree,0, Alive,Dead=tree", "Car=vehicle"])
-    assert mapping == {"Tree": "tree", "0": "tree", "Alive": "tree", "Dead": "tree",
-                       "Car": "vehicle"}  # fmt: skip
+    assert mapping == {
+        "Tree": "tree",
+        "0": "tree",
+        "Alive": "tree",
+        "Dead": "tree",
+        "Car": "vehicle",
+    }
     renamed = rename_box_labels(_boxes("a.tif", [[0, 0, 1, 1]] * 3, ["Dead", "Car", "x"]), mapping)
     assert renamed.labels == ("tree", "vehicle", "x")
     with pytest.raises(PrepError, match="expected NAME"):
@@ -104,8 +113,17 @@ def test_the_command_scores_neon_crowns(
             for n, row in enumerate(rows):
                 width = float(row["xmax"]) - float(row["xmin"])
                 x0 = float(row["xmin"]) + shift * width
-                writer.writerow([f"/data/{row['image_path']}", x0, row["ymin"], x0 + width,
-                                 row["ymax"], "0", 1 - n / 100])  # fmt: skip
+                writer.writerow(
+                    [
+                        f"/data/{row['image_path']}",
+                        x0,
+                        row["ymin"],
+                        x0 + width,
+                        row["ymax"],
+                        "0",
+                        1 - n / 100,
+                    ]
+                )
     args = ["evaluate-boxes", "--truth", str(truth), "--box-classes", "Tree,0=tree"]
     assert (
         main([*args, "--pred", str(tmp_path / "same.csv"), "--json", str(tmp_path / "s.json")]) == 0

@@ -61,8 +61,13 @@ def test_the_weak_view_draws_one_turn_per_sample_for_image_and_boxes(
 ) -> None:
     image, boxes = crown_tile
     keys = torch.arange(8)
-    view = weak_box_view(image.expand(8, -1, -1, -1), [boxes] * 8, [torch.ones(len(boxes))] * 8,
-                         AugmentConfig(), keys)  # fmt: skip
+    view = weak_box_view(
+        image.expand(8, -1, -1, -1),
+        [boxes] * 8,
+        [torch.ones(len(boxes))] * 8,
+        AugmentConfig(),
+        keys,
+    )
     for i in range(8):
         x0, y0, x1, y1 = view.boxes[i][0].int().tolist()
         mass = view.images[i, :, y0:y1, x0:x1].sum()
@@ -75,9 +80,10 @@ def test_a_rotated_and_scaled_box_encloses_its_crown(
 ) -> None:
     _, boxes = crown_tile
     matrix = get_rotation_matrix2d(
-        torch.tensor([[(SIZE - 1) / 2, (SIZE - 1) / 2]]), torch.tensor([30.0]),
+        torch.tensor([[(SIZE - 1) / 2, (SIZE - 1) / 2]]),
+        torch.tensor([30.0]),
         torch.tensor([[1.2, 1.2]]),
-    )  # fmt: skip
+    )
     moved = affine_boxes(boxes, matrix[0])
     for box, new in zip(boxes.int().tolist(), moved.tolist(), strict=True):
         mask = torch.zeros(1, 1, SIZE, SIZE)
@@ -100,8 +106,9 @@ def test_strong_view_clips_and_drops_boxes_turned_out_of_the_tile(
     image, boxes = crown_tile
     config = AugmentConfig(rotation_deg=180.0, scale_min=1.3, scale_max=1.33)
     labels = torch.arange(len(boxes))
-    view = strong_box_view(image.expand(16, -1, -1, -1), [boxes] * 16, [labels] * 16, config,
-                           torch.arange(16))  # fmt: skip
+    view = strong_box_view(
+        image.expand(16, -1, -1, -1), [boxes] * 16, [labels] * 16, config, torch.arange(16)
+    )
     assert view.images.shape == (16, 3, SIZE, SIZE)
     for moved, kept in zip(view.boxes, view.labels, strict=True):
         assert len(moved) == len(kept) and ((moved >= 0) & (moved <= SIZE)).all()

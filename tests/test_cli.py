@@ -8,8 +8,20 @@ import pytest
 
 from semisup.cli import build_parser, main
 
-STAGES = ("prep", "info", "zero-shot", "pseudo-label", "train", "select", "report", "experiment",
-          "predict", "run", "submit", "demo")  # fmt: skip
+STAGES = (
+    "prep",
+    "info",
+    "zero-shot",
+    "pseudo-label",
+    "train",
+    "select",
+    "report",
+    "experiment",
+    "predict",
+    "run",
+    "submit",
+    "demo",
+)
 
 
 def test_top_level_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:

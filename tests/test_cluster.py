@@ -210,11 +210,26 @@ def head() -> Iterator[RayHead]:
 def submit_with_ray_cli(head: RayHead, out: Path, submission_id: str) -> str:
     """Exactly the command of cluster/README.md, run from the repository root."""
     return head.ray(
-        "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
-        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-        "semisup", "run", "--config", "cluster/smoke.yaml", "--set", f"pipeline.out={out}",
-        timeout=540, cwd=REPO_ROOT,
-    )  # fmt: skip
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "semisup",
+        "run",
+        "--config",
+        "cluster/smoke.yaml",
+        "--set",
+        f"pipeline.out={out}",
+        timeout=540,
+        cwd=REPO_ROOT,
+    )
 
 
 def job_status(head: RayHead, submission_id: str) -> str:
@@ -269,10 +284,25 @@ def test_the_pipeline_runs_as_a_ray_job_and_a_resubmission_skips_it(
     assert not (package / ".venv").exists() and not (package / ".git").exists()
     # `semisup submit` resubmits the same run: every stage is up to date, exit status 0
     resubmitted = subprocess.run(
-        [str(BIN / "semisup"), "submit", "--address", head.dashboard_url, "--", "semisup", "run",
-         "--config", "cluster/smoke.yaml", "--set", f"pipeline.out={out}"],
-        env=head.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(BIN / "semisup"),
+            "submit",
+            "--address",
+            head.dashboard_url,
+            "--",
+            "semisup",
+            "run",
+            "--config",
+            "cluster/smoke.yaml",
+            "--set",
+            f"pipeline.out={out}",
+        ],
+        env=head.env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]
     for name in DEFAULT_STAGES:
         assert f"[run] {name}: up to date, skipped" in resubmitted.stdout
@@ -287,11 +317,26 @@ def test_a_job_stopped_mid_way_resumes_when_resubmitted(head: RayHead, tmp_path:
     out = tmp_path / "smoke"
     first = f"smoke-{uuid.uuid4().hex[:8]}"
     head.ray(
-        "job", "submit", "--no-wait", "--address", head.dashboard_url, "--submission-id", first,
-        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-        "semisup", "run", "--config", "cluster/smoke.yaml", "--set", f"pipeline.out={out}",
+        "job",
+        "submit",
+        "--no-wait",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        first,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "semisup",
+        "run",
+        "--config",
+        "cluster/smoke.yaml",
+        "--set",
+        f"pipeline.out={out}",
         cwd=REPO_ROOT,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 400
     while _stage_status(out, "teacher") != "running":
         assert time.monotonic() < deadline and job_status(head, first) in ("PENDING", "RUNNING")

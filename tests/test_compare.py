@@ -65,17 +65,31 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> dic
     root = tmp_path_factory.mktemp("compare")
     images, masks = write_scenes(root / "scenes", count=4, size=256, seed=10)
     store = build_store(
-        [images], root / "store.zarr", labels=[masks], boxes=[root / "scenes" / BOXES_FILE],
-        class_names=CLASS_NAMES, quiet=True,
+        [images],
+        root / "store.zarr",
+        labels=[masks],
+        boxes=[root / "scenes" / BOXES_FILE],
+        class_names=CLASS_NAMES,
+        quiet=True,
         config={"tile_size": 64, "val_sources": ["scene_3"], "labeled_fraction": 0.34, "seed": 1},
-    ).path  # fmt: skip
-    short = ["train.epochs=1", "train.steps_per_epoch=2", "train.warmup_steps=1",
-             "ssl.enabled=false", "train.torch_threads=1"]  # fmt: skip
+    ).path
+    short = [
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+        "train.warmup_steps=1",
+        "ssl.enabled=false",
+        "train.torch_threads=1",
+    ]
     seg = load_config(overrides=["student.model_type=tiny", "train.batch_size=4", *short])
-    det = load_config(overrides=[
-        "task=detection", "detector.arch=fasterrcnn_mobilenet_v3_large_fpn",
-        "detector.finetune=full", "train.batch_size=2", *short,
-    ])  # fmt: skip
+    det = load_config(
+        overrides=[
+            "task=detection",
+            "detector.arch=fasterrcnn_mobilenet_v3_large_fpn",
+            "detector.finetune=full",
+            "train.batch_size=2",
+            *short,
+        ]
+    )
     run_training(str(store), seg, root / "seg", debug=True)
     run_training(str(store), det, root / "det", debug=True)
     return {"store": Path(store), "seg": root / "seg", "det": root / "det", "root": root}
@@ -86,14 +100,24 @@ def test_compare_scores_both_students_on_the_same_tiles(
     two_runs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "compare"
-    argv = ["compare", "--runs", str(two_runs["seg"]), str(two_runs["det"]),
-            "--store", str(two_runs["store"]), "--out", str(out)]  # fmt: skip
+    argv = [
+        "compare",
+        "--runs",
+        str(two_runs["seg"]),
+        str(two_runs["det"]),
+        "--store",
+        str(two_runs["store"]),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads((out / "compare.json").read_text())
     sam, rcnn = result["rows"]
     assert result["classes"] == {"building": "building"} and result["val_tiles"] == 16
-    for row, weights in ((sam, two_runs["seg"] / "best" / "adapter.safetensors"),
-                         (rcnn, two_runs["det"] / "best" / "detector.pt")):  # fmt: skip
+    for row, weights in (
+        (sam, two_runs["seg"] / "best" / "adapter.safetensors"),
+        (rcnn, two_runs["det"] / "best" / "detector.pt"),
+    ):
         assert 0 <= row["ap"] <= 1 and 0 <= row["ap50"] <= 1 and 0 <= row["ap75"] <= 1
         assert row["images_per_s"] > 0 and row["cpu_s"] > 0 and row["timed_images"] == 12
         assert row["weights_bytes"] == weights.stat().st_size > 0

@@ -49,9 +49,19 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
         assert any(line.startswith(f"| {name} | ") for line in console), name
     assert any(line.startswith("| total of the stages | ") for line in console)
     assert list(stages) == [
-        "prep", "stream", "zero-shot", "teacher", "pseudo-label", "student", "evaluate",
-        "report", "select", "predict", "detect", "compare",
-    ]  # fmt: skip
+        "prep",
+        "stream",
+        "zero-shot",
+        "teacher",
+        "pseudo-label",
+        "student",
+        "evaluate",
+        "report",
+        "select",
+        "predict",
+        "detect",
+        "compare",
+    ]
     assert summary["ran"] == list(stages) and summary["skipped"] == []
     store = str(out / "store.zarr")
     before = read_tile_index(store, labels=LabelVersion()).to_pandas()  # as prep wrote it
@@ -73,8 +83,15 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert round_1["after"]["labeled_tiles"] == round_1["before"]["labeled_tiles"] + 4
     assert round_1["after"]["labeled_tiles"] == len(labeled)
     assert round_1["ran"] == [
-        "teacher", "pseudo-label", "student", "evaluate", "report", "select", "predict", "compare"
-    ]  # fmt: skip
+        "teacher",
+        "pseudo-label",
+        "student",
+        "evaluate",
+        "report",
+        "select",
+        "predict",
+        "compare",
+    ]
     assert round_1["skipped"] == ["prep", "stream", "zero-shot", "detect"]
     assert round_1["before"]["student_miou"] == summary["first_pass"]["student"]["best_miou"]
     assert round_1["after"]["student_miou"] == stages["student"]["best_miou"]
@@ -89,8 +106,10 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert stages["student"]["mode"] == "lora" and stages["student"]["consistency"]
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert [row["value"] for row in evaluation["rows"]] == [
-        stages["zero-shot"]["box_miou"], stages["teacher"]["best_miou"], stages["student"]["best_miou"]
-    ]  # fmt: skip
+        stages["zero-shot"]["box_miou"],
+        stages["teacher"]["best_miou"],
+        stages["student"]["best_miou"],
+    ]
     # after training: the report, the proposals and the map of the validation scene
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["semi_supervised_miou"] == stages["student"]["best_miou"]
@@ -105,8 +124,10 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert stages["predict"]["rasters"][0].endswith("scene_3.tif") and stages["predict"]["vectors"]
     import rasterio
 
-    with rasterio.open(out / "predict" / "scene_3.tif") as mapped, \
-            rasterio.open(stages["predict"]["rasters"][0]) as source:  # fmt: skip
+    with (
+        rasterio.open(out / "predict" / "scene_3.tif") as mapped,
+        rasterio.open(stages["predict"]["rasters"][0]) as source,
+    ):
         assert (mapped.crs, mapped.transform, mapped.shape) == (
             source.crs,
             source.transform,
@@ -124,8 +145,9 @@ def test_demo_runs_the_whole_chain_on_generated_scenes(tmp_path: Path) -> None:
     assert sum("box AP (near 0)" in line for line in console) == 1  # said once, beside it
     compared = json.loads((out / "compare" / "compare.json").read_text())
     assert [row["model"] for row in compared["rows"]] == [
-        "SAM student (segmentation)", "Faster R-CNN student"
-    ]  # fmt: skip
+        "SAM student (segmentation)",
+        "Faster R-CNN student",
+    ]
     assert compared["val_tiles"] == 9 and compared["classes"] == {"building": "building"}
     assert compared["rows"][1]["ap"] == pytest.approx(detect["best_ap"], abs=1e-9)
     assert any(line.startswith("| Faster R-CNN student | ") for line in console)

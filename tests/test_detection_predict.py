@@ -43,9 +43,13 @@ def _make_run(folder: Path, tile: int = SIZE) -> Path:
     """A detection run folder as `semisup train` leaves it: config.yaml, report.json (classes,
     tile size) and best/detector.pt, here a seeded random-weight MobileNet detector."""
     config = load_config(
-        overrides=["task=detection", "detector.arch=fasterrcnn_mobilenet_v3_large_fpn",
-                   "detector.finetune=full", "detector.nms_iou=0.5"]
-    )  # fmt: skip
+        overrides=[
+            "task=detection",
+            "detector.arch=fasterrcnn_mobilenet_v3_large_fpn",
+            "detector.finetune=full",
+            "detector.nms_iou=0.5",
+        ]
+    )
     (folder / "best").mkdir(parents=True)
     save_config(config, folder / "config.yaml")
     report = {"task": "detection", "class_names": ["tree"], "tile_size": tile}
@@ -64,8 +68,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _crop(source: Path, out: Path, window: Window) -> Path:
     """``window`` of ``source`` as its own GeoTIFF, georeferenced where it lies."""
     with rasterio.open(source) as ds:
-        profile = {**ds.profile, "height": window.height, "width": window.width,
-                   "transform": ds.window_transform(window), "tiled": False}  # fmt: skip
+        profile = {
+            **ds.profile,
+            "height": window.height,
+            "width": window.width,
+            "transform": ds.window_transform(window),
+            "tiled": False,
+        }
         for key in ("blockxsize", "blockysize"):
             profile.pop(key, None)
         with rasterio.open(out, "w", **profile) as dst:
@@ -110,16 +119,27 @@ def test_seam_boxes_merge_into_one_box_per_object() -> None:
         mine = kept_boxes[kept_labels == label]
         overlap = box_iou(mine, mine).fill_diagonal_(0)
         assert float(overlap.max()) <= 0.5
-    assert merge_window_boxes(boxes[:0], labels[:0], scores[:0], origins[:0], iou=0.5,
-                              **geometry).numel() == 0  # fmt: skip
+    assert (
+        merge_window_boxes(
+            boxes[:0], labels[:0], scores[:0], origins[:0], iou=0.5, **geometry
+        ).numel()
+        == 0
+    )
 
 
 def test_a_box_predicted_twice_across_stripes_comes_out_once() -> None:
     """The driver keeps a window once; should two copies reach the merge, NMS keeps one."""
     boxes = torch.tensor([[10.0, 10, 30, 30], [10.0, 10, 30, 30]])
-    keep = merge_window_boxes(boxes, torch.tensor([0, 0]), torch.tensor([0.5, 0.5]),
-                              torch.tensor([[0, 0], [0, 0]]), tile=64, height=64, width=64,
-                              iou=0.5)  # fmt: skip
+    keep = merge_window_boxes(
+        boxes,
+        torch.tensor([0, 0]),
+        torch.tensor([0.5, 0.5]),
+        torch.tensor([[0, 0], [0, 0]]),
+        tile=64,
+        height=64,
+        width=64,
+        iou=0.5,
+    )
     assert len(keep) == 1
 
 
@@ -128,9 +148,12 @@ def test_a_box_predicted_twice_across_stripes_comes_out_once() -> None:
 
 
 def test_bad_input_is_refused_in_one_line_before_any_actor(
-    run: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    run: Path,
+    shared_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     import semisup.predict
     import semisup.runtime
 
@@ -143,17 +166,43 @@ def test_bad_input_is_refused_in_one_line_before_any_actor(
     out = tmp_path / "boxes.csv"
     cases = {
         "--min-area applies to class maps; --model .* is a detection run": [
-            "--run", str(run), "--out", str(out), "--min-area", "5"],
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--min-area",
+            "5",
+        ],
         "--cog applies to class maps": ["--run", str(run), "--out", str(out), "--cog"],
         "--num-classes applies to class maps": [
-            "--run", str(run), "--out", str(out), "--num-classes", "2"],
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--num-classes",
+            "2",
+        ],
         "--min-score applies to detection runs .*predicts class maps": [
-            "--model", "tiny", "--out", str(tmp_path / "map.tif"), "--min-score", "0.5"],
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "map.tif"),
+            "--min-score",
+            "0.5",
+        ],
         "a detection run writes its boxes to one CSV": [
-            "--run", str(run), "--out", str(tmp_path / "boxes.tif")],
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "boxes.tif"),
+        ],
         "not a run directory, an adapter file": [
-            "--run", str(tmp_path / "missing"), "--out", str(out)],
-    }  # fmt: skip
+            "--run",
+            str(tmp_path / "missing"),
+            "--out",
+            str(out),
+        ],
+    }
     no_weights = _make_run(tmp_path / "no_weights")
     (no_weights / "best" / "detector.pt").unlink()
     cases["has no best weights yet"] = ["--run", str(no_weights), "--out", str(out)]
@@ -212,8 +261,9 @@ def test_one_window_gives_the_whole_image_boxes(
     assert len(got_boxes) == len(whole["boxes"]) > 0
     order = np.lexsort(np.c_[got_boxes, got_scores].T)  # the same boxes, in any order
     want = np.c_[whole["boxes"].numpy(), whole["scores"].numpy()]
-    np.testing.assert_allclose(np.c_[got_boxes, got_scores][order],
-                               want[np.lexsort(want.T)], atol=0.01)  # fmt: skip
+    np.testing.assert_allclose(
+        np.c_[got_boxes, got_scores][order], want[np.lexsort(want.T)], atol=0.01
+    )
 
 
 @pytest.mark.ray
@@ -232,14 +282,23 @@ def test_overlapping_windows_leave_no_duplicate_at_the_seam(
     # the same windows in this process, merged by the pure function
     sources = open_sources([raster])
     predictor = BoxPredictor(dataclasses.asdict(resolve_detection_run(run)), sources, SIZE, 64)
-    rows = predictor({"seq": np.array([0]), "output": np.array([0]), "y0": np.array([0]),
-                      "first_col": np.array([0]), "last_col": np.array([2])})  # fmt: skip
+    rows = predictor(
+        {
+            "seq": np.array([0]),
+            "output": np.array([0]),
+            "y0": np.array([0]),
+            "first_col": np.array([0]),
+            "last_col": np.array([2]),
+        }
+    )
     found = boxes_predict.RasterBoxes(sources[0])
     boxes_predict.collect_windows(rows, [found], {0: 0})
     raw = [torch.from_numpy(b) for b, _, _ in found.windows.values()]
     shared = box_iou(raw[0], raw[1])
-    print(f"windows: {[len(r) for r in raw]} boxes, {int((shared > 0.5).sum())} pairs across "
-          f"the seam above IoU 0.5; merged: {len(got_boxes)}")  # fmt: skip
+    print(
+        f"windows: {[len(r) for r in raw]} boxes, {int((shared > 0.5).sum())} pairs across "
+        f"the seam above IoU 0.5; merged: {len(got_boxes)}"
+    )
     assert float(shared.max()) > 0.5  # the windows did see the same objects twice
     merged, _, _ = merge_raster(found, tile=SIZE, iou=0.5)
     np.testing.assert_allclose(np.sort(got_boxes, 0), np.sort(merged, 0), atol=0.01)
@@ -248,22 +307,45 @@ def test_overlapping_windows_leave_no_duplicate_at_the_seam(
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_csv_scores_against_neon_truth_and_geojson_is_in_the_raster_crs(
-    ray_session: None, run: Path, shared_data: Path, tmp_path: Path,
+    ray_session: None,
+    run: Path,
+    shared_data: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     raster = shared_data / NEON
     out, vector = tmp_path / "crowns.csv", tmp_path / "crowns.geojson"
-    argv = ["predict", str(raster), "--run", str(run), "--out", str(out), "--vector",
-            str(vector), "--torch-threads", "1", "--min-score", "0.1",
-            "--stripe-width", "256"]  # fmt: skip
+    argv = [
+        "predict",
+        str(raster),
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--vector",
+        str(vector),
+        "--torch-threads",
+        "1",
+        "--min-score",
+        "0.1",
+        "--stripe-width",
+        "256",
+    ]
     assert semisup_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     # 4×4 windows (x0 0, 96, 192, 272); those at x0 192 reach into the second stripe and are
     # predicted in both, and kept once
     assert summary["windows"] == 20 and summary["outputs"][0]["windows"] == 16
     assert summary["model"]["min_score"] == 0.1
-    score = ["evaluate-boxes", "--pred", str(out), "--truth", str(shared_data / TRUTH),
-             "--box-classes", "Tree=tree"]  # fmt: skip
+    score = [
+        "evaluate-boxes",
+        "--pred",
+        str(out),
+        "--truth",
+        str(shared_data / TRUTH),
+        "--box-classes",
+        "Tree=tree",
+    ]
     assert semisup_main(score) == 0
     printed = capsys.readouterr().out
     ap = float(re.search(r"^AP ([0-9.]+)$", printed, re.M).group(1))  # type: ignore[union-attr]

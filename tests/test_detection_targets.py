@@ -38,17 +38,21 @@ from semisup.tile_boxes import boxes_in_tile
 def test_tile_targets_equal_the_clipped_csv_boxes(shared_data: Path, tmp_path: Path) -> None:
     neon = shared_data / "neon_trees"
     made = build_store(
-        [neon / "OSBS_029.tif", neon / "SOAP_061.png"], tmp_path / "crowns.zarr",
+        [neon / "OSBS_029.tif", neon / "SOAP_061.png"],
+        tmp_path / "crowns.zarr",
         boxes=[neon / "OSBS_029.csv", neon / "SOAP_061.xml"],
-        box_classes=["Tree,Alive=tree", "Dead=dead"], config=PrepConfig(tile_size=128),
+        box_classes=["Tree,Alive=tree", "Dead=dead"],
+        config=PrepConfig(tile_size=128),
         quiet=True,
-    )  # fmt: skip
+    )
     targets = BoxTargets(open_store(str(made.path)), str(made.path))
     assert targets.class_names == ("dead", "tree")
     truth = np.array(
-        [[float(r[c]) for c in ("xmin", "ymin", "xmax", "ymax")]
-         for r in csv.DictReader((neon / "OSBS_029.csv").open())]
-    )  # fmt: skip
+        [
+            [float(r[c]) for c in ("xmin", "ymin", "xmax", "ymax")]
+            for r in csv.DictReader((neon / "OSBS_029.csv").open())
+        ]
+    )
     index = read_tile_index(str(made.path)).to_pandas()
     tiles = index[index[C.SOURCE].str.contains("OSBS")]
     counted = 0
@@ -70,9 +74,11 @@ def test_tile_targets_equal_the_clipped_csv_boxes(shared_data: Path, tmp_path: P
 
 def test_a_store_without_boxes_is_refused_by_name(shared_data: Path, tmp_path: Path) -> None:
     made = build_store(
-        [shared_data / "neon_trees" / "SOAP_061.png"], tmp_path / "plain.zarr",
-        config=PrepConfig(tile_size=128), quiet=True,
-    )  # fmt: skip
+        [shared_data / "neon_trees" / "SOAP_061.png"],
+        tmp_path / "plain.zarr",
+        config=PrepConfig(tile_size=128),
+        quiet=True,
+    )
     with pytest.raises(NoBoxesError, match=f"store {made.path} holds no boxes"):
         BoxTargets(open_store(str(made.path)), str(made.path))
 
@@ -89,21 +95,38 @@ def _label_in_process(store: str, mode: str, tile_ids: list[int]) -> pd.DataFram
     the teacher's instance rows."""
     root = open_store(store, "r+")
     index = read_tile_index(store).to_pandas().set_index(C.TILE_ID).loc[tile_ids]
-    tiles = [read_tile(root[s], y0, x0, 128) for s, y0, x0 in zip(index[C.SOURCE], index[C.Y0],
-                                                                 index[C.X0], strict=True)]  # fmt: skip
+    tiles = [
+        read_tile(root[s], y0, x0, 128)
+        for s, y0, x0 in zip(index[C.SOURCE], index[C.Y0], index[C.X0], strict=True)
+    ]
     batch = {
-        C.IMAGE: np.stack([t[C.IMAGE] for t in tiles]), C.VALID: np.stack([t[C.VALID] for t in tiles]),
-        C.TILE_ID: np.array(tile_ids, np.int64), C.SOURCE: index[C.SOURCE].to_numpy(object),
-        C.Y0: index[C.Y0].to_numpy(), C.X0: index[C.X0].to_numpy(),
-    }  # fmt: skip
-    teacher = SamTeacher(store, mode=mode, model_type="tiny", points_per_side=4,
-                         mask_filter=LENIENT, device="cpu", torch_threads=1)  # fmt: skip
+        C.IMAGE: np.stack([t[C.IMAGE] for t in tiles]),
+        C.VALID: np.stack([t[C.VALID] for t in tiles]),
+        C.TILE_ID: np.array(tile_ids, np.int64),
+        C.SOURCE: index[C.SOURCE].to_numpy(object),
+        C.Y0: index[C.Y0].to_numpy(),
+        C.X0: index[C.X0].to_numpy(),
+    }
+    teacher = SamTeacher(
+        store,
+        mode=mode,
+        model_type="tiny",
+        points_per_side=4,
+        mask_filter=LENIENT,
+        device="cpu",
+        torch_threads=1,
+    )
     out = teacher(batch)
     table = instance_table(out[C.TILE_ID], out[C.SOURCE], out[INSTANCES])
     pq.write_table(table, Path(store) / INSTANCES_FILE)
     manifest = {name: np.zeros(len(tile_ids)) for name in MANIFEST_SCHEMA.names}
-    manifest |= {C.TILE_ID: tile_ids, C.SOURCE: batch[C.SOURCE], "mode": [mode] * len(tile_ids),
-                 "model_type": ["tiny"] * len(tile_ids), "checkpoint_hash": [""] * len(tile_ids)}  # fmt: skip
+    manifest |= {
+        C.TILE_ID: tile_ids,
+        C.SOURCE: batch[C.SOURCE],
+        "mode": [mode] * len(tile_ids),
+        "model_type": ["tiny"] * len(tile_ids),
+        "checkpoint_hash": [""] * len(tile_ids),
+    }
     pq.write_table(pa.table(manifest).cast(MANIFEST_SCHEMA), Path(store) / MANIFEST_FILE)
     root.attrs[RUN_ATTR] = {"mode": mode}
     return table.to_pandas()
@@ -113,10 +136,13 @@ def _label_in_process(store: str, mode: str, tile_ids: list[int]) -> pd.DataFram
 def crown_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     neon = shared_data / "neon_trees"
     made = build_store(
-        [neon / "OSBS_029.tif"], tmp_path_factory.mktemp("sam") / "crowns.zarr",
-        boxes=[neon / "OSBS_029.csv"], box_classes=["Tree=tree"],
-        config=PrepConfig(tile_size=128), quiet=True,
-    )  # fmt: skip
+        [neon / "OSBS_029.tif"],
+        tmp_path_factory.mktemp("sam") / "crowns.zarr",
+        boxes=[neon / "OSBS_029.csv"],
+        box_classes=["Tree=tree"],
+        config=PrepConfig(tile_size=128),
+        quiet=True,
+    )
     return str(made.path)
 
 

@@ -46,10 +46,13 @@ def crowns(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     """OSBS_029 as 128 px tiles and six of them with crowns: 2 labeled, 2 unlabeled, 2 val."""
     neon = shared_data / "neon_trees"
     made = build_store(
-        [neon / "OSBS_029.tif"], tmp_path_factory.mktemp("crowns") / "crowns.zarr",
-        boxes=[neon / "OSBS_029.csv"], box_classes=["Tree=tree"],
-        config=PrepConfig(tile_size=SIZE), quiet=True,
-    )  # fmt: skip
+        [neon / "OSBS_029.tif"],
+        tmp_path_factory.mktemp("crowns") / "crowns.zarr",
+        boxes=[neon / "OSBS_029.csv"],
+        box_classes=["Tree=tree"],
+        config=PrepConfig(tile_size=SIZE),
+        quiet=True,
+    )
     store = str(made.path)
     targets = BoxTargets(open_store(store), store)
     index = read_tile_index(store).to_pandas()
@@ -72,13 +75,20 @@ def test_two_workers_learn_the_crowns_with_the_unbiased_teacher(
     crowns: tuple[str, dict], tmp_path: Path, ray_session: None
 ) -> None:
     store, splits = crowns
-    config = _config("train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=2",
-                     "train.steps_per_epoch=2", "ssl.unlabeled_weight=0.25")  # fmt: skip
+    config = _config(
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.epochs=2",
+        "train.steps_per_epoch=2",
+        "ssl.unlabeled_weight=0.25",
+    )
     report = run_training(store, config, tmp_path / "run", splits=splits)
     first, last = report["epochs"][0], report["epochs"][-1]
-    print(f"supervised loss {_supervised(first):.3f} -> {_supervised(last):.3f} (classifier "
-          f"{first['train']['loss_classifier']:.3f} -> {last['train']['loss_classifier']:.3f}), "
-          f"AP {report['initial']['ap']:.3f} -> {last['ap']:.3f}")  # fmt: skip
+    print(
+        f"supervised loss {_supervised(first):.3f} -> {_supervised(last):.3f} (classifier "
+        f"{first['train']['loss_classifier']:.3f} -> {last['train']['loss_classifier']:.3f}), "
+        f"AP {report['initial']['ap']:.3f} -> {last['ap']:.3f}"
+    )
     assert report["steps"] == 4 and report["task"] == "detection"
     # measured: 1.320 -> 1.159; without optimiser steps 1.545 -> 1.553
     assert _supervised(last) < 0.95 * _supervised(first)
@@ -118,8 +128,7 @@ def test_a_resumed_run_continues_from_its_checkpoint(
     first, last = _checkpoints(tmp_path / "run")
     shutil.rmtree(last.parent)
     assert json.loads(torch.load(first, weights_only=True)["progress"])["step"] == 3
-    resumed = run_training(store, config, tmp_path / "run", splits=splits, debug=True,
-                           resume=True)  # fmt: skip
+    resumed = run_training(store, config, tmp_path / "run", splits=splits, debug=True, resume=True)
     assert resumed["resumed_at"] == [3] and resumed["steps"] == 6
     assert [_figures(e) for e in resumed["epochs"]] == [_figures(e) for e in whole["epochs"]]
     a = torch.load(_checkpoints(tmp_path / "whole")[-1], weights_only=True)["model"]
@@ -140,9 +149,11 @@ def test_bad_input_fails_in_the_driver_before_any_worker_starts(
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_workers)
     plain = build_store(
-        [shared_data / "neon_trees" / "SOAP_061.png"], tmp_path / "plain.zarr",
-        config=PrepConfig(tile_size=SIZE), quiet=True,
-    )  # fmt: skip
+        [shared_data / "neon_trees" / "SOAP_061.png"],
+        tmp_path / "plain.zarr",
+        config=PrepConfig(tile_size=SIZE),
+        quiet=True,
+    )
     with pytest.raises(NoBoxesError, match=f"^store {plain.path} holds no boxes") as err:
         run_training(str(plain.path), _config(), tmp_path / "a", debug=True)
     assert "\n" not in str(err.value) and not (tmp_path / "a").exists()
@@ -150,13 +161,21 @@ def test_bad_input_fails_in_the_driver_before_any_worker_starts(
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=f"^detector.checkpoint='{broken}': .*cannot load"):
-        run_training(store, _config(f"detector.checkpoint={broken}"), tmp_path / "b",
-                     splits=splits, debug=True)  # fmt: skip
+        run_training(
+            store,
+            _config(f"detector.checkpoint={broken}"),
+            tmp_path / "b",
+            splits=splits,
+            debug=True,
+        )
     assert not (tmp_path / "b").exists()
-    with pytest.raises(ConfigError, match=f"^detector.target='pseudo' .* store {store} has no "
-                       "finished instance table"):  # fmt: skip
-        run_training(store, _config("detector.target=pseudo"), tmp_path / "c", splits=splits,
-                     debug=True)  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=f"^detector.target='pseudo' .* store {store} has no finished instance table",
+    ):
+        run_training(
+            store, _config("detector.target=pseudo"), tmp_path / "c", splits=splits, debug=True
+        )
     assert not (tmp_path / "c").exists()
     with pytest.raises(ConfigError, match="detector.trainable_backbone_layers"):
         _config("detector.arch=fasterrcnn_resnet50_fpn_v2", "detector.trainable_backbone_layers=6")
@@ -174,8 +193,13 @@ def test_sam_pseudo_boxes_train_the_unlabeled_tiles(
     labelled = str(tmp_path / "labelled.zarr")
     shutil.copytree(store, labelled)
     rows = _label_in_process(labelled, "automatic", splits[C.UNLABELED])
-    config = _config("detector.target=pseudo", "detector.sam_min_predicted_iou=-1e9",
-                     "detector.sam_min_stability=0", "train.epochs=1", "train.steps_per_epoch=2")  # fmt: skip
+    config = _config(
+        "detector.target=pseudo",
+        "detector.sam_min_predicted_iou=-1e9",
+        "detector.sam_min_stability=0",
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+    )
     report = run_training(labelled, config, tmp_path / "run", splits=splits, debug=True)
     train = report["epochs"][0]["train"]
     print(f"SAM pseudo-boxes per tile {train['pseudo_boxes']:.2f} ({len(rows)} instances)")

@@ -34,12 +34,13 @@ def test_a_training_step_gives_every_loss_and_eval_gives_boxes(mobile: torch.nn.
     images = [torch.rand(3, 128, 128) for _ in range(2)]
     targets = [
         {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[0.0, 0.0, 30.0, 30.0], [60, 60, 120, 100]]),
-         "labels": torch.tensor([2, 1])},
-    ]  # fmt: skip
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 30.0, 30.0], [60, 60, 120, 100]]),
+            "labels": torch.tensor([2, 1]),
+        },
+    ]
     losses = train_mode(mobile)(images, targets)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness",
-                           "loss_rpn_box_reg"}  # fmt: skip
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     mobile.eval()
@@ -69,14 +70,17 @@ def test_fine_tuning_modes_choose_what_trains(mobile: torch.nn.Module) -> None:
 
 def test_resnet_stages_and_frozen_batch_norms_stay_put() -> None:
     torch.manual_seed(0)
-    model = build_detector(1, arch=RESNET, finetune="backbone_layers",
-                           trainable_backbone_layers=2, tile_size=64)  # fmt: skip
+    model = build_detector(
+        1, arch=RESNET, finetune="backbone_layers", trainable_backbone_layers=2, tile_size=64
+    )
     body = {n.split(".")[2] for n in _trainable(model) if n.startswith("backbone.body.")}
     assert body == {"layer4", "layer3"}
     frozen_bn = model.backbone.body.layer1[0].bn1
     before = frozen_bn.running_mean.clone()
-    train_mode(model)([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4, 40, 40]]),
-                                                 "labels": torch.tensor([1])}])  # fmt: skip
+    train_mode(model)(
+        [torch.rand(3, 64, 64)],
+        [{"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([1])}],
+    )
     assert not frozen_bn.training and torch.equal(frozen_bn.running_mean, before)
     assert model.backbone.body.layer4[0].bn1.training  # a trained stage's norm still learns
 

@@ -45,29 +45,65 @@ def test_summary_statistics_and_targets() -> None:
 def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     curve = pd.DataFrame(
         [
-            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20,
-             "seed": 0, "test_iou_per_class": [0.1, None, 0.3]},
-            {"method": "labels_only", "fraction": 0.125, "labeled_tiles": 8, "test_miou": 0.20,
-             "seed": 1, "test_iou_per_class": [0.3, None, None]},
-            {"method": "semi_supervised", "fraction": 0.125, "labeled_tiles": 8,
-             "test_miou": 0.26, "seed": 0, "test_iou_per_class": [0.2, None, 0.4],
-             "mask_ratio": 0.5, "pseudo_accuracy": 0.8},
-            {"method": "semi_supervised_round_2", "fraction": 0.125, "labeled_tiles": 8,
-             "test_miou": 0.28, "seed": 0, "test_iou_per_class": [0.2, None, 0.5],
-             "mask_ratio": 0.6, "pseudo_accuracy": 0.85},
-            {"method": "full_label", "fraction": 1.0, "labeled_tiles": 64, "test_miou": 0.30,
-             "seed": 0, "test_iou_per_class": [0.3, None, 0.5]},
+            {
+                "method": "labels_only",
+                "fraction": 0.125,
+                "labeled_tiles": 8,
+                "test_miou": 0.20,
+                "seed": 0,
+                "test_iou_per_class": [0.1, None, 0.3],
+            },
+            {
+                "method": "labels_only",
+                "fraction": 0.125,
+                "labeled_tiles": 8,
+                "test_miou": 0.20,
+                "seed": 1,
+                "test_iou_per_class": [0.3, None, None],
+            },
+            {
+                "method": "semi_supervised",
+                "fraction": 0.125,
+                "labeled_tiles": 8,
+                "test_miou": 0.26,
+                "seed": 0,
+                "test_iou_per_class": [0.2, None, 0.4],
+                "mask_ratio": 0.5,
+                "pseudo_accuracy": 0.8,
+            },
+            {
+                "method": "semi_supervised_round_2",
+                "fraction": 0.125,
+                "labeled_tiles": 8,
+                "test_miou": 0.28,
+                "seed": 0,
+                "test_iou_per_class": [0.2, None, 0.5],
+                "mask_ratio": 0.6,
+                "pseudo_accuracy": 0.85,
+            },
+            {
+                "method": "full_label",
+                "fraction": 1.0,
+                "labeled_tiles": 64,
+                "test_miou": 0.30,
+                "seed": 0,
+                "test_iou_per_class": [0.3, None, 0.5],
+            },
         ]
-    )  # fmt: skip
+    )
     rounds = pd.DataFrame(
         [
             {"strategy": s, "round": r, "seed": 0, "labeled_tiles": n, "test_miou": m}
             for s, r, n, m in [
-                ("random", 0, 4, 0.10), ("random", 1, 8, 0.15), ("random", 2, 12, 0.20),
-                ("active", 0, 4, 0.10), ("active", 1, 8, 0.21), ("active", 2, 12, 0.25),
+                ("random", 0, 4, 0.10),
+                ("random", 1, 8, 0.15),
+                ("random", 2, 12, 0.20),
+                ("active", 0, 4, 0.10),
+                ("active", 1, 8, 0.21),
+                ("active", 2, 12, 0.25),
             ]
         ]
-    )  # fmt: skip
+    )
     result = analyse(curve, rounds)
     gain = result["ssl_gain"]["semi_supervised"]["0.1250"]
     assert gain["semi_minus_labels_only"] == pytest.approx(0.06)
@@ -91,8 +127,15 @@ def test_analysis_counts_the_tiles_each_strategy_needs() -> None:
     # without active-learning rounds: the learning curve alone, no empty sections
     alone = analyse(curve, pd.DataFrame())
     assert alone["active_learning"] == {} and "tiles_to_reach_random_final" not in alone
-    text = format_report({"store": "s.zarr", "tiles": {"pool": 64, "monitor": 8, "test": 8},
-                          "settings": {"seeds": [0, 1]}, "class_names": ["a", "b", "c"], **alone})  # fmt: skip
+    text = format_report(
+        {
+            "store": "s.zarr",
+            "tiles": {"pool": 64, "monitor": 8, "test": 8},
+            "settings": {"seeds": [0, 1]},
+            "class_names": ["a", "b", "c"],
+            **alone,
+        }
+    )
     assert "| 0.1250 | 8 | semi_supervised | 0.260 ± 0.000 |" in text
     assert text.index("| semi_supervised |") < text.index("| semi_supervised_round_2 |")
     assert "| 0.500 ± 0.000 | 0.800 ± 0.000 |" in text and "Active learning" not in text
@@ -124,9 +167,11 @@ def test_each_self_training_round_learns_from_the_previous_rounds_student(
     runner = RecordingRunner(tmp_path, rounds=3)
     rows = self_training(runner, np.arange(4), 0, 0.125, "f0.1250_s0")  # type: ignore[arg-type]
     assert runner.calls == [
-        ("pseudo_label", "semi_f0.1250_s0"), ("train", "semi_r2_f0.1250_s0"),
-        ("pseudo_label", "semi_r2_f0.1250_s0"), ("train", "semi_r3_f0.1250_s0"),
-    ]  # fmt: skip
+        ("pseudo_label", "semi_f0.1250_s0"),
+        ("train", "semi_r2_f0.1250_s0"),
+        ("pseudo_label", "semi_r2_f0.1250_s0"),
+        ("train", "semi_r3_f0.1250_s0"),
+    ]
     assert [row["method"] for row in rows] == [
         "semi_supervised_round_2",
         "semi_supervised_round_3",
@@ -149,12 +194,19 @@ def experiment_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     images, masks = write_scenes(root, count=6, size=192, seed=31)
     return str(
         build_store(
-            [images], root / "store.zarr", labels=[masks], num_classes=5,
-            config={"tile_size": 64, "val_sources": ["scene_4", "scene_5"],
-                    "labeled_fraction": 0.5, "seed": 3},
+            [images],
+            root / "store.zarr",
+            labels=[masks],
+            num_classes=5,
+            config={
+                "tile_size": 64,
+                "val_sources": ["scene_4", "scene_5"],
+                "labeled_fraction": 0.5,
+                "seed": 3,
+            },
             quiet=True,
         ).path
-    )  # fmt: skip
+    )
 
 
 def test_partition_keeps_test_tiles_apart(experiment_store: str) -> None:
@@ -171,14 +223,26 @@ def test_experiment_runs_end_to_end_and_resumes(
     experiment_store: str, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = load_config(
-        overrides=["student.model_type=tiny", "train.num_workers=0", "train.batch_size=4",
-                   "train.epochs=2", "train.steps_per_epoch=4", "train.warmup_steps=1",
-                   "ssl.threshold_mode=freematch", "stream.tiles_per_task=16"]
-    )  # fmt: skip
+        overrides=[
+            "student.model_type=tiny",
+            "train.num_workers=0",
+            "train.batch_size=4",
+            "train.epochs=2",
+            "train.steps_per_epoch=4",
+            "train.warmup_steps=1",
+            "ssl.threshold_mode=freematch",
+            "stream.tiles_per_task=16",
+        ]
+    )
     settings = LabelEfficiencySettings(
-        fractions=(0.125, 0.25), seeds=(0,), al_start_fraction=0.125, al_rounds=1,
-        al_round_fraction=0.125, semi_init=("scratch", "teacher", "oracle"), target_area=True,
-    )  # fmt: skip
+        fractions=(0.125, 0.25),
+        seeds=(0,),
+        al_start_fraction=0.125,
+        al_rounds=1,
+        al_round_fraction=0.125,
+        semi_init=("scratch", "teacher", "oracle"),
+        target_area=True,
+    )
     out = tmp_path / "le"
     report = run_label_efficiency(experiment_store, out, config, settings, log=None)
     assert set(report["learning_curve"]) == {
@@ -192,9 +256,13 @@ def test_experiment_runs_end_to_end_and_resumes(
     assert set(report["learning_curve"]["labels_only"]) == {"0.1250", "0.2500"}
     curve = pd.read_csv(out / "learning_curve.csv")
     assert curve.groupby("method")["labeled_tiles"].apply(list).to_dict() == {
-        "full_label": [36], "labels_only": [4, 9], "semi_supervised": [4, 9],
-        "semi_supervised_warm": [4, 9], "oracle": [4, 9], "semi_supervised_target_area": [4, 9],
-    }  # fmt: skip
+        "full_label": [36],
+        "labels_only": [4, 9],
+        "semi_supervised": [4, 9],
+        "semi_supervised_warm": [4, 9],
+        "oracle": [4, 9],
+        "semi_supervised_target_area": [4, 9],
+    }
     # the target-area student also has the 9 monitor tiles unlabeled; never a test tile
     area = curve[curve["method"] == "semi_supervised_target_area"]
     assert (area["unlabeled_tiles"] == 36 - area["labeled_tiles"] + 9).all()
@@ -219,8 +287,9 @@ def test_experiment_runs_end_to_end_and_resumes(
     assert curve["test_miou"].between(0, 1).all()
     rounds = pd.read_csv(out / "active_learning.csv")
     assert rounds.groupby("strategy")["labeled_tiles"].apply(list).to_dict() == {
-        "active": [4, 8], "random": [4, 8],
-    }  # fmt: skip
+        "active": [4, 8],
+        "random": [4, 8],
+    }
     # both strategies start from the same seed set: the same run
     assert rounds.loc[rounds["round"] == 0, "test_miou"].nunique() == 1
     for name in ("learning_curve.png", "active_learning.png", "report.md"):

@@ -124,13 +124,29 @@ def test_export_refuses_bad_input_in_one_line_before_any_work(
     cases = {
         "--run /nowhere/run: no such run": ["--run", "/nowhere/run", "--out", out],
         "the run has no best adapter yet": ["--run", str(unfinished), "--out", out],
-        f"--out {existing} exists; pass --overwrite": ["--run", str(unfinished), "--out",
-                                                        str(existing)],
-        "--format 'tflite': unknown; known: onnx": ["--run", str(unfinished), "--out", out,
-                                                    "--format", "tflite"],
-        "--quantize 'int4': unknown; known: int8": ["--run", str(unfinished), "--out", out,
-                                                    "--quantize", "int4"],
-    }  # fmt: skip
+        f"--out {existing} exists; pass --overwrite": [
+            "--run",
+            str(unfinished),
+            "--out",
+            str(existing),
+        ],
+        "--format 'tflite': unknown; known: onnx": [
+            "--run",
+            str(unfinished),
+            "--out",
+            out,
+            "--format",
+            "tflite",
+        ],
+        "--quantize 'int4': unknown; known: int8": [
+            "--run",
+            str(unfinished),
+            "--out",
+            out,
+            "--quantize",
+            "int4",
+        ],
+    }
     for message, argv in cases.items():
         assert semisup_main(["export", *argv]) == 2
         error = capsys.readouterr().err.strip()
@@ -173,9 +189,12 @@ def test_predict_with_onnx_imports_no_sam_stack(
     raster = dubai_dir / "tile_3" / "images" / "image_part_002.jpg"
     argv = [str(raster), "--model", str(exported["fp32"]), "--out", str(tmp_path / "map.tif")]
     done = subprocess.run(
-        [sys.executable, "-c", PREDICT_WITHOUT_RAY, *argv], capture_output=True, text=True,
-        timeout=300, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", PREDICT_WITHOUT_RAY, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"status": 0, "imported": []}
@@ -196,8 +215,9 @@ def test_predict_with_onnx_writes_the_run_s_map(
     raster = dubai_dir / "tile_3" / "images" / "image_part_002.jpg"
     maps = {}
     for name, model in (("run", run), ("onnx", exported["fp32"])):
-        summary = run_predict([raster], str(model), tmp_path / f"{name}.tif", actors=1,
-                              torch_threads=1, log=None)  # fmt: skip
+        summary = run_predict(
+            [raster], str(model), tmp_path / f"{name}.tif", actors=1, torch_threads=1, log=None
+        )
         assert summary["windows"] > 20 and summary["model"]["tile_size"] == TILE
         with rasterio.open(tmp_path / f"{name}.tif") as ds:
             maps[name] = ds.read().astype(np.int64)  # class, confidence_percent

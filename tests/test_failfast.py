@@ -158,9 +158,20 @@ def test_an_unreadable_chunk_is_one_line_naming_store_source_array_and_chunk(
     before = snapshot(small_store)
     capfd.readouterr()
     status = semisup_main(
-        ["pseudo-label", "--store", str(small_store), "--model", "tiny", "--actors", "1",
-         "--points-per-side", "2", "--batch-size", "2"]
-    )  # fmt: skip
+        [
+            "pseudo-label",
+            "--store",
+            str(small_store),
+            "--model",
+            "tiny",
+            "--actors",
+            "1",
+            "--points-per-side",
+            "2",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert status == 2
     line = one_error_line(capfd.readouterr().err, "pseudo-label")
     assert f"store {small_store}: source a, array image, chunk (1, 0) = rows 64-127" in line

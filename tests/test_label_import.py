@@ -43,10 +43,16 @@ def _tif(path: Path, array: np.ndarray, origin: tuple[float, float], crs: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     bands = array[..., None] if array.ndim == 2 else array
     with rasterio.open(
-        path, "w", driver="GTiff", height=bands.shape[0], width=bands.shape[1],
-        count=bands.shape[2], dtype="uint8", crs=crs,
+        path,
+        "w",
+        driver="GTiff",
+        height=bands.shape[0],
+        width=bands.shape[1],
+        count=bands.shape[2],
+        dtype="uint8",
+        crs=crs,
         transform=from_origin(*origin, PIXEL_M, PIXEL_M),
-    ) as ds:  # fmt: skip
+    ) as ds:
         ds.write(np.moveaxis(bands, -1, 0))
     return path
 
@@ -64,12 +70,23 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _tif(root / "x/img/a.tif", rng.integers(0, 256, (32, 48, 3), np.uint8), ORIGIN[A])
     _tif(root / "x/lab/a.tif", rng.integers(0, 4, (32, 48), np.uint8), ORIGIN[A])
     _tif(root / "y/img/b.tif", rng.integers(0, 256, (40, 40, 3), np.uint8), ORIGIN[B])
-    config = {"tile_size": TILE, "split_by": "block", "block_size": TILE, "val_fraction": 0.34,
-              "labeled_fraction": 0.5, "seed": 3}  # fmt: skip
+    config = {
+        "tile_size": TILE,
+        "split_by": "block",
+        "block_size": TILE,
+        "val_fraction": 0.34,
+        "labeled_fraction": 0.5,
+        "seed": 3,
+    }
     build_store(
-        [root / "x/img", root / "y/img"], root / "store.zarr", labels=[root / "x/lab", "-"],
-        num_classes=4, class_names=["ground", "roof", "tree", "water"], config=config, quiet=True,
-    )  # fmt: skip
+        [root / "x/img", root / "y/img"],
+        root / "store.zarr",
+        labels=[root / "x/lab", "-"],
+        num_classes=4,
+        class_names=["ground", "roof", "tree", "water"],
+        config=config,
+        quiet=True,
+    )
     return root / "store.zarr"
 
 
@@ -203,8 +220,15 @@ def test_geojson_polygons_match_rasterio(store: Path, tmp_path: Path) -> None:
         for geometry, class_id in _polygons()
     ]
     path = tmp_path / "polygons.geojson"
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features,
-                                "crs": {"type": "name", "properties": {"name": CRS}}}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": features,
+                "crs": {"type": "name", "properties": {"name": CRS}},
+            }
+        )
+    )
 
     result = import_labels(store, [path], log=_quiet())
 
@@ -213,9 +237,10 @@ def test_geojson_polygons_match_rasterio(store: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(_labels(store, B), expected)
     index = _index(store)
     has_labels = {
-        int(tile_id) for tile_id, row in index[index[C.SOURCE] == B].iterrows()
+        int(tile_id)
+        for tile_id, row in index[index[C.SOURCE] == B].iterrows()
         if (expected[row.y0 : row.y0 + row.height, row.x0 : row.x0 + row.width] != 255).any()
-    }  # fmt: skip
+    }
     assert set(result.moved) == has_labels and len(has_labels) >= 2
 
 
@@ -421,23 +446,46 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, dict[str, Any], str]]:
     unknown[3, 4] = (1, 2, 3)
     geometry, _ = _polygons()[0]
     unknown_class = tmp_path / "class.geojson"
-    unknown_class.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": geometry, "properties": {"class": "lava"}}],
-        "crs": {"type": "name", "properties": {"name": CRS}}}))  # fmt: skip
+    unknown_class.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {"type": "Feature", "geometry": geometry, "properties": {"class": "lava"}}
+                ],
+                "crs": {"type": "name", "properties": {"name": CRS}},
+            }
+        )
+    )
     return {
-        "size": (_png(tmp_path / f"{B}__r0_c0.png", np.zeros((10, 12), np.uint8)), {},
-                 r"size 12x10 \(WxH\) does not match tile y__img__b__r0_c0 \(16x16"),
-        "crs": (_tif(tmp_path / "crs/b.tif", mask, ORIGIN[B], crs="EPSG:32639"), {},
-                "CRS EPSG:32639 does not match source y__img__b"),
-        "extent": (_tif(tmp_path / "extent/b.tif", mask, (ORIGIN[B][0] + 3, ORIGIN[B][1])), {},
-                   "extent does not match source y__img__b"),
-        "colour": (_png(tmp_path / f"colour/{B}__r0_c0.png", unknown), {"label_colors": COLOURS},
-                   r"colours not in the colour map: #010203 \(1 px\)"),
-        "class id": (_png(tmp_path / f"id/{B}__r0_c0.png", np.full((16, 16), 7, np.uint8)), {},
-                     "label id out of range: 7"),
+        "size": (
+            _png(tmp_path / f"{B}__r0_c0.png", np.zeros((10, 12), np.uint8)),
+            {},
+            r"size 12x10 \(WxH\) does not match tile y__img__b__r0_c0 \(16x16",
+        ),
+        "crs": (
+            _tif(tmp_path / "crs/b.tif", mask, ORIGIN[B], crs="EPSG:32639"),
+            {},
+            "CRS EPSG:32639 does not match source y__img__b",
+        ),
+        "extent": (
+            _tif(tmp_path / "extent/b.tif", mask, (ORIGIN[B][0] + 3, ORIGIN[B][1])),
+            {},
+            "extent does not match source y__img__b",
+        ),
+        "colour": (
+            _png(tmp_path / f"colour/{B}__r0_c0.png", unknown),
+            {"label_colors": COLOURS},
+            r"colours not in the colour map: #010203 \(1 px\)",
+        ),
+        "class id": (
+            _png(tmp_path / f"id/{B}__r0_c0.png", np.full((16, 16), 7, np.uint8)),
+            {},
+            "label id out of range: 7",
+        ),
         "class name": (unknown_class, {}, "feature 0 has class='lava'"),
         "url": (tmp_path / "size", {"store_url": "s3://bucket/store.zarr"}, "local stores only"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(

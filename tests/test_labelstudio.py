@@ -78,10 +78,13 @@ def tiny_store(tmp_path: Path) -> tuple[Any, pd.DataFrame]:
     """Two 16-bit sources, 32 px tiles; the second is 40×50, so its edge tiles are clipped."""
     written = build_store(
         str(tmp_path / "store.zarr"),
-        [SourceSpec("a", 64, 64, dtype="uint16", nodata_box=(0, 0, 10, 64)),
-         SourceSpec("b", 40, 50, bands=4, dtype="uint16", labeled=False, split=C.UNLABELED)],
-        tile_size=32, num_classes=len(CLASSES),
-    )  # fmt: skip
+        [
+            SourceSpec("a", 64, 64, dtype="uint16", nodata_box=(0, 0, 10, 64)),
+            SourceSpec("b", 40, 50, bands=4, dtype="uint16", labeled=False, split=C.UNLABELED),
+        ],
+        tile_size=32,
+        num_classes=len(CLASSES),
+    )
     index = written.index.to_pandas()
     chosen = index[index[C.TILE_ID].isin([0, 4, 5, 7])].reset_index(drop=True)
     assert set(zip(chosen[C.HEIGHT], chosen[C.WIDTH], strict=True)) > {(32, 32), (8, 18)}
@@ -120,8 +123,10 @@ def test_tasks_hold_the_scaled_tiles_and_their_predictions(
         name = tile_name(row.source, row.row, row.col)
         assert task["data"][IMAGE] == f"{DEFAULT_IMAGE_ROOT}{name}.png"
         assert (task["data"][C.SOURCE], task["data"][C.ROW], task["data"][C.COL]) == (
-            row.source, row.row, row.col,
-        )  # fmt: skip
+            row.source,
+            row.row,
+            row.col,
+        )
         assert task["data"][C.TILE_ID] == row.tile_id
         window = written.images[row.source][
             row.y0 : row.y0 + row.height, row.x0 : row.x0 + row.width, :3
@@ -180,18 +185,24 @@ def _write(path: Path, export: list[dict[str, Any]]) -> Path:
 def _brush(region: np.ndarray, label: str) -> dict[str, Any]:
     height, width = region.shape
     return {
-        "type": "brushlabels", "from_name": BRUSH, "to_name": IMAGE,
-        "original_width": width, "original_height": height,
+        "type": "brushlabels",
+        "from_name": BRUSH,
+        "to_name": IMAGE,
+        "original_width": width,
+        "original_height": height,
         "value": {"format": "rle", "rle": mask_to_rle(region), "brushlabels": [label]},
-    }  # fmt: skip
+    }
 
 
 def _polygon(points: list[list[float]], label: str, height: int, width: int) -> dict[str, Any]:
     return {
-        "type": "polygonlabels", "from_name": POLYGON, "to_name": IMAGE,
-        "original_width": width, "original_height": height,
+        "type": "polygonlabels",
+        "from_name": POLYGON,
+        "to_name": IMAGE,
+        "original_width": width,
+        "original_height": height,
         "value": {"points": points, "polygonlabels": [label]},
-    }  # fmt: skip
+    }
 
 
 def test_export_masks_reads_the_latest_annotation(tmp_path: Path) -> None:
@@ -204,18 +215,33 @@ def test_export_masks_reads_the_latest_annotation(tmp_path: Path) -> None:
         "result": [_brush(everything, "road")],
     }
     latest = {
-        "id": 2, "updated_at": "2026-01-03T09:00:00.000000Z",
-        "result": [_brush(top, "water"), _polygon([[20, 25], [70, 25], [70, 75], [20, 75]], "building", 8, 10),
-                   {"type": "choices", "value": {"choices": ["checked"]}}],
-    }  # fmt: skip
+        "id": 2,
+        "updated_at": "2026-01-03T09:00:00.000000Z",
+        "result": [
+            _brush(top, "water"),
+            _polygon([[20, 25], [70, 25], [70, 75], [20, 75]], "building", 8, 10),
+            {"type": "choices", "value": {"choices": ["checked"]}},
+        ],
+    }
     cancelled = {"id": 3, "updated_at": "2026-01-04T00:00:00Z", "was_cancelled": True, "result": []}
     export = [
-        {"id": 11, "data": {IMAGE: "/data/local-files/?d=images/x.png", C.SOURCE: "src_1", C.ROW: 0,
-                            C.COL: 2}, "annotations": [older, cancelled, latest]},
-        {"id": 12, "data": {IMAGE: "/data/local-files/?d=images/src_1__r3_c4.png"},
-         "annotations": [{**older, "id": 7}]},
+        {
+            "id": 11,
+            "data": {
+                IMAGE: "/data/local-files/?d=images/x.png",
+                C.SOURCE: "src_1",
+                C.ROW: 0,
+                C.COL: 2,
+            },
+            "annotations": [older, cancelled, latest],
+        },
+        {
+            "id": 12,
+            "data": {IMAGE: "/data/local-files/?d=images/src_1__r3_c4.png"},
+            "annotations": [{**older, "id": 7}],
+        },
         {"id": 13, "data": {C.SOURCE: "src_1", C.ROW: 9, C.COL: 9}, "annotations": [cancelled]},
-    ]  # fmt: skip
+    ]
     masks = export_masks(_write(tmp_path / "export.json", export), CLASSES)
     assert set(masks) == {"src_1__r0_c2", "src_1__r3_c4"}  # the cancelled-only task is left out
     expected = np.full((8, 10), C.IGNORE_INDEX, np.uint8)
@@ -228,8 +254,13 @@ def test_export_masks_reads_the_latest_annotation(tmp_path: Path) -> None:
 
 def test_export_masks_names_the_task_and_label_it_cannot_read(tmp_path: Path) -> None:
     region = np.ones((4, 4), bool)
-    export = [{"id": 42, "data": {C.SOURCE: "s", C.ROW: 1, C.COL: 2},
-               "annotations": [{"id": 1, "result": [_brush(region, "forest")]}]}]  # fmt: skip
+    export = [
+        {
+            "id": 42,
+            "data": {C.SOURCE: "s", C.ROW: 1, C.COL: 2},
+            "annotations": [{"id": 1, "result": [_brush(region, "forest")]}],
+        }
+    ]
     with pytest.raises(ValueError, match=r"task 42 \(s__r1_c2\): brushlabels label \['forest'\]"):
         export_masks(_write(tmp_path / "unknown.json", export), CLASSES)
     export[0]["annotations"][0]["result"] = [{"type": "rectanglelabels", "value": {}}]
@@ -267,16 +298,25 @@ def test_select_annotate_import_round_trip_on_dubai(
 
     store = str(
         prep(
-            [dubai_dir / "tile_1" / "images"], tmp_path / "dubai.zarr",
-            labels=[dubai_dir / "tile_1" / "masks"], label_colors=DUBAI_COLOURS,
+            [dubai_dir / "tile_1" / "images"],
+            tmp_path / "dubai.zarr",
+            labels=[dubai_dir / "tile_1" / "masks"],
+            label_colors=DUBAI_COLOURS,
             class_names=["building", "land", "road", "vegetation", "water"],
-            config=PrepConfig(tile_size=128, labeled_fraction=0.25), quiet=True,
+            config=PrepConfig(tile_size=128, labeled_fraction=0.25),
+            quiet=True,
         ).path
-    )  # fmt: skip
+    )
     config = load_config(
-        overrides=["student.model_type=tiny", "ssl.enabled=false", "train.batch_size=4",
-                   "train.epochs=1", "train.steps_per_epoch=4", "ray.dashboard=false"]
-    )  # fmt: skip
+        overrides=[
+            "student.model_type=tiny",
+            "ssl.enabled=false",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.steps_per_epoch=4",
+            "ray.dashboard=false",
+        ]
+    )
     run_training(store, config, tmp_path / "run", debug=True)
     out = tmp_path / "select"
     run_select(store, tmp_path / "run", 5, out, output_format="labelstudio", sheet=False, log=None)

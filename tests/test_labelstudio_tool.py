@@ -47,8 +47,11 @@ def label_studio_executable() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, capture_output=True)
         subprocess.run(
             [str(VENV / "bin" / "pip"), "install", "-q", VERSION],
-            check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=INSTALL_TIMEOUT_S,
+        )
     except subprocess.CalledProcessError as error:
         pytest.skip(f"cannot install {VERSION}: {(error.stderr or '')[-500:]}")
     except subprocess.TimeoutExpired:
@@ -113,11 +116,23 @@ def label_studio(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
     }
     command = [
-        str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1",
-        "--port", str(port), "--data-dir", str(tmp_path / "data"),
-        "--username", "annotator@example.com", "--password", "not-a-secret-1",
-        "--user-token", TOKEN, "--enable-legacy-api-token",
-    ]  # fmt: skip
+        str(executable),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--username",
+        "annotator@example.com",
+        "--password",
+        "not-a-secret-1",
+        "--user-token",
+        TOKEN,
+        "--enable-legacy-api-token",
+    ]
     log = tmp_path / "label_studio.log"
     with log.open("wb") as sink:
         # its own process group: the server and its children are stopped together, nothing else
@@ -156,23 +171,27 @@ def test_label_studio_imports_our_tasks_and_exports_what_we_read_back(
 ) -> None:
     server, documents = label_studio
     written = build_store(
-        str(tmp_path / "store.zarr"), [SourceSpec("scene", 64, 50, dtype="uint16")],
-        tile_size=32, num_classes=len(CLASSES),
-    )  # fmt: skip
+        str(tmp_path / "store.zarr"),
+        [SourceSpec("scene", 64, 50, dtype="uint16")],
+        tile_size=32,
+        num_classes=len(CLASSES),
+    )
     tiles = written.index.to_pandas()  # four tiles, three of them clipped by the raster's edge
     predictions = _predictions(tiles)
     paths = write_tasks(written.url, tiles, documents, predictions=predictions)
 
     project = server.api(
-        "POST", "/api/projects",
+        "POST",
+        "/api/projects",
         {"title": "semisup proposals", "label_config": paths["label_config"].read_text()},
-    )  # fmt: skip
+    )
     # a local-files storage over the images authorises /data/local-files/ for this project; it is
     # never synced (that would add a task per image)
     server.api(
-        "POST", "/api/storages/localfiles",
+        "POST",
+        "/api/storages/localfiles",
         {"project": project["id"], "path": str(documents / "images"), "use_blob_urls": True},
-    )  # fmt: skip
+    )
     imported = server.api(
         "POST", f"/api/projects/{project['id']}/import", json.loads(paths["tasks"].read_text())
     )
@@ -197,9 +216,10 @@ def test_label_studio_imports_our_tasks_and_exports_what_we_read_back(
     # given a labelling config, Label Studio checks every annotation's tools and labels against
     # it: our results name the tools and classes of our config
     server.api(
-        "PATCH", f"/api/projects/{project['id']}",
+        "PATCH",
+        f"/api/projects/{project['id']}",
         {"label_config": paths["label_config"].read_text()},
-    )  # fmt: skip
+    )
     export.write_bytes(server.get(f"/api/projects/{project['id']}/export?exportType=JSON"))
     masks = export_masks(export, CLASSES)
     assert masks.keys() == names.keys()

@@ -36,19 +36,31 @@ def test_ground_truth_targets_close_most_of_the_label_gap(
 ) -> None:
     tiles = ("tile_1", "tile_3")  # pool, and the held-out monitor/test images
     store = build_store(
-        [dubai_dir / t / "images" for t in tiles], tmp_path / "dubai.zarr",
-        labels=[dubai_dir / t / "masks" for t in tiles], label_colors=DUBAI_COLOURS,
+        [dubai_dir / t / "images" for t in tiles],
+        tmp_path / "dubai.zarr",
+        labels=[dubai_dir / t / "masks" for t in tiles],
+        label_colors=DUBAI_COLOURS,
         class_names=["building", "land", "road", "vegetation", "water"],
         config=PrepConfig(tile_size=128, split_by="folder", val_sources=("tile_3*",)),
         quiet=True,
-    ).path  # fmt: skip
+    ).path
     config = load_config(
-        overrides=["student.model_type=tiny", "student.mode=full", "train.num_workers=0",
-                   "train.torch_threads=2", "train.batch_size=8", "train.lr=0.001",
-                   "train.epochs=6", "train.steps_per_epoch=40", "train.warmup_steps=20",
-                   "train.early_stop_patience=6", "ssl.threshold_mode=fixed",
-                   "ssl.ramp_up_steps=20", "ray.dashboard=false"]
-    )  # fmt: skip
+        overrides=[
+            "student.model_type=tiny",
+            "student.mode=full",
+            "train.num_workers=0",
+            "train.torch_threads=2",
+            "train.batch_size=8",
+            "train.lr=0.001",
+            "train.epochs=6",
+            "train.steps_per_epoch=40",
+            "train.warmup_steps=20",
+            "train.early_stop_patience=6",
+            "ssl.threshold_mode=fixed",
+            "ssl.ramp_up_steps=20",
+            "ray.dashboard=false",
+        ]
+    )
     settings = LabelEfficiencySettings(
         fractions=(FRACTION,), seeds=(0,), al_rounds=0, semi_init=("oracle",)
     )

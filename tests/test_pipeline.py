@@ -207,21 +207,35 @@ def test_pipeline_table_keys_follow_the_stages_that_read_each_other() -> None:
 
     after_student = {"evaluate", "report", "select", "predict", "compare"}
     assert changed(ssl={"confidence_threshold": 0.7}) == {
-        "student", "tune", "detect", *after_student
-    }  # fmt: skip
+        "student",
+        "tune",
+        "detect",
+        *after_student,
+    }
     assert changed(detector={"nms_iou": 0.4}) == {"detect", "compare"}
     # the detect stage's automatic SAM teacher is the student's model
     assert changed(student={"model_type": "vit_b"}) == {
-        "zero-shot", "teacher", "pseudo-label", "student", "tune", "detect", *after_student
-    }  # fmt: skip
+        "zero-shot",
+        "teacher",
+        "pseudo-label",
+        "student",
+        "tune",
+        "detect",
+        *after_student,
+    }
     assert changed(pipeline={"detect_tile_size": 128}) == {"detect", "compare"}
     assert changed(pipeline={"detect_sam_points_per_side": 8}) == {"detect", "compare"}
     assert changed(pipeline={"compare_classes": ("building=building",)}) == {"compare"}
     assert changed(pipeline={"zero_shot_tiles": 8}) == {"zero-shot", "evaluate", "report"}
     assert changed(pipeline={"select_budget": 4}) == {"select"}
     assert changed(train={"epochs": 2}) == {
-        "teacher", "pseudo-label", "student", "tune", "detect", *after_student
-    }  # fmt: skip
+        "teacher",
+        "pseudo-label",
+        "student",
+        "tune",
+        "detect",
+        *after_student,
+    }
     assert changed(prep={"tile_size": 128}) == set(STAGES)
     assert changed(pipeline={"out": "elsewhere", "stages": ("prep",)}) == set()
 

@@ -46,10 +46,17 @@ def _write_geotiff(
 ) -> Path:
     """``image`` H×W×C as a tiled GeoTIFF (0.5 m pixels when ``crs`` is given)."""
     profile = {
-        "driver": "GTiff", "height": image.shape[0], "width": image.shape[1],
-        "count": image.shape[2], "dtype": image.dtype.name, "tiled": True,
-        "blockxsize": 256, "blockysize": 256, "compress": "deflate", **extra,
-    }  # fmt: skip
+        "driver": "GTiff",
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "count": image.shape[2],
+        "dtype": image.dtype.name,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        **extra,
+    }
     if crs is not None:
         profile |= {"crs": crs, "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5)}
     with rasterio.open(path, "w", **profile) as ds:
@@ -99,9 +106,15 @@ def test_driver_blends_shuffled_windows_across_stripes_exactly(tmp_path: Path) -
     field = np.exp(logits) / np.exp(logits).sum(0)
     source = RasterSource("x.tif", "x", height, width, 3, "uint8", (0.0,) * 3, (255.0,) * 3)
     writer = MapWriter(
-        tmp_path / "x.tif", height=height, width=width, crs=None, transform=None,
-        stripes=blend.stripe_bounds(width, 512), identity={"test": 1}, cog=False,
-    )  # fmt: skip
+        tmp_path / "x.tif",
+        height=height,
+        width=width,
+        crs=None,
+        transform=None,
+        stripes=blend.stripe_bounds(width, 512),
+        identity={"test": 1},
+        cog=False,
+    )
     writer.start()
     jobs = plan_jobs([(source, writer)], tile, overlap)
     rows = []
@@ -113,12 +126,15 @@ def test_driver_blends_shuffled_windows_across_stripes_exactly(tmp_path: Path) -
     assembler = Stitcher(jobs, [(source, writer)], k, blend.window_weights(tile, overlap))
     for start in range(0, len(rows), 7):
         part = rows[start : start + 7]
-        assembler.add({
-            JOB: np.array([r[0] for r in part]), C.Y0: np.array([r[1] for r in part]),
-            C.X0: np.array([r[2] for r in part]),
-            PROBABILITIES: np.stack([field[:, y : y + tile, x : x + tile] for _, y, x in part]),
-            C.VALID: np.ones((len(part), tile, tile), bool),
-        })  # fmt: skip
+        assembler.add(
+            {
+                JOB: np.array([r[0] for r in part]),
+                C.Y0: np.array([r[1] for r in part]),
+                C.X0: np.array([r[2] for r in part]),
+                PROBABILITIES: np.stack([field[:, y : y + tile, x : x + tile] for _, y, x in part]),
+                C.VALID: np.ones((len(part), tile, tile), bool),
+            }
+        )
     assert assembler.finished == [0] and writer.complete and progress_path(writer.path).exists()
     writer.finish()
     label, confidence = _read(tmp_path / "x.tif")
@@ -170,8 +186,14 @@ def test_adapter_of_another_base_is_refused_before_any_output(tmp_path: Path) ->
         with pytest.raises(AdapterError, match="adapter for the tiny base"):
             run_predict([raster], str(adapter), out / "map.tif", base_checkpoint=base, log=None)
     with pytest.raises(ValueError, match="trained on 64 px windows"):
-        run_predict([raster], str(adapter), out / "map.tif", base_checkpoint=str(checkpoints[0]),
-                    tile_size=128, log=None)  # fmt: skip
+        run_predict(
+            [raster],
+            str(adapter),
+            out / "map.tif",
+            base_checkpoint=str(checkpoints[0]),
+            tile_size=128,
+            log=None,
+        )
     assert _nothing_written(out)
 
 
@@ -212,8 +234,10 @@ def test_polygons_dissolve_across_bands_of_rows(tmp_path: Path) -> None:
     with rasterio.open(path) as ds:
         burned = rasterio.features.rasterize(
             [(f["geometry"], f["properties"]["class"]) for f in collection["features"]],
-            out_shape=label.shape, transform=ds.transform, fill=255,
-        )  # fmt: skip
+            out_shape=label.shape,
+            transform=ds.transform,
+            fill=255,
+        )
     np.testing.assert_array_equal(burned, label)
     big = write_geojson(path, tmp_path / "big.geojson", min_area=100 * 0.25, rows_per_band=37)
     areas = [
@@ -234,12 +258,30 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
 ) -> None:
     vegas, neon = shared_data / VEGAS, shared_data / NEON
     with rasterio.open(vegas) as ds:  # the same pixels as three identical bands
-        _write_geotiff(tmp_path / "vegas_rgb.tif", np.repeat(ds.read(1)[..., None], 3, -1),
-                       crs=ds.crs, transform=ds.transform)  # fmt: skip
+        _write_geotiff(
+            tmp_path / "vegas_rgb.tif",
+            np.repeat(ds.read(1)[..., None], 3, -1),
+            crs=ds.crs,
+            transform=ds.transform,
+        )
     maps = tmp_path / "maps"
-    argv = ["predict", str(vegas), str(neon), str(tmp_path / "vegas_rgb.tif"), "--model", "tiny",
-            "--num-classes", "3", "--out", str(maps), "--vector", str(maps), "--torch-threads", "1",
-            "--cog"]  # fmt: skip
+    argv = [
+        "predict",
+        str(vegas),
+        str(neon),
+        str(tmp_path / "vegas_rgb.tif"),
+        "--model",
+        "tiny",
+        "--num-classes",
+        "3",
+        "--out",
+        str(maps),
+        "--vector",
+        str(maps),
+        "--torch-threads",
+        "1",
+        "--cog",
+    ]
     assert semisup_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [o["status"] for o in summary["outputs"]] == ["written"] * 3
@@ -270,8 +312,10 @@ def test_real_geotiffs_keep_crs_transform_shape_nodata_and_vectors_fit(
         assert points[:, 1].min() >= bounds.bottom and points[:, 1].max() <= bounds.top
         burned = rasterio.features.rasterize(
             [(f["geometry"], f["properties"]["class"]) for f in collection["features"]],
-            out_shape=label.shape, transform=ds.transform, fill=255,
-        )  # fmt: skip
+            out_shape=label.shape,
+            transform=ds.transform,
+            fill=255,
+        )
         np.testing.assert_array_equal(burned, label)  # polygons are exactly the class map
     # the band rule: one band replicated is the same input as three identical bands
     np.testing.assert_array_equal(
@@ -313,15 +357,26 @@ def test_tiled_with_overlap_matches_whole_without_seams(
     store's source rides along in one run: nodata kept there too."""
     path = shared_data / raster
     made = build_store(
-        str(tmp_path / "s.zarr"), [SourceSpec("a", 150, 300, nodata_box=(0, 0, 40, 60))],
+        str(tmp_path / "s.zarr"),
+        [SourceSpec("a", 150, 300, nodata_box=(0, 0, 40, 60))],
         tile_size=64,
-    )  # fmt: skip
+    )
     whole_tile = -(-side // 16) * 16  # a multiple of SAM's patch
     maps = {}
-    for name, tile, overlap, extra in (("whole", whole_tile, 0, []), ("tiled", 256, 64, []),
-                                       ("flat", 256, 0, [tmp_path / "s.zarr"])):  # fmt: skip
-        summary = run_predict([path, *extra], "tiny", tmp_path / name, tile_size=tile,
-                              overlap=overlap, num_classes=3, **FAST)  # fmt: skip
+    for name, tile, overlap, extra in (
+        ("whole", whole_tile, 0, []),
+        ("tiled", 256, 64, []),
+        ("flat", 256, 0, [tmp_path / "s.zarr"]),
+    ):
+        summary = run_predict(
+            [path, *extra],
+            "tiny",
+            tmp_path / name,
+            tile_size=tile,
+            overlap=overlap,
+            num_classes=3,
+            **FAST,
+        )
         maps[name] = _read(tmp_path / name / f"{path.stem}.tif")[0]
     assert summary["outputs"][1]["status"] == "written"  # the store's source
     store_map = _read(tmp_path / "flat" / "a.tif")[0]
@@ -341,10 +396,19 @@ def _write_large_raster(path: Path, size: int, rows: int = 512) -> Path:
     """A size×size RGB GeoTIFF with some structure and a nodata corner, written band by band so
     the test process never holds it."""
     profile = {
-        "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
-        "crs": "EPSG:32640", "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
-        "nodata": 0, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-    }  # fmt: skip
+        "driver": "GTiff",
+        "height": size,
+        "width": size,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32640",
+        "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
     rng = np.random.default_rng(size)
     with rasterio.open(path, "w", **profile) as ds:
         for y0 in range(0, size, rows):
@@ -392,8 +456,9 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
 def _peak_above_baseline(tmp_path: Path, size: int) -> float:
     raster = _write_large_raster(tmp_path / f"r{size}.tif", size)
     wait_for_exit("MapWorker")  # the actors of earlier runs
-    summary = run_predict([raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024,
-                          measure_memory=True, **FAST)  # fmt: skip
+    summary = run_predict(
+        [raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024, measure_memory=True, **FAST
+    )
     return float(summary["peak_predict_memory_mb"] - summary["baseline_predict_memory_mb"])
 
 
@@ -442,20 +507,29 @@ def test_actor_loads_the_base_once_and_swaps_adapters(
     of that adapter alone gives them, bit for bit, and the base was built once."""
     import semisup.student
 
-    raster = _write_geotiff(tmp_path / "in.tif", np.random.default_rng(0).integers(
-        0, 255, (100, 100, 3), dtype=np.uint8))  # fmt: skip
-    models = [asdict(resolve_model(str(path), workdir=tmp_path))
-              for path in _region_adapters(tmp_path)]  # fmt: skip
+    raster = _write_geotiff(
+        tmp_path / "in.tif",
+        np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8),
+    )
+    models = [
+        asdict(resolve_model(str(path), workdir=tmp_path)) for path in _region_adapters(tmp_path)
+    ]
     sources = open_sources([raster]) * 2  # output 0 by adapter a, output 1 by adapter b
     builds = []
     build = semisup.student.build_student
-    monkeypatch.setattr(semisup.student, "build_student",
-                        lambda *a, **k: builds.append(1) or build(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        semisup.student, "build_student", lambda *a, **k: builds.append(1) or build(*a, **k)
+    )
     swapping = WindowPredictor(models, sources, 64, 16, output_models=[0, 1])
     alone = [WindowPredictor([model], sources, 64, 16) for model in models]
     for output in (0, 1, 0):
-        job = {"seq": np.array([output]), "output": np.array([output]), "y0": np.array([0]),
-               "first_col": np.array([0]), "last_col": np.array([2])}  # fmt: skip
+        job = {
+            "seq": np.array([output]),
+            "output": np.array([output]),
+            "y0": np.array([0]),
+            "first_col": np.array([0]),
+            "last_col": np.array([2]),
+        }
         got = swapping(job)[PROBABILITIES]
         np.testing.assert_array_equal(got, alone[output](job)[PROBABILITIES])
         assert got.any()
@@ -485,17 +559,29 @@ def test_swapped_adapters_write_the_maps_of_separately_loaded_models(
 ) -> None:
     raster = _write_large_raster(tmp_path / "scene.tif", 256, rows=256)
     adapters = _region_adapters(tmp_path)
-    argv = ["predict", str(raster), "--model", str(adapters[0]), "--model", str(adapters[1]),
-            "--seed", "0", "--out", str(tmp_path / "maps" / "{adapter}.tif"),
-            "--torch-threads", "1"]  # fmt: skip
+    argv = [
+        "predict",
+        str(raster),
+        "--model",
+        str(adapters[0]),
+        "--model",
+        str(adapters[1]),
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "maps" / "{adapter}.tif"),
+        "--torch-threads",
+        "1",
+    ]
     assert semisup_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [o["adapter"] for o in summary["outputs"]] == ["region_a", "region_b"]
     for adapter in adapters:
         alone = tmp_path / f"alone_{adapter.stem}.tif"
         run_predict([raster], str(adapter), alone, seed=0, **FAST)
-        for got, want in zip(_read(tmp_path / "maps" / f"{adapter.stem}.tif"), _read(alone),
-                             strict=True):  # fmt: skip
+        for got, want in zip(
+            _read(tmp_path / "maps" / f"{adapter.stem}.tif"), _read(alone), strict=True
+        ):
             np.testing.assert_array_equal(got, want)
     assert not np.array_equal(*(_read(tmp_path / "maps" / f"{a.stem}.tif")[0] for a in adapters))
     with pytest.raises(ValueError, match=r"several --model need \{adapter\}"):

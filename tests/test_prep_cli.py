@@ -73,9 +73,20 @@ def test_help_shows_a_working_example_and_every_flag_is_kebab_case_with_help() -
 def test_flags_left_out_keep_prep_config_defaults(scene: Path) -> None:
     assert config_from_args(_parser().parse_args(_argv(scene))) == PrepConfig()
     args = _parser().parse_args(
-        _argv(scene, "--tile-size", "32", "--overlap", "8", "--split-by", "folder",
-              "--val-sources", "tile_2*", "--seed", "3")
-    )  # fmt: skip
+        _argv(
+            scene,
+            "--tile-size",
+            "32",
+            "--overlap",
+            "8",
+            "--split-by",
+            "folder",
+            "--val-sources",
+            "tile_2*",
+            "--seed",
+            "3",
+        )
+    )
     assert config_from_args(args) == PrepConfig(
         tile_size=32, overlap=8, split_by="folder", val_sources=("tile_2*",), seed=3
     )
@@ -83,9 +94,19 @@ def test_flags_left_out_keep_prep_config_defaults(scene: Path) -> None:
 
 def test_repeated_list_flags_add_up(scene: Path) -> None:
     args = _parser().parse_args(
-        _argv(scene, "--val-sources", "tile_2*", "--val-sources", "tile_3*", "tile_4*",
-              "--labels", "a", "--labels", "b")
-    )  # fmt: skip
+        _argv(
+            scene,
+            "--val-sources",
+            "tile_2*",
+            "--val-sources",
+            "tile_3*",
+            "tile_4*",
+            "--labels",
+            "a",
+            "--labels",
+            "b",
+        )
+    )
     assert config_from_args(args).val_sources == ("tile_2*", "tile_3*", "tile_4*")
     assert args.labels[2:] == ["a", "b"] and len(args.labels) == 4
     assert len(_parser().parse_args(_argv(scene)).labels) == 2  # the default is not shared
@@ -93,9 +114,20 @@ def test_repeated_list_flags_add_up(scene: Path) -> None:
 
 def test_run_builds_the_store(scene: Path) -> None:
     args = _parser().parse_args(
-        _argv(scene, "--tile-size", "16", "--split-by", "folder", "--val-sources", "tile_2*",
-              "--class-names", "building,land", "--labeled-fraction", "1")
-    )  # fmt: skip
+        _argv(
+            scene,
+            "--tile-size",
+            "16",
+            "--split-by",
+            "folder",
+            "--val-sources",
+            "tile_2*",
+            "--class-names",
+            "building,land",
+            "--labeled-fraction",
+            "1",
+        )
+    )
     assert run_cli(args) == 0
     meta = read_store_meta(open_store(str(scene / "s.zarr")))
     assert meta.class_names == ("building", "land") and meta.num_classes == 2

@@ -73,9 +73,17 @@ def test_raster_larger_than_one_block_streams_and_reads_back(
     path = tmp_path / "big.tif"
     profile = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint16"}
     with rasterio.open(
-        path, "w", **profile, crs="EPSG:32616", transform=transform, nodata=0, tiled=True,
-        blockxsize=512, blockysize=512, compress="lzw",
-    ) as ds:  # fmt: skip
+        path,
+        "w",
+        **profile,
+        crs="EPSG:32616",
+        transform=transform,
+        nodata=0,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="lzw",
+    ) as ds:
         ds.write(image, 1)
     labels = ((y // 100 + x // 100) % 4).astype(np.uint8)
     labels[:, :10] = 255

@@ -238,9 +238,13 @@ def test_tile_index_schema_and_overlap_grid(geo_store: PrepResult) -> None:
 def test_box_classes_merge_the_names_box_files_use(shared_data: Path, tmp_path: Path) -> None:
     neon = shared_data / "neon_trees"
     result = build_store(
-        [neon / "SOAP_061.png"], tmp_path / "soap.zarr", boxes=[neon / "SOAP_061.xml"],
-        box_classes=["Alive,Dead=tree"], config=PrepConfig(tile_size=128), quiet=True,
-    )  # fmt: skip
+        [neon / "SOAP_061.png"],
+        tmp_path / "soap.zarr",
+        boxes=[neon / "SOAP_061.xml"],
+        box_classes=["Alive,Dead=tree"],
+        config=PrepConfig(tile_size=128),
+        quiet=True,
+    )
     root = open_store(str(result.path))
     (source_id,) = [name for name, _ in root.groups()]
     assert read_source_meta(root, source_id).box_label_names == ("tree",)

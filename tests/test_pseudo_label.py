@@ -99,8 +99,9 @@ def test_part_names_depend_on_the_tiles_only() -> None:
 def test_instance_rows_count_once_and_only_when_their_batch_is_recorded(tmp_path: Path) -> None:
     def rows(tile_ids: list[int], instance_id: int) -> pa.Table:
         fields = [[instance_id, 0, 0, 4, 4, 0.9, 0.95, 16]] * len(tile_ids)
-        return instance_table(np.array(tile_ids), ["s"] * len(tile_ids),
-                              [np.array([f]) for f in fields])  # fmt: skip
+        return instance_table(
+            np.array(tile_ids), ["s"] * len(tile_ids), [np.array([f]) for f in fields]
+        )
 
     store = tmp_path / "s.zarr"
     (store / PARTS_DIR).mkdir(parents=True)
@@ -294,8 +295,10 @@ def test_interrupted_run_resumes_and_a_killed_actor_is_retried(
     )[:2]
     orphan = read_instances(url).slice(0, 3).to_pandas().assign(tile_id=todo[0], instance_id=999)
     (Path(url) / INSTANCE_PARTS_DIR).mkdir()
-    pq.write_table(pa.Table.from_pandas(orphan, schema=INSTANCE_SCHEMA, preserve_index=False),
-                   Path(url) / INSTANCE_PARTS_DIR / part_name(todo))  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pandas(orphan, schema=INSTANCE_SCHEMA, preserve_index=False),
+        Path(url) / INSTANCE_PARTS_DIR / part_name(todo),
+    )
     # The rerun skips the 10 recorded tiles; its only actor dies on its first batch, is
     # restarted by Ray, and the batch is retried.
     marker = tmp_path / "crashed"

@@ -28,8 +28,11 @@ def test_every_pass_is_a_seeded_permutation_cut_into_full_batches() -> None:
     order = _order()
     assert order.batches_per_epoch == 2  # 10 tiles, batches of 4: the last 2 wait for next pass
     assert [order.position(s) for s in (0, 1, 2, 5)] == [
-        DataPosition(0, 0), DataPosition(0, 1), DataPosition(1, 0), DataPosition(2, 1),
-    ]  # fmt: skip
+        DataPosition(0, 0),
+        DataPosition(0, 1),
+        DataPosition(1, 0),
+        DataPosition(2, 1),
+    ]
     first, second = order.permutation(0), order.permutation(1)
     assert sorted(first) == list(range(100, 110)) and not np.array_equal(first, second)
     assert np.array_equal(first, _order().permutation(0))  # seeded: the same in every process
@@ -62,8 +65,11 @@ def test_validation_shares_cover_every_tile_exactly_once(world: int) -> None:
 
 
 def test_seeds_differ_by_purpose_and_rank_but_not_by_process() -> None:
-    seeds = {worker_seed(0, rank, purpose) for rank in (SHARED_RANK, 0, 1)
-             for purpose in ("torch", "labeled_order", "unlabeled_order")}  # fmt: skip
+    seeds = {
+        worker_seed(0, rank, purpose)
+        for rank in (SHARED_RANK, 0, 1)
+        for purpose in ("torch", "labeled_order", "unlabeled_order")
+    }
     assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
     assert worker_seed(3, 1, "torch") == worker_seed(3, 1, "torch")
     keys = sample_keys(0, "labeled_samples", step=4, count=6)
@@ -89,8 +95,10 @@ def test_views_of_a_split_batch_equal_the_views_of_the_whole() -> None:
     batch, keys = _batch(8), sample_keys(0, "unlabeled_samples", step=3, count=8)
     for view in (weak_view, strong_view):
         whole = view(batch, config, keys)
-        halves = [view({k: v[lo : lo + 4] for k, v in batch.items()}, config, keys[lo : lo + 4])
-                  for lo in (0, 4)]  # fmt: skip
+        halves = [
+            view({k: v[lo : lo + 4] for k, v in batch.items()}, config, keys[lo : lo + 4])
+            for lo in (0, 4)
+        ]
         for name in batch:
             assert torch.equal(torch.cat([h[name] for h in halves]), whole[name]), name
     strong = strong_view(batch, config, keys)

@@ -26,14 +26,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> tupl
     root = tmp_path_factory.mktemp("select")
     images, masks = write_scenes(root, count=5, size=256, seed=21)
     store = build_store(
-        [images], root / "store.zarr", labels=[masks], num_classes=5,
+        [images],
+        root / "store.zarr",
+        labels=[masks],
+        num_classes=5,
         config={"tile_size": 64, "val_sources": ["scene_4"], "labeled_fraction": 0.25, "seed": 2},
         quiet=True,
-    ).path  # fmt: skip
+    ).path
     config = load_config(
-        overrides=["student.model_type=tiny", "ssl.enabled=false", "train.batch_size=4",
-                   "train.epochs=1", "train.steps_per_epoch=6", "stream.tiles_per_task=16"]
-    )  # fmt: skip
+        overrides=[
+            "student.model_type=tiny",
+            "ssl.enabled=false",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.steps_per_epoch=6",
+            "stream.tiles_per_task=16",
+        ]
+    )
     run_training(str(store), config, root / "run", debug=True)
     return str(store), root / "run"
 
@@ -91,20 +100,57 @@ def test_select_cli_with_tta_and_clear_errors(
 ) -> None:
     store, run = trained
     out = tmp_path / "tta"
-    argv = ["select", "--run", str(run), "--store", store, "--budget", "3", "--out", str(out),
-            "--measure", "tta", "--no-sheet"]  # fmt: skip
+    argv = [
+        "select",
+        "--run",
+        str(run),
+        "--store",
+        store,
+        "--budget",
+        "3",
+        "--out",
+        str(out),
+        "--measure",
+        "tta",
+        "--no-sheet",
+    ]
     assert main(argv) == 0
     chosen = pd.read_csv(out / "selection.csv")
     assert len(chosen) == 3 and chosen[SCORE_PREFIX + "tta"].between(0, 1).all()
     assert not (out / "contact_sheet.png").exists()
     assert main(argv) == 2  # the folder is not empty: nothing is overwritten
     assert "not empty" in capsys.readouterr().err
-    bad = ["select", "--run", str(run), "--store", store, "--budget", "3", "--out",
-           str(tmp_path / "d"), "--measure", "disagreement"]  # fmt: skip
+    bad = [
+        "select",
+        "--run",
+        str(run),
+        "--store",
+        store,
+        "--budget",
+        "3",
+        "--out",
+        str(tmp_path / "d"),
+        "--measure",
+        "disagreement",
+    ]
     assert main(bad) == 2
     assert "pseudo-labels" in capsys.readouterr().err
-    assert main(["select", "--run", str(tmp_path), "--store", store, "--budget", "3",
-                 "--out", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                "--run",
+                str(tmp_path),
+                "--store",
+                store,
+                "--budget",
+                "3",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     assert "run folder" in capsys.readouterr().err
 
 
@@ -120,8 +166,22 @@ def test_labelstudio_format_attaches_the_students_class_maps(
 
     store, run = trained
     out = tmp_path / "ls"
-    argv = ["select", "--run", str(run), "--store", store, "--budget", "3", "--out", str(out),
-            "--no-sheet", "--format", "labelstudio", "--image-root", "http://tiles.example/"]  # fmt: skip
+    argv = [
+        "select",
+        "--run",
+        str(run),
+        "--store",
+        store,
+        "--budget",
+        "3",
+        "--out",
+        str(out),
+        "--no-sheet",
+        "--format",
+        "labelstudio",
+        "--image-root",
+        "http://tiles.example/",
+    ]
     assert main(argv) == 0
     chosen = pd.read_csv(out / "selection.csv").set_index(C.TILE_ID)
     tasks = json.loads((out / "labelstudio" / "tasks.json").read_text())
@@ -131,8 +191,9 @@ def test_labelstudio_format_attaches_the_students_class_maps(
     facts = store_facts(store)
     predict = run_predictor(run, int(facts["tile_size"]))
     expected = {}
-    tiles = read_tiles(store, columns=[C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID],
-                       tile_ids=chosen.index.tolist())  # fmt: skip
+    tiles = read_tiles(
+        store, columns=[C.IMAGE, C.VALID, C.SOURCE, C.TILE_ID], tile_ids=chosen.index.tolist()
+    )
     for batch in tiles.iter_batches(batch_size=None, batch_format="numpy"):
         argmax = predict(prepare_batch(batch, band_scales(facts))[C.IMAGE]).argmax(1).numpy()
         argmax[~batch[C.VALID]] = C.IGNORE_INDEX
@@ -160,8 +221,9 @@ def test_a_sliver_of_imagery_scores_by_its_area() -> None:
     valid = np.ones((2, 8, 8), bool)
     valid[1, 2:] = False  # a tile at the raster's edge: a quarter of it is imagery
     batch = {
-        C.IMAGE: np.zeros((2, 8, 8, 3), np.uint8), C.VALID: valid,
+        C.IMAGE: np.zeros((2, 8, 8, 3), np.uint8),
+        C.VALID: valid,
         C.SOURCE: np.array(["s", "s"]),
-    }  # fmt: skip
+    }
     scores = score_batch(uniform, batch, {"s": ((0.0,) * 3, (255.0,) * 3)}, ("entropy",))
     assert scores["entropy"].tolist() == pytest.approx([1.0, 0.25])

@@ -31,9 +31,12 @@ def test_prepare_batch_scales_bands_and_ignores_invalid_pixels() -> None:
     valid = np.ones((1, 4, 4), bool)
     valid[0, 3, 3] = False
     batch = {
-        C.IMAGE: image, C.VALID: valid, C.SOURCE: np.array(["s"], object),
-        C.LABEL: np.ones((1, 4, 4), np.uint8), C.CONFIDENCE: np.ones((1, 4, 4), np.float32),
-    }  # fmt: skip
+        C.IMAGE: image,
+        C.VALID: valid,
+        C.SOURCE: np.array(["s"], object),
+        C.LABEL: np.ones((1, 4, 4), np.uint8),
+        C.CONFIDENCE: np.ones((1, 4, 4), np.float32),
+    }
     out = prepare_batch(batch, {"s": ((0.0,), (2000.0,))})
     assert out[C.IMAGE].shape == (1, 3, 4, 4) and out[C.IMAGE].dtype == torch.float32
     assert out[C.IMAGE][0, :, 1, 1].tolist() == [0.5, 0.5, 0.5]  # one band replicated
@@ -79,10 +82,11 @@ def test_steps_lower_the_loss_and_move_the_ema_teacher() -> None:
     labeled, unlabeled = _scene_batch(), _scene_batch()
     unlabeled.pop(C.LABEL)
     losses = [
-        train_step(model, optimizer, labeled, unlabeled, teacher=teacher, recipe=recipe,
-                   step=step)["loss_sup"]
+        train_step(model, optimizer, labeled, unlabeled, teacher=teacher, recipe=recipe, step=step)[
+            "loss_sup"
+        ]
         for step in range(25)
-    ]  # fmt: skip
+    ]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     moved = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
     assert moved and all("image_encoder" not in k for k in moved)  # frozen encoder stays put
@@ -144,8 +148,15 @@ def test_on_real_tiles_an_adaptive_threshold_lets_a_weak_teacher_teach(
         recipe = StepRecipe(ssl, AugmentConfig(), 5)
         state = initial_statistics(5)
         for step in range(3):  # the statistics settle over a few steps
-            parts = compute_losses(model, labeled, unlabeled, teacher=teacher, recipe=recipe,
-                                   step=step, ssl_state=state)  # fmt: skip
+            parts = compute_losses(
+                model,
+                labeled,
+                unlabeled,
+                teacher=teacher,
+                recipe=recipe,
+                step=step,
+                ssl_state=state,
+            )
         ratios[threshold_mode] = float(parts["mask_ratio"])
     assert ratios["fixed"] < 0.01 < ratios[mode]
     assert 0 <= float(parts["pseudo_correct"]) <= float(parts["pseudo_judged"]) <= 1
@@ -167,12 +178,19 @@ def test_the_feature_stream_is_half_the_consistency_term_and_trains_the_decoder(
     unlabeled.pop(C.LABEL)
     losses = {}
     for rate in (0.0, 0.5):
-        ssl = SslConfig(target="ema", threshold_mode="softmatch", feature_dropout=rate,
-                        ramp_up_steps=0)  # fmt: skip
+        ssl = SslConfig(
+            target="ema", threshold_mode="softmatch", feature_dropout=rate, ramp_up_steps=0
+        )
         torch.manual_seed(1)  # the same strong views in both runs
         model.zero_grad()
-        losses[rate] = compute_losses(model, labeled, unlabeled, teacher=teacher,
-                                      recipe=StepRecipe(ssl, AugmentConfig(), 5), step=0)  # fmt: skip
+        losses[rate] = compute_losses(
+            model,
+            labeled,
+            unlabeled,
+            teacher=teacher,
+            recipe=StepRecipe(ssl, AugmentConfig(), 5),
+            step=0,
+        )
     views, both = losses[0.0], losses[0.5]
     assert "loss_feature" not in views and float(both["loss_feature"].detach()) > 0
     value = {name: float(both[name].detach()) for name in ("loss_cons", "loss_feature")}

@@ -274,8 +274,9 @@ def test_instance_rows_are_the_whole_masks_before_painting() -> None:
     np.testing.assert_array_equal(field["stability"], [1.0, 1.0])  # ±5 logits: no pixel moves
     painted = paint_instances(logits, scores)[0].numpy()
     assert _painted_boxes(painted)[2] == (5, 10, 8, 14)  # painting cut the weaker mask
-    empty = instance_rows(torch.full((1, 16, 16), -1.0), scores[:1], torch.tensor([1]), top=0,
-                          left=0)  # fmt: skip
+    empty = instance_rows(
+        torch.full((1, 16, 16), -1.0), scores[:1], torch.tensor([1]), top=0, left=0
+    )
     assert empty.shape == (0, len(INSTANCE_FIELDS))  # an empty mask is no instance
 
 
@@ -283,8 +284,14 @@ def test_instance_rows_are_the_whole_masks_before_painting() -> None:
 def test_instance_rows_are_the_bounding_boxes_of_the_teacher_masks(
     box_store: str, mode: str
 ) -> None:
-    teacher = SamTeacher(box_store, mode=mode, model_type="tiny", box_margin=0.1,
-                         points_per_side=8, mask_filter=MaskFilter(min_area_px=16))  # fmt: skip
+    teacher = SamTeacher(
+        box_store,
+        mode=mode,
+        model_type="tiny",
+        box_margin=0.1,
+        points_per_side=8,
+        mask_filter=MaskFilter(min_area_px=16),
+    )
     teacher.sam = ScriptedSam()  # objects of OBJECTS under points; boxes grown by 8 px
     tiles = [("a", 0, 0), ("a", 64, 64)]
     out = teacher(_batch(box_store, tiles))
@@ -325,9 +332,13 @@ def test_tiny_sam_automatic_is_batch_invariant(box_store: str) -> None:
         same_seed(_batch(box_store, ALL_TILES[2:3]))[C.CONFIDENCE], alone[C.CONFIDENCE]
     )
     foreground = SamTeacher(
-        box_store, mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT,
+        box_store,
+        mode="automatic",
+        model_type="tiny",
+        points_per_side=4,
+        mask_filter=LENIENT,
         output="foreground",
-    )(_batch(box_store, ALL_TILES[2:3]))  # fmt: skip
+    )(_batch(box_store, ALL_TILES[2:3]))
     assert foreground[C.PSEUDO_LABEL].dtype == np.uint8
     np.testing.assert_array_equal(
         foreground[C.PSEUDO_LABEL][0], (alone[C.PSEUDO_LABEL][0] > 0).astype(np.uint8)

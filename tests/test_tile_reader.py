@@ -30,8 +30,9 @@ def test_tiles_read_by_id_equal_the_streamed_rows_in_the_asked_order(
     streamed = read_tiles(synthetic.url, columns=list(COLUMNS), halo=3, skip_nodata=False)
     rows = {int(row[C.TILE_ID]): row for row in streamed.take_all()}
     ids = np.random.default_rng(0).permutation(sorted(rows))[:17]  # both sources, shuffled
-    reader = TileReader(synthetic.url, sorted(rows), columns=COLUMNS, halo=3,
-                        cache_bytes=cache_bytes)  # fmt: skip
+    reader = TileReader(
+        synthetic.url, sorted(rows), columns=COLUMNS, halo=3, cache_bytes=cache_bytes
+    )
     assert reader.cacheable == bool(cache_bytes)
     for _ in range(2):  # the second read comes from memory when cached
         batch = reader.read(ids)

@@ -71,29 +71,47 @@ def test_warm_start_begins_where_the_named_run_ended(
     from safetensors.torch import load_file
 
     first = run_training(
-        scene_store, _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=8"),
-        tmp_path / "first", debug=True,
-    )  # fmt: skip
+        scene_store,
+        _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=8"),
+        tmp_path / "first",
+        debug=True,
+    )
     # a learning rate too small to move the weights: the warm student is the first run's best
-    still = _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=1",
-                    "train.lr=1e-12", f"train.init_from={tmp_path / 'first'}")  # fmt: skip
+    still = _config(
+        "ssl.target=ema",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.lr=1e-12",
+        f"train.init_from={tmp_path / 'first'}",
+    )
     warm = run_training(scene_store, still, tmp_path / "warm", debug=True)
     assert warm["best_miou"] == pytest.approx(first["best_miou"], abs=1e-6)
     before = load_file(str(tmp_path / "first" / "best" / "adapter.safetensors"))
     after = load_file(str(tmp_path / "warm" / "best" / "adapter.safetensors"))
     assert before.keys() == after.keys()
     assert max(float((before[k] - after[k]).abs().max()) for k in before) < 1e-6
-    cold = run_training(scene_store, _config("ssl.target=ema", "train.epochs=1",
-                        "train.steps_per_epoch=1", "train.lr=1e-12"), tmp_path / "cold",
-                        debug=True)  # fmt: skip
+    cold = run_training(
+        scene_store,
+        _config("ssl.target=ema", "train.epochs=1", "train.steps_per_epoch=1", "train.lr=1e-12"),
+        tmp_path / "cold",
+        debug=True,
+    )
     assert cold["best_miou"] != pytest.approx(first["best_miou"], abs=1e-6)
     # an adapter of another layout or a missing file fails before training, naming the key
     with pytest.raises(ConfigError, match=r"train.init_from=.*mode 'decoder' \(config: 'lora'\)"):
-        run_training(scene_store, _config("ssl.target=ema", "student.mode=lora", f"train.init_from={tmp_path / 'first'}"),
-                     tmp_path / "bad", debug=True)  # fmt: skip
+        run_training(
+            scene_store,
+            _config("ssl.target=ema", "student.mode=lora", f"train.init_from={tmp_path / 'first'}"),
+            tmp_path / "bad",
+            debug=True,
+        )
     with pytest.raises(ConfigError, match="no adapter at"):
-        run_training(scene_store, _config("ssl.target=ema", f"train.init_from={tmp_path / 'none'}"),
-                     tmp_path / "bad", debug=True)  # fmt: skip
+        run_training(
+            scene_store,
+            _config("ssl.target=ema", f"train.init_from={tmp_path / 'none'}"),
+            tmp_path / "bad",
+            debug=True,
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -115,8 +133,19 @@ def test_bad_config_values_fail_before_any_worker_starts(
     # a base checkpoint that cannot be read: one line naming it, before the run folder exists
     bad = tmp_path / "sam.pth"
     bad.write_bytes(b"not a checkpoint")
-    status = main(["train", "--store", scene_store, "--out", str(tmp_path / "r"),
-                   "--set", f"student.checkpoint={bad}", "--set", "ssl.target=ema"])  # fmt: skip
+    status = main(
+        [
+            "train",
+            "--store",
+            scene_store,
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            f"student.checkpoint={bad}",
+            "--set",
+            "ssl.target=ema",
+        ]
+    )
     assert status == 2 and str(bad) in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -126,13 +155,21 @@ def test_resume_continues_a_stopped_run(
     scene_store: str, tmp_path: Path, ray_session: None
 ) -> None:
     run_dir, storage = tmp_path / "run", tmp_path / "checkpoints"
-    first = run_training(scene_store, _config("ssl.enabled=false", "train.epochs=1",
-                                              "train.steps_per_epoch=4",
-                                              f"train.storage={storage}"), run_dir)  # fmt: skip
+    first = run_training(
+        scene_store,
+        _config(
+            "ssl.enabled=false",
+            "train.epochs=1",
+            "train.steps_per_epoch=4",
+            f"train.storage={storage}",
+        ),
+        run_dir,
+    )
     assert first["steps"] == 4
     assert list(storage.glob("train/checkpoint_*")) and not (run_dir / "ray").exists()
-    longer = _config("ssl.enabled=false", "train.epochs=2", "train.steps_per_epoch=4",
-                     f"train.storage={storage}")  # fmt: skip
+    longer = _config(
+        "ssl.enabled=false", "train.epochs=2", "train.steps_per_epoch=4", f"train.storage={storage}"
+    )
     second = run_training(scene_store, longer, run_dir, resume=True)
     assert second["steps"] == 8
     assert [e["epoch"] for e in second["epochs"]] == [0, 1]
@@ -148,11 +185,16 @@ def dubai_store(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> st
         [dubai_dir / "tile_1" / "images", dubai_dir / "tile_3" / "images"],
         tmp_path_factory.mktemp("dubai") / "store.zarr",
         labels=[dubai_dir / "tile_1" / "masks", dubai_dir / "tile_3" / "masks"],
-        label_colors=DUBAI_COLOURS, class_names=list(CLASS_NAMES),
-        config={"tile_size": 256, "split_by": "folder", "val_sources": ["tile_3*"],
-                "labeled_fraction": 1.0},
+        label_colors=DUBAI_COLOURS,
+        class_names=list(CLASS_NAMES),
+        config={
+            "tile_size": 256,
+            "split_by": "folder",
+            "val_sources": ["tile_3*"],
+            "labeled_fraction": 1.0,
+        },
         quiet=True,
-    )  # fmt: skip
+    )
     return str(result.path)
 
 
@@ -176,9 +218,15 @@ def _majority_class_miou(store: str) -> float:
 def test_two_workers_on_real_dubai_tiles_learn_past_the_majority_class(
     dubai_store: str, tmp_path: Path, ray_session: None
 ) -> None:
-    config = _config("ssl.enabled=false", "train.num_workers=2", "train.cpus_per_worker=0.5",
-                     "train.batch_size=8", "train.epochs=3", "train.steps_per_epoch=10",
-                     "train.lr=3e-3")  # fmt: skip
+    config = _config(
+        "ssl.enabled=false",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=8",
+        "train.epochs=3",
+        "train.steps_per_epoch=10",
+        "train.lr=3e-3",
+    )
     report = run_training(dubai_store, config, tmp_path / "run")
     epochs = report["epochs"]
     assert epochs[-1]["train"]["loss"] < epochs[0]["train"]["loss"]
@@ -205,8 +253,13 @@ def test_a_semi_supervised_run_on_real_tiles_counts_unlabeled_pixels_and_measure
         C.UNLABELED: pool.loc[~labelled, C.TILE_ID].tolist(),
         C.VAL: index.loc[index[C.SPLIT] == C.VAL, C.TILE_ID].tolist(),
     }
-    config = _config("ssl.target=ema", "ssl.threshold_mode=freematch", "ssl.ramp_up_steps=4",
-                     "train.epochs=2", "train.steps_per_epoch=6")  # fmt: skip
+    config = _config(
+        "ssl.target=ema",
+        "ssl.threshold_mode=freematch",
+        "ssl.ramp_up_steps=4",
+        "train.epochs=2",
+        "train.steps_per_epoch=6",
+    )
     report = run_training(dubai_store, config, tmp_path / "run", debug=True, splits=splits)
     last = report["epochs"][-1]["train"]
     assert last["mask_ratio"] > 0.05 and last["loss_cons"] > 0
@@ -220,8 +273,12 @@ def test_a_teacher_run_measures_its_calibration_and_a_student_cuts_at_it(
 ) -> None:
     import json
 
-    teacher = run_training(scene_store, _config("ssl.enabled=false", "train.epochs=1",
-                           "train.steps_per_epoch=4"), tmp_path / "teacher", debug=True)  # fmt: skip
+    teacher = run_training(
+        scene_store,
+        _config("ssl.enabled=false", "train.epochs=1", "train.steps_per_epoch=4"),
+        tmp_path / "teacher",
+        debug=True,
+    )
     measured = teacher["epochs"][0]["calibration"]
     assert measured["target_accuracy"] == 0.9 and 0 <= measured["kept_fraction"] <= 1
     assert (measured["threshold"] is None) == (measured["kept_fraction"] == 0)
@@ -229,16 +286,27 @@ def test_a_teacher_run_measures_its_calibration_and_a_student_cuts_at_it(
     best = tmp_path / "teacher" / "best" / "metrics.json"
     metrics = json.loads(best.read_text())
     best.write_text(json.dumps({**metrics, "calibration": {**measured, "threshold": 0.6}}))
-    calibrated = ["ssl.target=ema", "ssl.threshold_mode=calibrated", "ssl.ramp_up_steps=0",
-                  "train.epochs=1", "train.steps_per_epoch=3"]  # fmt: skip
+    calibrated = [
+        "ssl.target=ema",
+        "ssl.threshold_mode=calibrated",
+        "ssl.ramp_up_steps=0",
+        "train.epochs=1",
+        "train.steps_per_epoch=3",
+    ]
     with pytest.raises(ConfigError, match="needs ssl.calibration_run"):
         run_training(scene_store, _config(*calibrated), tmp_path / "none", debug=True)
     student = run_training(
-        scene_store, _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
-        tmp_path / "student", debug=True,
-    )  # fmt: skip
+        scene_store,
+        _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
+        tmp_path / "student",
+        debug=True,
+    )
     assert 0 <= student["epochs"][0]["train"]["mask_ratio"] <= 1
     best.write_text(json.dumps({**metrics, "calibration": {**measured, "threshold": None}}))
     with pytest.raises(ConfigError, match="never reached 0.9"):
-        run_training(scene_store, _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
-                     tmp_path / "again", debug=True)  # fmt: skip
+        run_training(
+            scene_store,
+            _config(*calibrated, f"ssl.calibration_run={tmp_path / 'teacher'}"),
+            tmp_path / "again",
+            debug=True,
+        )

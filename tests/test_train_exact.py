@@ -186,8 +186,18 @@ def test_a_stopped_driver_resumes_and_ends_with_the_uninterrupted_weights(
     run_dir = tmp_path / "run"
     overrides = [f"--set={item}" for item in (*EXACT, *RESUMED)]
     cli = "import sys; from semisup.cli import main; sys.exit(main())"
-    command = [sys.executable, "-c", cli, "train", "--store", scene_store,
-               "--out", str(run_dir), "--debug", *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        cli,
+        "train",
+        "--store",
+        scene_store,
+        "--out",
+        str(run_dir),
+        "--debug",
+        *overrides,
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = psutil.Process(driver.pid)
     try:
@@ -218,8 +228,9 @@ def test_a_stopped_driver_resumes_and_ends_with_the_uninterrupted_weights(
 def test_a_run_that_cannot_improve_stops_after_exactly_patience_epochs(
     scene_store: str, tmp_path: Path, ray_session: None
 ) -> None:
-    frozen = _config("train.lr=1e-12", "train.epochs=6", "train.steps_per_epoch=1",
-                     "train.early_stop_patience=2")  # fmt: skip
+    frozen = _config(
+        "train.lr=1e-12", "train.epochs=6", "train.steps_per_epoch=1", "train.early_stop_patience=2"
+    )
     report = run_training(scene_store, frozen, tmp_path / "run", debug=True)
     assert report["stopped_early"] is True
     assert [e["epoch"] for e in report["epochs"]] == [0, 1]
@@ -247,8 +258,12 @@ def test_one_and_two_worker_runs_are_each_bit_identical_when_repeated(
         runs = []
         for attempt in range(2):
             run_dir = tmp_path / f"w{workers}-{attempt}"
-            config = _config(f"train.num_workers={workers}", "train.cpus_per_worker=0.5",
-                             "train.epochs=1", "train.steps_per_epoch=4")  # fmt: skip
+            config = _config(
+                f"train.num_workers={workers}",
+                "train.cpus_per_worker=0.5",
+                "train.epochs=1",
+                "train.steps_per_epoch=4",
+            )
             run_training(scene_store, config, run_dir)
             runs.append(final_weights(run_dir))
         assert max_difference(*runs) == 0.0

@@ -41,9 +41,16 @@ def _trainables(seed: int, steps: int) -> Trainables:
 
 def _save(tmp_path: Path) -> tuple[Trainables, TrainState]:
     saved = _trainables(seed=0, steps=2)
-    state = TrainState(step=13, epoch=1, best_score=0.4, best_epoch=0, stale_epochs=1,
-                       history=[{"epoch": 0, "miou": 0.4}], epoch_sums={"loss": 3.0},
-                       epoch_steps=3)  # fmt: skip
+    state = TrainState(
+        step=13,
+        epoch=1,
+        best_score=0.4,
+        best_epoch=0,
+        stale_epochs=1,
+        history=[{"epoch": 0, "miou": 0.4}],
+        epoch_sums={"loss": 3.0},
+        epoch_steps=3,
+    )
     torch.manual_seed(123)
     save_checkpoint(tmp_path, state, saved, POSITIONS)
     return saved, state

@@ -28,11 +28,20 @@ from semisup.tune import (
 # Each trial: the tiny student, 2 steps per epoch on 64 px tiles, half a CPU for its one Train
 # worker and a quarter for reads, so two trials train side by side on 2 CPUs.
 FAST = [
-    "student.model_type=tiny", "train.batch_size=4", "train.warmup_steps=1", "train.lr=3e-3",
-    "stream.tiles_per_task=16", "stream.read_cpus=0.25", "train.cpus_per_worker=0.5",
-    "train.torch_threads=1", "ssl.enabled=false", "train.epochs=3", "train.steps_per_epoch=2",
-    "train.early_stop_patience=10", "train.max_failures=0",
-]  # fmt: skip
+    "student.model_type=tiny",
+    "train.batch_size=4",
+    "train.warmup_steps=1",
+    "train.lr=3e-3",
+    "stream.tiles_per_task=16",
+    "stream.read_cpus=0.25",
+    "train.cpus_per_worker=0.5",
+    "train.torch_threads=1",
+    "ssl.enabled=false",
+    "train.epochs=3",
+    "train.steps_per_epoch=2",
+    "train.early_stop_patience=10",
+    "train.max_failures=0",
+]
 
 
 def _config(*overrides: str) -> ExperimentConfig:
@@ -69,18 +78,26 @@ def test_concurrent_trials_are_capped_by_cpus_and_gpus() -> None:
     with pytest.raises(ConfigError, match="needs 2 GPU"):
         max_concurrent_trials({"CPU": 16.0}, gpu)
     with pytest.raises(ConfigError, match="needs 4.35 CPU"):
-        max_concurrent_trials({"CPU": 2.0}, trial_demand(_config("train.num_workers=2",
-                                                                 "train.cpus_per_worker=2")))  # fmt: skip
+        max_concurrent_trials(
+            {"CPU": 2.0}, trial_demand(_config("train.num_workers=2", "train.cpus_per_worker=2"))
+        )
 
 
 def _record(trial_id: str, best: float | None, outcome: str, rank: int) -> tune_report.TrialRecord:
     curve = [] if best is None else [best / 2, best]
     return tune_report.TrialRecord(
-        trial_id=trial_id, outcome=outcome, params={"student.lora_rank": rank},
-        epochs_done=len(curve), best_miou=best, best_epoch=1 if curve else None, curve=curve,
-        train_loss=[1.0] * len(curve), trial_path=f"/x/{trial_id}",
-        best_adapter=f"/x/{trial_id}/a" if curve else None, error=None,
-    )  # fmt: skip
+        trial_id=trial_id,
+        outcome=outcome,
+        params={"student.lora_rank": rank},
+        epochs_done=len(curve),
+        best_miou=best,
+        best_epoch=1 if curve else None,
+        curve=curve,
+        train_loss=[1.0] * len(curve),
+        trial_path=f"/x/{trial_id}",
+        best_adapter=f"/x/{trial_id}/a" if curve else None,
+        error=None,
+    )
 
 
 def test_trial_outcomes_table_and_plot() -> None:
@@ -139,8 +156,9 @@ def test_optuna_takes_no_grid_and_is_optional(scene_store: str, tmp_path: Path) 
     assert isinstance(ray_param_space(dims)["student.lora_rank"], dict)  # a grid for Tune's own
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(ConfigError, match="optuna package"):
-            run_tune(scene_store, _config(), "lora_rank", tmp_path / "o", samples=2,
-                     search="optuna")  # fmt: skip
+            run_tune(
+                scene_store, _config(), "lora_rank", tmp_path / "o", samples=2, search="optuna"
+            )
         assert not (tmp_path / "o").exists()
 
 
@@ -154,8 +172,13 @@ def test_unknown_key_fails_before_any_trial_starts(scene_store: str, tmp_path: P
     with pytest.raises(ConfigError, match=r"student\.lora_rank: got 0"):
         run_tune(scene_store, _config(), {"student.lora_rank": {"grid": [0, 8]}}, out, samples=1)
     with pytest.raises(ConfigError, match=r"ssl\.target='pseudo' needs pseudo-labels"):
-        run_tune(scene_store, _config("ssl.enabled=true"),
-                 {"ssl.target": {"choice": ["ema", "pseudo"]}}, out, samples=1)  # fmt: skip
+        run_tune(
+            scene_store,
+            _config("ssl.enabled=true"),
+            {"ssl.target": {"choice": ["ema", "pseudo"]}},
+            out,
+            samples=1,
+        )
     assert not out.exists() and ray.is_initialized() == ray_was_up  # nothing started
 
 
@@ -207,13 +230,15 @@ def test_lora_rank_sweep_of_four_trials_on_two_cpus_interrupted_and_resumed(
     watcher.join()
     assert fired and not first["complete"]
     finished = {
-        t["trial_id"]: t for t in json.loads((out / "trials.json").read_text())
+        t["trial_id"]: t
+        for t in json.loads((out / "trials.json").read_text())
         if t["outcome"] != tune_report.UNFINISHED
-    }  # fmt: skip
+    }
     assert 1 <= len(finished) < 4
     trials = _trial_dirs(out)
-    before = {t: (_files(trials[t] / "run"), (trials[t] / "progress.csv").read_text())
-              for t in finished}  # fmt: skip
+    before = {
+        t: (_files(trials[t] / "run"), (trials[t] / "progress.csv").read_text()) for t in finished
+    }
     with pytest.raises(FileExistsError, match="--resume"):
         run_tune(scene_store, _config(), "lora_rank", out, samples=1)
     # `semisup tune --resume` takes the sweep's own settings, and refuses different ones
@@ -276,8 +301,14 @@ def test_asha_stops_a_trial_that_trails_at_an_early_epoch(
     # so at the first rung (1 epoch of 5) its validation mIoU trails the first trial's and ASHA
     # stops it; the stop reaches it within about an epoch.
     space = {"train.lr": {"grid": [3e-3, 1e-7]}}
-    summary = run_tune(scene_store, _config("train.epochs=5"), space, tmp_path / "sweep",
-                       samples=1, max_concurrent=1)  # fmt: skip
+    summary = run_tune(
+        scene_store,
+        _config("train.epochs=5"),
+        space,
+        tmp_path / "sweep",
+        samples=1,
+        max_concurrent=1,
+    )
     records = json.loads(Path(summary["trials_json"]).read_text())
     outcomes = {r["params"]["train.lr"]: (r["outcome"], r["epochs_done"]) for r in records}
     assert outcomes[3e-3] == (tune_report.COMPLETED, 5)
@@ -328,11 +359,15 @@ def test_optuna_draws_the_trials_when_installed(
     scene_store: str, tmp_path: Path, ray_session: None
 ) -> None:
     pytest.importorskip("optuna")
-    space = {"student.mode": "lora", "student.lora_rank": {"grid": [4, 8]},
-             "train.lr": {"loguniform": [1e-3, 5e-3]}}  # fmt: skip
+    space = {
+        "student.mode": "lora",
+        "student.lora_rank": {"grid": [4, 8]},
+        "train.lr": {"loguniform": [1e-3, 5e-3]},
+    }
     out = tmp_path / "sweep"
-    summary = run_tune(scene_store, _config("train.epochs=2"), space, out, samples=2,
-                       search="optuna")  # fmt: skip
+    summary = run_tune(
+        scene_store, _config("train.epochs=2"), space, out, samples=2, search="optuna"
+    )
     assert summary["trials"] == 2 and summary["complete"]  # a grid is a choice for Optuna
     assert json.loads((out / "sweep.json").read_text())["search"] == "optuna"
     records = json.loads(Path(summary["trials_json"]).read_text())

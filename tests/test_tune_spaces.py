@@ -54,8 +54,9 @@ def test_samples_follow_the_base_config_outside_the_space() -> None:
         base, dims, search_space.sample(dims, np.random.default_rng(1))
     )
     assert config.train.lr == 1e-3 and config.student.lora_rank == 4
-    tied = search_space.check_space({"student.lora_alpha": {"tied_to": "student.lora_rank", "factor": 3}},
-                         base, "t")  # fmt: skip
+    tied = search_space.check_space(
+        {"student.lora_alpha": {"tied_to": "student.lora_rank", "factor": 3}}, base, "t"
+    )
     assert search_space.trial_config(base, tied, {}).student.lora_alpha == 12.0
 
 
@@ -65,8 +66,10 @@ def test_lora_rank_space_runs_every_rank_in_lora_mode() -> None:
     assert ranks.kind == "grid" and ranks.values == (4, 8, 16, 32)
     config = search_space.trial_config(ExperimentConfig(), dims, {"student.lora_rank": 16})
     assert (config.student.mode, config.student.lora_rank, config.student.lora_alpha) == (
-        "lora", 16, 32.0,
-    )  # fmt: skip
+        "lora",
+        16,
+        32.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,16 +87,26 @@ def test_lora_rank_space_runs_every_rank_in_lora_mode() -> None:
         ({"student.lora_rank": {"choice": [8, 0]}}, "student.lora_rank"),
         ({"student.mode": {"grid": ["lora", "partial"]}}, "student.mode"),
         ({"ssl.confidence_threshold": {"uniform": [0.5, 1.5]}}, "ssl.confidence_threshold"),
-        ({"augment.scale_min": {"uniform": [0.5, 1.2]}, "augment.scale_max": {"uniform": [1.0, 2]}},
-         "augment.scale_min"),  # only the corner 1.2 > 1.0 is invalid
+        (
+            {
+                "augment.scale_min": {"uniform": [0.5, 1.2]},
+                "augment.scale_max": {"uniform": [1.0, 2]},
+            },
+            "augment.scale_min",
+        ),  # only the corner 1.2 > 1.0 is invalid
         ({"student.lora_alpha": {"tied_to": "student.lora_rnak"}}, "student.lora_alpha"),
         ({"student.lora_alpha": {"tied_to": "student.mode"}}, "student.lora_alpha"),
-        ({"student.lora_alpha": {"tied_to": "train.lr"}, "train.lr": {"tied_to": "train.epochs"}},
-         "student.lora_alpha"),
+        (
+            {
+                "student.lora_alpha": {"tied_to": "train.lr"},
+                "train.lr": {"tied_to": "train.epochs"},
+            },
+            "student.lora_alpha",
+        ),
         ({"prep.tile_size": {"choice": [256, 512]}}, "prep.tile_size"),
         ({"train.batch_size": {"choice": [4, 5]}, "train.num_workers": 2}, "train.batch_size"),
     ],
-)  # fmt: skip
+)
 def test_bad_spaces_fail_with_the_key_named(space: dict[str, object], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         search_space.check_space(space, ExperimentConfig(), "custom")

@@ -84,11 +84,22 @@ def submit(
     job_id = f"two-nodes-{uuid.uuid4().hex[:8]}"
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S), **env_vars}
     head.ray(
-        "job", "submit", *([] if wait else ["--no-wait"]), "--address", head.dashboard_url,
-        "--submission-id", job_id, "--working-dir", ".",
-        "--runtime-env", str(runtime_env_file(folder, env)), "--", *command,
-        timeout=900, cwd=REPO_ROOT,
-    )  # fmt: skip
+        "job",
+        "submit",
+        *([] if wait else ["--no-wait"]),
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        str(runtime_env_file(folder, env)),
+        "--",
+        *command,
+        timeout=900,
+        cwd=REPO_ROOT,
+    )
     return job_id
 
 
@@ -126,9 +137,16 @@ def job_logs(head: RayHead, job_id: str) -> str:
 def state(head: RayHead, kind: str) -> list[dict[str, Any]]:
     """``ray list KIND --detail``: Ray's state API, dead entries included."""
     output = head.ray(
-        "list", kind, "--address", head.dashboard_url, "--detail", "--format", "json",
-        "--limit", "10000",
-    )  # fmt: skip
+        "list",
+        kind,
+        "--address",
+        head.dashboard_url,
+        "--detail",
+        "--format",
+        "json",
+        "--limit",
+        "10000",
+    )
     return json.loads(output[output.index("[") :])  # type: ignore[no-any-return]
 
 
@@ -147,9 +165,11 @@ def s3_objects(env: dict[str, str], prefix: str) -> list[str]:
     import s3fs
 
     fs = s3fs.S3FileSystem(
-        endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        key="testing",
+        secret="testing",
         skip_instance_cache=True,
-    )  # fmt: skip
+    )
     keys: list[str] = fs.find(BUCKET)
     return [key for key in keys if key.startswith(f"{BUCKET}/{prefix}")]
 
@@ -261,9 +281,13 @@ def test_spread_runs_on_both_nodes_with_the_outputs_of_one_node(
 
 # the teacher stage alone, long enough to be stopped between checkpoints, with workers too
 # large for two on one node: the head alone cannot host the group that lost its worker node
-TRAINING = ("pipeline.stages=[prep,teacher]", "train.steps_per_epoch=12",
-            "train.checkpoint_every_steps=2", "train.max_failures=1",
-            "train.cpus_per_worker=0.6")  # fmt: skip
+TRAINING = (
+    "pipeline.stages=[prep,teacher]",
+    "train.steps_per_epoch=12",
+    "train.checkpoint_every_steps=2",
+    "train.max_failures=1",
+    "train.cpus_per_worker=0.6",
+)
 
 
 def kill_after_first_checkpoint(
@@ -326,8 +350,11 @@ def test_training_fails_naming_the_lost_node_and_the_checkpoint_when_none_replac
     waited_s = time.monotonic() - lost_at
     assert waited_s < node_wait_s + 4 * START_TIMEOUT_S + 120  # bounded by node_wait_s
     logs = job_logs(head, job_id)
-    match = re.search(r"NodeLostError: training lost node (\w+) \([\d.]+, resources "
-                      r"node_worker\).*the latest checkpoint, (s3://\S+), is kept", logs)  # fmt: skip
+    match = re.search(
+        r"NodeLostError: training lost node (\w+) \([\d.]+, resources "
+        r"node_worker\).*the latest checkpoint, (s3://\S+), is kept",
+        logs,
+    )
     assert match, logs[-4000:]
     assert match.group(1) == lost
     checkpoint = match.group(2).removeprefix(f"s3://{BUCKET}/")
@@ -353,10 +380,31 @@ def test_training_fails_naming_the_lost_node_and_the_checkpoint_when_none_replac
 def pseudo_label_command(store: Path, teacher: Path) -> list[str]:
     """The teacher of ``teacher`` labels every tile of ``store``, one tile per call, on two
     actors spread over the nodes, sized to fit the head alone when the worker node is lost."""
-    return ["semisup", "pseudo-label", "--store", str(store), "--mode", "semantic",
-            "--model", "tiny", "--checkpoint", str(teacher / "best"), "--split", "all",
-            "--batch-size", "1", "--actors", "2", "--cpus-per-actor", "0.25",
-            "--torch-threads", "1", "--placement", "spread", "--overwrite"]  # fmt: skip
+    return [
+        "semisup",
+        "pseudo-label",
+        "--store",
+        str(store),
+        "--mode",
+        "semantic",
+        "--model",
+        "tiny",
+        "--checkpoint",
+        str(teacher / "best"),
+        "--split",
+        "all",
+        "--batch-size",
+        "1",
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "0.25",
+        "--torch-threads",
+        "1",
+        "--placement",
+        "spread",
+        "--overwrite",
+    ]
 
 
 def parts(store: Path) -> int:
@@ -399,6 +447,8 @@ def test_pseudo_labelling_labels_every_tile_once_across_a_lost_node(
     summary = json.loads(logs[logs.index('{\n  "store"') : logs.rindex("}") + 1])
     # every tile labelled once: one manifest row per tile, no tile counted twice
     assert summary["tiles_remaining"] == 0 and summary["tiles_processed"] <= tiles
-    print(f"recorded before the loss: {recorded_before} of {tiles} tiles; "
-          + (f"a new pool labelled {retried.group(1)}" if retried else "Ray Data carried on"))  # fmt: skip
+    print(
+        f"recorded before the loss: {recorded_before} of {tiles} tiles; "
+        + (f"a new pool labelled {retried.group(1)}" if retried else "Ray Data carried on")
+    )
     assert_same_pseudo_labels(interrupted, uninterrupted)

@@ -185,12 +185,18 @@ def test_box_predictions_are_the_bounding_boxes_of_sams_masks() -> None:
     sam = ScriptedSam()
     truth = np.array([[12, 12, 28, 32], [40, 0, 64, 20], [0, 60, 4, 64]], np.float32)
     result = score_box_tile(
-        sam, np.zeros((TILE, TILE, 3), np.uint8), truth, ["tree", "dead", "tree"], tile_id=7,
-        grid_xy=point_grid(8, TILE), mask_filter=MaskFilter(min_area_px=16),
-    )  # fmt: skip
+        sam,
+        np.zeros((TILE, TILE, 3), np.uint8),
+        truth,
+        ["tree", "dead", "tree"],
+        tile_id=7,
+        grid_xy=point_grid(8, TILE),
+        mask_filter=MaskFilter(min_area_px=16),
+    )
     with torch.inference_mode():
-        logits, iou = best_mask(*decode_masks(sam, torch.zeros(1, 256, 4, 4),
-                                              boxes=torch.from_numpy(truth)))  # fmt: skip
+        logits, iou = best_mask(
+            *decode_masks(sam, torch.zeros(1, 256, 4, 4), boxes=torch.from_numpy(truth))
+        )
     expected = [_mask_box(mask > 0) for mask in logits]
     assert result.prompted.boxes.tolist() == expected  # the masks' boxes, not the prompts
     assert expected[0] == [4, 4, 36, 40] and expected[2] == [0, 52, 12, 64]  # grown and clipped
@@ -208,12 +214,17 @@ def test_zero_shot_on_a_store_with_boxes_only(shared_data: Path, tmp_path: Path)
     from semisup.store import open_store, read_tile_index
 
     neon = shared_data / "neon_trees"
-    made = build_store([neon / "OSBS_029.tif"], tmp_path / "crowns.zarr",
-                       boxes=[neon / "OSBS_029.csv"], config=PrepConfig(tile_size=128),
-                       quiet=True)  # fmt: skip
+    made = build_store(
+        [neon / "OSBS_029.tif"],
+        tmp_path / "crowns.zarr",
+        boxes=[neon / "OSBS_029.csv"],
+        config=PrepConfig(tile_size=128),
+        quiet=True,
+    )
     store = str(made.path)
-    summary = run_zero_shot(store, model_type="tiny", out_dir=tmp_path / "out", max_tiles=2,
-                            points_per_side=4, log=None)  # fmt: skip
+    summary = run_zero_shot(
+        store, model_type="tiny", out_dir=tmp_path / "out", max_tiles=2, points_per_side=4, log=None
+    )
     written = json.loads((tmp_path / "out" / JSON_FILE).read_text())
     assert written == json.loads(json.dumps(summary)) and written["tiles"] == 0  # no masks
     box_ap = written["box_ap"]
