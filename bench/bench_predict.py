@@ -50,9 +50,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import ray  # noqa: E402
 
 from semisup import blend  # noqa: E402
+from semisup.actor_pool import ActorPoolConfig  # noqa: E402
 from semisup.map_writer import MapWriter  # noqa: E402
 from semisup.memory import process_tree, wait_for_exit  # noqa: E402
-from semisup.predict import run_predict  # noqa: E402
+from semisup.predict import PredictConfig, run_predict  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
 from semisup.stitch import plan_jobs  # noqa: E402
 from semisup.window_predictor import load_model, read_job_windows, resolve_model  # noqa: E402
@@ -171,13 +172,14 @@ def pipeline(raster: Path, out: Path, model_name: str, args: argparse.Namespace)
             [raster],
             model_name,
             out,
-            tile_size=args.tile,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
-            actors=args.actors,
-            torch_threads=args.threads,
-            num_classes=args.classes,
-            stripe_width=args.stripe,
+            PredictConfig(
+                tile_size=args.tile,
+                overlap=args.overlap,
+                batch_size=args.batch_size,
+                num_classes=args.classes,
+                stripe_width=args.stripe,
+                pool=ActorPoolConfig(actors=args.actors, torch_threads=args.threads),
+            ),
             measure_memory=True,
             log=None,
         )

@@ -1,8 +1,8 @@
 """Benchmark: the SAM teacher pipeline (Ray Data read -> actor pool -> write back) against a bare
 loop that calls the same teacher on tiles already in memory.
 
-Both sides run the same ``SamTeacher`` (tiny SAM, automatic mode, the same points per side,
-batch size and total torch threads). The pipeline side is ``run_pseudo_label`` on a fresh copy
+Both sides run the same teacher (``MaskTeacher``: tiny SAM, automatic mode, the same points per
+side, batch size and total torch threads). The pipeline side is ``run_pseudo_label`` on a fresh copy
 of a synthetic store of 256×256×3 tiles: it reads tiles with Ray Data, labels them in the actor
 pool and writes ``pseudo_label``/``confidence`` and the manifest back into the store.
 
@@ -52,9 +52,10 @@ from store_factory import SourceSpec, build_store  # noqa: E402
 
 from semisup import columns as C  # noqa: E402
 from semisup import store as tile_store  # noqa: E402
+from semisup.actor_pool import ActorPoolConfig  # noqa: E402
 from semisup.masks import MaskFilter  # noqa: E402
 from semisup.pseudo_label import run_pseudo_label  # noqa: E402
-from semisup.teacher import SamTeacher  # noqa: E402
+from semisup.teacher import TeacherConfig, build_teacher  # noqa: E402
 
 TILE = 256
 TILES_PER_SOURCE_SIDE = 4  # sources of 4×4 tiles (1024 px)
@@ -76,13 +77,10 @@ def build_benchmark_store(path: Path, num_tiles: int) -> None:
     build_store(str(path), sources, tile_size=TILE, keep_arrays=False)
 
 
-def teacher_options(points_per_side: int) -> dict[str, Any]:
-    return {
-        "mode": "automatic",
-        "model_type": "tiny",
-        "points_per_side": points_per_side,
-        "mask_filter": LENIENT,
-    }
+def teacher_config(points_per_side: int) -> TeacherConfig:
+    return TeacherConfig(
+        mode="automatic", model_type="tiny", points_per_side=points_per_side, mask_filter=LENIENT
+    )
 
 
 def in_memory_batches(store: str, batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -120,10 +118,10 @@ class Rate:
 
 
 def bare_loop(store: str, *, batch_size: int, threads: int, points_per_side: int) -> Rate:
-    """``SamTeacher`` called in this process on in-memory batches (model built, one warm-up)."""
+    """The teacher called in this process on in-memory batches (model built, one warm-up)."""
     torch.set_num_threads(threads)
-    options = teacher_options(points_per_side)
-    teacher = SamTeacher(store, device="cpu", torch_threads=threads, **options)
+    config = teacher_config(points_per_side)
+    teacher = build_teacher(store, config, device="cpu", torch_threads=threads)
     batches = in_memory_batches(store, batch_size)
     teacher(batches[0])  # warm-up: first-call allocations, lazy inits
     start = time.perf_counter()
@@ -148,13 +146,12 @@ def pipeline_run(
     start = time.perf_counter()
     summary = run_pseudo_label(
         str(copy),
+        teacher_config(points_per_side),
+        pool=ActorPoolConfig(actors=actors, torch_threads=threads),
         split=None,
-        actors=actors,
-        torch_threads=threads,
         batch_size=batch_size,
         max_tiles=max_tiles,
         log=None,
-        **teacher_options(points_per_side),
     )
     return Rate(summary["tiles_processed"], time.perf_counter() - start)
 

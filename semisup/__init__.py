@@ -16,8 +16,9 @@ Models
     R-CNN student (model, targets, steps, training task, prediction, AP, comparison).
 
 Teacher
-    ``teacher`` the SAM teacher actor class · ``masks`` SAM masks to pixel labels ·
-    ``pseudo_label`` labelling a store [Ray] · ``actor_pool`` actor sizes [Ray] ·
+    ``teacher`` the teachers (SAM masks, a student's classes) as actor classes, and
+    ``TeacherConfig`` · ``masks`` SAM masks to pixel labels ·
+    ``pseudo_label`` labelling a store [Ray] · ``actor_pool`` actor pools and their config [Ray] ·
     ``zero_shot`` SAM before any training · ``calibration`` confidence against accuracy.
 
 Training

@@ -10,10 +10,57 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 SCHEDULING_STRATEGY = {"pack": "DEFAULT", "spread": "SPREAD"}  # ray.placement -> actors;
 # DEFAULT is Ray's own policy: it fills the node it is asked on before using others
+
+
+@dataclass(frozen=True)
+class ActorPoolConfig:
+    """The actors of one map stage (the flags of ``add_actor_pool_arguments``)."""
+
+    actors: int = 1
+    gpus_per_actor: float = 0.0  # fractions share a GPU; 0: the actors run on CPU
+    cpus_per_actor: float | None = None  # None: ``share_cpus``, one CPU left to the reads
+    torch_threads: int | None = None  # None: ``share_threads`` on CPU, torch's default on GPU
+    placement: str | None = None  # ``pack`` or ``spread`` (ray.placement); None: Ray Data's
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.placement is not None and self.placement not in SCHEDULING_STRATEGY:
+            known = ", ".join(SCHEDULING_STRATEGY)
+            raise ValueError(f"unknown placement {self.placement!r}; known: {known}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ActorPoolConfig:
+        """The pool that ``add_actor_pool_arguments``' flags describe."""
+        return cls(
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+            torch_threads=args.torch_threads,
+            placement=args.placement,
+        )
+
+    def cpus(self) -> float:
+        """CPUs each actor reserves (``actor_cpus``; reads the connected cluster's size)."""
+        return actor_cpus(self.actors, self.cpus_per_actor)
+
+    def threads(self) -> int | None:
+        """Torch threads of each actor (``actor_threads``)."""
+        return actor_threads(self.actors, self.gpus_per_actor, self.torch_threads)
+
+    def device(self) -> str:
+        """The actors' device: ``auto`` (a GPU) when they reserve one, else ``cpu``."""
+        return "auto" if self.gpus_per_actor > 0 else "cpu"
+
+
+ONE_ACTOR: Final = ActorPoolConfig()  # a map stage's default pool
 
 
 def map_with_pool(
@@ -79,7 +126,8 @@ def actor_threads(
 def add_actor_pool_arguments(
     parser: argparse.ArgumentParser, *, role: str, default_actors: int, frees: str
 ) -> None:
-    """--actors, --gpus-per-actor, --cpus-per-actor and --torch-threads.
+    """--actors, --gpus-per-actor, --cpus-per-actor, --torch-threads and --placement
+    (``ActorPoolConfig.from_args`` reads them back).
 
     ``role`` names the actors in the help ("teacher", "predictor"); ``frees`` says what the
     default CPU share leaves room for.
@@ -109,4 +157,10 @@ def add_actor_pool_arguments(
         type=int,
         metavar="N",
         help="torch threads per actor (default on CPU: cluster CPUs // actors)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=tuple(SCHEDULING_STRATEGY),
+        help=f"pack the {role} actors onto few nodes or spread them over the nodes "
+        "(default: Ray Data's, which spreads)",
     )

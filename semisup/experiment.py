@@ -249,21 +249,26 @@ class Runner:
         The store holds one set of pseudo-labels: a teacher's stay until another one's replace
         them, so the semi-supervised runs of one teacher share one labelling pass.
         """
+        from semisup.actor_pool import ActorPoolConfig
         from semisup.pseudo_label import run_pseudo_label
+        from semisup.teacher import TeacherConfig
 
         if self.labelled_by == teacher_run:
             return
 
-        run_pseudo_label(
-            self.store,
+        teacher = TeacherConfig(
             mode="semantic",
             model_type=self.config.student.model_type,
             checkpoint=str(teacher_run / "best"),
             base_checkpoint=self.config.student.checkpoint,
-            actors=self.settings.pseudo_label_actors,
+            seed=seed,
+        )
+        run_pseudo_label(
+            self.store,
+            teacher,
+            pool=ActorPoolConfig(actors=self.settings.pseudo_label_actors),
             split=[C.LABELED, C.UNLABELED] + ([C.VAL] if self.settings.target_area else []),
             overwrite=True,
-            seed=seed,
             log=None,
         )
         self.labelled_by = teacher_run

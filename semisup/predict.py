@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from semisup import blend
 from semisup import columns as C
-from semisup.actor_pool import add_actor_pool_arguments
+from semisup.actor_pool import ActorPoolConfig, add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
 from semisup.model_input import INFERENCE_BATCH
@@ -83,26 +83,32 @@ _SUFFIXES: Final = {".tif": (".tif", ".tiff"), ".geojson": (".geojson", ".json")
 # The run
 
 
+@dataclass(frozen=True)
+class PredictConfig:
+    """How ``semisup predict`` cuts a raster into windows, predicts and blends them, and with
+    which actors (``run_predict``). The defaults are the CLI's."""
+
+    tile_size: int | None = None  # window side in px; None: the adapter's own (256 built-ins)
+    overlap: int | None = None  # px shared by neighbouring windows, in [0, tile/2]; None: 1/4
+    weight_floor: float = blend.DEFAULT_FLOOR  # blending weight at a window's outermost pixel
+    batch_size: int = INFERENCE_BATCH  # windows per model call
+    stripe_width: int = DEFAULT_STRIPE  # px per vertical stripe: bounds the driver's memory
+    min_area: float = 0.0  # polygons smaller than this (CRS units², m² if metric) are dropped
+    cog: bool = False  # copy each finished map into a COG with overviews (costs time)
+    base_checkpoint: str | None = None  # see ``resolve_model``: a run folder knows its own
+    seed: int | None = None  # of a random-init base; see ``resolve_model``
+    num_classes: int = BUILT_IN_CLASSES  # built-in models only
+    pool: ActorPoolConfig = ActorPoolConfig()  # the predictor actors: by default one, leaving
+    # a CPU to reads and the driver, threads = CPUs // actors on CPU (``semisup pseudo-label``'s)
+
+
 def run_predict(
     rasters: Sequence[str | Path],
     model: str | Sequence[str],
     out: str | Path,
+    config: PredictConfig | None = None,
     *,
     vector: str | Path | None = None,
-    min_area: float = 0.0,
-    tile_size: int | None = None,
-    overlap: int | None = None,
-    weight_floor: float = blend.DEFAULT_FLOOR,
-    batch_size: int = INFERENCE_BATCH,
-    actors: int = 1,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float | None = None,
-    torch_threads: int | None = None,
-    base_checkpoint: str | None = None,
-    seed: int | None = None,
-    num_classes: int = BUILT_IN_CLASSES,
-    stripe_width: int = DEFAULT_STRIPE,
-    cog: bool = False,
     overwrite: bool = False,
     measure_memory: bool = False,
     ray_config: RayConfig | None = None,
@@ -121,19 +127,8 @@ def run_predict(
         out: the output GeoTIFF for one raster; for several, a folder (``<name>.tif`` inside)
             or a path with ``{name}`` (the raster's file stem or the store's source id). With
             several models ``out`` holds ``{adapter}``, replaced by each model's file stem.
+        config: windows, blending, outputs and actors (``PredictConfig``; None: its defaults).
         vector: optional GeoJSON polygons per class, named like ``out`` (``.geojson``).
-        min_area: polygons smaller than this (CRS units², m² for metric CRSs) are dropped.
-        tile_size: window side in px; an adapter's own size (default), or 256 for built-ins.
-        overlap: px shared by neighbouring windows, in [0, tile/2]; default tile/4.
-        weight_floor: blending weight at a window's outermost pixel (see ``semisup.blend``).
-        batch_size: windows per model call.
-        actors, gpus_per_actor, cpus_per_actor, torch_threads: the predictor pool; defaults
-            as ``semisup pseudo-label`` (leave one CPU to reads and the driver, threads = CPUs
-            // actors on CPU).
-        base_checkpoint, seed, num_classes: see ``resolve_model``.
-        stripe_width: px per vertical stripe; bounds the driver's memory on wide rasters.
-        cog: copy each finished map into a Cloud Optimized GeoTIFF with overviews (else it
-            stays the tiled, compressed GeoTIFF it was written as; that copy costs time).
         overwrite: replace outputs of other runs and discard their interrupted partial files.
         measure_memory: sample memory (PSS) every 0.1 s: the summary gets the peak and the level
             before of this process with every Ray process on this machine
@@ -152,17 +147,18 @@ def run_predict(
     another base, a band count the band rule cannot feed) raises before anything is written.
     """
     started = time.perf_counter()
+    config = config or PredictConfig()
     refuse_detection_runs([model] if isinstance(model, str) else model)
     out = Path(out)
     sources = open_sources([rasters] if isinstance(rasters, str | Path) else rasters)
     workdir = Path(tempfile.mkdtemp(prefix=".semisup-predict-", dir=_existing_parent(out)))
     try:
-        models = _resolve_models(model, workdir, base_checkpoint, seed, num_classes, tile_size)
+        models = _resolve_models(model, workdir, config)
         resolved = models[0]
         tile = resolved.image_size
-        overlap = tile // 4 if overlap is None else overlap
-        _check_numbers(tile, overlap, batch_size, actors, gpus_per_actor, stripe_width)
-        if resolved.kind == ONNX and gpus_per_actor > 0:
+        overlap = tile // 4 if config.overlap is None else config.overlap
+        _check_numbers(tile, overlap, config.batch_size, config.pool, config.stripe_width)
+        if resolved.kind == ONNX and config.pool.gpus_per_actor > 0:
             raise ValueError(
                 f"--model {resolved.name}: exported models run on onnxruntime's CPU provider; "
                 "--gpus-per-actor must be 0"
@@ -176,9 +172,7 @@ def run_predict(
                 models[index],
                 tile,
                 overlap,
-                weight_floor,
-                stripe_width,
-                cog,
+                config,
                 overwrite,
             )
             outputs += model_outputs
@@ -207,23 +201,14 @@ def run_predict(
                     models,
                     output_models,
                     progress,
-                    {
-                        "tile": tile,
-                        "overlap": overlap,
-                        "weight_floor": weight_floor,
-                        "batch_size": batch_size,
-                        "actors": actors,
-                        "gpus_per_actor": gpus_per_actor,
-                        "cpus_per_actor": cpus_per_actor,
-                        "torch_threads": torch_threads,
-                        "measure_memory": measure_memory,
-                    },
+                    _Windows(tile, overlap, config.weight_floor, config.batch_size, config.pool),
+                    measure_memory,
                 )
             progress.say()
         for _, writer in outputs:  # complete but not yet moved into place (an interrupted finish)
             if writer.state != "done" and writer.complete and writer.partial.exists():
                 writer.finish()
-        polygons = _write_vectors(outputs, vectors, min_area, overwrite)
+        polygons = _write_vectors(outputs, vectors, config.min_area, overwrite)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     labels = [models[index].label for index in output_models] if len(models) > 1 else None
@@ -239,30 +224,38 @@ def _pixels_left(outputs: Sequence[tuple[RasterSource, MapWriter]]) -> int:
     )
 
 
+@dataclass(frozen=True)
+class _Windows:
+    """The resolved windows of one run (the model's tile size, the default overlap applied)."""
+
+    tile: int
+    overlap: int
+    weight_floor: float
+    batch_size: int
+    pool: ActorPoolConfig
+
+
 def _predict_jobs(
     jobs: Sequence[Job],
     outputs: Sequence[tuple[RasterSource, MapWriter]],
     models: Sequence[PredictModel],
     output_models: Sequence[int],
     progress: Progress,
-    settings: dict[str, Any],
+    windows: _Windows,
+    measure_memory: bool,
 ) -> Any:
     """Run the pipeline over ``jobs``, stitching and writing as windows arrive; finish each
     output when complete. Returns the ``PeakMemory`` record (None unless measured)."""
     from semisup.memory import PeakMemory
 
-    measure = settings["measure_memory"]
-    with PeakMemory(WindowPredictor.__name__) if measure else contextlib.nullcontext() as peak:
+    with (
+        PeakMemory(WindowPredictor.__name__) if measure_memory else contextlib.nullcontext() as peak
+    ):
         for _, writer in outputs:
             writer.start()
-        weights = blend.window_weights(
-            settings["tile"], settings["overlap"], settings["weight_floor"]
-        )
+        weights = blend.window_weights(windows.tile, windows.overlap, windows.weight_floor)
         stitcher = Stitcher(jobs, outputs, models[0].num_classes, weights)
-        pipeline_settings = {
-            k: v for k, v in settings.items() if k not in ("weight_floor", "measure_memory")
-        }
-        for batch in _pipeline(jobs, outputs, models, output_models, **pipeline_settings):
+        for batch in _pipeline(jobs, outputs, models, output_models, windows):
             progress.advance(stitcher.add(batch))
             for index in stitcher.finished:
                 outputs[index][1].finish()
@@ -304,15 +297,13 @@ def _existing_parent(out: Path) -> Path:
 
 
 def _check_numbers(
-    tile: int, overlap: int, batch_size: int, actors: int, gpus: float, stripe_width: int
+    tile: int, overlap: int, batch_size: int, pool: ActorPoolConfig, stripe_width: int
 ) -> None:
     from semisup.map_writer import BLOCK
 
     checks = (
         ("overlap", overlap, 0 <= 2 * overlap <= tile, f"in [0, tile/2 = {tile // 2}] px"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-        ("actors", actors, actors >= 1, ">= 1"),
-        ("gpus_per_actor", gpus, gpus >= 0, ">= 0"),
         (
             "stripe_width",
             stripe_width,
@@ -332,19 +323,18 @@ def _prepare_outputs(
     model: PredictModel,
     tile: int,
     overlap: int,
-    weight_floor: float,
-    stripe_width: int,
-    cog: bool,
+    config: PredictConfig,
     overwrite: bool,
 ) -> tuple[list[tuple[RasterSource, MapWriter]], list[Path | None]]:
-    """A ``MapWriter`` per source (deciding new / resume / done) and its GeoJSON path."""
+    """A ``MapWriter`` per source (deciding new / resume / done) and its GeoJSON path; ``tile``
+    and ``overlap`` as resolved for the model."""
     settings = {
         "version": IDENTITY_VERSION,
         "model": model.identity(),
         "tile_size": tile,
         "overlap": overlap,
-        "weight_floor": weight_floor,
-        "stripe_width": stripe_width,
+        "weight_floor": config.weight_floor,
+        "stripe_width": config.stripe_width,
     }
     outputs, vectors, seen = [], [], set()
     for source in sources:
@@ -366,10 +356,10 @@ def _prepare_outputs(
             width=source.width,
             crs=source.crs,
             transform=source.transform,
-            stripes=blend.stripe_bounds(source.width, stripe_width),
+            stripes=blend.stripe_bounds(source.width, config.stripe_width),
             identity=identity,
             overwrite=overwrite,
-            cog=cog,
+            cog=config.cog,
         )
         if (
             vector_path is not None
@@ -398,53 +388,31 @@ def _pipeline(
     outputs: Sequence[tuple[RasterSource, MapWriter]],
     models: Sequence[PredictModel],
     output_models: Sequence[int],
-    *,
-    tile: int,
-    overlap: int,
-    batch_size: int,
-    actors: int,
-    gpus_per_actor: float,
-    cpus_per_actor: float | None,
-    torch_threads: int | None,
+    windows: _Windows,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Predicted windows (``JOB``, ``Y0``, ``X0``, ``VALID``, ``PROBABILITIES``) as they finish."""
-    from semisup.actor_pool import actor_threads
-
     constructor = {
         "models": [asdict(model) for model in models],
         "sources": [source for source, _ in outputs],
         "output_models": list(output_models),
-        "tile": tile,
-        "overlap": overlap,
-        "batch_size": batch_size,
-        "device": "auto" if gpus_per_actor > 0 else "cpu",
-        "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
+        "tile": windows.tile,
+        "overlap": windows.overlap,
+        "batch_size": windows.batch_size,
+        "device": windows.pool.device(),
+        "torch_threads": windows.pool.threads(),
     }
-    yield from stream_jobs(
-        jobs,
-        WindowPredictor,
-        constructor,
-        actors=actors,
-        gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=cpus_per_actor,
-    )
+    yield from stream_jobs(jobs, WindowPredictor, constructor, windows.pool)
 
 
 def stream_jobs(
-    jobs: Sequence[Job],
-    predictor: type,
-    constructor: dict[str, Any],
-    *,
-    actors: int,
-    gpus_per_actor: float,
-    cpus_per_actor: float | None,
+    jobs: Sequence[Job], predictor: type, constructor: dict[str, Any], pool: ActorPoolConfig
 ) -> Iterator[dict[str, np.ndarray]]:
     """``jobs`` through a fixed pool of ``predictor`` actors (a Ray Data callable class built
     with ``constructor`` that reads its jobs' windows); the rows it returns, as they finish.
     Shared by the class maps (``WindowPredictor``) and the boxes (``detection.predict``)."""
     import ray
 
-    from semisup.actor_pool import actor_cpus, map_with_pool
+    from semisup.actor_pool import map_with_pool
 
     items = [
         {
@@ -463,11 +431,12 @@ def stream_jobs(
     predicted = map_with_pool(
         dataset,
         predictor,
-        actors=actors,
+        actors=pool.actors,
+        placement=pool.placement,
         fn_constructor_kwargs=constructor,
         batch_size=1,
-        num_cpus=actor_cpus(actors, cpus_per_actor),
-        num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
+        num_cpus=pool.cpus(),
+        num_gpus=pool.gpus_per_actor if pool.gpus_per_actor > 0 else None,
     )
     # streams the predicted windows to the driver as batches finish
     yield from predicted.iter_batches(batch_size=None, batch_format="numpy")
@@ -684,22 +653,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_models(
-    model: str | Sequence[str],
-    workdir: Path,
-    base_checkpoint: str | None,
-    seed: int | None,
-    num_classes: int,
-    tile_size: int | None,
+    model: str | Sequence[str], workdir: Path, config: PredictConfig
 ) -> list[PredictModel]:
     """Every ``--model`` resolved (``resolve_model``), checked to share one loaded base."""
     models = [
         resolve_model(
             name,
             workdir=workdir,
-            base_checkpoint=base_checkpoint,
-            seed=seed,
-            num_classes=num_classes,
-            tile_size=tile_size,
+            base_checkpoint=config.base_checkpoint,
+            seed=config.seed,
+            num_classes=config.num_classes,
+            tile_size=config.tile_size,
         )
         for name in ([model] if isinstance(model, str) else model)
     ]
@@ -728,24 +692,24 @@ def run_cli(args: argparse.Namespace) -> int:
     if any(boxes.is_detection_run(model) for model in args.model):
         return boxes.run_cli(args)
     boxes.refuse_detection_flags(args)
+    config = PredictConfig(
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        stripe_width=args.stripe_width,
+        min_area=args.min_area,
+        cog=args.cog,
+        base_checkpoint=args.base_checkpoint,
+        seed=args.seed,
+        num_classes=BUILT_IN_CLASSES if args.num_classes is None else args.num_classes,
+        pool=ActorPoolConfig.from_args(args),
+    )
     summary = run_predict(
         args.rasters,
         args.model,
         args.out,
+        config,
         vector=args.vector,
-        min_area=args.min_area,
-        tile_size=args.tile_size,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        torch_threads=args.torch_threads,
-        base_checkpoint=args.base_checkpoint,
-        seed=args.seed,
-        num_classes=BUILT_IN_CLASSES if args.num_classes is None else args.num_classes,
-        stripe_width=args.stripe_width,
-        cog=args.cog,
         overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
     )

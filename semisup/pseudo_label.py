@@ -1,7 +1,8 @@
 """Pseudo-labelling a tile store with the SAM teacher on Ray: read -> actor pool -> write back.
 
 ``run_pseudo_label`` streams tiles with ``semisup.data.read_tiles``, labels them in a pool of
-``SamTeacher`` actors and writes the results into the store, beside ``image`` in each source::
+teacher actors (``teacher.TEACHERS``) and writes the results into the store, beside ``image``
+in each source::
 
     STORE.zarr/
       attrs["semisup_pseudo_label"]   the teacher run that wrote them (mode, model, checkpoint...)
@@ -44,13 +45,13 @@ rows. Compaction writes the table before the manifest and deletes the instance p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final, TextIO, get_args
 
@@ -65,15 +66,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from semisup import columns as C
 from semisup import store as tile_store
-from semisup.actor_pool import (
-    actor_cpus,
-    actor_threads,
-    add_actor_pool_arguments,
-    map_with_pool,
-)
+from semisup.actor_pool import ActorPoolConfig, add_actor_pool_arguments, map_with_pool
 from semisup.atomic import write_bytes_atomic
 from semisup.data import TILES_PER_TASK, read_tiles
-from semisup.masks import MaskFilter
 from semisup.model_input import INFERENCE_BATCH
 from semisup.progress import Progress
 from semisup.runtime import ensure_ray
@@ -83,16 +78,16 @@ from semisup.teacher import (
     INSTANCES,
     MODES,
     NUM_MASKS,
-    LabelEncoding,
+    TEACHERS,
     OutputKind,
     PromptKind,
-    SamTeacher,
+    Teacher,
+    TeacherConfig,
     build_teacher_models,
-    check_settings,
-    label_encoding,
 )
 from semisup.tile_read import group_tiles
 
+DEFAULT_POOL: Final = ActorPoolConfig(actors=2)  # two teacher actors share a node
 MANIFEST_FILE: Final = "pseudo_labels.parquet"
 PARTS_DIR: Final = "pseudo_labels.parts"
 INSTANCES_FILE: Final = "pseudo_instances.parquet"
@@ -398,39 +393,26 @@ def keep_tiles(batch: dict[str, np.ndarray], *, tile_ids: np.ndarray) -> dict[st
 # The run
 
 
-def teacher_identity(
-    *,
-    mode: str,
-    model_type: str,
-    checkpoint: str | None,
-    base_checkpoint: str | None,
-    halo: int,
-    bf16_on_gpu: bool,
-    teacher_options: Mapping[str, Any],
-) -> dict[str, Any]:
-    """What decides the pseudo-labels' content: compared with the store's before a run."""
-    relevant = {
-        "automatic": ("points_per_side", "mask_filter", "output"),
-        "prompted": ("prompt", "multimask", "box_margin", "output"),
-        "semantic": ("refine",),
-    }[mode]
-    if mode == "semantic" and teacher_options.get("refine"):
-        relevant += ("points_per_side", "mask_filter")
-    options = {key: teacher_options[key] for key in (*relevant, "bands") if key in teacher_options}
-    if isinstance(options.get("mask_filter"), MaskFilter):
-        options["mask_filter"] = asdict(options["mask_filter"])
-    seed = int(teacher_options.get("seed", 0))
+def teacher_identity(teacher: TeacherConfig, bf16_on_gpu: bool) -> dict[str, Any]:
+    """What decides the pseudo-labels' content: compared with the store's before a run.
+
+    The teacher's mode, model, weights (a hash of the checkpoint or adapter file), halo and
+    precision, and ``teacher.options()``.
+    """
+    semantic = teacher.mode == "semantic"
     identity = {
         "version": RUN_FORMAT_VERSION,
-        "mode": mode,
-        "model_type": model_type,
-        "checkpoint_hash": _hash_of(mode, checkpoint, seed),
-        "base_checkpoint_hash": _hash_of("", base_checkpoint, seed) if mode == "semantic" else "",
-        "halo": halo,
+        "mode": teacher.mode,
+        "model_type": teacher.model_type,
+        "checkpoint_hash": _hash_of(teacher.mode, teacher.checkpoint, teacher.seed),
+        "base_checkpoint_hash": (
+            _hash_of("", teacher.base_checkpoint, teacher.seed) if semantic else ""
+        ),
+        "halo": teacher.halo,
         "precision": "bf16" if bf16_on_gpu else "fp32",
-        "teacher": options,
+        "teacher": teacher.options(),
     }
-    return json.loads(json.dumps(identity))  # as it reads back from the store's attributes
+    return dict(json.loads(json.dumps(identity)))  # as it reads back from the store's attributes
 
 
 def _hash_of(mode: str, checkpoint: str | None, seed: int) -> str:
@@ -445,99 +427,53 @@ def _hash_of(mode: str, checkpoint: str | None, seed: int) -> str:
 
 def run_pseudo_label(
     store: str,
+    teacher: TeacherConfig,
     *,
-    mode: str = "automatic",
-    model_type: str = "vit_b",
-    checkpoint: str | None = None,
-    base_checkpoint: str | None = None,
-    actors: int = 2,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float | None = None,
-    torch_threads: int | None = None,
+    pool: ActorPoolConfig = DEFAULT_POOL,
     batch_size: int = INFERENCE_BATCH,
     split: str | Sequence[str] | None = C.UNLABELED,
-    halo: int = 0,
     bf16: bool = True,
     overwrite: bool = False,
     max_tiles: int | None = None,
-    points_per_side: int = 16,
-    mask_filter: MaskFilter | None = None,
-    prompt: str = "box",
-    multimask: bool = False,
-    box_margin: float = 0.1,
-    output: str = "instances",
-    refine: bool = False,
-    bands: Sequence[int] | str = "rgb",
-    seed: int = 0,
-    teacher_cls: type[SamTeacher] = SamTeacher,
+    teacher_cls: type[Teacher] | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    placement: str | None = None,
     log: TextIO | None = sys.stderr,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Label the tiles of ``split`` with the SAM teacher and write the results into ``store``.
+    """Label the tiles of ``split`` with ``teacher`` and write the results into ``store``.
 
     Args:
         store: local path or fsspec URL of a semisup tile store (written in place).
-        mode, model_type, checkpoint, base_checkpoint: the teacher (see ``SamTeacher``);
-            semantic mode takes the student adapter as ``checkpoint``.
-        actors: size of the teacher actor pool; at most one per read task (Ray Data leaves the
-            actors beyond its read tasks idle, and warns), so a small store gets fewer.
-        gpus_per_actor: GPUs per actor, fractional to share one (0: run on CPU).
-        cpus_per_actor: CPUs reserved per actor; default leaves one CPU of the cluster to the
-            read and write tasks: ``clamp((cluster CPUs - 1) / actors, 0.1, 1)``.
-        torch_threads: torch threads per actor; default on CPU: cluster CPUs // actors.
+        teacher: the teacher (``TeacherConfig``); semantic mode takes the student's run or
+            adapter as its checkpoint. Recorded with the run (``teacher_identity``).
+        pool: the teacher actors (``ActorPoolConfig``): at most one per read task (Ray Data
+            leaves the actors beyond its read tasks idle, and warns), so a small store gets
+            fewer. By default each reserves ``clamp((cluster CPUs - 1) / actors, 0.1, 1)``
+            CPUs, leaving one CPU to the read and write tasks.
         batch_size: tiles per teacher call (the image encoder runs on the whole batch).
         split: split(s) to label; None labels every tile.
-        halo: context pixels read around each tile; tile_size + 2·halo must divide by 16.
         bf16: bfloat16 autocast on GPU actors.
         overwrite: discard the store's pseudo-labels first. Without it, a store labelled by a
             different teacher (mode, model, checkpoint or options) is a PseudoLabelMismatch.
         max_tiles: label at most this many of the remaining tiles (lowest tile ids first).
-        points_per_side, mask_filter, prompt, multimask, box_margin, output, refine, bands,
-            seed: teacher options (see ``SamTeacher``); recorded with the run.
-        teacher_cls: ``SamTeacher`` or a subclass with the same constructor.
+        teacher_cls: the actor class; default ``TEACHERS[teacher.mode]`` (a subclass with the
+            same constructor may replace it).
         storage_options: fsspec options for ``store``.
-        placement: ``pack`` or ``spread`` the teacher actors over the nodes (``ray.placement``);
-            None keeps Ray Data's default.
         log: progress lines (tiles done / total, tiles/s); None for silence.
         on_progress: called with (tiles done, tiles total) after each batch is written.
 
     Returns a summary: tiles total/already done/processed, seconds, tiles/s, mean confidence and
     coverage over all labelled tiles, the run identity and the manifest path.
     """
-    check_settings(mode, prompt, output)
-    _check_pool(actors, batch_size, gpus_per_actor)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     root = tile_store.open_store(store, "r+", storage_options)
     meta = tile_store.read_store_meta(root)
-    _check_halo(meta.tile_size, halo)
-    teacher_options: dict[str, Any] = dict(
-        points_per_side=points_per_side,
-        mask_filter=mask_filter or MaskFilter(),
-        prompt=prompt,
-        multimask=multimask,
-        box_margin=box_margin,
-        output=output,
-        refine=refine,
-        bands=bands,
-        seed=seed,
-    )
-    model: dict[str, Any] = dict(
-        mode=mode,
-        model_type=model_type,
-        checkpoint=checkpoint,
-        base_checkpoint=base_checkpoint,
-        halo=halo,
-    )
-    identity = _checked_identity(
-        **model,
-        bf16_on_gpu=bf16 and gpus_per_actor > 0,
-        teacher_options=teacher_options,
-        image_size=meta.tile_size + 2 * halo,
-    )
+    _check_halo(meta.tile_size, teacher.halo)
+    identity = _checked_identity(teacher, bf16 and pool.gpus_per_actor > 0, meta.tile_size)
     selected = _selected_tiles(store, split, storage_options)
     fresh = _prepare_store(
-        store, root, meta, selected, identity, mode, output, overwrite, storage_options, log
+        store, root, meta, selected, identity, teacher, overwrite, storage_options, log
     )
     todo, already = _todo(store, selected, max_tiles, storage_options)
     progress = Progress(
@@ -548,32 +484,28 @@ def run_pseudo_label(
         already=already,
         on_advance=on_progress,
     )
-    actors = min(actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
-    teacher_kwargs = dict(
-        **model,
+    actors = min(pool.actors, max(1, len(group_tiles(selected, TILES_PER_TASK))))
+    pool = dataclasses.replace(pool, actors=actors)
+    actor_kwargs = dict(
         store=store,
+        config=teacher,
         bf16=bf16,
         storage_options=storage_options,
-        device="auto" if gpus_per_actor > 0 else "cpu",
-        torch_threads=actor_threads(actors, gpus_per_actor, torch_threads),
-        **teacher_options,
+        device=pool.device(),
+        torch_threads=pool.threads(),
     )
     pipeline = functools.partial(
         _pipeline,
         store,
         split=split,
-        halo=halo,
+        teacher=teacher,
         meta=meta,
         identity=identity,
-        encoding=label_encoding(mode, output),
-        teacher_cls=teacher_cls,
-        teacher_kwargs=teacher_kwargs,
-        actors=actors,
-        gpus_per_actor=gpus_per_actor,
-        cpus_per_actor=actor_cpus(actors, cpus_per_actor),
+        actor_cls=teacher_cls or TEACHERS[teacher.mode],
+        actor_kwargs=actor_kwargs,
+        pool=pool,
         batch_size=batch_size,
         storage_options=storage_options,
-        placement=placement,
     )
     try:
         _label_with_pools(pipeline, todo, progress.advance, store, storage_options, log)
@@ -582,29 +514,18 @@ def run_pseudo_label(
             _clear(store, root, storage_options)  # nothing was labelled: leave no trace
         raise
     progress.say()
-    instances = mode != "semantic" and output == "instances"
-    manifest = compact_manifest(store, storage_options, instances=instances)
+    manifest = compact_manifest(store, storage_options, instances=teacher.writes_instances)
     root.attrs[STATE_ATTR] = "complete"
     return _summary(store, manifest, selected, identity, progress, already)
 
 
-def _checked_identity(
-    *, image_size: int, teacher_options: dict[str, Any], **settings: Any
-) -> dict[str, Any]:
+def _checked_identity(teacher: TeacherConfig, bf16_on_gpu: bool, tile_size: int) -> dict[str, Any]:
     """The run identity (``teacher_identity``) of a labelling run, after loading its weights
     once when it has any: before the store is touched or an actor starts, a checkpoint or
     adapter that cannot be read or does not fit fails in one line naming it."""
-    identity = teacher_identity(teacher_options=teacher_options, **settings)
-    if settings["checkpoint"] is not None or settings["base_checkpoint"] is not None:
-        build_teacher_models(
-            mode=settings["mode"],
-            model_type=settings["model_type"],
-            image_size=image_size,
-            checkpoint=settings["checkpoint"],
-            base_checkpoint=settings["base_checkpoint"],
-            refine=teacher_options["refine"],
-            seed=teacher_options["seed"],
-        )
+    identity = teacher_identity(teacher, bf16_on_gpu)
+    if teacher.checkpoint is not None or teacher.base_checkpoint is not None:
+        build_teacher_models(teacher, tile_size + 2 * teacher.halo)
     return identity
 
 
@@ -624,15 +545,6 @@ def _check_halo(tile_size: int, halo: int) -> None:
         raise ValueError(
             f"tile_size + 2·halo = {tile_size + 2 * halo} px must divide by SAM's patch "
             f"size {PATCH_SIZE}"
-        )
-
-
-def _check_pool(actors: int, batch_size: int, gpus_per_actor: float) -> None:
-    """``ValueError`` naming the actor-pool setting that cannot run."""
-    if actors < 1 or batch_size < 1 or gpus_per_actor < 0:
-        raise ValueError(
-            f"actors and batch_size must be >= 1 and gpus_per_actor >= 0, got {actors}, "
-            f"{batch_size}, {gpus_per_actor}"
         )
 
 
@@ -687,8 +599,7 @@ def _prepare_store(
     meta: tile_store.StoreMeta,
     selected: pa.Table,
     identity: dict[str, Any],
-    mode: str,
-    output: str,
+    teacher: TeacherConfig,
     overwrite: bool,
     storage_options: Mapping[str, Any] | None,
     log: TextIO | None,
@@ -728,7 +639,7 @@ def _prepare_store(
             f"{store} already holds pseudo-labels from another teacher ({described}); "
             "pass overwrite=True (--overwrite) to replace them"
         )
-    dtype, ignore, background = label_encoding(mode, output)
+    dtype, ignore, background = teacher.encoding()
     for source_id in sorted(set(selected.column(C.SOURCE).to_pylist())):
         group = root[source_id]
         if C.PSEUDO_LABEL in group:
@@ -739,7 +650,7 @@ def _prepare_store(
         label = group.create_array(
             C.PSEUDO_LABEL, shape=shape, chunks=chunks, dtype=dtype, fill_value=ignore
         )
-        label.attrs[RUN_ATTR] = {"ignore": ignore, "background": background, "mode": mode}
+        label.attrs[RUN_ATTR] = {"ignore": ignore, "background": background, "mode": teacher.mode}
         group.create_array(C.CONFIDENCE, shape=shape, chunks=chunks, dtype="float32", fill_value=0)
     root.attrs[RUN_ATTR] = identity
     root.attrs[STATE_ATTR] = "running"
@@ -767,23 +678,23 @@ def _pipeline(
     todo: np.ndarray,
     *,
     split: str | Sequence[str] | None,
-    halo: int,
+    teacher: TeacherConfig,
     meta: tile_store.StoreMeta,
     identity: dict[str, Any],
-    encoding: LabelEncoding,
-    teacher_cls: type[SamTeacher],
-    teacher_kwargs: dict[str, Any],
-    actors: int,
-    gpus_per_actor: float,
-    cpus_per_actor: float,
+    actor_cls: type[Teacher],
+    actor_kwargs: dict[str, Any],
+    pool: ActorPoolConfig,
     batch_size: int,
     storage_options: Mapping[str, Any] | None,
-    placement: str | None = None,
 ) -> Any:
     """An iterator over the manifest rows of each written batch, as the pipeline runs."""
-    ignore, background = encoding.ignore, encoding.background
+    _, ignore, background = teacher.encoding()
     tiles = read_tiles(
-        store, split=split, halo=halo, columns=_TEACHER_INPUT, storage_options=storage_options
+        store,
+        split=split,
+        halo=teacher.halo,
+        columns=_TEACHER_INPUT,
+        storage_options=storage_options,
     )
     # drops tiles labelled by an earlier run; a light task, fused into the read tasks
     tiles = tiles.map_batches(
@@ -794,13 +705,13 @@ def _pipeline(
     # the tiles not yet recorded (map_with_pool)
     labelled = map_with_pool(
         tiles,
-        teacher_cls,
-        actors=actors,
-        placement=placement,
-        fn_constructor_kwargs=teacher_kwargs,
+        actor_cls,
+        actors=pool.actors,
+        placement=pool.placement,
+        fn_constructor_kwargs=actor_kwargs,
         batch_size=batch_size,
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor if gpus_per_actor > 0 else None,
+        num_cpus=pool.cpus(),
+        num_gpus=pool.gpus_per_actor if pool.gpus_per_actor > 0 else None,
     )
     # writes each batch into the store and records it, in light tasks beside the actors
     writer = functools.partial(
@@ -809,7 +720,7 @@ def _pipeline(
         storage_options=storage_options,
         tile_size=meta.tile_size,
         overlap=meta.overlap,
-        halo=halo,
+        halo=teacher.halo,
         ignore=ignore,
         background=background,
         run={key: str(identity[key]) for key in ("mode", "model_type", "checkpoint_hash")},
@@ -929,12 +840,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="discard the store's pseudo-labels first (needed to change mode, model or checkpoint)",
     )
     parser.add_argument(
-        "--placement",
-        choices=("pack", "spread"),
-        help="pack the teacher actors onto few nodes or spread them over the nodes "
-        "(default: Ray Data's, which spreads)",
-    )
-    parser.add_argument(
         "--address", help="Ray cluster address (default: start a local Ray on this machine)"
     )
 
@@ -944,27 +849,26 @@ def run_cli(args: argparse.Namespace) -> int:
     from semisup.config import RayConfig
     from semisup.runtime import ray_runtime
 
+    teacher = TeacherConfig(
+        mode=args.mode,
+        model_type=args.model,
+        checkpoint=args.checkpoint,
+        base_checkpoint=args.base_checkpoint,
+        points_per_side=args.points_per_side,
+        prompt=args.prompt,
+        output=args.output,
+        refine=args.refine,
+    )
     with ray_runtime(RayConfig(address=args.address)):
         summary = run_pseudo_label(
             args.store,
-            mode=args.mode,
-            model_type=args.model,
-            checkpoint=args.checkpoint,
-            base_checkpoint=args.base_checkpoint,
-            actors=args.actors,
-            gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor,
-            torch_threads=args.torch_threads,
+            teacher,
+            pool=ActorPoolConfig.from_args(args),
             batch_size=args.batch_size,
             split=None if args.split == "all" else args.split,
             bf16=not args.no_bf16,
             overwrite=args.overwrite,
             max_tiles=args.max_tiles,
-            points_per_side=args.points_per_side,
-            prompt=args.prompt,
-            output=args.output,
-            refine=args.refine,
-            placement=args.placement,
         )
     print(json.dumps(summary, indent=2))
     return 0

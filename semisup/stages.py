@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from semisup import columns as C
+from semisup.actor_pool import ActorPoolConfig
 from semisup.config import ConfigError, ExperimentConfig
 from semisup.known_imagery import CLASS_NAMES, colour_map
 
@@ -138,19 +139,14 @@ def stream(context: RunContext) -> dict[str, Any]:
 
 def zero_shot(context: RunContext) -> dict[str, Any]:
     """SAM before any training: box/point-prompted IoU on ground-truth components."""
-    from semisup.zero_shot import run_zero_shot
+    from semisup.teacher import TeacherConfig
+    from semisup.zero_shot import ZeroShotConfig, run_zero_shot
 
     out = context.out / "zero_shot"
     student = context.config.student
-    summary = run_zero_shot(
-        str(context.store),
-        model_type=student.model_type,
-        checkpoint=student.checkpoint,
-        out_dir=out,
-        max_tiles=context.config.pipeline.zero_shot_tiles,
-        examples=4,
-        log=None,
-    )
+    sam = TeacherConfig(model_type=student.model_type, checkpoint=student.checkpoint)
+    config = ZeroShotConfig(sam=sam, max_tiles=context.config.pipeline.zero_shot_tiles)
+    summary = run_zero_shot(str(context.store), config, out, log=None)
     return {
         "out": str(out),
         "box_miou": summary.get("box_miou"),
@@ -169,25 +165,37 @@ def pseudo_label(context: RunContext) -> dict[str, Any]:
     """Label the unlabeled tiles with the fine-tuned teacher, in a pool of Ray actors."""
     from semisup.model_input import INFERENCE_BATCH  # here: torch only when labelling
     from semisup.pseudo_label import run_pseudo_label
+    from semisup.teacher import TeacherConfig
 
     config = context.config
-    summary = run_pseudo_label(
-        str(context.store),
+    teacher = TeacherConfig(
         mode="semantic",
         model_type=config.student.model_type,
         checkpoint=str(Path(context.results["teacher"]["best_checkpoint"]).parent),
         base_checkpoint=config.student.checkpoint,
-        actors=config.pipeline.pseudo_label_actors,
-        gpus_per_actor=config.pipeline.pseudo_label_gpus,
-        batch_size=INFERENCE_BATCH,
         halo=config.stream.halo,
         seed=config.train.seed,
+    )
+    summary = run_pseudo_label(
+        str(context.store),
+        teacher,
+        pool=pseudo_label_pool(config),
+        batch_size=INFERENCE_BATCH,
         overwrite=not context.resume,  # a new teacher's labels replace the old ones
-        placement=config.ray.placement,
         log=context.log,
     )
     result = {key: value for key, value in summary.items() if isinstance(value, int | float | str)}
     return {**result, "outputs": [summary["manifest"]]}
+
+
+def pseudo_label_pool(config: ExperimentConfig) -> ActorPoolConfig:
+    """The teacher actors of the pipeline's labelling passes (``pipeline.pseudo_label_actors``,
+    ``pipeline.pseudo_label_gpus``, placed as ``ray.placement`` says)."""
+    return ActorPoolConfig(
+        actors=config.pipeline.pseudo_label_actors,
+        gpus_per_actor=config.pipeline.pseudo_label_gpus,
+        placement=config.ray.placement,
+    )
 
 
 def student(context: RunContext) -> dict[str, Any]:
@@ -413,7 +421,7 @@ def predict(context: RunContext) -> dict[str, Any]:
     """Map whole rasters with the student: blended class map + confidence (COG), and polygons."""
     import rasterio
 
-    from semisup.predict import run_predict
+    from semisup.predict import PredictConfig, run_predict
 
     rasters = predict_inputs(context)
     out = context.out / "predict"
@@ -425,8 +433,8 @@ def predict(context: RunContext) -> dict[str, Any]:
         rasters,
         str(Path(context.results["student"]["run_dir"])),
         out / "{name}.tif",
+        PredictConfig(cog=True),
         vector=out / "{name}.geojson" if vectors else None,
-        cog=True,
         overwrite=not context.resume,
         log=context.log,
     )
@@ -609,25 +617,27 @@ def _sam_instances(context: RunContext, store: Path) -> int:
     thresholds. Returns the instances it found."""
     from semisup.masks import MaskFilter
     from semisup.pseudo_label import read_instances, run_pseudo_label
+    from semisup.teacher import TeacherConfig
 
     config = context.config
     detector = config.detector
-    run_pseudo_label(
-        str(store),
+    teacher = TeacherConfig(
         mode="automatic",
         model_type=config.student.model_type,
         checkpoint=config.student.checkpoint,
-        actors=config.pipeline.pseudo_label_actors,
-        gpus_per_actor=config.pipeline.pseudo_label_gpus,
-        split=None,
-        overwrite=True,
         points_per_side=config.pipeline.detect_sam_points_per_side,
         mask_filter=MaskFilter(
             min_predicted_iou=detector.sam_min_predicted_iou,
             min_stability=detector.sam_min_stability,
         ),
         seed=config.train.seed,
-        placement=config.ray.placement,
+    )
+    run_pseudo_label(
+        str(store),
+        teacher,
+        pool=pseudo_label_pool(config),
+        split=None,
+        overwrite=True,
         log=context.log,
     )
     return read_instances(str(store)).num_rows

@@ -1,7 +1,9 @@
 """The SAM teacher: a Ray Data callable class that adds pseudo-labels and confidences to tiles.
 
-``SamTeacher`` builds its model once per actor (``__init__``) and labels one batch of tiles per
-call (``__call__``, under ``torch.inference_mode()``). Three modes:
+A teacher (``MaskTeacher`` or ``SemanticTeacher``, on the base ``Teacher``; ``TEACHERS`` maps a
+mode to its class) builds its models once per actor (``__init__``) and labels one batch of tiles
+per call (``__call__``, under ``torch.inference_mode()``). ``TeacherConfig`` holds what decides
+the labels. Three modes:
 
 - ``automatic``: a grid of point prompts per tile, masks filtered by predicted IoU, stability and
   area (``masks.keep_masks``), deduplicated with box NMS, painted into an instance map;
@@ -26,14 +28,15 @@ pixel edges from the *whole* mask before painting, predicted IoU, stability scor
 pixels). Overlapping masks lose pixels to higher-scoring ones in the painted map; the rows keep
 each mask's own extent, so they are the instances as SAM returned them.
 
-Everything except ``SamTeacher`` is a plain function of tensors or arrays, usable without Ray.
+Everything except the teacher classes is a plain function of tensors or arrays, usable without Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal, NamedTuple, get_args
 
 import numpy as np
@@ -347,6 +350,83 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# ---------------------------------------------------------------------------------------------
+# What makes the pseudo-labels
+
+
+# the options that decide a mode's pseudo-labels, besides the model, halo and bands
+_CONTENT_OPTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "automatic": ("points_per_side", "mask_filter", "output"),
+    "prompted": ("prompt", "multimask", "box_margin", "output"),
+    "semantic": ("refine",),
+}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A teacher: its mode, model and the options that decide its pseudo-labels.
+
+    ``semisup pseudo-label`` records ``options()`` with every labelling run, so a store labelled
+    by one teacher is never silently extended by another (``pseudo_label.teacher_identity``).
+    """
+
+    mode: TeacherMode = "automatic"
+    model_type: str = "vit_b"  # tiny, vit_b, vit_l or vit_h (semisup.sam.SAM_SPECS)
+    checkpoint: str | None = None  # automatic/prompted: SAM checkpoint path or URL, None: SAM
+    # with weights drawn from ``seed`` (tests, benchmarks); semantic: the student's run or adapter
+    base_checkpoint: str | None = None  # semantic: the SAM the student was fine-tuned from,
+    # also the SAM that makes the refining segments
+    halo: int = 0  # px of context read around each tile; tile + 2·halo divides by PATCH_SIZE
+    bands: Sequence[int] | str = "rgb"  # band composite for ``to_three_bands``
+    points_per_side: int = 16  # automatic grid: 16 at 256 px keeps SAM's 32 per 1024 px
+    mask_filter: MaskFilter = MaskFilter()  # automatic masks kept (predicted IoU, stability)
+    prompt: PromptKind = "box"  # prompted: box, point (the box centre) or box+point
+    multimask: bool = False  # prompted: best of SAM's three masks by predicted IoU
+    box_margin: float = 0.1  # prompted: share of a box's size a mask may extend beyond it
+    output: OutputKind = "instances"  # automatic/prompted: uint16 instance ids or uint8 0/1
+    refine: bool = False  # semantic: SAM's automatic segments vote on the class labels
+    seed: int = 0  # SAM's weights when there is no checkpoint (the same in every actor)
+    nms_iou: float = 0.7  # automatic: box NMS between candidate masks (SAM's AMG default)
+    max_masks: int | None = MAX_MASKS_PER_TILE
+    background_confidence: float = 0.5  # confidence scale of pixels no mask covers
+
+    def __post_init__(self) -> None:
+        for name, known in (
+            ("mode", MODES),
+            ("prompt", get_args(PromptKind)),
+            ("output", get_args(OutputKind)),
+        ):
+            if getattr(self, name) not in known:
+                value = getattr(self, name)
+                raise ValueError(f"unknown teacher {name} {value!r}; known: {', '.join(known)}")
+        if self.mode == "semantic" and self.checkpoint is None:
+            raise ValueError("semantic mode needs the student's adapter as its checkpoint")
+
+    @property
+    def sam_masks(self) -> bool:
+        """Whether SAM's masks make the labels or refine them (everything but plain semantic)."""
+        return self.mode != "semantic" or self.refine
+
+    @property
+    def writes_instances(self) -> bool:
+        """Whether labels are instance maps with an ``INSTANCES`` table (automatic, prompted)."""
+        return self.mode != "semantic" and self.output == "instances"
+
+    def encoding(self) -> LabelEncoding:
+        """How this teacher's ``PSEUDO_LABEL`` is stored (``label_encoding``)."""
+        return label_encoding(self.mode, self.output)
+
+    def options(self) -> dict[str, Any]:
+        """The options that decide this mode's labels, with the band composite (JSON-safe)."""
+        names = _CONTENT_OPTIONS[self.mode]
+        if self.mode == "semantic" and self.refine:
+            names += ("points_per_side", "mask_filter")
+        chosen = {name: getattr(self, name) for name in (*names, "bands")}
+        if "mask_filter" in chosen:
+            chosen["mask_filter"] = asdict(chosen["mask_filter"])
+        return dict(json.loads(json.dumps(chosen)))  # as it reads back from the store
+
+
 @dataclass(frozen=True)
 class TeacherModels:
     """What a teacher runs: SAM (automatic, prompted, semantic refinement) and the student's
@@ -357,130 +437,86 @@ class TeacherModels:
     num_classes: int
 
 
-def build_teacher_models(
-    *,
-    mode: str,
-    model_type: str,
-    image_size: int,
-    checkpoint: str | None,
-    base_checkpoint: str | None,
-    refine: bool,
-    seed: int,
-) -> TeacherModels:
+def build_teacher_models(config: TeacherConfig, image_size: int) -> TeacherModels:
     """Build the teacher's models and load their weights, on CPU.
 
     Each actor calls it once; ``run_pseudo_label`` calls it once in the driver before any actor
     starts, so a checkpoint or adapter that cannot be read or does not fit fails there, in one
-    line naming the file. Without a checkpoint SAM's weights are drawn from ``seed`` (the same
-    in every actor).
+    line naming the file. Without a checkpoint SAM's weights are drawn from ``config.seed``
+    (the same in every actor).
     """
     sam = None
-    if mode != "semantic" or refine:
-        sam_checkpoint = base_checkpoint if mode == "semantic" else checkpoint
+    semantic = config.mode == "semantic"
+    if config.sam_masks:
+        sam_checkpoint = config.base_checkpoint if semantic else config.checkpoint
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # same weights in every actor when no checkpoint
-            sam = build_sam(model_type, image_size=image_size, checkpoint=sam_checkpoint).eval()
-    if mode != "semantic" or checkpoint is None:
+            torch.manual_seed(config.seed)  # same weights in every actor when no checkpoint
+            sam = build_sam(config.model_type, image_size=image_size, checkpoint=sam_checkpoint)
+            sam = sam.eval()
+    if not semantic or config.checkpoint is None:
         return TeacherModels(sam, None, 0)
     from semisup.student import load_trained_student  # here: only semantic mode needs peft
 
     trained, num_classes = load_trained_student(
-        checkpoint,
-        model_type=model_type,
+        config.checkpoint,
+        model_type=config.model_type,
         image_size=image_size,
-        base_checkpoint=base_checkpoint,
-        seed=seed,
+        base_checkpoint=config.base_checkpoint,
+        seed=config.seed,
     )
     return TeacherModels(sam, _ScaledInput(trained), num_classes)
 
 
-class SamTeacher:
+# ---------------------------------------------------------------------------------------------
+# The Ray Data callable classes
+
+
+class Teacher:
     """Adds ``PSEUDO_LABEL``, ``CONFIDENCE`` and ``NUM_MASKS`` columns to batches of tiles.
+
+    The base of ``MaskTeacher`` (automatic, prompted) and ``SemanticTeacher``: it reads the
+    store's band ranges, builds the models once per actor and assembles the output columns;
+    each mode's ``_label_tiles`` labels the tiles. ``TEACHERS`` maps a mode to its class.
 
     Input batch (``semisup.data.read_tiles`` rows): ``IMAGE`` B×S×S×C source dtype, ``VALID``
     B×S×S bool, ``SOURCE`` B str, ``Y0``/``X0`` B int (the tile's raster offset, without halo).
     Output: the input columns except ``IMAGE`` and ``VALID`` (unless ``keep_inputs``), plus
     ``PSEUDO_LABEL`` B×S×S (see ``label_encoding``), ``CONFIDENCE`` B×S×S float32 in [0, 1] and
-    ``NUM_MASKS`` B int32.
+    ``NUM_MASKS`` B int32; with instance maps, ``INSTANCES``.
 
     Args:
         store: the tile store (path or fsspec URL): band ranges and box prompts come from it.
-        mode: ``automatic``, ``prompted`` or ``semantic``.
-        model_type: ``tiny``, ``vit_b``, ``vit_l`` or ``vit_h``.
-        checkpoint: automatic/prompted: SAM checkpoint path or URL; None builds SAM with
-            weights drawn from ``seed`` (tests, benchmarks). Semantic: the student adapter.
-        base_checkpoint: semantic mode: the SAM checkpoint the student was fine-tuned from,
-            also the SAM that makes the refining segments.
-        halo: pixels of context around each tile in the input rows (as given to read_tiles).
+        config: the teacher (``TeacherConfig``); ``config.halo`` must match the input rows.
         device: ``auto`` (cuda if available), ``cpu`` or ``cuda[:i]``.
         bf16: run the model under ``torch.autocast("cuda", dtype=torch.bfloat16)`` on GPU.
-        bands: band composite for ``to_three_bands``.
-        points_per_side: automatic grid (16 at 256 px keeps SAM's 32-per-1024 px density).
-        mask_filter, nms_iou, points_per_batch, max_masks: automatic mask selection.
-        prompt: ``box``, ``point`` (box centre) or ``box+point``.
-        multimask: prompted mode: best of SAM's three masks by predicted IoU instead of one.
-        box_margin: prompted mode: fraction of a box's size a mask may extend beyond it.
-        background_confidence: confidence scale of background pixels (``paint_instances``).
-        output: ``instances`` (uint16 ids) or ``foreground`` (uint8 0/1).
-        refine: semantic mode: let SAM's automatic segments vote on the class labels.
+        points_per_batch: automatic grid points decoded per SAM call (memory, not content).
+        keep_inputs: keep ``IMAGE`` and ``VALID`` in the output batch.
         torch_threads: ``torch.set_num_threads`` for this actor (None: leave as is).
+        storage_options: fsspec options for ``store``.
     """
 
     def __init__(
         self,
         store: str,
+        config: TeacherConfig,
         *,
-        mode: str = "automatic",
-        model_type: str = "vit_b",
-        checkpoint: str | None = None,
-        base_checkpoint: str | None = None,
-        halo: int = 0,
         device: str = "auto",
         bf16: bool = True,
-        bands: Sequence[int] | str = "rgb",
-        points_per_side: int = 16,
         points_per_batch: int = 64,
-        mask_filter: MaskFilter | None = None,
-        nms_iou: float = 0.7,
-        max_masks: int | None = MAX_MASKS_PER_TILE,
-        prompt: str = "box",
-        multimask: bool = False,
-        box_margin: float = 0.1,
-        background_confidence: float = 0.5,
-        output: str = "instances",
-        refine: bool = False,
         keep_inputs: bool = False,
-        seed: int = 0,
         torch_threads: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        check_settings(mode, prompt, output)
-        if mode == "semantic" and checkpoint is None:
-            raise ValueError("semantic mode needs the student's adapter as its checkpoint")
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        self.mode, self.prompt, self.output = mode, prompt, output
-        self.multimask, self.box_margin, self.refine = multimask, box_margin, refine
-        self.background_confidence = background_confidence
-        self.mask_filter = mask_filter or MaskFilter()
-        self.nms_iou, self.points_per_batch, self.max_masks = nms_iou, points_per_batch, max_masks
-        self.bands, self.halo, self.keep_inputs = bands, halo, keep_inputs
+        self.config, self.points_per_batch, self.keep_inputs = config, points_per_batch, keep_inputs
         self.device = select_device(device)
         self.bf16 = bf16 and self.device.type == "cuda"
         self._root = tile_store.open_store(store, "r", storage_options)
-        self.image_size = tile_store.read_store_meta(self._root).tile_size + 2 * halo
+        self.image_size = tile_store.read_store_meta(self._root).tile_size + 2 * config.halo
         self._sources: dict[str, tile_store.SourceMeta] = {}
-        self._boxes: dict[str, np.ndarray] = {}
-        self.grid = point_grid(points_per_side, self.image_size)
-        models = build_teacher_models(
-            mode=mode,
-            model_type=model_type,
-            image_size=self.image_size,
-            checkpoint=checkpoint,
-            base_checkpoint=base_checkpoint,
-            refine=refine,
-            seed=seed,
-        )
+        self.grid = point_grid(config.points_per_side, self.image_size)
+        models = build_teacher_models(config, self.image_size)
         self.sam: Sam | None = None if models.sam is None else models.sam.to(self.device).eval()
         semantic = models.semantic
         self.semantic: SemanticModel | None = (
@@ -488,20 +524,11 @@ class SamTeacher:
         )
         self.num_classes = models.num_classes
 
-    # -- per-source data, cached for the actor's lifetime ------------------------------------
-
     def source_meta(self, source_id: str) -> tile_store.SourceMeta:
+        """A source's band ranges and geometry, read once per actor."""
         if source_id not in self._sources:
             self._sources[source_id] = tile_store.read_source_meta(self._root, source_id)
         return self._sources[source_id]
-
-    def source_boxes(self, source_id: str) -> np.ndarray:
-        """N×4 float32 pixel xyxy box prompts of a source (0×4 when it has none)."""
-        if source_id not in self._boxes:
-            self._boxes[source_id] = read_source_boxes(self._root, source_id)
-        return self._boxes[source_id]
-
-    # -- inference ----------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.bf16:
@@ -513,20 +540,15 @@ class SamTeacher:
         tiles = []
         for image, source_id in zip(batch[C.IMAGE], batch[C.SOURCE], strict=True):
             meta = self.source_meta(str(source_id))
-            tiles.append(teacher_image(image, meta.band_low, meta.band_high, self.bands))
+            tiles.append(teacher_image(image, meta.band_low, meta.band_high, self.config.bands))
         stacked = torch.from_numpy(np.stack(tiles)).to(self.device)  # B×S×S×3 uint8
         return stacked.permute(0, 3, 1, 2).float()  # B×3×S×S
-
-    @property
-    def writes_instances(self) -> bool:
-        """Whether batches get ``INSTANCES``: automatic and prompted modes with instance maps."""
-        return self.mode != "semantic" and self.output == "instances"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._autocast():
             images = self._images(batch)
             labels, confidences, counts, rows = zip(*self._label_tiles(images, batch), strict=True)
-        encoding = label_encoding(self.mode, self.output)
+        encoding = self.config.encoding()
         label = np.stack(labels).astype(encoding.dtype)  # B×S×S
         confidence = np.stack(confidences).astype(np.float32)  # B×S×S
         valid = np.asarray(batch[C.VALID], dtype=bool)
@@ -537,7 +559,7 @@ class SamTeacher:
         out[C.PSEUDO_LABEL] = label
         out[C.CONFIDENCE] = np.clip(confidence, 0.0, 1.0)
         out[NUM_MASKS] = np.asarray(counts, dtype=np.int32)
-        if self.writes_instances:
+        if self.config.writes_instances:
             ragged = np.empty(len(rows), dtype=object)  # B arrays of K×8, K per tile
             ragged[:] = list(rows)
             out[INSTANCES] = ragged
@@ -547,39 +569,8 @@ class SamTeacher:
         self, images: torch.Tensor, batch: Mapping[str, np.ndarray]
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
         """(S×S label, S×S confidence, mask count, K×8 instance rows) per tile, as NumPy on the
-        CPU; instance rows are 0×8 in semantic mode."""
-        no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
-        if self.mode == "semantic":
-            yield from ((*tile, no_rows) for tile in self._semantic(images))
-            return
-        assert self.sam is not None
-        embeddings = encode_images(self.sam, images)  # B×256×g×g, the encoder batched
-        for i in range(len(images)):
-            embedding = embeddings[i : i + 1]
-            top = int(batch[C.Y0][i]) - self.halo  # the raster pixel at the input's corner
-            left = int(batch[C.X0][i]) - self.halo
-            if self.mode == "automatic":
-                logits, scores = self._automatic_masks(embedding)
-                ids = torch.arange(1, len(scores) + 1, device=scores.device)  # paint_instances'
-                instances, confidence = paint_instances(logits, scores, self.background_confidence)
-            else:
-                logits, scores, ids = self._prompted_masks(
-                    embedding, str(batch[C.SOURCE][i]), top, left
-                )
-                instances, confidence = self._paint_prompted(logits, scores, ids)
-            rows = no_rows
-            if self.writes_instances:
-                rows = instance_rows(
-                    logits,
-                    scores,
-                    ids,
-                    top=top,
-                    left=left,
-                    stability_offset=self.mask_filter.stability_offset,
-                )
-            count = int(instances.unique().gt(0).sum())
-            label = foreground(instances) if self.output == "foreground" else instances
-            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, rows
+        CPU; instance rows are 0×8 where the mode writes none."""
+        raise NotImplementedError
 
     def _automatic_masks(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits N×S×S, predicted IoU N) of the kept automatic masks, best first."""
@@ -588,14 +579,65 @@ class SamTeacher:
             self.sam,
             embedding,
             self.grid,
-            rules=self.mask_filter,
-            nms_iou=self.nms_iou,
+            rules=self.config.mask_filter,
+            nms_iou=self.config.nms_iou,
             points_per_batch=self.points_per_batch,
-            max_masks=self.max_masks,
+            max_masks=self.config.max_masks,
         )
 
-    def _automatic(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return paint_instances(*self._automatic_masks(embedding), self.background_confidence)
+
+class MaskTeacher(Teacher):
+    """SAM's masks as pseudo-labels: ``automatic`` (a point grid per tile) or ``prompted`` (one
+    mask per box prompt of the source), painted into instance or foreground maps."""
+
+    def __init__(self, store: str, config: TeacherConfig, **runtime: Any) -> None:
+        if config.mode == "semantic":
+            raise ValueError(
+                "MaskTeacher makes automatic or prompted labels; semantic mode is SemanticTeacher's"
+            )
+        super().__init__(store, config, **runtime)
+        self._boxes: dict[str, np.ndarray] = {}
+
+    def source_boxes(self, source_id: str) -> np.ndarray:
+        """N×4 float32 pixel xyxy box prompts of a source (0×4 when it has none)."""
+        if source_id not in self._boxes:
+            self._boxes[source_id] = read_source_boxes(self._root, source_id)
+        return self._boxes[source_id]
+
+    def _label_tiles(
+        self, images: torch.Tensor, batch: Mapping[str, np.ndarray]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+        assert self.sam is not None
+        config = self.config
+        embeddings = encode_images(self.sam, images)  # B×256×g×g, the encoder batched
+        for i in range(len(images)):
+            embedding = embeddings[i : i + 1]
+            top = int(batch[C.Y0][i]) - config.halo  # the raster pixel at the input's corner
+            left = int(batch[C.X0][i]) - config.halo
+            if config.mode == "automatic":
+                logits, scores = self._automatic_masks(embedding)
+                ids = torch.arange(1, len(scores) + 1, device=scores.device)  # paint_instances'
+                instances, confidence = paint_instances(
+                    logits, scores, config.background_confidence
+                )
+            else:
+                logits, scores, ids = self._prompted_masks(
+                    embedding, str(batch[C.SOURCE][i]), top, left
+                )
+                instances, confidence = self._paint_prompted(logits, scores, ids)
+            rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
+            if config.writes_instances:
+                rows = instance_rows(
+                    logits,
+                    scores,
+                    ids,
+                    top=top,
+                    left=left,
+                    stability_offset=config.mask_filter.stability_offset,
+                )
+            count = int(instances.unique().gt(0).sum())
+            label = foreground(instances) if config.output == "foreground" else instances
+            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, rows
 
     def _prompted_masks(
         self, embedding: torch.Tensor, source_id: str, top: int, left: int
@@ -612,7 +654,7 @@ class SamTeacher:
             return empty, torch.zeros(0, device=self.device), ids
         boxes = torch.from_numpy(boxes_np).to(self.device)
         coords = labels = None
-        if "point" in self.prompt:
+        if "point" in self.config.prompt:
             coords = box_centres(boxes)[:, None, :]  # P×1×2
             labels = torch.ones(len(boxes), 1, dtype=torch.int64, device=self.device)
         logits, iou = decode_masks(
@@ -620,44 +662,61 @@ class SamTeacher:
             embedding,
             point_coords=coords,
             point_labels=labels,
-            boxes=boxes if "box" in self.prompt else None,
-            multimask=self.multimask,
+            boxes=boxes if "box" in self.config.prompt else None,
+            multimask=self.config.multimask,
         )
         logits, iou = best_mask(logits, iou)  # P×S×S, P
-        return restrict_to_boxes(logits, boxes, self.box_margin), iou, ids
+        return restrict_to_boxes(logits, boxes, self.config.box_margin), iou, ids
 
     def _paint_prompted(
         self, logits: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Paint prompted masks, then renumber painted k -> ``ids[k - 1]``."""
-        painted, confidence = paint_instances(logits, scores, self.background_confidence)
+        painted, confidence = paint_instances(logits, scores, self.config.background_confidence)
         if len(ids) == 0:
             return painted, confidence
         instances = torch.where(painted > 0, ids[(painted - 1).clamp(min=0)], painted)
         return instances, confidence
 
-    def _semantic(self, images: torch.Tensor) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+
+class SemanticTeacher(Teacher):
+    """A fine-tuned student's class labels as pseudo-labels (arg-max, softmax confidence),
+    optionally refined by SAM's automatic segments (``masks.refine_with_segments``)."""
+
+    def __init__(self, store: str, config: TeacherConfig, **runtime: Any) -> None:
+        if config.mode != "semantic":
+            raise ValueError(f"SemanticTeacher makes semantic labels, not {config.mode!r} ones")
+        super().__init__(store, config, **runtime)
+
+    def _label_tiles(
+        self, images: torch.Tensor, batch: Mapping[str, np.ndarray]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
         assert self.semantic is not None
+        no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
         logits = self.semantic(images)  # B×K×S×S
-        embeddings = encode_images(self.sam, images) if self.refine and self.sam else None
+        refining = self.config.refine and self.sam is not None
+        embeddings = encode_images(self.sam, images) if refining else None  # type: ignore[arg-type]
         for i in range(len(images)):
             label, confidence = logits_to_label(logits[i])
             count = 0
             if embeddings is not None:
-                segments, _ = self._automatic(embeddings[i : i + 1])
+                masks, scores = self._automatic_masks(embeddings[i : i + 1])
+                segments, _ = paint_instances(masks, scores, self.config.background_confidence)
                 count = int(segments.unique().gt(0).sum())
                 label, confidence = refine_with_segments(
                     label, confidence, segments, self.num_classes
                 )
-            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count
+            yield label.cpu().numpy(), confidence.float().cpu().numpy(), count, no_rows
 
 
-def check_settings(mode: str, prompt: str = "box", output: str = "instances") -> None:
-    """``ValueError`` naming the setting when mode, prompt kind or output kind is unknown."""
-    for name, value, known in (
-        ("mode", mode, MODES),
-        ("prompt", prompt, get_args(PromptKind)),
-        ("output", output, get_args(OutputKind)),
-    ):
-        if value not in known:
-            raise ValueError(f"unknown teacher {name} {value!r}; known: {', '.join(known)}")
+TEACHERS: Final[dict[str, type[Teacher]]] = {
+    "automatic": MaskTeacher,
+    "prompted": MaskTeacher,
+    "semantic": SemanticTeacher,
+}  # a teacher mode -> the class that labels it
+
+
+def build_teacher(store: str, config: TeacherConfig, **runtime: Any) -> Teacher:
+    """The teacher of ``config.mode`` (``TEACHERS``) on ``store``; ``runtime``: the device,
+    precision and actor settings of ``Teacher``."""
+    return TEACHERS[config.mode](store, config, **runtime)

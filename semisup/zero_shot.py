@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Literal, TextIO, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,7 @@ from semisup.detection.targets import BoxTargets, NoBoxesError
 from semisup.masks import MaskFilter, paint_instances
 from semisup.sam import SAM_SPECS, build_sam, checkpoint_sha256, resolve_checkpoint
 from semisup.teacher import (
+    TeacherConfig,
     automatic_masks,
     best_mask,
     decode_masks,
@@ -72,6 +73,7 @@ RANDOM_WEIGHTS_NOTE: Final = (
     "SAM has random weights here (no checkpoint): its masks show the pipeline working, not SAM; "
     "--checkpoint PATH_OR_URL loads official weights"
 )
+PointMode = Literal["interior", "centroid"]  # a component's point prompt (component_point)
 MIN_COMPONENT_PX: Final = 16  # smaller components are label noise at 256 px tiles
 AGNOSTIC: Final = "object"  # the one class of the class-agnostic automatic box AP
 # 4-connectivity, as scipy.ndimage.label's default structuring element
@@ -151,7 +153,7 @@ def interior_point(component: np.ndarray) -> tuple[int, int]:
     return int(xs[nearest]), int(ys[nearest])
 
 
-def component_point(component: np.ndarray, mode: str = "interior") -> tuple[int, int]:
+def component_point(component: np.ndarray, mode: PointMode = "interior") -> tuple[int, int]:
     """(x, y) point prompt: ``interior`` (farthest from the border) or ``centroid`` (the
     centroid pixel if it lies inside the component, else the interior point)."""
     if mode == "centroid":
@@ -160,7 +162,7 @@ def component_point(component: np.ndarray, mode: str = "interior") -> tuple[int,
         if component[y, x]:
             return x, y
     elif mode != "interior":
-        raise ValueError(f"unknown point mode {mode!r}; known: interior, centroid")
+        raise ValueError(f"unknown point mode {mode!r}; known: {', '.join(get_args(PointMode))}")
     return interior_point(component)
 
 
@@ -169,7 +171,7 @@ def component_prompts(
     *,
     ignore_index: int = C.IGNORE_INDEX,
     min_area_px: int = MIN_COMPONENT_PX,
-    point_mode: str = "interior",
+    point_mode: PointMode = "interior",
 ) -> list[ComponentPrompt]:
     """Prompts for every connected component of every class in an H×W label map.
 
@@ -232,7 +234,7 @@ def score_tile(
     tile_id: int,
     grid_xy: torch.Tensor,
     mask_filter: MaskFilter,
-    point_mode: str = "interior",
+    point_mode: PointMode = "interior",
     min_area_px: int = MIN_COMPONENT_PX,
 ) -> TileResult:
     """Box/point IoU per component and automatic coverage on one S×S×3 uint8 tile."""
@@ -350,23 +352,36 @@ def summarise_boxes(results: Sequence[BoxTileResult]) -> dict[str, Any] | None:
 # The run
 
 
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """What ``semisup zero-shot`` measures, and on which tiles.
+
+    ``sam`` is SAM as the automatic teacher runs it (model, checkpoint, point grid, mask filter,
+    bands, seed); its mode is ``automatic``.
+    """
+
+    sam: TeacherConfig = TeacherConfig(mode="automatic")
+    max_tiles: int | None = 32  # labelled tiles measured, evenly spaced in id order; None: all
+    split: str | Sequence[str] | None = None  # only tiles of these splits; None: every one
+    point_mode: PointMode = "interior"  # see ``component_point``
+    min_area_px: int = MIN_COMPONENT_PX  # smallest ground-truth component scored
+    examples: int = 4  # tiles drawn in the PNG
+
+    def __post_init__(self) -> None:
+        if self.sam.mode != "automatic":
+            raise ValueError(f"zero-shot measures SAM's automatic masks, not {self.sam.mode!r}")
+        if self.point_mode not in get_args(PointMode):
+            known = ", ".join(get_args(PointMode))
+            raise ValueError(f"unknown point_mode {self.point_mode!r}; known: {known}")
+
+
 def run_zero_shot(
     store: str,
-    *,
-    model_type: str = "vit_b",
-    checkpoint: str | None = None,
+    config: ZeroShotConfig,
     out_dir: str | Path,
-    max_tiles: int | None = 32,
-    split: str | Sequence[str] | None = None,
-    points_per_side: int = 16,
-    mask_filter: MaskFilter | None = None,
-    point_mode: str = "interior",
-    min_area_px: int = MIN_COMPONENT_PX,
-    bands: Sequence[int] | str = "rgb",
+    *,
     device: str = "auto",
     bf16: bool = True,
-    examples: int = 4,
-    seed: int = 0,
     use_ray: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     log: TextIO | None = sys.stderr,
@@ -375,26 +390,21 @@ def run_zero_shot(
 
     Args:
         store: path or fsspec URL of a semisup tile store with labels.
-        model_type, checkpoint: the SAM to measure (None: weights drawn from ``seed``).
+        config: the SAM measured (``config.sam``; no checkpoint: weights drawn from its seed)
+            and the tiles, prompts and examples (``ZeroShotConfig``).
         out_dir: folder for ``zero_shot.json``, ``zero_shot.md`` and ``zero_shot_examples.png``.
-        max_tiles: tiles measured, evenly spaced over the labelled tiles in id order (None: all).
-        split: restrict to these splits (default: every tile with labels).
-        points_per_side, mask_filter: automatic mode (see ``SamTeacher``).
-        point_mode: ``interior`` or ``centroid`` (see ``component_point``).
-        min_area_px: smallest component scored.
-        bands: band composite for the 3-band teacher input.
         device, bf16: ``auto`` picks cuda when available; bf16 autocast on GPU only.
-        examples: tiles drawn in the PNG.
         use_ray: stream tiles with ``read_tiles`` (Ray) instead of reading them here.
 
     Returns the JSON summary (also written to ``zero_shot.json``).
     """
+    sam = config.sam
     started = time.perf_counter()
     out = Path(out_dir)
     root = tile_store.open_store(store, "r", storage_options)
     meta = tile_store.read_store_meta(root)
-    tiles = _spaced(_labelled_tiles(store, split, storage_options), max_tiles)
-    box_tiles, targets = _box_tiles(store, root, split, max_tiles, storage_options)
+    tiles = _spaced(_labelled_tiles(store, config.split, storage_options), config.max_tiles)
+    box_tiles, targets = _box_tiles(store, root, config.split, config.max_tiles, storage_options)
     if not tiles and not box_tiles:
         raise ValueError(
             f"{store}: nothing to measure: no labelled tiles (label_coverage > 0) and no tiles "
@@ -402,12 +412,12 @@ def run_zero_shot(
         )
     torch_device = select_device(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_sam(model_type, image_size=meta.tile_size, checkpoint=checkpoint)
+        torch.manual_seed(sam.seed)
+        model = build_sam(sam.model_type, image_size=meta.tile_size, checkpoint=sam.checkpoint)
     model = model.to(torch_device).eval()
     out.mkdir(parents=True, exist_ok=True)  # only once the checkpoint has loaded
-    rules = mask_filter or MaskFilter()
-    grid = point_grid(points_per_side, meta.tile_size)
+    rules = sam.mask_filter
+    grid = point_grid(sam.points_per_side, meta.tile_size)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if bf16 and torch_device.type == "cuda"
@@ -415,7 +425,7 @@ def run_zero_shot(
     )
     results: list[TileResult] = []
     box_results: list[BoxTileResult] = []
-    sources = _SourceImages(root, bands)
+    sources = _SourceImages(root, sam.bands)
     reader = _ray_tiles if use_ray else _local_tiles
     with torch.inference_mode(), autocast:
         for row in reader(store, tiles, meta.tile_size, storage_options) if tiles else ():
@@ -428,8 +438,8 @@ def run_zero_shot(
                     tile_id=int(row[C.TILE_ID]),
                     grid_xy=grid,
                     mask_filter=rules,
-                    point_mode=point_mode,
-                    min_area_px=min_area_px,
+                    point_mode=config.point_mode,
+                    min_area_px=config.min_area_px,
                 )
             )
             if log is not None:
@@ -447,26 +457,27 @@ def run_zero_shot(
     summary["box_ap"] = summarise_boxes(box_results)
     summary.update(
         store=str(store),
-        model_type=model_type,
-        checkpoint=str(checkpoint) if checkpoint else None,
+        model_type=sam.model_type,
+        checkpoint=str(sam.checkpoint) if sam.checkpoint else None,
         checkpoint_hash=(
-            checkpoint_sha256(resolve_checkpoint(checkpoint))
-            if checkpoint
-            else f"random-init-seed{seed}"
+            checkpoint_sha256(resolve_checkpoint(sam.checkpoint))
+            if sam.checkpoint
+            else f"random-init-seed{sam.seed}"
         ),
         settings={
-            "points_per_side": points_per_side,
+            "points_per_side": sam.points_per_side,
             "mask_filter": dataclasses.asdict(rules),
-            "point_mode": point_mode,
-            "min_area_px": min_area_px,
+            "point_mode": config.point_mode,
+            "min_area_px": config.min_area_px,
             "tile_size": meta.tile_size,
         },
         seconds=round(time.perf_counter() - started, 2),
     )
     (out / JSON_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     (out / MARKDOWN_FILE).write_text(to_markdown(summary))
-    note = None if checkpoint else RANDOM_WEIGHTS_NOTE
-    plot_examples(example_tiles(results, examples, meta.num_classes), out / EXAMPLES_FILE, note)
+    note = None if sam.checkpoint else RANDOM_WEIGHTS_NOTE
+    shown = example_tiles(results, config.examples, meta.num_classes)
+    plot_examples(shown, out / EXAMPLES_FILE, note)
     return summary
 
 
@@ -811,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--point-mode",
-        choices=("interior", "centroid"),
+        choices=get_args(PointMode),
         default="interior",
         help="point prompt: farthest from the border, or the centroid if inside (default interior)",
     )
@@ -825,23 +836,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``semisup zero-shot``; prints the headline numbers; returns the exit status."""
-    options = {
-        "model_type": args.model,
-        "checkpoint": args.checkpoint,
-        "out_dir": args.out,
-        "max_tiles": args.max_tiles or None,
-        "split": args.split,
-        "points_per_side": args.points_per_side,
-        "point_mode": args.point_mode,
-        "device": args.device,
-    }
+    sam = TeacherConfig(
+        mode="automatic",
+        model_type=args.model,
+        checkpoint=args.checkpoint,
+        points_per_side=args.points_per_side,
+    )
+    config = ZeroShotConfig(
+        sam=sam, max_tiles=args.max_tiles or None, split=args.split, point_mode=args.point_mode
+    )
     if args.ray:
         from semisup.config import RayConfig
         from semisup.runtime import ray_runtime
 
         with ray_runtime(RayConfig()):
-            summary = run_zero_shot(args.store, use_ray=True, **options)
+            summary = run_zero_shot(args.store, config, args.out, device=args.device, use_ray=True)
     else:
-        summary = run_zero_shot(args.store, **options)
+        summary = run_zero_shot(args.store, config, args.out, device=args.device)
     print(f"zero-shot {args.model}: {summary_line(summary)} -> {args.out}")
     return 0

@@ -19,6 +19,7 @@ from rasterio.windows import Window
 from torchvision.ops import box_iou
 
 from data_prep.boxes import read_box_file
+from semisup.actor_pool import ActorPoolConfig
 from semisup.cli import main as semisup_main
 from semisup.config import ConfigError, load_config, save_config
 from semisup.detection import predict as boxes_predict
@@ -36,7 +37,7 @@ from semisup.raster_windows import open_sources
 NEON = "neon_trees/OSBS_029.tif"  # 400×400 RGB uint8, EPSG:32617
 TRUTH = "neon_trees/OSBS_029.csv"
 SIZE = 128
-FAST = {"actors": 1, "torch_threads": 1, "batch_size": 4, "log": None}
+FAST = {"pool": ActorPoolConfig(actors=1, torch_threads=1), "batch_size": 4, "log": None}
 
 
 def _make_run(folder: Path, tile: int = SIZE) -> Path:

@@ -31,7 +31,7 @@ from semisup.pseudo_label import (
     instance_table,
 )
 from semisup.store import open_store, read_tile, read_tile_index
-from semisup.teacher import INSTANCES, SamTeacher
+from semisup.teacher import INSTANCES, TeacherConfig, build_teacher
 from semisup.tile_boxes import boxes_in_tile
 
 
@@ -107,15 +107,8 @@ def _label_in_process(store: str, mode: str, tile_ids: list[int]) -> pd.DataFram
         C.Y0: index[C.Y0].to_numpy(),
         C.X0: index[C.X0].to_numpy(),
     }
-    teacher = SamTeacher(
-        store,
-        mode=mode,
-        model_type="tiny",
-        points_per_side=4,
-        mask_filter=LENIENT,
-        device="cpu",
-        torch_threads=1,
-    )
+    config = TeacherConfig(mode=mode, model_type="tiny", points_per_side=4, mask_filter=LENIENT)
+    teacher = build_teacher(store, config, device="cpu", torch_threads=1)
     out = teacher(batch)
     table = instance_table(out[C.TILE_ID], out[C.SOURCE], out[INSTANCES])
     pq.write_table(table, Path(store) / INSTANCES_FILE)

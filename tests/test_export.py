@@ -165,10 +165,10 @@ PREDICT_WITHOUT_RAY = textwrap.dedent(
     import semisup.predict as predict, semisup.runtime as runtime
     from semisup.window_predictor import WindowPredictor
 
-    def in_process(jobs, outputs, models, output_models, *, tile, overlap, batch_size, **_):
+    def in_process(jobs, outputs, models, output_models, windows):
         actor = WindowPredictor([dataclasses.asdict(m) for m in models],
-                                [s for s, _ in outputs], tile, overlap, batch_size,
-                                output_models=output_models)
+                                [s for s, _ in outputs], windows.tile, windows.overlap,
+                                windows.batch_size, output_models=output_models)
         for job in jobs:
             yield actor({name: np.array([getattr(job, name)])
                          for name in ("seq", "output", "y0", "first_col", "last_col")})
@@ -210,13 +210,18 @@ def test_predict_with_onnx_writes_the_run_s_map(
     with the run itself (probabilities within 1e-4, so classes differ only on near-ties)."""
     import rasterio
 
-    from semisup.predict import run_predict
+    from semisup.actor_pool import ActorPoolConfig
+    from semisup.predict import PredictConfig, run_predict
 
     raster = dubai_dir / "tile_3" / "images" / "image_part_002.jpg"
     maps = {}
     for name, model in (("run", run), ("onnx", exported["fp32"])):
         summary = run_predict(
-            [raster], str(model), tmp_path / f"{name}.tif", actors=1, torch_threads=1, log=None
+            [raster],
+            str(model),
+            tmp_path / f"{name}.tif",
+            PredictConfig(pool=ActorPoolConfig(actors=1, torch_threads=1)),
+            log=None,
         )
         assert summary["windows"] > 20 and summary["model"]["tile_size"] == TILE
         with rasterio.open(tmp_path / f"{name}.tif") as ds:

@@ -5,6 +5,7 @@ the next run."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,25 +13,23 @@ import torch
 from store_factory import SourceSpec, build_store
 
 from semisup import columns as C
+from semisup.actor_pool import ActorPoolConfig
 from semisup.cli import main as semisup_main
 from semisup.config import ConfigError, load_config
 from semisup.masks import MaskFilter
 from semisup.pseudo_label import PARTS_DIR, STATE_ATTR, read_manifest, run_pseudo_label
 from semisup.sam import SAM_SPECS, build_sam
 from semisup.store import open_store
-from semisup.teacher import SamTeacher
+from semisup.teacher import Teacher, TeacherConfig
 
 # Fast automatic-mode settings on a tiny random SAM; lenient, so that every tile gets masks.
-RUN = {
-    "mode": "automatic",
-    "model_type": "tiny",
-    "split": None,
-    "points_per_side": 2,
-    "mask_filter": MaskFilter(min_predicted_iou=-1e9, min_stability=0.0),
-    "batch_size": 2,
-    "actors": 1,
-    "log": None,
-}
+TEACHER = TeacherConfig(
+    mode="automatic",
+    model_type="tiny",
+    points_per_side=2,
+    mask_filter=MaskFilter(min_predicted_iou=-1e9, min_stability=0.0),
+)
+RUN = {"split": None, "batch_size": 2, "pool": ActorPoolConfig(actors=1), "log": None}
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -84,7 +83,7 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path, capsys) -> 
 # A checkpoint or an adapter: loaded once in the driver, before the store is touched
 
 
-class NeverConstructed(SamTeacher):
+class NeverConstructed(Teacher):
     """A teacher whose actor must never start: the checkpoint fails before any does."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -92,8 +91,6 @@ class NeverConstructed(SamTeacher):
 
 
 def _other_tiny_checkpoint(path: Path) -> Path:
-    from dataclasses import replace
-
     other = replace(SAM_SPECS["tiny"], encoder_embed_dim=96, encoder_depth=3)
     torch.save(build_sam(other, image_size=64).state_dict(), path)
     return path
@@ -105,16 +102,16 @@ def test_a_bad_checkpoint_fails_in_the_driver_and_leaves_the_store(
 ) -> None:
     if kind == "sam-of-another-model":
         checkpoint = _other_tiny_checkpoint(tmp_path / "other_tiny.pth")
-        options = {**RUN, "checkpoint": str(checkpoint)}
+        teacher = replace(TEACHER, checkpoint=str(checkpoint))
         expected = rf"^checkpoint {checkpoint}: unknown SAM \(embed 96, depth 3\) weights given"
     else:
         checkpoint = tmp_path / "adapter.safetensors"
         checkpoint.write_bytes(b"not a safetensors file")
-        options = {**RUN, "mode": "semantic", "checkpoint": str(checkpoint)}
+        teacher = replace(TEACHER, mode="semantic", checkpoint=str(checkpoint))
         expected = rf"^{checkpoint} cannot be read as a safetensors adapter"
     before = snapshot(small_store)
     with pytest.raises(ValueError, match=expected):
-        run_pseudo_label(str(small_store), teacher_cls=NeverConstructed, **options)
+        run_pseudo_label(str(small_store), teacher, teacher_cls=NeverConstructed, **RUN)
     assert snapshot(small_store) == before
 
 
@@ -198,12 +195,12 @@ def test_a_pseudo_label_run_that_died_does_not_block_another_teacher(
 ) -> None:
     url = str(small_store)
     with pytest.raises(RunDied):
-        run_pseudo_label(url, on_progress=die_after_first_batch, **RUN)
+        run_pseudo_label(url, TEACHER, on_progress=die_after_first_batch, **RUN)
     assert read_manifest(url).num_rows > 0  # it died with tiles recorded, not compacted:
     assert (small_store / PARTS_DIR).is_dir()  # its batches are parts, not a finished manifest
     assert open_store(url).attrs[STATE_ATTR] == "running"
     # another teacher (a denser point grid) replaces the partial labels instead of refusing
-    summary = run_pseudo_label(url, **{**RUN, "points_per_side": 4})
+    summary = run_pseudo_label(url, replace(TEACHER, points_per_side=4), **RUN)
     assert summary["tiles_already_done"] == 0 and summary["tiles_processed"] == 8
     manifest = read_manifest(url).to_pandas()
     assert len(manifest) == 8 and manifest[C.TILE_ID].is_unique

@@ -4,7 +4,7 @@ without seams, resumable, memory-bounded, with vectors; bad input refused before
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from store_factory import SourceSpec, build_store
 
 from semisup import blend
 from semisup import columns as C
+from semisup.actor_pool import ActorPoolConfig
 from semisup.cli import main as semisup_main
 from semisup.config import ExperimentConfig, TrainConfig, save_config
 from semisup.map_writer import MapWriter, partial_path, progress_path
 from semisup.memory import wait_for_exit
-from semisup.predict import output_path, run_predict
+from semisup.predict import PredictConfig, output_path, run_predict
 from semisup.raster_windows import RasterSource, open_sources, read_strip
 from semisup.sam import build_sam
 from semisup.stitch import Stitcher, plan_jobs
@@ -33,7 +34,7 @@ from semisup.window_predictor import JOB, PROBABILITIES, WindowPredictor, load_m
 VEGAS = "spacenet_vegas/sample_geotiff.tif"  # 900×900, 1 band uint16, EPSG:32616
 NEON = "neon_trees/OSBS_029.tif"  # 400×400 RGB uint8, EPSG:32617, a few nodata pixels
 # One torch thread per actor: two were measured slower on these shared 2-core machines.
-FAST: dict[str, Any] = {"actors": 1, "torch_threads": 1, "batch_size": 8, "log": None}
+FAST = PredictConfig(batch_size=8, pool=ActorPoolConfig(actors=1, torch_threads=1))
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -184,14 +185,19 @@ def test_adapter_of_another_base_is_refused_before_any_output(tmp_path: Path) ->
     out.mkdir()
     for base in (str(checkpoints[1]), None):
         with pytest.raises(AdapterError, match="adapter for the tiny base"):
-            run_predict([raster], str(adapter), out / "map.tif", base_checkpoint=base, log=None)
+            run_predict(
+                [raster],
+                str(adapter),
+                out / "map.tif",
+                PredictConfig(base_checkpoint=base),
+                log=None,
+            )
     with pytest.raises(ValueError, match="trained on 64 px windows"):
         run_predict(
             [raster],
             str(adapter),
             out / "map.tif",
-            base_checkpoint=str(checkpoints[0]),
-            tile_size=128,
+            PredictConfig(base_checkpoint=str(checkpoints[0]), tile_size=128),
             log=None,
         )
     assert _nothing_written(out)
@@ -372,10 +378,8 @@ def test_tiled_with_overlap_matches_whole_without_seams(
             [path, *extra],
             "tiny",
             tmp_path / name,
-            tile_size=tile,
-            overlap=overlap,
-            num_classes=3,
-            **FAST,
+            replace(FAST, tile_size=tile, overlap=overlap, num_classes=3),
+            log=None,
         )
         maps[name] = _read(tmp_path / name / f"{path.stem}.tif")[0]
     assert summary["outputs"][1]["status"] == "written"  # the store's source
@@ -426,8 +430,8 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     ray_session: None, tmp_path: Path
 ) -> None:
     raster = _write_large_raster(tmp_path / "scene.tif", 1024)
-    settings = {"tile_size": 256, "overlap": 64, "stripe_width": 512, "num_classes": 3, **FAST}
-    reference = run_predict([raster], "tiny", tmp_path / "reference.tif", **settings)
+    settings = replace(FAST, tile_size=256, overlap=64, stripe_width=512, num_classes=3)
+    reference = run_predict([raster], "tiny", tmp_path / "reference.tif", settings, log=None)
     total = reference["windows"]
 
     class Interrupt(Exception):
@@ -439,13 +443,13 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
 
     out = tmp_path / "out.tif"
     with pytest.raises(Interrupt):
-        run_predict([raster], "tiny", out, on_progress=stop_early, **settings)
+        run_predict([raster], "tiny", out, settings, on_progress=stop_early, log=None)
     assert not out.exists() and partial_path(out).exists()  # never looks complete
     record = json.loads(progress_path(out).read_text())
     assert 0 < sum(record["rows_done"]) < 2 * 1024
     with pytest.raises(FileExistsError, match="interrupted run with other settings"):
-        run_predict([raster], "tiny", out, **{**settings, "overlap": 16})
-    resumed = run_predict([raster], "tiny", out, **settings)
+        run_predict([raster], "tiny", out, replace(settings, overlap=16), log=None)
+    resumed = run_predict([raster], "tiny", out, settings, log=None)
     assert resumed["outputs"][0]["status"] == "resumed"
     assert 0 < resumed["windows"] < total
     for got, want in zip(_read(out), _read(tmp_path / "reference.tif"), strict=True):
@@ -457,7 +461,12 @@ def _peak_above_baseline(tmp_path: Path, size: int) -> float:
     raster = _write_large_raster(tmp_path / f"r{size}.tif", size)
     wait_for_exit("MapWorker")  # the actors of earlier runs
     summary = run_predict(
-        [raster], "tiny", tmp_path / f"m{size}.tif", stripe_width=1024, measure_memory=True, **FAST
+        [raster],
+        "tiny",
+        tmp_path / f"m{size}.tif",
+        replace(FAST, stripe_width=1024),
+        measure_memory=True,
+        log=None,
     )
     return float(summary["peak_predict_memory_mb"] - summary["baseline_predict_memory_mb"])
 
@@ -544,10 +553,10 @@ def test_adapters_of_another_base_or_layout_are_not_swapped(tmp_path: Path) -> N
     lora = save_adapter(build_student("tiny", 3, 64, mode="lora"), tmp_path / "lora.safetensors")
     out = tmp_path / "maps" / "{adapter}.tif"
     with pytest.raises(ValueError, match="--model .*lora.safetensors: its adapter layout"):
-        run_predict([raster], [str(region_a), str(lora)], out, seed=0, log=None)
+        run_predict([raster], [str(region_a), str(lora)], out, PredictConfig(seed=0), log=None)
     four = save_adapter(build_student("tiny", 4, 64, mode="decoder"), tmp_path / "four.safetensors")
     with pytest.raises(ValueError, match=r"--model .*four.safetensors: its base \(tiny/4 classes"):
-        run_predict([raster], [str(region_a), str(four)], out, seed=0, log=None)
+        run_predict([raster], [str(region_a), str(four)], out, PredictConfig(seed=0), log=None)
     assert not (tmp_path / "maps").exists()
 
 
@@ -578,11 +587,17 @@ def test_swapped_adapters_write_the_maps_of_separately_loaded_models(
     assert [o["adapter"] for o in summary["outputs"]] == ["region_a", "region_b"]
     for adapter in adapters:
         alone = tmp_path / f"alone_{adapter.stem}.tif"
-        run_predict([raster], str(adapter), alone, seed=0, **FAST)
+        run_predict([raster], str(adapter), alone, replace(FAST, seed=0), log=None)
         for got, want in zip(
             _read(tmp_path / "maps" / f"{adapter.stem}.tif"), _read(alone), strict=True
         ):
             np.testing.assert_array_equal(got, want)
     assert not np.array_equal(*(_read(tmp_path / "maps" / f"{a.stem}.tif")[0] for a in adapters))
     with pytest.raises(ValueError, match=r"several --model need \{adapter\}"):
-        run_predict([raster], [str(a) for a in adapters], tmp_path / "x.tif", seed=0, **FAST)
+        run_predict(
+            [raster],
+            [str(a) for a in adapters],
+            tmp_path / "x.tif",
+            replace(FAST, seed=0),
+            log=None,
+        )

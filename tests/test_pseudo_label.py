@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import zarr
 
 from semisup import columns as C
 from semisup import store as tile_store
+from semisup.actor_pool import ActorPoolConfig
 from semisup.cli import main as semisup_main
 from semisup.known_imagery import DUBAI_COLOURS
 from semisup.masks import MaskFilter
@@ -40,21 +42,18 @@ from semisup.pseudo_label import (
     teacher_identity,
     tile_stats,
 )
-from semisup.teacher import INSTANCE_IGNORE, SamTeacher
+from semisup.teacher import INSTANCE_IGNORE, MaskTeacher, TeacherConfig
 
 NEON = ("OSBS_029", "2018_SJER_3_252000_4107000_image_477", "SOAP_061")
 # Random tiny SAM weights predict low IoU and unstable masks: keep them all so there is content.
 LENIENT = MaskFilter(min_predicted_iou=-1e9, min_stability=0.0)
 # Fast settings shared by every run, so that their results can be compared.
-RUN = {
-    "mode": "automatic",
-    "model_type": "tiny",
-    "split": None,
-    "points_per_side": 4,
-    "mask_filter": LENIENT,
-    "batch_size": 4,
-    "log": None,
-}
+TEACHER = TeacherConfig(mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT)
+RUN = {"split": None, "batch_size": 4, "log": None}
+
+
+def pool(actors: int) -> ActorPoolConfig:
+    return ActorPoolConfig(actors=actors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,17 +117,14 @@ def test_instance_rows_count_once_and_only_when_their_batch_is_recorded(tmp_path
 
 
 def test_teacher_identity_is_json_plain_and_mode_specific() -> None:
-    options = {"points_per_side": 8, "mask_filter": LENIENT, "prompt": "box", "bands": (0, 1, 2)}
-    common = {"model_type": "tiny", "checkpoint": None, "base_checkpoint": None, "halo": 0}
-    automatic = teacher_identity(
-        mode="automatic", bf16_on_gpu=False, teacher_options=options, **common
+    teacher = TeacherConfig(
+        model_type="tiny", points_per_side=8, mask_filter=LENIENT, prompt="box", bands=(0, 1, 2)
     )
+    automatic = teacher_identity(teacher, bf16_on_gpu=False)
     assert automatic == json.loads(json.dumps(automatic))
     assert automatic["teacher"]["points_per_side"] == 8 and "prompt" not in automatic["teacher"]
     assert automatic["checkpoint_hash"] == "random-init-seed0"
-    prompted = teacher_identity(
-        mode="prompted", bf16_on_gpu=True, teacher_options=options, **common
-    )
+    prompted = teacher_identity(replace(teacher, mode="prompted"), bf16_on_gpu=True)
     assert "points_per_side" not in prompted["teacher"] and prompted["precision"] == "bf16"
 
 
@@ -172,7 +168,9 @@ def clean_run(
     """Automatic mode on every tile in one uninterrupted run of a pool of two actors."""
     url = _copy(real_store, tmp_path_factory.mktemp("clean"))
     calls: list[tuple[int, int]] = []
-    summary = run_pseudo_label(url, actors=2, on_progress=lambda *call: calls.append(call), **RUN)
+    summary = run_pseudo_label(
+        url, TEACHER, pool=pool(2), on_progress=lambda *call: calls.append(call), **RUN
+    )
     return url, {**summary, "progress_calls": calls}
 
 
@@ -232,13 +230,13 @@ def test_actor_pool_labels_every_tile_exactly_once(clean_run: tuple[str, dict]) 
         assert confidence.min() >= 0 and confidence.max() <= 1 and np.all(confidence[~valid] == 0)
     instances = _check_instance_table(url, manifest)
     # rerunning finds nothing to do; another teacher needs overwrite
-    again = run_pseudo_label(url, actors=2, **RUN)
+    again = run_pseudo_label(url, TEACHER, pool=pool(2), **RUN)
     assert again["tiles_processed"] == 0 and again["tiles_already_done"] == 36
     assert read_instances(url).equals(instances)  # the rerun added no row
     with pytest.raises(PseudoLabelMismatch, match="mode: store 'automatic' vs 'prompted'"):
-        run_pseudo_label(url, **{**RUN, "mode": "prompted"})
+        run_pseudo_label(url, replace(TEACHER, mode="prompted"), **RUN)
     with pytest.raises(PseudoLabelMismatch, match="points_per_side"):
-        run_pseudo_label(url, **{**RUN, "points_per_side": 8})
+        run_pseudo_label(url, replace(TEACHER, points_per_side=8), **RUN)
 
 
 def _check_instance_table(url: str, manifest: pd.DataFrame) -> pa.Table:
@@ -264,11 +262,11 @@ def _check_instance_table(url: str, manifest: pd.DataFrame) -> pa.Table:
     return table
 
 
-def _crash_once_teacher(marker: Path) -> type[SamTeacher]:
+def _crash_once_teacher(marker: Path) -> type[MaskTeacher]:
     """A teacher whose first call anywhere kills its actor process (defined locally, so Ray
     pickles it by value)."""
 
-    class CrashOnceTeacher(SamTeacher):
+    class CrashOnceTeacher(MaskTeacher):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not marker.exists():
                 marker.touch()
@@ -284,7 +282,9 @@ def test_interrupted_run_resumes_and_a_killed_actor_is_retried(
     clean_run: tuple[str, dict], real_store: Path, tmp_path: Path
 ) -> None:
     url = _copy(real_store, tmp_path)
-    first = run_pseudo_label(url, actors=1, max_tiles=10, **RUN)  # stops after 10 tiles
+    first = run_pseudo_label(
+        url, TEACHER, pool=pool(1), max_tiles=10, **RUN
+    )  # stops after 10 tiles
     assert first["tiles_processed"] == 10 and first["tiles_remaining"] == 26
     assert read_manifest(url).num_rows == 10 and read_instances(url).num_rows > 0
     # A batch whose instance part was written but not its manifest part (a writer that died
@@ -302,7 +302,8 @@ def test_interrupted_run_resumes_and_a_killed_actor_is_retried(
     # The rerun skips the 10 recorded tiles; its only actor dies on its first batch, is
     # restarted by Ray, and the batch is retried.
     marker = tmp_path / "crashed"
-    second = run_pseudo_label(url, actors=1, teacher_cls=_crash_once_teacher(marker), **RUN)
+    crashing = _crash_once_teacher(marker)
+    second = run_pseudo_label(url, TEACHER, pool=pool(1), teacher_cls=crashing, **RUN)
     assert marker.exists()
     assert second["tiles_already_done"] == 10 and second["tiles_processed"] == 26
     assert second["tiles_remaining"] == 0
@@ -323,9 +324,8 @@ def test_prompted_mode_keeps_each_crown_inside_its_box(
 ) -> None:
     url = _copy(Path(clean_run[0]), tmp_path)  # labelled by the automatic teacher
     margin = 0.1
-    summary = run_pseudo_label(
-        url, **{**RUN, "mode": "prompted"}, box_margin=margin, actors=2, overwrite=True
-    )
+    prompted = replace(TEACHER, mode="prompted", box_margin=margin)
+    summary = run_pseudo_label(url, prompted, pool=pool(2), overwrite=True, **RUN)
     assert summary["tiles_processed"] == 36 and summary["mode"] == "prompted"
     root = zarr.open_group(url, mode="r")
     painted_boxes = total_boxes = 0
@@ -388,15 +388,14 @@ def test_overlapping_tiles_with_halo_write_only_their_own_pixels(
 
     url = str(tmp_path / "overlap.zarr")
     build_store(url, [SourceSpec("a", 150, 170, texture="smooth")], tile_size=64, overlap=16)
-    summary = run_pseudo_label(url, actors=1, halo=8, **RUN)
+    summary = run_pseudo_label(url, replace(TEACHER, halo=8), pool=pool(1), **RUN)
     assert summary["tiles_processed"] == _tile_count(url) == 12
     group = zarr.open_group(url, mode="r")["a"]
     assert group[C.PSEUDO_LABEL].chunks == (48, 48)  # the stride: one owner per chunk
     label = group[C.PSEUDO_LABEL][...]
     assert np.all(label != INSTANCE_IGNORE)  # every pixel owned by exactly one written tile
     # the owned window of a tile holds what the teacher gives that tile (with its halo)
-    options = {k: v for k, v in RUN.items() if k not in ("split", "batch_size", "log")}
-    teacher = SamTeacher(url, halo=8, device="cpu", **options)
+    teacher = MaskTeacher(url, replace(TEACHER, halo=8), device="cpu")
     row = tile_store.read_tile_index(url).to_pandas().iloc[5]
     tile = tile_store.read_tile(group, row.y0, row.x0, 64, halo=8)
     out = teacher(

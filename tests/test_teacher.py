@@ -21,8 +21,9 @@ from semisup.teacher import (
     INSTANCE_IGNORE,
     INSTANCES,
     NUM_MASKS,
-    SamTeacher,
+    TeacherConfig,
     automatic_masks,
+    build_teacher,
     instance_rows,
     label_encoding,
     point_grid,
@@ -220,7 +221,9 @@ ALL_TILES = [("a", 0, 0), ("a", 0, 64), ("a", 64, 0), ("a", 64, 64), ("b", 64, 6
 
 
 def test_prompted_masks_carry_their_box_index_and_stay_in_their_box(box_store: str) -> None:
-    teacher = SamTeacher(box_store, mode="prompted", model_type="tiny", box_margin=0.1)
+    teacher = build_teacher(
+        box_store, TeacherConfig(mode="prompted", model_type="tiny", box_margin=0.1)
+    )
     teacher.sam = ScriptedSam()  # masks spill 8 px beyond every box
     out = teacher(_batch(box_store, ALL_TILES))
     assert C.IMAGE not in out and C.VALID not in out
@@ -284,13 +287,15 @@ def test_instance_rows_are_the_whole_masks_before_painting() -> None:
 def test_instance_rows_are_the_bounding_boxes_of_the_teacher_masks(
     box_store: str, mode: str
 ) -> None:
-    teacher = SamTeacher(
+    teacher = build_teacher(
         box_store,
-        mode=mode,
-        model_type="tiny",
-        box_margin=0.1,
-        points_per_side=8,
-        mask_filter=MaskFilter(min_area_px=16),
+        TeacherConfig(
+            mode=mode,
+            model_type="tiny",
+            box_margin=0.1,
+            points_per_side=8,
+            mask_filter=MaskFilter(min_area_px=16),
+        ),
     )
     teacher.sam = ScriptedSam()  # objects of OBJECTS under points; boxes grown by 8 px
     tiles = [("a", 0, 0), ("a", 64, 64)]
@@ -307,13 +312,16 @@ def test_instance_rows_are_the_bounding_boxes_of_the_teacher_masks(
             assert tuple(box) == painted[k]
         if mode == "automatic":
             assert sorted(map(tuple, in_tile)) == sorted(OBJECTS)
-    foreground = SamTeacher(box_store, mode=mode, model_type="tiny", output="foreground")
+    foreground = build_teacher(
+        box_store, TeacherConfig(mode=mode, model_type="tiny", output="foreground")
+    )
     assert INSTANCES not in foreground(_batch(box_store, tiles[:1]))
 
 
 def test_tiny_sam_automatic_is_batch_invariant(box_store: str) -> None:
-    teacher = SamTeacher(
-        box_store, mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT
+    teacher = build_teacher(
+        box_store,
+        TeacherConfig(mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT),
     )
     together = teacher(_batch(box_store, ALL_TILES))
     alone = teacher(_batch(box_store, ALL_TILES[2:3]))
@@ -325,19 +333,22 @@ def test_tiny_sam_automatic_is_batch_invariant(box_store: str) -> None:
     flipped = np.mean(alone[C.PSEUDO_LABEL][0] != together[C.PSEUDO_LABEL][2])
     assert flipped < 1e-3
     np.testing.assert_allclose(alone[C.CONFIDENCE][0], together[C.CONFIDENCE][2], atol=1e-6)
-    same_seed = SamTeacher(
-        box_store, mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT
+    same_seed = build_teacher(
+        box_store,
+        TeacherConfig(mode="automatic", model_type="tiny", points_per_side=4, mask_filter=LENIENT),
     )
     np.testing.assert_array_equal(
         same_seed(_batch(box_store, ALL_TILES[2:3]))[C.CONFIDENCE], alone[C.CONFIDENCE]
     )
-    foreground = SamTeacher(
+    foreground = build_teacher(
         box_store,
-        mode="automatic",
-        model_type="tiny",
-        points_per_side=4,
-        mask_filter=LENIENT,
-        output="foreground",
+        TeacherConfig(
+            mode="automatic",
+            model_type="tiny",
+            points_per_side=4,
+            mask_filter=LENIENT,
+            output="foreground",
+        ),
     )(_batch(box_store, ALL_TILES[2:3]))
     assert foreground[C.PSEUDO_LABEL].dtype == np.uint8
     np.testing.assert_array_equal(
@@ -365,7 +376,9 @@ def test_semantic_mode_labels_with_the_saved_student(
     box_store: str, student_adapter: tuple[Path, nn.Module]
 ) -> None:
     path, student = student_adapter
-    teacher = SamTeacher(box_store, mode="semantic", model_type="tiny", checkpoint=str(path.parent))
+    teacher = build_teacher(
+        box_store, TeacherConfig(mode="semantic", model_type="tiny", checkpoint=str(path.parent))
+    )
     batch = _batch(box_store, ALL_TILES)
     out = teacher(batch)
     label, confidence = out[C.PSEUDO_LABEL], out[C.CONFIDENCE]
@@ -379,14 +392,16 @@ def test_semantic_mode_labels_with_the_saved_student(
     np.testing.assert_array_equal(label[valid], expected_label.numpy()[valid])
     np.testing.assert_allclose(confidence[valid], expected_conf.numpy()[valid], atol=1e-5)
     assert confidence.min() >= 1 / 3 - 1e-6 or np.any(~valid)  # max of 3 probabilities
-    refined = SamTeacher(
+    refined = build_teacher(
         box_store,
-        mode="semantic",
-        model_type="tiny",
-        checkpoint=str(path),
-        refine=True,
-        points_per_side=4,
-        mask_filter=LENIENT,
+        TeacherConfig(
+            mode="semantic",
+            model_type="tiny",
+            checkpoint=str(path),
+            refine=True,
+            points_per_side=4,
+            mask_filter=LENIENT,
+        ),
     )(batch)
     assert refined[NUM_MASKS].max() >= 1  # SAM segments voted
     assert set(np.unique(refined[C.PSEUDO_LABEL][valid])) <= {0, 1, 2}
@@ -398,8 +413,11 @@ def test_semantic_mode_refuses_a_student_of_another_size(
     url = str(tmp_path / "big.zarr")
     build_store(url, [SourceSpec("s", 128, 128)], tile_size=128)
     with pytest.raises(ValueError, match="tiny at 64 px"):
-        SamTeacher(url, mode="semantic", model_type="tiny", checkpoint=str(student_adapter[0]))
+        build_teacher(
+            url,
+            TeacherConfig(mode="semantic", model_type="tiny", checkpoint=str(student_adapter[0])),
+        )
     with pytest.raises(ValueError, match="adapter as its checkpoint"):
-        SamTeacher(url, mode="semantic", model_type="tiny")
+        build_teacher(url, TeacherConfig(mode="semantic", model_type="tiny"))
     with pytest.raises(ValueError, match="unknown teacher mode"):
-        SamTeacher(url, mode="panoptic", model_type="tiny")
+        build_teacher(url, TeacherConfig(mode="panoptic", model_type="tiny"))

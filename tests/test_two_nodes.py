@@ -252,7 +252,7 @@ def test_spread_runs_on_both_nodes_with_the_outputs_of_one_node(
         if actor["class_name"] == "RayTrainWorker":
             groups.setdefault(actor["placement_group_id"], set()).add(actor["node_id"])
     assert len(groups) == 2 and all(group == nodes for group in groups.values()), groups
-    teachers = [a["node_id"] for a in actors if "SamTeacher" in (a.get("repr_name") or "")]
+    teachers = [a["node_id"] for a in actors if "Teacher" in (a.get("repr_name") or "")]
     assert len(teachers) == 2 and set(teachers) == nodes, teachers
     # checkpoints went to object storage, none to the run folder
     for run in ("teacher", "student"):
@@ -429,7 +429,7 @@ def test_pseudo_labelling_labels_every_tile_once_across_a_lost_node(
     def labelling_on_both_nodes() -> bool:
         """A batch is recorded and a teacher actor of this job runs on the worker node."""
         alive = [a for a in state(head, "actors") if a["state"] == "ALIVE"]
-        teachers = {a["node_id"] for a in alive if "SamTeacher" in (a.get("repr_name") or "")}
+        teachers = {a["node_id"] for a in alive if "Teacher" in (a.get("repr_name") or "")}
         return parts(interrupted) >= 1 and worker_node in teachers
 
     wait_until(labelling_on_both_nodes, "teacher actor on the worker node", timeout_s=600)

@@ -15,12 +15,13 @@ from PIL import Image
 from semisup.cli import main as semisup_main
 from semisup.known_imagery import DUBAI_COLOURS
 from semisup.masks import MaskFilter
-from semisup.teacher import best_mask, decode_masks, point_grid
+from semisup.teacher import TeacherConfig, best_mask, decode_masks, point_grid
 from semisup.zero_shot import (
     AGNOSTIC,
     EXAMPLES_FILE,
     JSON_FILE,
     MARKDOWN_FILE,
+    ZeroShotConfig,
     _bfs_components,
     add_arguments,
     component_point,
@@ -120,9 +121,8 @@ def dubai_store(dubai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_zero_shot_writes_json_markdown_and_examples(dubai_store: Path, tmp_path: Path) -> None:
-    summary = run_zero_shot(
-        str(dubai_store), model_type="tiny", out_dir=tmp_path, max_tiles=3, points_per_side=4
-    )
+    config = ZeroShotConfig(sam=TeacherConfig(model_type="tiny", points_per_side=4), max_tiles=3)
+    summary = run_zero_shot(str(dubai_store), config, tmp_path)
     written = json.loads((tmp_path / JSON_FILE).read_text())
     assert written == json.loads(json.dumps(summary))
     expected_keys = {"tiles", "components", "box_iou", "point_iou", "automatic_coverage"}
@@ -146,9 +146,10 @@ def test_zero_shot_writes_json_markdown_and_examples(dubai_store: Path, tmp_path
 def test_zero_shot_over_ray_data_matches_the_local_read(
     ray_session: None, dubai_store: Path, tmp_path: Path
 ) -> None:
-    options = {"model_type": "tiny", "max_tiles": 2, "points_per_side": 4, "examples": 0}
-    local = run_zero_shot(str(dubai_store), out_dir=tmp_path / "local", **options)
-    streamed = run_zero_shot(str(dubai_store), out_dir=tmp_path / "ray", use_ray=True, **options)
+    sam = TeacherConfig(model_type="tiny", points_per_side=4)
+    config = ZeroShotConfig(sam=sam, max_tiles=2, examples=0)
+    local = run_zero_shot(str(dubai_store), config, tmp_path / "local")
+    streamed = run_zero_shot(str(dubai_store), config, tmp_path / "ray", use_ray=True)
     for key in ("tiles", "components", "box_iou", "point_iou", "automatic_coverage"):
         assert streamed[key] == pytest.approx(local[key]), key
 
@@ -222,9 +223,8 @@ def test_zero_shot_on_a_store_with_boxes_only(shared_data: Path, tmp_path: Path)
         quiet=True,
     )
     store = str(made.path)
-    summary = run_zero_shot(
-        store, model_type="tiny", out_dir=tmp_path / "out", max_tiles=2, points_per_side=4, log=None
-    )
+    config = ZeroShotConfig(sam=TeacherConfig(model_type="tiny", points_per_side=4), max_tiles=2)
+    summary = run_zero_shot(store, config, tmp_path / "out", log=None)
     written = json.loads((tmp_path / "out" / JSON_FILE).read_text())
     assert written == json.loads(json.dumps(summary)) and written["tiles"] == 0  # no masks
     box_ap = written["box_ap"]

@@ -33,6 +33,7 @@ import torch
 
 from semisup import blend
 from semisup import columns as C
+from semisup.actor_pool import ONE_ACTOR, ActorPoolConfig
 from semisup.config import DetectorArch, RayConfig
 from semisup.detection.merge import merge_window_boxes
 from semisup.detection.model import build_detector, load_detector_checkpoint
@@ -252,10 +253,7 @@ def run_detection_predict(
     overlap: int | None = None,
     min_score: float | None = None,
     batch_size: int = 4,
-    actors: int = 1,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float | None = None,
-    torch_threads: int | None = None,
+    pool: ActorPoolConfig = ONE_ACTOR,
     stripe_width: int = DEFAULT_STRIPE,
     overwrite: bool = False,
     ray_config: RayConfig | None = None,
@@ -274,8 +272,8 @@ def run_detection_predict(
             neighbouring windows (default tile/4; make it at least the largest object, see
             ``detection.merge``).
         min_score: drop boxes below this score (default ``detector.score_threshold``).
-        batch_size, actors, gpus_per_actor, cpus_per_actor, torch_threads: the actor pool,
-            as for class maps.
+        batch_size, pool: windows per detector call and the actors (``ActorPoolConfig``), as
+            for class maps.
         stripe_width: px per vertical stripe: bounds the rows an actor reads at a time.
         overwrite: replace existing outputs; without it an existing one is refused.
         ray_config: how to reach Ray (see ``predict.run_predict``).
@@ -284,7 +282,6 @@ def run_detection_predict(
     Bad input (a missing run or weights, an output that exists, a raster without CRS when
     ``vector`` is asked for) raises before any actor starts or anything is written.
     """
-    from semisup.actor_pool import actor_threads
     from semisup.predict import _check_numbers, stream_jobs
     from semisup.progress import Progress
     from semisup.runtime import ray_runtime
@@ -298,7 +295,7 @@ def run_detection_predict(
     sources = open_sources(rasters)
     tile = run.tile_size
     overlap = tile // 4 if overlap is None else overlap
-    _check_numbers(tile, overlap, batch_size, actors, gpus_per_actor, DEFAULT_STRIPE)
+    _check_numbers(tile, overlap, batch_size, pool, DEFAULT_STRIPE)
     if stripe_width < tile:  # no GeoTIFF blocks to align with: any width that holds a window
         raise ValueError(
             f"predict stripe_width: got {stripe_width}, expected >= the window ({tile} px)"
@@ -319,18 +316,11 @@ def run_detection_predict(
             "tile": tile,
             "overlap": overlap,
             "batch_size": batch_size,
-            "device": "auto" if gpus_per_actor > 0 else "cpu",
-            "torch_threads": actor_threads(actors, gpus_per_actor, torch_threads),
+            "device": pool.device(),
+            "torch_threads": pool.threads(),
         }
         output_of = {job.seq: job.output for job in jobs}
-        for batch in stream_jobs(
-            jobs,
-            BoxPredictor,
-            constructor,
-            actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=cpus_per_actor,
-        ):
+        for batch in stream_jobs(jobs, BoxPredictor, constructor, pool):
             collect_windows(batch, found, output_of)
             progress.advance(len(batch[COUNT]))
     progress.say()
@@ -511,10 +501,7 @@ def run_cli(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         min_score=args.min_score,
         batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        torch_threads=args.torch_threads,
+        pool=ActorPoolConfig.from_args(args),
         stripe_width=args.stripe_width,
         overwrite=args.overwrite,
         ray_config=RayConfig(address=args.address),
