@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from semisup.actor_pool import (
+    ActorPoolConfig,
     actor_cpus,
     actor_threads,
     add_actor_pool_arguments,
@@ -45,3 +46,19 @@ def test_flags_read_back_with_the_role_in_the_help() -> None:
     args = parser.parse_args(["--actors", "2", "--gpus-per-actor", "0.5", "--torch-threads", "4"])
     assert (args.actors, args.gpus_per_actor, args.torch_threads) == (2, 0.5, 4)
     assert "scorer actors (default 3)" in " ".join(parser.format_help().split())
+    pool = ActorPoolConfig.from_args(parser.parse_args(["--actors", "2", "--placement", "spread"]))
+    assert pool == ActorPoolConfig(actors=2, placement="spread")
+    assert "pack the scorer actors" in " ".join(parser.format_help().split())
+
+
+def test_pool_config_refuses_what_cannot_run_and_says_its_device() -> None:
+    assert ActorPoolConfig().device() == "cpu"
+    assert ActorPoolConfig(gpus_per_actor=0.5).device() == "auto"
+    assert ActorPoolConfig(actors=3, torch_threads=5).threads() == 5
+    for bad, message in (
+        ({"actors": 0}, "actors must be >= 1, got 0"),
+        ({"gpus_per_actor": -1.0}, "gpus_per_actor must be >= 0"),
+        ({"placement": "scatter"}, "unknown placement 'scatter'; known: pack, spread"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ActorPoolConfig(**bad)

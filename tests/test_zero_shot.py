@@ -240,3 +240,11 @@ def test_zero_shot_on_a_store_with_boxes_only(shared_data: Path, tmp_path: Path)
     assert "box AP" in summary_line(written) and "automatic (class-agnostic)" in summary_line(
         written
     )
+
+
+def test_zero_shot_config_measures_automatic_sam_with_known_prompts() -> None:
+    with pytest.raises(ValueError, match="SAM's automatic masks, not 'prompted'"):
+        ZeroShotConfig(sam=TeacherConfig(mode="prompted"))
+    with pytest.raises(ValueError, match="unknown point_mode 'corner'; known: interior, centroid"):
+        ZeroShotConfig(point_mode="corner")  # type: ignore[arg-type]
+    assert ZeroShotConfig().sam == TeacherConfig(mode="automatic")
