@@ -18,6 +18,7 @@ Models
 Teacher
     ``teacher`` the teachers (SAM masks, a student's classes) as actor classes, and
     ``TeacherConfig`` · ``masks`` SAM masks to pixel labels ·
+    ``sam_prompts`` SAM prompts, automatic masks and instance rows ·
     ``pseudo_label`` labelling a store [Ray] · ``actor_pool`` actor pools and their config [Ray] ·
     ``zero_shot`` SAM before any training · ``calibration`` confidence against accuracy.
 

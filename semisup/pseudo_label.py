@@ -34,7 +34,7 @@ The instance table (``pseudo_instances.parquet``) holds one row per mask the tea
 into an instance map: source, tile id, instance id (the id in ``pseudo_label``), the box x0, y0,
 x1, y1 in source-raster pixel edges of the *whole* mask before painting (overlapping masks lose
 pixels in the painted map, not in the table), predicted IoU, stability score and area in pixels
-(``teacher.instance_rows``). A mask with no pixel has no row. With overlapping tiles the rows of
+(``sam_prompts.instance_rows``). A mask with no pixel has no row. With overlapping tiles the rows of
 a tile describe its whole input, so an instance near a tile border can have a row in each tile
 that sees it. The table follows the manifest: a batch's instance part (the same file name as
 its manifest part) is written before the manifest part, and a part counts only once its
@@ -73,8 +73,8 @@ from semisup.model_input import INFERENCE_BATCH
 from semisup.progress import Progress
 from semisup.runtime import ensure_ray
 from semisup.sam import PATCH_SIZE, SAM_SPECS, checkpoint_sha256, resolve_checkpoint
+from semisup.sam_prompts import INSTANCE_FIELDS
 from semisup.teacher import (
-    INSTANCE_FIELDS,
     INSTANCES,
     MODES,
     NUM_MASKS,

@@ -53,18 +53,16 @@ from semisup import store as tile_store
 from semisup.detection.box_ap import box_average_precision
 from semisup.detection.targets import BoxTargets, NoBoxesError
 from semisup.masks import MaskFilter, paint_instances
-from semisup.sam import SAM_SPECS, build_sam, checkpoint_sha256, resolve_checkpoint
-from semisup.teacher import (
-    TeacherConfig,
+from semisup.sam import SAM_SPECS, checkpoint_sha256, resolve_checkpoint
+from semisup.sam_prompts import (
     automatic_masks,
     best_mask,
     decode_masks,
     encode_images,
     instance_rows,
     point_grid,
-    select_device,
-    teacher_image,
 )
+from semisup.teacher import TeacherConfig, build_teacher_models, select_device, teacher_image
 
 JSON_FILE: Final = "zero_shot.json"
 MARKDOWN_FILE: Final = "zero_shot.md"
@@ -411,10 +409,9 @@ def run_zero_shot(
             "with boxes"
         )
     torch_device = select_device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sam.seed)
-        model = build_sam(sam.model_type, image_size=meta.tile_size, checkpoint=sam.checkpoint)
-    model = model.to(torch_device).eval()
+    model = build_teacher_models(sam, meta.tile_size).sam  # SAM as the automatic teacher has it
+    assert model is not None
+    model = model.to(torch_device)
     out.mkdir(parents=True, exist_ok=True)  # only once the checkpoint has loaded
     rules = sam.mask_filter
     grid = point_grid(sam.points_per_side, meta.tile_size)

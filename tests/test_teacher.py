@@ -16,18 +16,20 @@ from torch import nn
 from semisup import columns as C
 from semisup import store as tile_store
 from semisup.masks import MaskFilter, paint_instances
-from semisup.teacher import (
+from semisup.sam_prompts import (
     INSTANCE_FIELDS,
+    automatic_masks,
+    instance_rows,
+    point_grid,
+    restrict_to_boxes,
+)
+from semisup.teacher import (
     INSTANCE_IGNORE,
     INSTANCES,
     NUM_MASKS,
     TeacherConfig,
-    automatic_masks,
     build_teacher,
-    instance_rows,
     label_encoding,
-    point_grid,
-    restrict_to_boxes,
     teacher_image,
 )
 from semisup.tile_boxes import boxes_in_tile

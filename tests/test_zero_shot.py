@@ -15,7 +15,8 @@ from PIL import Image
 from semisup.cli import main as semisup_main
 from semisup.known_imagery import DUBAI_COLOURS
 from semisup.masks import MaskFilter
-from semisup.teacher import TeacherConfig, best_mask, decode_masks, point_grid
+from semisup.sam_prompts import best_mask, decode_masks, point_grid
+from semisup.teacher import TeacherConfig
 from semisup.zero_shot import (
     AGNOSTIC,
     EXAMPLES_FILE,
