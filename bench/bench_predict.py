@@ -38,16 +38,16 @@ from typing import Any
 
 import numpy as np
 import psutil
-import rasterio
 import torch
-from rasterio.transform import from_origin
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic raster writer shared with the tests
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import ray  # noqa: E402
+from store_factory import write_large_geotiff  # noqa: E402
 
 from semisup import blend  # noqa: E402
 from semisup.actor_pool import ActorPoolConfig  # noqa: E402
@@ -57,33 +57,6 @@ from semisup.predict import PredictConfig, run_predict  # noqa: E402
 from semisup.raster_windows import open_sources  # noqa: E402
 from semisup.stitch import plan_jobs  # noqa: E402
 from semisup.window_predictor import load_model, read_job_windows, resolve_model  # noqa: E402
-
-
-def write_raster(path: Path, size: int, rows: int = 512) -> Path:
-    """A size×size RGB uint8 GeoTIFF, written band of rows by band of rows."""
-    profile = {
-        "driver": "GTiff",
-        "height": size,
-        "width": size,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32640",
-        "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
-        "nodata": 0,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-    }
-    rng = np.random.default_rng(size)
-    with rasterio.open(path, "w", **profile) as ds:
-        for y0 in range(0, size, rows):
-            yy, xx = np.mgrid[y0 : y0 + rows, 0:size]
-            base = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
-            band = np.clip(base[None] + rng.normal(0, 12, (3, rows, size)), 1, 255).astype(np.uint8)
-            band[:, (xx + yy) < size // 8] = 0
-            ds.write(band, window=rasterio.windows.Window(0, y0, size, rows))
-    return path
 
 
 class CpuSampler:
@@ -212,7 +185,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
         work = Path(folder)
-        rasters = {size: write_raster(work / f"r{size}.tif", size) for size in args.sizes}
+        rasters = {size: write_large_geotiff(work / f"r{size}.tif", size) for size in args.sizes}
         for round_index in range(args.rounds):
             for size, raster in rasters.items():
                 bare = bare_loop(raster, args.model, args, work)

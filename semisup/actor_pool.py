@@ -63,13 +63,13 @@ class ActorPoolConfig:
 ONE_ACTOR: Final = ActorPoolConfig()  # a map stage's default pool
 
 
-def map_with_pool(
-    dataset: Any, fn_cls: type, *, actors: int, placement: str | None = None, **options: Any
-) -> Any:
-    """``dataset.map_batches(fn_cls, ...)`` on a fixed pool of ``actors`` actors.
+def map_with_pool(dataset: Any, fn_cls: type, pool: ActorPoolConfig, **options: Any) -> Any:
+    """``dataset.map_batches(fn_cls, ...)`` on a fixed pool of ``pool.actors`` actors, each
+    reserving ``pool.cpus()`` CPUs and ``pool.gpus_per_actor`` GPUs.
 
-    ``placement`` (``ray.placement``): ``spread`` puts the actors on different nodes where they
-    fit, ``pack`` on as few as Ray's default policy does; None keeps Ray Data's choice (spread).
+    ``pool.placement`` (``ray.placement``): ``spread`` puts the actors on different nodes where
+    they fit, ``pack`` on as few as Ray's default policy does; None keeps Ray Data's choice
+    (spread).
 
     The actors are not restarted when they die: the dataset fails instead, and the caller
     decides (``run_pseudo_label`` starts a new pool for the tiles not yet recorded; predict and
@@ -83,12 +83,18 @@ def map_with_pool(
     """
     import ray
 
-    if placement is not None:
-        options["scheduling_strategy"] = SCHEDULING_STRATEGY[placement]
+    if pool.placement is not None:
+        options["scheduling_strategy"] = SCHEDULING_STRATEGY[pool.placement]
+    if pool.gpus_per_actor > 0:
+        options["num_gpus"] = pool.gpus_per_actor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return dataset.map_batches(
-            fn_cls, compute=ray.data.ActorPoolStrategy(size=actors), max_restarts=0, **options
+            fn_cls,
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            max_restarts=0,
+            num_cpus=pool.cpus(),
+            **options,
         )
 
 

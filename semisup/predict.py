@@ -40,7 +40,7 @@ import numpy as np
 
 from semisup import blend
 from semisup import columns as C
-from semisup.actor_pool import ActorPoolConfig, add_actor_pool_arguments
+from semisup.actor_pool import ONE_ACTOR, ActorPoolConfig, add_actor_pool_arguments
 from semisup.config import RayConfig
 from semisup.map_writer import MapWriter
 from semisup.model_input import INFERENCE_BATCH
@@ -98,7 +98,7 @@ class PredictConfig:
     base_checkpoint: str | None = None  # see ``resolve_model``: a run folder knows its own
     seed: int | None = None  # of a random-init base; see ``resolve_model``
     num_classes: int = BUILT_IN_CLASSES  # built-in models only
-    pool: ActorPoolConfig = ActorPoolConfig()  # the predictor actors: by default one, leaving
+    pool: ActorPoolConfig = ONE_ACTOR  # the predictor actors: by default one, leaving
     # a CPU to reads and the driver, threads = CPUs // actors on CPU (``semisup pseudo-label``'s)
 
 
@@ -157,7 +157,7 @@ def run_predict(
         resolved = models[0]
         tile = resolved.image_size
         overlap = tile // 4 if config.overlap is None else config.overlap
-        _check_numbers(tile, overlap, config.batch_size, config.pool, config.stripe_width)
+        _check_numbers(tile, overlap, config.batch_size, config.stripe_width)
         if resolved.kind == ONNX and config.pool.gpus_per_actor > 0:
             raise ValueError(
                 f"--model {resolved.name}: exported models run on onnxruntime's CPU provider; "
@@ -296,9 +296,8 @@ def _existing_parent(out: Path) -> Path:
     return folder
 
 
-def _check_numbers(
-    tile: int, overlap: int, batch_size: int, pool: ActorPoolConfig, stripe_width: int
-) -> None:
+def _check_numbers(tile: int, overlap: int, batch_size: int, stripe_width: int) -> None:
+    """``ValueError`` naming the window setting that cannot run (the pool checks its own)."""
     from semisup.map_writer import BLOCK
 
     checks = (
@@ -429,14 +428,7 @@ def stream_jobs(
     # a fixed pool of predictor actors, each loading its model once and reading its jobs'
     # windows; an actor that dies fails the run, which a rerun resumes (map_with_pool)
     predicted = map_with_pool(
-        dataset,
-        predictor,
-        actors=pool.actors,
-        placement=pool.placement,
-        fn_constructor_kwargs=constructor,
-        batch_size=1,
-        num_cpus=pool.cpus(),
-        num_gpus=pool.gpus_per_actor if pool.gpus_per_actor > 0 else None,
+        dataset, predictor, pool, fn_constructor_kwargs=constructor, batch_size=1
     )
     # streams the predicted windows to the driver as batches finish
     yield from predicted.iter_batches(batch_size=None, batch_format="numpy")

@@ -704,14 +704,7 @@ def _pipeline(
     # given; an actor that dies fails this pipeline, and run_pseudo_label starts a new one for
     # the tiles not yet recorded (map_with_pool)
     labelled = map_with_pool(
-        tiles,
-        actor_cls,
-        actors=pool.actors,
-        placement=pool.placement,
-        fn_constructor_kwargs=actor_kwargs,
-        batch_size=batch_size,
-        num_cpus=pool.cpus(),
-        num_gpus=pool.gpus_per_actor if pool.gpus_per_actor > 0 else None,
+        tiles, actor_cls, pool, fn_constructor_kwargs=actor_kwargs, batch_size=batch_size
     )
     # writes each batch into the store and records it, in light tasks beside the actors
     writer = functools.partial(

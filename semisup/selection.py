@@ -27,7 +27,13 @@ import torch
 
 from semisup import columns as C
 from semisup import uncertainty
-from semisup.actor_pool import cluster_cpus, map_with_pool, share_cpus, share_threads
+from semisup.actor_pool import (
+    ActorPoolConfig,
+    cluster_cpus,
+    map_with_pool,
+    share_cpus,
+    share_threads,
+)
 from semisup.config import ConfigError, load_config
 from semisup.diversity import (
     crs_name,
@@ -148,10 +154,11 @@ def score_tiles(
     cpus = cluster_cpus()
     # a fixed pool of scoring actors, each loading the student once; fractional CPUs leave
     # room for the read tasks
+    pool = ActorPoolConfig(actors=actors, cpus_per_actor=share_cpus(actors, cpus, keep=0.5))
     scored = map_with_pool(
         tiles,
         TileScorer,
-        actors=actors,
+        pool,
         fn_constructor_kwargs={
             "run": str(run.resolve()),
             "tile_size": int(facts["tile_size"]),
@@ -161,7 +168,6 @@ def score_tiles(
             "torch_threads": share_threads(actors, cpus),
         },
         batch_size=batch_size,
-        num_cpus=share_cpus(actors, cpus, keep=0.5),
     )
     parts = [pd.DataFrame(b) for b in scored.iter_batches(batch_size=None, batch_format="numpy")]
     if not parts:

@@ -508,8 +508,8 @@ class SemanticTeacher(Teacher):
         assert self.semantic is not None
         no_rows = np.zeros((0, len(INSTANCE_FIELDS)), np.float64)
         logits = self.semantic(images)  # B×K×S×S
-        refining = self.config.refine and self.sam is not None
-        embeddings = encode_images(self.sam, images) if refining else None  # type: ignore[arg-type]
+        # SAM is built for semantic mode only to refine (TeacherConfig.sam_masks)
+        embeddings = None if self.sam is None else encode_images(self.sam, images)
         for i in range(len(images)):
             label, confidence = logits_to_label(logits[i])
             count = 0

@@ -2,6 +2,7 @@
 
 ``build_store`` writes a complete store (root attrs, one group per source, ``tiles.parquet``) and
 returns the arrays it wrote, so a test can compare anything read back against the truth.
+``write_large_geotiff`` writes a raster too large to hold, for windowed prediction.
 """
 
 from __future__ import annotations
@@ -219,3 +220,34 @@ def scene_store(root: Path, size: int = 256, tile_size: int = 64, seed: int = 10
         quiet=True,
     )
     return str(result.path)
+
+
+def write_large_geotiff(path: Path, size: int, rows: int = 512) -> Path:
+    """A size×size RGB uint8 GeoTIFF (EPSG:32640, 0.5 m, 256 px blocks) with some structure and
+    a nodata corner, written ``rows`` rows at a time so the writing process never holds it."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    profile = {
+        "driver": "GTiff",
+        "height": size,
+        "width": size,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32640",
+        "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
+    rng = np.random.default_rng(size)
+    with rasterio.open(path, "w", **profile) as ds:
+        for y0 in range(0, size, rows):
+            yy, xx = np.mgrid[y0 : y0 + rows, 0:size]
+            base = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
+            band = np.clip(base[None] + rng.normal(0, 12, (3, rows, size)), 1, 255).astype(np.uint8)
+            band[:, (xx + yy) < size // 8] = 0  # nodata triangle
+            ds.write(band, window=rasterio.windows.Window(0, y0, size, rows))
+    return path

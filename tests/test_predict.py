@@ -14,7 +14,7 @@ import rasterio
 import rasterio.features
 import torch
 from rasterio.transform import from_origin
-from store_factory import SourceSpec, build_store
+from store_factory import SourceSpec, build_store, write_large_geotiff
 
 from semisup import blend
 from semisup import columns as C
@@ -396,40 +396,12 @@ def test_tiled_with_overlap_matches_whole_without_seams(
     assert seams["tiled"] < 1.2 * seams["whole"] < 1.3 * seams["whole"] < seams["flat"], seams
 
 
-def _write_large_raster(path: Path, size: int, rows: int = 512) -> Path:
-    """A size×size RGB GeoTIFF with some structure and a nodata corner, written band by band so
-    the test process never holds it."""
-    profile = {
-        "driver": "GTiff",
-        "height": size,
-        "width": size,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32640",
-        "transform": from_origin(500_000.0, 4_000_000.0, 0.5, 0.5),
-        "nodata": 0,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-    }
-    rng = np.random.default_rng(size)
-    with rasterio.open(path, "w", **profile) as ds:
-        for y0 in range(0, size, rows):
-            yy, xx = np.mgrid[y0 : y0 + rows, 0:size]
-            base = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 53.0)
-            band = np.clip(base[None] + rng.normal(0, 12, (3, rows, size)), 1, 255).astype(np.uint8)
-            band[:, (xx + yy) < size // 8] = 0  # nodata triangle
-            ds.write(band, window=rasterio.windows.Window(0, y0, size, rows))
-    return path
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
     ray_session: None, tmp_path: Path
 ) -> None:
-    raster = _write_large_raster(tmp_path / "scene.tif", 1024)
+    raster = write_large_geotiff(tmp_path / "scene.tif", 1024)
     settings = replace(FAST, tile_size=256, overlap=64, stripe_width=512, num_classes=3)
     reference = run_predict([raster], "tiny", tmp_path / "reference.tif", settings, log=None)
     total = reference["windows"]
@@ -458,7 +430,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(
 
 
 def _peak_above_baseline(tmp_path: Path, size: int) -> float:
-    raster = _write_large_raster(tmp_path / f"r{size}.tif", size)
+    raster = write_large_geotiff(tmp_path / f"r{size}.tif", size)
     wait_for_exit("MapWorker")  # the actors of earlier runs
     summary = run_predict(
         [raster],
@@ -566,7 +538,7 @@ def test_adapters_of_another_base_or_layout_are_not_swapped(tmp_path: Path) -> N
 def test_swapped_adapters_write_the_maps_of_separately_loaded_models(
     ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    raster = _write_large_raster(tmp_path / "scene.tif", 256, rows=256)
+    raster = write_large_geotiff(tmp_path / "scene.tif", 256, rows=256)
     adapters = _region_adapters(tmp_path)
     argv = [
         "predict",

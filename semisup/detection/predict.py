@@ -295,7 +295,7 @@ def run_detection_predict(
     sources = open_sources(rasters)
     tile = run.tile_size
     overlap = tile // 4 if overlap is None else overlap
-    _check_numbers(tile, overlap, batch_size, pool, DEFAULT_STRIPE)
+    _check_numbers(tile, overlap, batch_size, DEFAULT_STRIPE)
     if stripe_width < tile:  # no GeoTIFF blocks to align with: any width that holds a window
         raise ValueError(
             f"predict stripe_width: got {stripe_width}, expected >= the window ({tile} px)"
