@@ -24,7 +24,7 @@ import pytest
 from data_prep.ingest import build_store
 from semisup.config import PrepConfig, load_config
 from semisup.experiment import LabelEfficiencySettings, gap_closed, run_label_efficiency
-from semisup.known_imagery import DUBAI_COLOURS
+from semisup.known_imagery import CLASS_NAMES, DUBAI_COLOURS, dubai_folders
 
 RECIPE = Path(__file__).resolve().parents[1] / "bench" / "label_efficiency_long.yaml"
 FRACTION = 1 / 32  # of the pool (64 tiles of 128 px): a steep part of the learning curve
@@ -41,13 +41,13 @@ def curve(
 ) -> pd.DataFrame:
     """Labels-only, semi-supervised, oracle and full-label test results of one seed."""
     tmp = tmp_path_factory.mktemp("label_gap")
-    tiles = [dubai_dir / f"tile_{i}" for i in range(1, 7)]
+    images, masks = dubai_folders(dubai_dir)
     store = build_store(
-        [t / "images" for t in tiles],
+        images,
         tmp / "dubai.zarr",
-        labels=[t / "masks" for t in tiles],
+        labels=masks,
         label_colors=DUBAI_COLOURS,
-        class_names=["building", "land", "road", "vegetation", "water"],
+        class_names=CLASS_NAMES,
         config=PrepConfig(
             tile_size=128,
             split_by="source",
