@@ -290,7 +290,7 @@ def test_select_annotate_import_round_trip_on_dubai(
     labelled, with those labels."""
     from data_prep.ingest import build_store as prep
     from semisup.config import PrepConfig, load_config
-    from semisup.known_imagery import DUBAI_COLOURS
+    from semisup.known_imagery import CLASS_NAMES, DUBAI_COLOURS
     from semisup.label_import import import_labels
     from semisup.selection import run_select
     from semisup.store import label_array, open_store, read_store_meta, read_tile_index
@@ -302,7 +302,7 @@ def test_select_annotate_import_round_trip_on_dubai(
             tmp_path / "dubai.zarr",
             labels=[dubai_dir / "tile_1" / "masks"],
             label_colors=DUBAI_COLOURS,
-            class_names=["building", "land", "road", "vegetation", "water"],
+            class_names=CLASS_NAMES,
             config=PrepConfig(tile_size=128, labeled_fraction=0.25),
             quiet=True,
         ).path
